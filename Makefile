@@ -1,0 +1,31 @@
+# Developer targets. The C core is normally built by `pip install .` (setup.py).
+PY ?= .venv/bin/python
+SAN_DIR := .work/sanitize
+
+.PHONY: build test-native sanitize-test
+
+# Built aside, then renamed over the old .so: a process that has the old one mapped keeps
+# working (an in-place copy would rewrite the mapped file under it).
+build:
+	$(PY) setup.py -q build_ext --build-lib build/core --build-temp build/core-tmp
+	cp build/core/snapshotter/_core*.so snapshotter/.core.so.tmp
+	mv snapshotter/.core.so.tmp $$(ls build/core/snapshotter/_core*.so | sed 's|build/core/||')
+
+test-native: build
+	$(PY) -m pytest tests/test_native*.py -q
+
+# ASan/UBSan build of snapshotter._core, run against tests/test_native*.py.
+# Built and run in a private copy ($(SAN_DIR)) so the shared tree's normal _core stays
+# usable by everyone else; Python itself is not instrumented, so libasan is preloaded.
+sanitize-test:
+	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)/src
+	cp -r setup.py pyproject.toml native snapshotter $(SAN_DIR)/src/
+	mkdir -p $(SAN_DIR)/src/tests && cp tests/test_native*.py $(SAN_DIR)/src/tests/
+	find $(SAN_DIR)/src/snapshotter -name '*.so' -delete
+	cd $(SAN_DIR)/src && LAZYSNAP_SANITIZE=1 $(abspath $(PY)) setup.py build_ext --inplace -q
+	cd $(SAN_DIR)/src && \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONMALLOC=malloc \
+	  $(abspath $(PY)) -m pytest tests -q -p no:cacheprovider -x $(PYTEST_ARGS)
+	@echo "sanitize-test: OK (ASan+UBSan clean)"

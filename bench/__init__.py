@@ -1,0 +1,1 @@
+"""Benchmarks: cold-start runner, image builders, result tables."""

@@ -1,0 +1,423 @@
+"""Cold-start benchmark: pull + run of one image, per snapshotter variant, median of N.
+
+Every run gets a fresh node (private containerd, fresh lazysnap root), a dropped page
+cache and a reset byte counter on the registry link; a run is the time of
+``ctr images pull`` / ``ctr-remote images rpull`` plus ``ctr run --rm`` of the image's own
+command, and the registry bytes sent before the container exited.
+
+Variants:
+  overlayfs          containerd's overlayfs snapshotter, full pull (the baseline)
+  overlayfs-warm     same, on a node that already holds the previous image version
+  floor              only ``ctr run`` from an already unpacked overlayfs snapshot
+  lazysnap           ``ctr-remote image rpull --snapshotter lazysnap``, no profile
+  lazysnap-profile   same, after ``lazysnap record`` + ``lazysnap profile push``
+  lazysnap-warm      lazysnap node whose cache holds the previous image version
+
+    sudo .venv/bin/python -m bench.coldstart --image inference --runs 3
+    sudo .venv/bin/python -m bench.coldstart --image synthetic --size-gb 4 --hot 0.05 --rate 1gbit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.byteproxy import ByteProxy, parse_rate
+from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has
+from harness.images import PushedImage
+from harness.registry import Registry, start_registry
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
+DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
+
+
+def log(event: str, **kv: object) -> None:
+    fields = " ".join(f"{k}={v}" for k, v in kv.items())
+    print(f"event={event} {fields}".rstrip(), file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ images
+
+
+@dataclass(slots=True)
+class BenchImage:
+    """The image under test (and its previous version for the warm variants)."""
+
+    name: str
+    target: PushedImage
+    previous: PushedImage | None
+    expected: str            # substring the container must print
+    uncompressed: int
+    files: int
+    registry_host: str = ""  # refs above name this host; runs go through the proxy
+
+    def via(self, img: PushedImage, host: str) -> str:
+        return img.ref.replace(self.registry_host, host, 1)
+
+
+def prepare_inference(reg: Registry, args: argparse.Namespace) -> BenchImage:
+    from bench.build_inference_image import EXPECTED_OUTPUT, ensure_pushed, layout_info
+    target = ensure_pushed(reg.host, "v2")
+    previous = ensure_pushed(reg.host, "v1") if _needs_previous(args) else None
+    assert target.layout is not None
+    info = layout_info(target.layout)
+    layers = info["layers"]  # type: ignore[index]
+    return BenchImage("inference", target, previous, EXPECTED_OUTPUT,
+                      sum(x["bytes"] for x in layers), sum(x["entries"] for x in layers),  # type: ignore[union-attr]
+                      reg.host)
+
+
+def prepare_synthetic(reg: Registry, args: argparse.Namespace) -> BenchImage:
+    from bench.synthetic import SyntheticSpec, ensure_pushed
+    spec = SyntheticSpec(size_gb=args.size_gb, hot=args.hot, seed=args.seed, layers=args.layers)
+    target, info = ensure_pushed(reg.host, spec)
+    previous = None
+    if _needs_previous(args):
+        previous, _ = ensure_pushed(reg.host, spec.previous())
+    return BenchImage(f"synthetic-{spec.label}", target, previous, info["expected"],
+                      info["bytes"], info["entries"], reg.host)
+
+
+def prepare_demo(reg: Registry, args: argparse.Namespace) -> BenchImage:
+    from bench.demo import EXPECTED, build_sample
+    target = build_sample(args.workdir / "demo-image", reg.host)
+    return BenchImage("demo", target, None, EXPECTED, 0, 0, reg.host)
+
+
+PREPARE: dict[str, Callable[[Registry, argparse.Namespace], BenchImage]] = {
+    "inference": prepare_inference, "synthetic": prepare_synthetic, "demo": prepare_demo}
+
+
+def _needs_previous(args: argparse.Namespace) -> bool:
+    return any(v.endswith("-warm") for v in args.variants)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+@dataclass(slots=True)
+class Sample:
+    pull: float
+    run: float
+    pull_bytes: int
+    total_bytes: int
+
+    @property
+    def total(self) -> float:
+        return self.pull + self.run
+
+
+@dataclass(slots=True)
+class Outcome:
+    variant: str
+    samples: list[Sample] = field(default_factory=list)
+    skipped: str | None = None
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+    def span(self, attr: str) -> tuple[float, float]:
+        vals = [getattr(s, attr) for s in self.samples]
+        return min(vals), max(vals)
+
+
+class Bench:
+    """Runs the variants against one registry behind one counting (and shaping) proxy."""
+
+    def __init__(self, image: BenchImage, proxy: ByteProxy, workdir: Path, runs: int) -> None:
+        self.image, self.proxy, self.workdir, self.runs = image, proxy, workdir, runs
+        self.ref = image.via(image.target, proxy.host)
+        self.prev_ref = image.via(image.previous, proxy.host) if image.previous else None
+        self._seq = 0
+
+    def _node(self, tag: str, *, lazy: bool) -> Node:
+        self._seq += 1
+        return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy)
+
+    def _check(self, output: str) -> None:
+        if self.image.expected not in output:
+            raise NodeError(f"container printed {output.strip()[-200:]!r}, expected {self.image.expected!r}")
+
+    def _measure(self, node: Node, *, lazy: bool) -> Sample:
+        drop_caches()
+        self.proxy.reset()
+        pull = node.pull(self.ref, lazy=lazy)
+        pull_bytes = self.proxy.downstream_bytes
+        if lazy and pull_bytes > 0.9 * self.image.target.compressed_size:
+            raise Skip(f"lazysnap fell back to a full pull ({pull_bytes / 1e6:.0f} of "
+                       f"{self.image.target.compressed_size / 1e6:.0f} MB fetched during rpull): "
+                       "layers are not provided lazily yet")
+        run = node.run(self.ref, lazy=lazy, name=f"c{self._seq}")
+        self._check(run.output)
+        return Sample(pull.seconds, run.seconds, pull_bytes, self.proxy.downstream_bytes)
+
+    def _settle(self, quiet: float = 5.0, limit: float = 600.0) -> None:
+        """Wait until the registry link has been idle for ``quiet`` s (background fetch done)."""
+        deadline = time.monotonic() + limit
+        last, since = self.proxy.downstream_bytes, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.proxy.downstream_bytes
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+
+    def _require_lazysnap(self, *commands: tuple[str, ...]) -> None:
+        for cmd in (("serve",), ("health",), *commands):
+            if not lazysnap_has(*cmd):
+                raise Skip(f"`lazysnap {' '.join(cmd)}` is not implemented yet")
+
+    # -- variants ------------------------------------------------------------------
+    def overlayfs(self, i: int) -> Sample:
+        with self._node("overlayfs", lazy=False) as node:
+            return self._measure(node, lazy=False)
+
+    def overlayfs_warm(self, i: int) -> Sample:
+        if self.prev_ref is None:
+            raise Skip("no previous image version")
+        with self._node("overlayfs-warm", lazy=False) as node:
+            node.pull(self.prev_ref, lazy=False)
+            return self._measure(node, lazy=False)
+
+    def floor(self, i: int) -> Sample:
+        with self._node("floor", lazy=False) as node:
+            node.pull(self.ref, lazy=False)
+            drop_caches()
+            run = node.run(self.ref, lazy=False, name=f"c{self._seq}")
+            self._check(run.output)
+            return Sample(0.0, run.seconds, 0, 0)
+
+    def lazysnap(self, i: int) -> Sample:
+        self._require_lazysnap()
+        with self._node("lazysnap", lazy=True) as node:
+            return self._measure(node, lazy=True)
+
+    def lazysnap_profile(self, i: int) -> Sample:
+        self._require_lazysnap(("record",), ("profile", "push"))
+        if i == 0:
+            with self._node("record", lazy=True) as node:
+                node.pull(self.ref, lazy=True)
+                node.record(self.ref)
+                node.push_profile(self.ref)
+        with self._node("lazysnap-profile", lazy=True) as node:
+            return self._measure(node, lazy=True)
+
+    def lazysnap_warm(self, i: int) -> Sample:
+        self._require_lazysnap()
+        if self.prev_ref is None:
+            raise Skip("no previous image version")
+        with self._node("lazysnap-warm", lazy=True) as node:
+            node.pull(self.prev_ref, lazy=True)
+            self._check(node.run(self.prev_ref, lazy=True, name=f"prev{self._seq}").output)
+            self._settle()
+            return self._measure(node, lazy=True)
+
+    def run_variant(self, variant: str) -> Outcome:
+        fn: Callable[[int], Sample] = getattr(self, variant.replace("-", "_"))
+        out = Outcome(variant)
+        for i in range(self.runs):
+            try:
+                s = fn(i)
+            except Skip as exc:
+                out.skipped = str(exc)
+                log("skip", variant=variant, reason=shlex.quote(str(exc)))
+                return out
+            except (NodeError, subprocess.SubprocessError, RuntimeError) as exc:
+                out.skipped = f"failed: {str(exc).splitlines()[0][:300]}"
+                log("fail", variant=variant, run=i, error=shlex.quote(str(exc)[:500]))
+                return out
+            out.samples.append(s)
+            log("sample", variant=variant, run=i, pull=f"{s.pull:.2f}", run_s=f"{s.run:.2f}",
+                total=f"{s.total:.2f}", mb=f"{s.total_bytes / 1e6:.1f}")
+        return out
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def machine_info() -> str:
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    try:
+        ctrd = subprocess.run(["containerd", "--version"], capture_output=True, text=True).stdout.split()
+        ctrd_v = ctrd[2] if len(ctrd) > 2 else "?"
+    except OSError:
+        ctrd_v = "?"
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**30:.1f} GiB RAM, kernel {platform.release()}, "
+            f"containerd {ctrd_v}")
+
+
+def table(outcomes: list[Outcome], image: BenchImage) -> str:
+    base = next((o for o in outcomes if o.variant == "overlayfs" and o.samples), None)
+    rows = ["| variant | pull s | run s | total s (median) | total min–max | vs overlayfs | "
+            "registry MB before exit | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for o in outcomes:
+        if not o.samples:
+            rows.append(f"| {o.variant} | — | — | — | — | — | — | skipped: {o.skipped} |")
+            continue
+        lo, hi = o.span("total")
+        speed = f"{base.median('total') / o.median('total'):.1f}×" if base else "—"
+        mb = "—" if o.variant == "floor" else f"{o.median('total_bytes') / 1e6:.1f}"
+        rows.append(f"| {o.variant} | {o.median('pull'):.2f} | {o.median('run'):.2f} | "
+                    f"{o.median('total'):.2f} | {lo:.2f}–{hi:.2f} | {speed} | {mb} | {len(o.samples)} |")
+    return "\n".join(rows)
+
+
+def chart(outcomes: list[Outcome], title: str, path: Path) -> Path | None:
+    measured = [o for o in outcomes if o.samples]
+    if not measured:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [o.variant for o in measured]
+    pulls = [o.median("pull") for o in measured]
+    runs = [o.median("run") for o in measured]
+    totals = [o.median("total") for o in measured]
+    err = [[t - o.span("total")[0] for t, o in zip(totals, measured)],
+           [o.span("total")[1] - t for t, o in zip(totals, measured)]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4.2), dpi=110)
+    ax.bar(names, pulls, label="pull", color="#4c72b0")
+    ax.bar(names, runs, bottom=pulls, label="run", color="#dd8452", yerr=err, capsize=4)
+    for x, (t, o) in enumerate(zip(totals, measured)):
+        mb = "" if o.variant == "floor" else f"\n{o.median('total_bytes') / 1e6:.0f} MB"
+        ax.text(x, t * 1.02 + 0.1, f"{t:.1f} s{mb}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("seconds (median; bar = min–max total)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, max(totals) * 1.3 + 0.5)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+RESULTS_HEADER = """# lazysnap cold-start results
+
+Appended by `bench/coldstart.py` (one section per invocation; see `bench/README.md`).
+Each run: fresh private containerd and lazysnap state, page cache dropped, registry
+bytes counted on the loopback link between containerd/lazysnap and `docker-registry`.
+"""
+
+
+def append_results(path: Path, outcomes: list[Outcome], image: BenchImage, args: argparse.Namespace,
+                   command: str, started: datetime) -> str:
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    png = chart(outcomes, f"{image.name}: cold start (pull + run), median of {args.runs}",
+                path.parent / "charts" / f"coldstart-{image.name}-{stamp}.png")
+    t = image.target
+    lines = [
+        f"## {started:%Y-%m-%d %H:%M} UTC — {image.name}, median of {args.runs} cold runs",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine_info()}",
+        f"- Link: loopback, {'shaped to ' + args.rate if args.rate else 'unshaped'}",
+        f"- Image: {len(t.layer_digests)} layers ({', '.join(sorted(set(m.rsplit('.', 1)[-1] for m in t.layer_media_types)))}), "
+        f"{t.compressed_size / 1e6:.1f} MB compressed"
+        + (f", {image.uncompressed / 1e9:.2f} GB / {image.files:,} entries uncompressed" if image.uncompressed else "")
+        + f"; manifest `{t.manifest_digest[:19]}…`",
+        "",
+        table(outcomes, image),
+        "",
+    ]
+    if png is not None:
+        lines += [f"![chart](charts/{png.name})", ""]
+    section = "\n".join(lines)
+    if not path.exists():
+        path.write_text(RESULTS_HEADER)
+    with open(path, "a") as f:
+        f.write("\n" + section)
+    return section
+
+
+# ------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image", default="inference", choices=sorted(PREPARE))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma list of {', '.join(VARIANTS)} (or 'all')")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rate", default=None, help="shape the registry link, e.g. 1gbit, 100mbit")
+    ap.add_argument("--size-gb", type=float, default=2.0, help="synthetic: total uncompressed size")
+    ap.add_argument("--hot", type=float, default=0.05, help="synthetic: fraction of bytes read at start")
+    ap.add_argument("--seed", type=int, default=1, help="synthetic: data seed")
+    ap.add_argument("--layers", type=int, default=4, help="synthetic: layer count")
+    ap.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
+    ap.add_argument("--no-results", action="store_true", help="print the table only")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default bench/out/…)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    args = ap.parse_args(argv)
+    args.variants = VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    try:
+        args.rate_bps = parse_rate(args.rate)
+    except ValueError as exc:
+        ap.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("coldstart: needs root (containerd, mounts, drop_caches)", file=sys.stderr)
+        return 1
+    started = datetime.now(timezone.utc)
+    command = "python -m bench.coldstart " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    workdir = args.workdir or BENCH / "out" / f"coldstart-{started:%Y%m%d-%H%M%S}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.workdir = workdir
+    reg = start_registry(workdir / "registry")
+    proxy: ByteProxy | None = None
+    try:
+        log("prepare", image=args.image)
+        image = PREPARE[args.image](reg, args)
+        proxy = ByteProxy(reg.host, rate=args.rate_bps)
+        bench = Bench(image, proxy, workdir / "nodes", args.runs)
+        outcomes = [bench.run_variant(v) for v in args.variants]
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        reg.stop()
+    raw = workdir / "results.json"
+    raw.write_text(json.dumps({"image": image.target.ref, "command": command,
+                               "outcomes": [asdict(o) for o in outcomes]}, indent=1))
+    if args.no_results:
+        print(table(outcomes, image))
+    else:
+        print(append_results(args.results, outcomes, image, args, command, started))
+    if not args.keep:
+        shutil.rmtree(workdir / "nodes", ignore_errors=True)
+        shutil.rmtree(workdir / "registry", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""One throw-away "node": a private containerd, optionally a lazysnap daemon, hosts.toml.
+
+The runner and the demo drive lazysnap only through its command-line contract
+(``lazysnap serve|health|record|profile push``) and containerd through ``ctr`` /
+``ctr-remote``, exactly as an operator would; nothing here imports ``snapshotter``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.containerd import Containerd, start_containerd, unmount_under
+from harness.registry import free_port
+
+__all__ = ["LazysnapDaemon", "Node", "NodeError", "Skip", "drop_caches", "write_hosts",
+           "lazysnap_argv", "lazysnap_has"]
+
+SNAPSHOTTER = "lazysnap"
+
+
+class NodeError(RuntimeError):
+    """A daemon or command failed; the message carries the relevant log tail."""
+
+
+class Skip(Exception):
+    """This variant cannot be measured yet (the message says why)."""
+
+
+def lazysnap_argv() -> list[str]:
+    """How to invoke the lazysnap CLI: the installed entry point, else ``python -m``."""
+    exe = Path(sys.executable).with_name("lazysnap")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "snapshotter"]
+
+
+def lazysnap_has(*command: str) -> bool:
+    """Whether the CLI parser knows ``command`` (e.g. ``("profile", "push")``) and the
+    module behind it exists (handlers are imported lazily, so check the module too)."""
+    r = subprocess.run([*lazysnap_argv(), *command, "--help"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return False
+    module = {"serve": "serve_cmds", "health": "serve_cmds", "record": "profile_cmds",
+              "profile": "profile_cmds"}.get(command[0])
+    if module is None:
+        return True
+    try:
+        return importlib.util.find_spec(f"snapshotter.cli.{module}") is not None
+    except ImportError:
+        return False
+
+
+def drop_caches() -> None:
+    """Write back and drop the page cache, dentries and inodes (cold start)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def write_hosts(hosts_dir: Path, host: str) -> Path:
+    """hosts.toml declaring ``host`` a plain-HTTP registry (pull + resolve)."""
+    d = hosts_dir / host
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "hosts.toml").write_text(
+        f'server = "http://{host}"\n\n[host."http://{host}"]\n  capabilities = ["pull", "resolve"]\n')
+    return hosts_dir
+
+
+class LazysnapDaemon:
+    """``lazysnap serve`` as a child process with a private root and socket."""
+
+    def __init__(self, root: Path, hosts_dir: Path, log_path: Path) -> None:
+        self.root = root
+        self.hosts_dir = hosts_dir
+        self.log_path = log_path
+        self._sockdir = Path(tempfile.mkdtemp(prefix="lzs-", dir="/tmp"))
+        self.address = str(self._sockdir / "lazysnap.sock")
+        self.metrics_address = f"127.0.0.1:{free_port()}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        argv = [*lazysnap_argv(), "serve", "--root", str(self.root), "--address", self.address,
+                "--hosts-dir", str(self.hosts_dir), "--metrics-address", self.metrics_address]
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise NodeError(f"lazysnap serve exited {self._proc.returncode}: {self.log_tail()}")
+            if os.path.exists(self.address):
+                r = subprocess.run([*lazysnap_argv(), "health", "--address", self.address,
+                                    "--timeout", "2"], capture_output=True)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise NodeError(f"lazysnap serve not healthy after {timeout:.0f}s: {self.log_tail()}")
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition (empty if unreachable)."""
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        self._proc = None
+        unmount_under(self.root)
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+
+
+@dataclass(slots=True)
+class Timed:
+    seconds: float
+    output: str
+
+
+class Node:
+    """containerd (+ lazysnap) under ``workdir``; ``close()`` stops both and unmounts."""
+
+    def __init__(self, workdir: Path, registry_host: str, *, lazysnap: bool,
+                 lazysnap_root: Path | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.hosts_dir = write_hosts(workdir / "hosts", registry_host)
+        self.daemon: LazysnapDaemon | None = None
+        self.containerd: Containerd | None = None
+        try:
+            plugins = None
+            if lazysnap:
+                self.daemon = LazysnapDaemon(lazysnap_root or workdir / "lazysnap",
+                                             self.hosts_dir, workdir / "lazysnap.log")
+                self.daemon.start()
+                plugins = {SNAPSHOTTER: self.daemon.address}
+            self.containerd = start_containerd(workdir / "ctrd", proxy_plugins=plugins,
+                                               hosts_dir=self.hosts_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def cd(self) -> Containerd:
+        assert self.containerd is not None
+        return self.containerd
+
+    def pull(self, ref: str, *, lazy: bool, timeout: float = 1800) -> Timed:
+        """Full pull through overlayfs, or ``ctr-remote image rpull`` into lazysnap."""
+        t = time.monotonic()
+        if lazy:
+            r = self.cd.ctr_remote("images", "rpull", "--snapshotter", SNAPSHOTTER, ref, timeout=timeout)
+        else:
+            r = self.cd.ctr("images", "pull", "--snapshotter", "overlayfs", ref, timeout=timeout)
+        return Timed(time.monotonic() - t, r.stdout)
+
+    def run(self, ref: str, *, lazy: bool, name: str, args: list[str] | None = None,
+            timeout: float = 900) -> Timed:
+        """``ctr run --rm`` of the image's command (or ``args``); raises on non-zero exit."""
+        snap = SNAPSHOTTER if lazy else "overlayfs"
+        t = time.monotonic()
+        r = self.cd.ctr("run", "--rm", "--snapshotter", snap, ref, name, *(args or []), timeout=timeout)
+        return Timed(time.monotonic() - t, r.stdout + r.stderr)
+
+    def record(self, ref: str, timeout: float = 600) -> None:
+        """``lazysnap record`` the image's start on this node (profile lands in the root)."""
+        assert self.daemon is not None
+        argv = [*lazysnap_argv(), "record", ref, "--address", self.daemon.address,
+                "--containerd", self.cd.address, "--hosts-dir", str(self.hosts_dir),
+                "--timeout", str(int(timeout))]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)
+        if r.returncode != 0:
+            raise NodeError(f"lazysnap record failed: {r.stderr.strip()[-500:]}")
+
+    def push_profile(self, ref: str) -> None:
+        assert self.daemon is not None
+        argv = [*lazysnap_argv(), "profile", "push", ref, "--root", str(self.daemon.root),
+                "--hosts-dir", str(self.hosts_dir)]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise NodeError(f"lazysnap profile push failed: {r.stderr.strip()[-500:]}")
+
+    def close(self, *, keep: bool = False) -> None:
+        """Stop containerd then lazysnap (containerd holds mounts on lazysnap's FUSE)."""
+        if self.containerd is not None:
+            self.containerd.stop()
+            self.containerd = None
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+        unmount_under(self.workdir)
+        if not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

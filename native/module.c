@@ -1,0 +1,580 @@
+/* Python bindings of the lazysnap C core: snapshotter._core.
+ *
+ * A narrow surface over buffers: Scanner (streaming one-pass indexer), decompress_range,
+ * sha256, verify_chunks.  Every byte loop runs with the GIL released; errors become
+ * typed exceptions kept in module state (no C globals). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "range.h"
+#include "scanner.h"
+
+typedef struct {
+    PyObject *LayerError, *CorruptLayerError, *TruncatedLayerError;
+    PyObject *ScannerType;
+} core_state;
+
+static inline core_state *get_state(PyObject *module) { return PyModule_GetState(module); }
+
+static PyObject *raise_err(core_state *st, const lz_err *e)
+{
+    switch (e->kind) {
+    case LZ_CORRUPT: PyErr_SetString(st->CorruptLayerError, e->msg); break;
+    case LZ_TRUNCATED: PyErr_SetString(st->TruncatedLayerError, e->msg); break;
+    case LZ_NOMEM: PyErr_NoMemory(); break;
+    default: PyErr_SetString(PyExc_ValueError, e->msg[0] ? e->msg : "invalid argument");
+    }
+    return NULL;
+}
+
+static int parse_format(PyObject *o, int *fmt)
+{
+    if (o == NULL || o == Py_None) {
+        *fmt = FMT_UNKNOWN;
+        return 0;
+    }
+    if (!PyUnicode_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "format must be 'gzip', 'zstd', 'tar' or None");
+        return -1;
+    }
+    if (PyUnicode_CompareWithASCIIString(o, "gzip") == 0)
+        *fmt = FMT_GZIP;
+    else if (PyUnicode_CompareWithASCIIString(o, "zstd") == 0)
+        *fmt = FMT_ZSTD;
+    else if (PyUnicode_CompareWithASCIIString(o, "tar") == 0)
+        *fmt = FMT_TAR;
+    else {
+        PyErr_SetString(PyExc_ValueError, "format must be 'gzip', 'zstd', 'tar' or None");
+        return -1;
+    }
+    return 0;
+}
+
+static const char *format_name(int fmt)
+{
+    return fmt == FMT_GZIP ? "gzip" : fmt == FMT_ZSTD ? "zstd" : "tar";
+}
+
+/* ---------------- Scanner ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *module;
+    scanner_t *sc;
+    int busy;
+    int want_diff;
+} ScannerObject;
+
+static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread", NULL};
+    unsigned long long span = 4u << 20, chunk = 1u << 20;
+    int diff = 0, threaded = 1;
+    PyObject *fmt_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOp:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded))
+        return -1;
+    if (span < 1024 || chunk < 1 || chunk > (1ull << 40)) {
+        PyErr_SetString(PyExc_ValueError, "span_size must be >= 1024 and chunk_size in 1..2**40");
+        return -1;
+    }
+    int fmt;
+    if (parse_format(fmt_o, &fmt))
+        return -1;
+    if (self->sc) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner already initialised");
+        return -1;
+    }
+    lz_err err = {0};
+    scanner_t *sc;
+    Py_BEGIN_ALLOW_THREADS
+    sc = scanner_new(span, chunk, diff, fmt, threaded, &err);
+    Py_END_ALLOW_THREADS
+    if (!sc) {
+        raise_err(get_state(self->module), &err);
+        return -1;
+    }
+    self->sc = sc;
+    self->want_diff = diff;
+    return 0;
+}
+
+static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    ScannerObject *self = (ScannerObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->module = PyType_GetModule(type);
+    if (!self->module) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(self->module);
+    return (PyObject *)self;
+}
+
+static void Scanner_dealloc(ScannerObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->sc) {
+        scanner_t *sc = self->sc;
+        self->sc = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        scanner_free(sc);
+        Py_END_ALLOW_THREADS
+    }
+    Py_XDECREF(self->module);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int acquire(ScannerObject *self)
+{
+    if (!self->sc) {
+        PyErr_SetString(PyExc_ValueError, "Scanner is finished or not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner used from two threads at once");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+static PyObject *Scanner_feed(ScannerObject *self, PyObject *arg)
+{
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE))
+        return NULL;
+    if (acquire(self)) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    int rc;
+    scanner_t *sc = self->sc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = scanner_feed(sc, buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    PyBuffer_Release(&buf);
+    if (rc)
+        return raise_err(get_state(self->module), &sc->err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *u64(uint64_t v) { return PyLong_FromUnsignedLongLong(v); }
+static PyObject *i64(int64_t v) { return PyLong_FromLongLong(v); }
+
+static PyObject *build_entry(tar_t *t, const tar_entry *e)
+{
+    const uint8_t *a = t->arena.p;
+    PyObject *xattrs = Py_None, *sparse = Py_None;
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    if (e->xattr_count) {
+        Py_DECREF(xattrs);
+        xattrs = PyDict_New();
+        if (!xattrs)
+            goto fail;
+        const tar_xattr *x = (const tar_xattr *)t->xattrs.p + e->xattr_first;
+        for (size_t i = 0; i < e->xattr_count; i++) {
+            PyObject *k = PyUnicode_DecodeUTF8((const char *)a + x[i].key_off,
+                                               (Py_ssize_t)x[i].key_len, "surrogateescape");
+            PyObject *v = PyBytes_FromStringAndSize((const char *)a + x[i].val_off,
+                                                    (Py_ssize_t)x[i].val_len);
+            int r = (k && v) ? PyDict_SetItem(xattrs, k, v) : -1;
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            if (r)
+                goto fail;
+        }
+    }
+    if (e->sparse_count >= 0) {
+        Py_DECREF(sparse);
+        sparse = PyList_New((Py_ssize_t)e->sparse_count);
+        if (!sparse)
+            goto fail;
+        const uint64_t *s = (const uint64_t *)t->sparse.p + 2 * e->sparse_first;
+        for (int64_t i = 0; i < e->sparse_count; i++) {
+            PyObject *tup = Py_BuildValue("(KK)", (unsigned long long)s[2 * i],
+                                          (unsigned long long)s[2 * i + 1]);
+            if (!tup)
+                goto fail;
+            PyList_SET_ITEM(sparse, (Py_ssize_t)i, tup);
+        }
+    }
+    PyObject *tup = PyTuple_New(16);
+    if (!tup)
+        goto fail;
+    PyObject *items[16] = {
+        PyBytes_FromStringAndSize((const char *)a + e->path_off, (Py_ssize_t)e->path_len),
+        PyLong_FromLong(e->type),
+        PyLong_FromUnsignedLong(e->mode),
+        i64(e->uid), i64(e->gid), i64(e->size), i64(e->mtime_ns),
+        PyBytes_FromStringAndSize((const char *)a + e->link_off, (Py_ssize_t)e->link_len),
+        i64(e->devmajor), i64(e->devminor),
+        xattrs,
+        u64(e->data_offset), u64(e->stored_size), u64(e->first_chunk), u64(e->chunk_count),
+        sparse,
+    };
+    int bad = 0;
+    for (int i = 0; i < 16; i++) {
+        if (!items[i])
+            bad = 1;
+        else
+            PyTuple_SET_ITEM(tup, i, items[i]);
+    }
+    if (bad) {
+        /* fill holes so the tuple can be freed */
+        for (int i = 0; i < 16; i++)
+            if (!items[i]) {
+                Py_INCREF(Py_None);
+                PyTuple_SET_ITEM(tup, i, Py_None);
+            }
+        Py_DECREF(tup);
+        return NULL;
+    }
+    return tup;
+fail:
+    Py_XDECREF(xattrs);
+    Py_XDECREF(sparse);
+    return NULL;
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8_t diff[32],
+                              int want_diff)
+{
+    tar_t *t = &sc->tar;
+    PyObject *d = PyDict_New(), *v = NULL;
+    if (!d)
+        return NULL;
+#define SET(key, expr)                                          \
+    do {                                                        \
+        v = (expr);                                             \
+        if (!v || PyDict_SetItemString(d, key, v))              \
+            goto fail;                                          \
+        Py_DECREF(v);                                           \
+        v = NULL;                                               \
+    } while (0)
+    SET("format", PyUnicode_FromString(format_name(sc->format)));
+    SET("compressed_size", u64(sc->in_total));
+    SET("uncompressed_size", u64(sc->out_total));
+    SET("blob_digest", PyBytes_FromStringAndSize((const char *)blob, 32));
+    if (want_diff)
+        SET("diff_id", PyBytes_FromStringAndSize((const char *)diff, 32));
+    else
+        SET("diff_id", (Py_INCREF(Py_None), Py_None));
+    int nframes = 0;
+    const lz_checkpoint *cp = (const lz_checkpoint *)sc->cps.p;
+    size_t ncp = sc->cps.len / sizeof *cp;
+    for (size_t i = 0; i < ncp; i++)
+        nframes += cp[i].kind == CK_STREAM_START || cp[i].kind == CK_ZSTD_FRAME;
+    SET("sequential_only", PyBool_FromLong(sc->format == FMT_ZSTD && nframes <= 1));
+
+    size_t ne = tar_entry_count(t);
+    v = PyList_New((Py_ssize_t)ne);
+    if (!v)
+        goto fail;
+    for (size_t i = 0; i < ne; i++) {
+        PyObject *e = build_entry(t, (const tar_entry *)t->entries.p + i);
+        if (!e)
+            goto fail;
+        PyList_SET_ITEM(v, (Py_ssize_t)i, e);
+    }
+    if (PyDict_SetItemString(d, "entries", v))
+        goto fail;
+    Py_CLEAR(v);
+
+    size_t nc = tar_chunk_count(t);
+    v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nc * 48));
+    if (!v)
+        goto fail;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(v);
+    const tar_chunk *c = (const tar_chunk *)t->chunks.p;
+    for (size_t i = 0; i < nc; i++) {
+        put_le64(out + 48 * i, c[i].offset);
+        put_le64(out + 48 * i + 8, c[i].length);
+        memcpy(out + 48 * i + 16, c[i].sha, 32);
+    }
+    if (PyDict_SetItemString(d, "chunks", v))
+        goto fail;
+    Py_CLEAR(v);
+
+    v = PyList_New((Py_ssize_t)ncp);
+    if (!v)
+        goto fail;
+    for (size_t i = 0; i < ncp; i++) {
+        PyObject *tup = Py_BuildValue("(iKKiy#)", cp[i].kind, (unsigned long long)cp[i].coff,
+                                      (unsigned long long)cp[i].uoff, cp[i].bits,
+                                      cp[i].window ? (const char *)cp[i].window : "",
+                                      (Py_ssize_t)cp[i].wlen);
+        if (!tup)
+            goto fail;
+        PyList_SET_ITEM(v, (Py_ssize_t)i, tup);
+    }
+    if (PyDict_SetItemString(d, "checkpoints", v))
+        goto fail;
+    Py_CLEAR(v);
+#undef SET
+    return d;
+fail:
+    Py_XDECREF(v);
+    Py_DECREF(d);
+    return NULL;
+}
+
+static PyObject *Scanner_finish(ScannerObject *self, PyObject *unused)
+{
+    if (acquire(self))
+        return NULL;
+    scanner_t *sc = self->sc;
+    uint8_t blob[32], diff[32];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = scanner_finish(sc, blob, diff);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    PyObject *res = rc ? raise_err(get_state(self->module), &sc->err)
+                       : build_result(sc, blob, diff, self->want_diff);
+    self->sc = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    scanner_free(sc);
+    Py_END_ALLOW_THREADS
+    return res;
+}
+
+static PyMethodDef Scanner_methods[] = {
+    {"feed", (PyCFunction)Scanner_feed, METH_O,
+     "feed(buffer): the next compressed bytes of the layer, in order."},
+    {"finish", (PyCFunction)Scanner_finish, METH_NOARGS,
+     "finish() -> dict: end of input; returns the scan result (see snapshotter/native.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Scanner_slots[] = {
+    {Py_tp_new, Scanner_new},
+    {Py_tp_init, Scanner_init},
+    {Py_tp_dealloc, Scanner_dealloc},
+    {Py_tp_methods, Scanner_methods},
+    {Py_tp_doc, "Scanner(span_size=4<<20, chunk_size=1<<20, diff_id=False, format=None, "
+                "hash_thread=True): one-pass streaming layer indexer."},
+    {0, NULL},
+};
+
+static PyType_Spec Scanner_spec = {
+    "snapshotter._core.Scanner", sizeof(ScannerObject), 0,
+    Py_TPFLAGS_DEFAULT, Scanner_slots,
+};
+
+/* ---------------- functions ---------------- */
+
+static PyObject *core_decompress_range(PyObject *module, PyObject *args)
+{
+    PyObject *fmt_o;
+    int kind, bits;
+    Py_buffer win, data;
+    unsigned long long skip, length;
+    if (!PyArg_ParseTuple(args, "Oiiy*y*KK:decompress_range", &fmt_o, &kind, &bits, &win, &data,
+                          &skip, &length))
+        return NULL;
+    PyObject *res = NULL;
+    int fmt;
+    if (parse_format(fmt_o, &fmt) || fmt == FMT_UNKNOWN) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "format is required");
+        goto done;
+    }
+    if (length > (unsigned long long)PY_SSIZE_T_MAX || win.len > (Py_ssize_t)LZ_HIST) {
+        PyErr_SetString(PyExc_ValueError, "length too large or window over 32 KiB");
+        goto done;
+    }
+    res = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length);
+    if (!res)
+        goto done;
+    lz_err err = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lz_decompress_range(fmt, kind, bits, win.buf, (size_t)win.len, data.buf,
+                             (size_t)data.len, skip, (uint8_t *)PyBytes_AS_STRING(res),
+                             (size_t)length, &err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        Py_CLEAR(res);
+        raise_err(get_state(module), &err);
+    }
+done:
+    PyBuffer_Release(&win);
+    PyBuffer_Release(&data);
+    return res;
+}
+
+static PyObject *core_sha256(PyObject *module, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE))
+        return NULL;
+    uint8_t md[32];
+    if (b.len > 65536) {
+        Py_BEGIN_ALLOW_THREADS
+        SHA256(b.buf, (size_t)b.len, md);
+        Py_END_ALLOW_THREADS
+    } else {
+        SHA256(b.buf, (size_t)b.len, md);
+    }
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)md, 32);
+}
+
+static uint64_t get_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
+{
+    Py_buffer data, rec;
+    unsigned long long base;
+    if (!PyArg_ParseTuple(args, "y*Ky*:verify_chunks", &data, &base, &rec))
+        return NULL;
+    PyObject *res = NULL;
+    if (rec.len % 48) {
+        PyErr_SetString(PyExc_ValueError, "records must be a multiple of 48 bytes");
+        goto done;
+    }
+    size_t n = (size_t)rec.len / 48;
+    const uint8_t *r = rec.buf;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off = get_le64(r + 48 * i), len = get_le64(r + 48 * i + 8);
+        if (off < base || off - base > (uint64_t)data.len || len > (uint64_t)data.len - (off - base)) {
+            PyErr_Format(PyExc_ValueError, "chunk record %zu lies outside the data", i);
+            goto done;
+        }
+    }
+    long long bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < n; i++) {
+        uint8_t md[32];
+        uint64_t off = get_le64(r + 48 * i), len = get_le64(r + 48 * i + 8);
+        SHA256((const uint8_t *)data.buf + (off - base), (size_t)len, md);
+        if (memcmp(md, r + 48 * i + 16, 32)) {
+            bad = (long long)i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    res = PyLong_FromLongLong(bad);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&rec);
+    return res;
+}
+
+static PyObject *core_zlib_block_boundaries(PyObject *module, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE))
+        return NULL;
+    lz_buf out = {0};
+    lz_err err = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lz_zlib_boundaries(b.buf, (size_t)b.len, &out, &err);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    PyObject *res = NULL;
+    if (rc) {
+        raise_err(get_state(module), &err);
+    } else {
+        size_t n = out.len / 8;
+        res = PyList_New((Py_ssize_t)n);
+        for (size_t i = 0; res && i < n; i++) {
+            PyObject *v = u64(((uint64_t *)out.p)[i]);
+            if (!v) {
+                Py_CLEAR(res);
+                break;
+            }
+            PyList_SET_ITEM(res, (Py_ssize_t)i, v);
+        }
+    }
+    lz_buf_free(&out);
+    return res;
+}
+
+static PyMethodDef core_methods[] = {
+    {"decompress_range", core_decompress_range, METH_VARARGS,
+     "decompress_range(format, kind, bits, window, data, skip, length) -> bytes"},
+    {"sha256", core_sha256, METH_O, "sha256(buffer) -> 32 bytes"},
+    {"verify_chunks", core_verify_chunks, METH_VARARGS,
+     "verify_chunks(data, data_offset, records) -> index of the first bad record or -1"},
+    {"zlib_block_boundaries", core_zlib_block_boundaries, METH_O,
+     "zlib_block_boundaries(gzip_bytes) -> [bit offsets of deflate block boundaries] (tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int core_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    core_state *st = get_state(m);
+    Py_VISIT(st->LayerError);
+    Py_VISIT(st->CorruptLayerError);
+    Py_VISIT(st->TruncatedLayerError);
+    Py_VISIT(st->ScannerType);
+    return 0;
+}
+
+static int core_clear(PyObject *m)
+{
+    core_state *st = get_state(m);
+    Py_CLEAR(st->LayerError);
+    Py_CLEAR(st->CorruptLayerError);
+    Py_CLEAR(st->TruncatedLayerError);
+    Py_CLEAR(st->ScannerType);
+    return 0;
+}
+
+static void core_free(void *m) { core_clear((PyObject *)m); }
+
+static int core_exec(PyObject *m)
+{
+    core_state *st = get_state(m);
+    st->LayerError = PyErr_NewExceptionWithDoc("snapshotter._core.LayerError",
+                                               "A layer blob cannot be read.", PyExc_ValueError, NULL);
+    if (!st->LayerError || PyModule_AddObjectRef(m, "LayerError", st->LayerError))
+        return -1;
+    st->CorruptLayerError = PyErr_NewExceptionWithDoc(
+        "snapshotter._core.CorruptLayerError", "The layer's bytes are invalid.", st->LayerError, NULL);
+    if (!st->CorruptLayerError ||
+        PyModule_AddObjectRef(m, "CorruptLayerError", st->CorruptLayerError))
+        return -1;
+    st->TruncatedLayerError = PyErr_NewExceptionWithDoc(
+        "snapshotter._core.TruncatedLayerError", "The layer's bytes end too early.",
+        st->LayerError, NULL);
+    if (!st->TruncatedLayerError ||
+        PyModule_AddObjectRef(m, "TruncatedLayerError", st->TruncatedLayerError))
+        return -1;
+    st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
+    if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "_core", "lazysnap C core: layer scanning and random access.",
+    sizeof(core_state), core_methods, core_slots, core_traverse, core_clear, core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }

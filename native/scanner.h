@@ -1,0 +1,86 @@
+/* One-pass layer scanner: format detection, decompression with checkpoints, tar scan,
+ * chunk hashing, blob digest and optional diff ID.  No Python, no global state. */
+#ifndef LZ_SCANNER_H
+#define LZ_SCANNER_H
+
+#include <pthread.h>
+#include <isa-l/igzip_lib.h>
+#include <zstd.h>
+
+#include "lz.h"
+#include "tar.h"
+
+enum { FMT_UNKNOWN = 0, FMT_TAR = 1, FMT_GZIP = 2, FMT_ZSTD = 3 };
+enum { CK_STREAM_START = 0, CK_DEFLATE = 1, CK_GZIP_MEMBER = 2, CK_ZSTD_FRAME = 3 };
+
+#define LZ_HIST (32u << 10)          /* deflate window: what a DEFLATE checkpoint keeps */
+#define LZ_BLOCK (1u << 18)          /* uncompressed bytes handed to the tar stage at once */
+#define LZ_NBLOCKS 8                 /* blocks in flight when a hash thread is used */
+#define LZ_QCAP (LZ_NBLOCKS + 2)     /* queue: blocks plus the blob-hash job */
+
+typedef struct {
+    int kind;
+    uint64_t coff, uoff;
+    int bits;
+    uint8_t *window;
+    size_t wlen;
+} lz_checkpoint;
+
+typedef struct {
+    uint8_t *mem;  /* LZ_HIST bytes of history, then up to LZ_BLOCK bytes of payload */
+    size_t len;
+} lz_block;
+
+typedef struct {
+    /* configuration */
+    uint64_t span_size;
+    int threaded;
+    /* input */
+    int format;
+    uint8_t magic[4];
+    size_t magic_have;
+    SHA256_CTX blob_ctx;
+    uint64_t in_total;       /* compressed bytes fed */
+    uint64_t dec_in;         /* compressed bytes consumed by the decoder */
+    /* output */
+    uint64_t out_total;      /* uncompressed bytes produced */
+    lz_block blocks[LZ_NBLOCKS];
+    int nblocks;
+    lz_block *cur;
+    /* tar stage, and the optional hash thread that runs it */
+    tar_t tar;
+    pthread_t thread;
+    int thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv_prod, cv_cons;
+    int queue[LZ_QCAP], q_head, q_count;  /* block index, or -1: hash the fed input */
+    const uint8_t *in_job_p;
+    size_t in_job_n;
+    int in_job_done;
+    int free_list[LZ_NBLOCKS], free_count;
+    int eof, cons_failed;
+    /* checkpoints */
+    lz_buf cps;              /* lz_checkpoint[] */
+    /* gzip */
+    struct inflate_state *isal;
+    int gz_phase, gz_hunting, gz_zero_tail;
+    uint64_t member_start, next_cp, hunt_base, gz_target, members;
+    /* zstd */
+    ZSTD_DCtx *zd;
+    int z_in_frame, z_cp_pending;
+    uint64_t z_cp_coff;
+    int finished;
+    lz_err err;
+} scanner_t;
+
+/* format: FMT_UNKNOWN to detect from magic bytes. Returns NULL on out of memory. */
+scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, int format,
+                       int threaded, lz_err *err);
+int scanner_feed(scanner_t *sc, const uint8_t *p, size_t n);
+/* Flushes, joins the hash thread, checks the end of stream; digests are written out. */
+int scanner_finish(scanner_t *sc, uint8_t blob[32], uint8_t diff[32]);
+void scanner_free(scanner_t *sc);
+
+const char *lz_isal_error_name(int r);
+
+#endif

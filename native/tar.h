@@ -1,0 +1,93 @@
+/* Streaming tar parser: fed the uncompressed tar in order, in slices of any size.
+ *
+ * It records entries (after folding GNU long names and PAX records), and cuts each
+ * regular file's stored data into file-aligned chunks with one SHA-256 each. */
+#ifndef LZ_TAR_H
+#define LZ_TAR_H
+
+#include "lz.h"
+
+enum { ET_REG = 0, ET_HARDLINK = 1, ET_SYMLINK = 2, ET_CHAR = 3, ET_BLOCK = 4, ET_DIR = 5,
+       ET_FIFO = 6 };
+
+typedef struct {
+    size_t path_off, path_len, link_off, link_len;  /* in tar_t.arena */
+    int type;
+    uint32_t mode;
+    int64_t uid, gid, size, mtime_ns;
+    int64_t devmajor, devminor;
+    size_t xattr_first, xattr_count;                /* in tar_t.xattrs */
+    uint64_t data_offset, stored_size, first_chunk, chunk_count;
+    int64_t sparse_first, sparse_count;             /* in tar_t.sparse; -1 = not sparse */
+} tar_entry;
+
+typedef struct {
+    size_t key_off, key_len, val_off, val_len;      /* in tar_t.arena */
+} tar_xattr;
+
+typedef struct {
+    uint64_t offset;
+    uint64_t length;
+    uint8_t sha[32];
+} tar_chunk;
+
+/* What extended headers (PAX 'x', GNU 'L'/'K') say about the next entry. */
+typedef struct {
+    int has_path, has_link, has_size, has_uid, has_gid, has_mtime;
+    lz_buf path, link;
+    uint64_t size;
+    int64_t uid, gid, mtime_ns;
+    lz_buf xattr_data;      /* key\0 then u64 value length then value, repeated */
+    size_t xattr_count;
+    int sparse_major, sparse_minor, has_sparse_realsize;
+    uint64_t sparse_realsize;
+    int has_sparse_name;
+    lz_buf sparse_name;
+    lz_buf sparse_map;      /* (u64 offset, u64 length) pairs, PAX 0.0 / 0.1 */
+    int has_sparse_map;
+    int64_t pending_offset; /* PAX 0.0: GNU.sparse.offset waiting for numbytes */
+} tar_pending;
+
+typedef struct {
+    /* configuration */
+    uint64_t chunk_size;
+    int want_diff;
+    /* state */
+    SHA256_CTX diff_ctx;
+    uint64_t off;           /* uncompressed bytes seen */
+    int state;
+    uint8_t hdr[512];
+    size_t hdr_have;
+    uint64_t hdr_off;       /* offset of the current header */
+    uint64_t remaining;     /* bytes left in the current region */
+    uint64_t region_end;    /* end of the current entry's data incl. padding */
+    int ext_type;
+    int skip_is_pad;        /* T_SKIP over padding after data (EOF there is fine) */
+    lz_buf ext;
+    tar_pending pend;
+    /* the regular file being hashed */
+    tar_entry *cur;
+    size_t cur_index;
+    uint64_t chunk_fill, chunk_start;
+    SHA256_CTX chunk_ctx;
+    uint64_t sparse_map_numbers_needed;  /* PAX 1.0 sparse map parsing */
+    /* results */
+    lz_buf entries;         /* tar_entry[] */
+    lz_buf chunks;          /* tar_chunk[] */
+    lz_buf arena;
+    lz_buf xattrs;          /* tar_xattr[] */
+    lz_buf sparse;          /* uint64_t pairs */
+    lz_err err;
+} tar_t;
+
+void tar_init(tar_t *t, uint64_t chunk_size, int want_diff);
+void tar_free(tar_t *t);
+/* Returns 0, or -1 with t->err set (further calls keep failing). */
+int tar_feed(tar_t *t, const uint8_t *p, size_t n);
+/* End of the uncompressed stream; checks the tar did not end inside an entry. */
+int tar_finish(tar_t *t, uint8_t diff_out[32]);
+
+static inline size_t tar_entry_count(const tar_t *t) { return t->entries.len / sizeof(tar_entry); }
+static inline size_t tar_chunk_count(const tar_t *t) { return t->chunks.len / sizeof(tar_chunk); }
+
+#endif

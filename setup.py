@@ -1,0 +1,27 @@
+"""Build of the C core: plain C11 against ISA-L, zlib, libzstd and libcrypto."""
+from __future__ import annotations
+
+import os
+
+from setuptools import Extension, setup
+
+# LAZYSNAP_SANITIZE=1 (LAYSNAP_SANITIZE accepted too): ASan + UBSan build for `make sanitize-test`.
+SANITIZE = "1" in (os.environ.get("LAZYSNAP_SANITIZE"), os.environ.get("LAYSNAP_SANITIZE"))
+cflags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE"]
+ldflags: list[str] = []
+if SANITIZE:
+    cflags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+               "-fno-sanitize-recover=undefined"]
+    ldflags += ["-fsanitize=address,undefined"]
+
+core = Extension(
+    "snapshotter._core",
+    sources=sorted(os.path.join("native", f) for f in os.listdir("native") if f.endswith(".c")),
+    depends=sorted(os.path.join("native", f) for f in os.listdir("native") if f.endswith(".h")),
+    include_dirs=["native"],
+    libraries=["isal", "z", "zstd", "crypto"],
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+)
+
+setup(ext_modules=[core])

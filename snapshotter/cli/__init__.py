@@ -1,0 +1,101 @@
+"""The ``lazysnap`` command line: one parser, handlers in one module per concern.
+
+Command names, flags and output formats are a contract that outside tooling calls.
+Handlers are imported lazily so that ``lazysnap health`` does not pay for FUSE or aiohttp.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_ROOT = "/var/lib/lazysnap"
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 1 (2 for usage)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        mod = importlib.import_module(f"snapshotter.cli.{module}")
+        return int(getattr(mod, func)(args) or 0)
+
+    return run
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=os.environ.get("LAZYSNAP_ROOT", DEFAULT_ROOT),
+                   help="state directory holding the index and chunk caches")
+    p.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR,
+                   help="containerd hosts.toml directory (mirrors, TLS, plain http)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="index a local layer file or every layer of a remote image")
+    p.add_argument("source", metavar="LAYER|REF", help="local gzip/zstd/tar layer, or an image reference")
+    p.add_argument("-o", "--output", help="index file to write (local layer)")
+    p.add_argument("--diff-id", action="store_true", help="also compute the uncompressed diff ID")
+    p.add_argument("--span", type=int, default=4 << 20, help="compressed bytes between checkpoints")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, help="maximum chunk size")
+    p.add_argument("--push", action="store_true", help="publish the indexes as an OCI artifact (REF)")
+    _remote_flags(p)
+    p.set_defaults(func=_handler("layer_cmds", "cmd_index"))
+
+    p = sub.add_parser("inspect", help="summarise an index")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_handler("layer_cmds", "cmd_inspect"))
+
+    p = sub.add_parser("cat", help="print one file: `cat INDEX LAYER PATH` or `cat REF PATH`")
+    p.add_argument("operands", nargs="+", metavar="INDEX LAYER PATH | REF PATH")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--length", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="one JSON line of read statistics on stderr")
+    _remote_flags(p)
+    p.set_defaults(func=_handler("layer_cmds", "cmd_cat"))
+
+    p = sub.add_parser("ls", help="list index entries like `tar -tv`")
+    p.add_argument("index", metavar="INDEX")
+    p.add_argument("path", metavar="PATH", nargs="?", default="")
+    p.set_defaults(func=_handler("layer_cmds", "cmd_ls"))
+
+    p = sub.add_parser("serve", help="run the snapshotter daemon")
+    p.add_argument("--root", default=None, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--address", default=None, help=f"gRPC unix socket (default {DEFAULT_ADDRESS})")
+    p.add_argument("--config", default=None, help="TOML config file; flags override it")
+    p.add_argument("--hosts-dir", default=None, help=f"hosts.toml directory (default {DEFAULT_HOSTS_DIR})")
+    p.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus metrics")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_handler("serve_cmds", "cmd_serve"))
+
+    p = sub.add_parser("health", help="exit 0 when the daemon reports SERVING")
+    p.add_argument("--address", default=DEFAULT_ADDRESS)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_handler("serve_cmds", "cmd_health"))
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"lazysnap {args.command}: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,319 @@
+"""``lazysnap index REF [--push]`` and ``lazysnap cat REF PATH`` for remote images.
+
+``index`` streams each layer once from the registry through the indexer (layers in
+parallel), keeps ``<root>/indexes/<layer digest>.idx`` and, with ``--push``, publishes
+them as one OCI artifact (``application/vnd.lazysnap.index.v1``) whose subject is the
+image manifest. ``cat`` prints one file as the container sees it (the merged view of
+all layers: top-most wins, whiteouts and opaque directories hide lower layers, symlinks
+and hard links resolved) and fetches only the compressed ranges that hold it, using a
+cached or published index (building one if neither exists).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapshotter.cli import CLIError
+from snapshotter.index.builder import DEFAULT_CHUNK, DEFAULT_SPAN, clean_path, index_stream
+from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
+from snapshotter.index.format import IndexFile, serialize_index
+from snapshotter.index.model import Entry, EntryType
+from snapshotter.index.reader import assemble_range, chunks_for_range, decode_span, plan_chunks
+from snapshotter.registry import (Descriptor, RegistryClient, RegistryConfig, RegistryError,
+                                  ResolvedImage)
+
+INDEX_ARTIFACT = "application/vnd.lazysnap.index.v1"
+INDEX_LAYER_MEDIA = "application/vnd.lazysnap.index.layer.v1"
+LAYER_ANNOTATION = "io.lazysnap.layer.digest"
+MAX_INDEX_BLOB = 512 << 20
+LAYER_PARALLEL = 3
+CAT_WINDOW = 8 << 20
+MAX_SYMLINKS = 40
+MAX_ARTIFACTS = 32
+_ERRORS: tuple[type[BaseException], ...] = (RegistryError, LayerIndexError, *LAYER_ERRORS)
+
+
+def _config(args: argparse.Namespace) -> RegistryConfig:
+    hosts = getattr(args, "hosts_dir", None)
+    return RegistryConfig(hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None)
+
+
+def _index_path(root: Path, digest: str) -> Path:
+    return root / "indexes" / f"{digest.replace(':', '-')}.idx"
+
+
+def _save_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _open_cached(path: Path, digest: str) -> IndexFile | None:
+    """A cached index that opens cleanly and describes this blob, else None."""
+    if not path.is_file():
+        return None
+    try:
+        idx = IndexFile.open(path)
+    except (OSError, LayerIndexError):
+        return None
+    if idx.info.blob_digest != digest:
+        idx.close()
+        return None
+    return idx
+
+
+def _run(coro: object) -> int:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except _ERRORS as exc:
+        raise CLIError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except OSError as exc:
+        raise CLIError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
+
+
+# -- index ---------------------------------------------------------------------------
+async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor, root: Path, *,
+                            span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
+                            diff_id: bool = False) -> tuple[bytes, bool]:
+    """(index bytes, built?) for one layer: the cached file, else stream and index it."""
+    path = _index_path(root, layer.digest)
+    cached = _open_cached(path, layer.digest)
+    if cached is not None:
+        cached.close()
+        return path.read_bytes(), False
+    index = await index_stream(client.stream_blob(ref, layer.digest, purpose="layer"), span=span,
+                               chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
+    data = await asyncio.to_thread(serialize_index, index)
+    _save_atomic(path, data)
+    return data, True
+
+
+async def _index(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    started = time.monotonic()
+    async with RegistryClient(_config(args)) as client:
+        image = await client.resolve(args.source)
+        sem = asyncio.Semaphore(LAYER_PARALLEL)
+
+        async def one(layer: Descriptor) -> bytes:
+            async with sem:
+                t0 = time.monotonic()
+                data, built = await build_layer_index(client, args.source, layer, root, span=args.span,
+                                                      chunk_size=args.chunk_size, diff_id=args.diff_id)
+                print(f"layer {layer.digest} size={layer.size} index_bytes={len(data)} "
+                      f"{'built' if built else 'cached'} seconds={time.monotonic() - t0:.2f}", flush=True)
+                return data
+
+        datas = await asyncio.gather(*(one(layer) for layer in image.layers))
+        pushed = ""
+        if args.push:
+            blobs = [(INDEX_LAYER_MEDIA, data, {LAYER_ANNOTATION: layer.digest})
+                     for layer, data in zip(image.layers, datas)]
+            art = await client.push_artifact(args.source, subject=image.manifest_descriptor,
+                                             artifact_type=INDEX_ARTIFACT, blobs=blobs,
+                                             annotations={"org.opencontainers.image.created":
+                                                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            pushed = f" pushed={art.digest}"
+        print(f"indexed {image.reference} manifest={image.manifest_digest} layers={len(image.layers)} "
+              f"index_bytes={sum(len(d) for d in datas)} registry_bytes={client.stats.registry_bytes} "
+              f"seconds={time.monotonic() - started:.2f}{pushed}")
+    return 0
+
+
+def index_ref(args: argparse.Namespace) -> int:
+    if args.span <= 0 or args.chunk_size <= 0:
+        raise CLIError("--span and --chunk-size must be positive", status=2)
+    return _run(_index(args))
+
+
+# -- cat -----------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Image:
+    """Layers of a resolved image with their indexes, fetched on first need."""
+
+    client: RegistryClient
+    ref: str
+    image: ResolvedImage
+    root: Path
+    sources: dict[str, str] = field(default_factory=dict)  # layer digest → cache|referrer|built
+    _indexes: dict[str, IndexFile] = field(default_factory=dict)
+    _published: dict[str, Descriptor] | None = None
+
+    async def index(self, layer: Descriptor) -> IndexFile:
+        idx = self._indexes.get(layer.digest)
+        if idx is not None:
+            return idx
+        path = _index_path(self.root, layer.digest)
+        idx = _open_cached(path, layer.digest)
+        if idx is not None:
+            self.sources[layer.digest] = "cache"
+        else:
+            blob = (await self._published_blobs()).get(layer.digest)
+            if blob is not None:
+                data = await self.client.fetch_blob(self.ref, blob.digest, MAX_INDEX_BLOB, purpose="index")
+                probe = IndexFile.from_bytes(data)
+                if probe.info.blob_digest != layer.digest:
+                    raise CLIError(f"published index for {layer.digest} describes {probe.info.blob_digest}")
+                _save_atomic(path, data)
+                self.sources[layer.digest] = "referrer"
+            else:
+                await build_layer_index(self.client, self.ref, layer, self.root)
+                self.sources[layer.digest] = "built"
+            idx = IndexFile.open(path)
+        self._indexes[layer.digest] = idx
+        return idx
+
+    async def _published_blobs(self) -> dict[str, Descriptor]:
+        """Layer digest → index blob descriptor; the newest artifact naming a layer wins
+        (``index --push`` publishes all layers in one artifact, the daemon one per layer)."""
+        if self._published is None:
+            self._published = {}
+            wanted = {layer.digest for layer in self.image.layers}
+            arts = await self.client.referrers(self.ref, self.image.manifest_digest, INDEX_ARTIFACT)
+            arts.sort(key=lambda d: d.annotations.get("org.opencontainers.image.created", ""), reverse=True)
+            for art in arts[:MAX_ARTIFACTS]:
+                if wanted <= self._published.keys():
+                    break
+                body, _, _ = await self.client.get_manifest(self.ref, art.digest)
+                for d in json.loads(body).get("layers") or []:
+                    desc = Descriptor.from_dict(d)
+                    layer = desc.annotations.get(LAYER_ANNOTATION)
+                    if layer in wanted and layer not in self._published:
+                        self._published[layer] = desc
+        return self._published
+
+    def close(self) -> None:
+        for idx in self._indexes.values():
+            idx.close()
+
+    async def lookup(self, path: str) -> tuple[Descriptor, IndexFile, Entry] | None:
+        """The merged view of ``path`` (no symlink resolution): top-most layer wins."""
+        parts = path.split("/") if path else []
+        for layer in reversed(self.image.layers):
+            idx = await self.index(layer)
+            e = idx.lookup(path)
+            if e is not None and not posixpath.basename(path).startswith(".wh."):
+                return layer, idx, e
+            if not parts:
+                continue
+            for k in range(len(parts)):
+                parent = "/".join(parts[:k])
+                if idx.lookup(posixpath.join(parent, ".wh." + parts[k])) is not None:
+                    return None  # whited out here: lower layers are hidden
+                if k < len(parts) - 1:
+                    anc = idx.lookup("/".join(parts[:k + 1]))
+                    if anc is not None and anc.type != EntryType.DIR:
+                        return None  # a non-directory replaced the parent
+                    if idx.lookup("/".join(parts[:k + 1]) + "/.wh..wh..opq") is not None:
+                        return None  # opaque directory without the path
+        return None
+
+    async def resolve(self, path: str) -> tuple[Descriptor, IndexFile, Entry]:
+        """Follow symlinks (in any component) through the merged view."""
+        todo = [p for p in path.split("/") if p]
+        done: list[str] = []
+        hops = 0
+        while todo:
+            comp = todo.pop(0)
+            if comp == ".":
+                continue
+            if comp == "..":
+                if done:
+                    done.pop()
+                continue
+            cur = "/".join(done + [comp])
+            found = await self.lookup(cur)
+            if found is None:
+                raise CLIError(f"{'/' + path}: no such file or directory in {self.image.reference}")
+            _, _, entry = found
+            if entry.type == EntryType.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise CLIError(f"{'/' + path}: too many levels of symbolic links")
+                link = entry.linkname
+                if link.startswith("/"):
+                    done = []
+                todo = [p for p in link.split("/") if p] + todo
+                continue
+            if todo and entry.type != EntryType.DIR:
+                raise CLIError(f"{'/' + cur}: not a directory")
+            done.append(comp)
+        final = await self.lookup("/".join(done))
+        if final is None:
+            raise CLIError(f"{'/' + path}: no such file or directory in {self.image.reference}")
+        layer, idx, entry = final
+        if entry.type == EntryType.HARDLINK:
+            linked = idx.lookup(entry.linkname)
+            if linked is None:
+                raise CLIError(f"{'/' + path}: hard link target {entry.linkname!r} missing in its layer")
+            entry = linked
+        if entry.type != EntryType.REG:
+            raise CLIError(f"{'/' + path}: not a regular file ({entry.type.name.lower()})")
+        return layer, idx, entry
+
+
+async def _read_file(client: RegistryClient, ref: str, layer: Descriptor, idx: IndexFile, entry: Entry,
+                     offset: int, length: int | None, out: object) -> int:
+    """Write file bytes to ``out`` window by window: only the needed spans are fetched."""
+    end = entry.size if length is None else min(entry.size, offset + length)
+    pos = offset
+    written = 0
+    while pos < end:
+        n = min(CAT_WINDOW, end - pos)
+        ids = chunks_for_range(idx, entry, pos, n)
+        plans = plan_chunks(idx, ids)
+        datas = await client.read_ranges(ref, layer.digest, [(p.c_start, p.c_end) for p in plans])
+        chunks: dict[int, bytes] = {}
+        for plan, data in zip(plans, datas):
+            chunks.update(await asyncio.to_thread(decode_span, idx, plan, data))
+        piece = assemble_range(idx, entry, pos, n, chunks)
+        out.write(piece)  # type: ignore[attr-defined]
+        written += len(piece)
+        pos += n
+    return written
+
+
+async def _cat(args: argparse.Namespace) -> int:
+    ref, path = args.operands
+    if args.offset < 0 or (args.length is not None and args.length < 0):
+        raise CLIError("--offset and --length must be non-negative", status=2)
+    clean = clean_path(path)
+    started = time.monotonic()
+    async with RegistryClient(_config(args)) as client:
+        image = _Image(client, ref, await client.resolve(ref), Path(args.root))
+        written = 0
+        try:
+            layer, idx, entry = await image.resolve(clean)
+            written = await _read_file(client, ref, layer, idx, entry, args.offset, args.length,
+                                       sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        finally:
+            image.close()
+            if args.stats:
+                s = client.stats
+                print(json.dumps({"registry_bytes": s.registry_bytes, "requests": s.requests,
+                                  "bytes_out": written, "bytes_by_purpose": dict(s.bytes_by_purpose),
+                                  "requests_by_purpose": dict(s.requests_by_purpose),
+                                  "index_sources": image.sources, "retries": s.retries,
+                                  "seconds": round(time.monotonic() - started, 3)}), file=sys.stderr)
+    return 0
+
+
+def cat_ref(args: argparse.Namespace) -> int:
+    return _run(_cat(args))

@@ -1,0 +1,90 @@
+"""``lazysnap serve`` (the daemon) and ``lazysnap health`` (its probe)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from snapshotter.cli import CLIError
+from snapshotter.config import Config, ConfigError, load_config
+from snapshotter.log import configure, get_logger
+from snapshotter.service.errors import SnapshotError
+
+log = get_logger("lazysnap.serve")
+
+
+def _provider(cfg: Config):  # noqa: ANN202 - returns a LayerProvider
+    """The lazy layer provider if remote layers are on and the layers package offers one."""
+    from snapshotter.service.provider import NoRemoteProvider
+
+    if not cfg.remote.enabled:
+        return NoRemoteProvider()
+    try:
+        from snapshotter.layers import create_provider  # type: ignore[attr-defined]
+    except ImportError:
+        log.info("remote_provider", provider="none", reason="snapshotter.layers.create_provider not available")
+        return NoRemoteProvider()
+    return create_provider(cfg)
+
+
+async def _serve(cfg: Config) -> None:
+    from snapshotter.metrics import start_metrics_server
+    from snapshotter.service import SnapshotService, Snapshotter
+
+    snapshotter = Snapshotter(cfg.root_path, _provider(cfg))
+    await snapshotter.open()
+    service = SnapshotService(snapshotter, cfg.address, probe_interval=cfg.health_probe_seconds)
+    metrics_server = None
+    try:
+        if cfg.metrics_address:
+            metrics_server = start_metrics_server(cfg.metrics_address)
+            log.info("metrics", address=f"{cfg.metrics_address.rpartition(':')[0]}:{metrics_server.port}")
+        await service.start()
+    except BaseException:
+        await snapshotter.close()
+        if metrics_server is not None:
+            metrics_server.stop()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown", reason="signal")
+    await service.stop(grace=10.0)
+    if metrics_server is not None:
+        metrics_server.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, root=args.root, address=args.address, hosts_dir=args.hosts_dir,
+                          metrics_address=args.metrics_address, log_level=args.log_level)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    configure(cfg.log_level)
+    try:
+        asyncio.run(_serve(cfg))
+    except OSError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:  # e.g. a malformed metrics address
+        raise CLIError(str(exc)) from None
+    except SnapshotError as exc:  # e.g. the metadata DB cannot be opened
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.address if args.address.startswith("unix:") else f"unix:{args.address}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                             timeout=args.timeout)
+    except grpc.RpcError as exc:
+        raise CLIError(f"{args.address}: {exc.code().name}: {exc.details()}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1

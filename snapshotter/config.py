@@ -1,0 +1,132 @@
+"""Daemon configuration: a TOML file mapped onto plain dataclasses, flags override it.
+
+Configuration enters at the top (``lazysnap serve``) and is passed down as these
+dataclasses; lower packages never read files or the environment themselves.
+
+Example (see deploy/config.toml)::
+
+    root = "/var/lib/lazysnap"
+    address = "/run/lazysnap/lazysnap.sock"
+    hosts_dir = "/etc/containerd/certs.d"
+    metrics_address = "127.0.0.1:9746"
+    log_level = "info"
+
+    [fetch]
+    max_concurrency = 8
+
+    [registry]
+    timeout_seconds = 30
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "FetchConfig", "RegistryConfig", "RemoteConfig", "load_config"]
+
+DEFAULT_ROOT = "/var/lib/lazysnap"
+DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or has a wrong key/type (one-line message)."""
+
+
+@dataclass(slots=True)
+class FetchConfig:
+    """On-demand and background fetching (used by the fetch package)."""
+
+    max_concurrency: int = 8
+    prefetch: bool = True
+    background_fetch: bool = True
+    span_bytes: int = 4 << 20
+
+
+@dataclass(slots=True)
+class RegistryConfig:
+    """Registry client settings (used by the registry package)."""
+
+    timeout_seconds: float = 30.0
+    retries: int = 3
+    plain_http: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RemoteConfig:
+    """The remote-snapshot hook: off means every layer is downloaded by containerd."""
+
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class Config:
+    root: str = DEFAULT_ROOT
+    address: str = DEFAULT_ADDRESS
+    hosts_dir: str = DEFAULT_HOSTS_DIR
+    metrics_address: str | None = None
+    log_level: str = "info"
+    health_probe_seconds: float = 2.0
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root)
+
+    def validate(self) -> Config:
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not self.root:
+            raise ConfigError("root must not be empty")
+        if not self.address:
+            raise ConfigError("address must not be empty")
+        if self.health_probe_seconds <= 0:
+            raise ConfigError("health_probe_seconds must be positive")
+        return self
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        f = fields.get(key.replace("-", "_"))
+        if f is None:
+            raise ConfigError(f"unknown config key {where}{key}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where}{key} must be a table")
+            kwargs[f.name] = _build(type(default), value, f"{where}{key}.")
+            continue
+        expected = type(default) if default is not None else str
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"config key {where}{key} must be {expected.__name__}, got {type(value).__name__}")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read ``path`` (if any), then apply non-None ``overrides`` (command-line flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+    cfg: Config = _build(Config, data, "")
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg.validate()

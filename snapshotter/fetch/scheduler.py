@@ -1,0 +1,462 @@
+"""Read miss → chunks → checkpoint spans → HTTP ranges → decode + verify → store.
+
+One ``Fetcher`` per daemon (it owns the concurrency budget and the priority order);
+one ``LayerFetcher`` per layer (it knows the index and where the blob comes from).
+
+- Single flight per chunk: a chunk being fetched has one future; every reader that needs
+  it awaits that future, so a span is fetched once however many readers miss on it.
+- Priority: an explicit queue (``PriorityGate``) orders waiting jobs on-demand >
+  prefetch > background, and keeps one slot free for on-demand reads so prefetch and
+  background work can never starve a blocked reader. A queued job is promoted when an
+  on-demand read needs one of its chunks.
+- Failures: the reader blocks while retries run; after ``deadline_s`` it gets EIO. Bytes
+  are stored only after ``decode_span`` verified every chunk's SHA-256: no wrong byte
+  reaches the store or a reader.
+- Decompression runs in a worker thread (the C core releases the GIL).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import errno
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from snapshotter.fetch import metrics
+from snapshotter.store import ChunkStore
+
+log = logging.getLogger("lazysnap.fetch")
+
+
+class Priority(enum.IntEnum):
+    ON_DEMAND = 0
+    PREFETCH = 1
+    BACKGROUND = 2
+
+    @property
+    def purpose(self) -> str:
+        return ("on_demand", "prefetch", "background")[self]
+
+
+class BlobSource(Protocol):
+    """Compressed bytes [start, end) of one layer blob."""
+
+    async def read_range(self, start: int, end: int) -> bytes: ...
+
+
+class SpanCodec(Protocol):
+    """The index reader: ``plan_chunks`` and ``decode_span`` bound to one index."""
+
+    def plan(self, chunk_ids: Sequence[int]) -> list[Any]: ...
+
+    def span_range(self, plan: Any) -> tuple[int, int]: ...
+
+    def decode(self, plan: Any, compressed: bytes) -> dict[int, bytes]: ...
+
+    def digest(self, chunk_id: int) -> bytes: ...
+
+    @property
+    def chunk_count(self) -> int: ...
+
+
+@dataclass(slots=True)
+class FetchOptions:
+    """Knobs of the fetch path (from the daemon config)."""
+
+    max_concurrency: int = 8
+    deadline_s: float = 30.0  # a blocked reader gets EIO after this
+    attempt_timeout_s: float = 20.0  # one range request + decode
+    retry_base_s: float = 0.1
+    retry_max_s: float = 2.0
+    whole_spans: bool = True  # decode every chunk of a fetched checkpoint span
+    fail_fast_s: float = 1.0  # after a deadline failure, re-asks for the same chunks fail at once
+    compressed_cache_bytes: int = 64 << 20  # recent compressed ranges, to avoid refetching overlaps
+
+
+class PriorityGate:
+    """A semaphore whose waiters are served by priority, then arrival.
+
+    Non-on-demand work may hold at most ``limit - 1`` slots, so an on-demand read always
+    finds a slot within one job's duration.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._busy = 0
+        self._busy_low = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def _can(self, prio: int) -> bool:
+        if self._busy >= self.limit:
+            return False
+        return prio == Priority.ON_DEMAND or self._busy_low < max(1, self.limit - 1)
+
+    def _take(self, prio: int) -> None:
+        self._busy += 1
+        if prio != Priority.ON_DEMAND:
+            self._busy_low += 1
+
+    async def acquire(self, prio: int) -> None:
+        if not self._waiters and self._can(prio):
+            self._take(prio)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (prio, next(self._seq), fut)
+        heapq.heappush(self._waiters, entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(prio)  # granted and cancelled at once: give it back
+            else:
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+            raise
+
+    def release(self, prio: int) -> None:
+        self._busy -= 1
+        if prio != Priority.ON_DEMAND:
+            self._busy_low -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            prio, _, fut = self._waiters[0]
+            if fut.done():
+                heapq.heappop(self._waiters)
+                continue
+            if not self._can(prio):
+                return
+            heapq.heappop(self._waiters)
+            self._take(prio)
+            fut.set_result(None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+
+class FetchError(OSError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+@dataclass(slots=True)
+class _Job:
+    chunk_ids: list[int]
+    priority: Priority
+    futures: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+
+
+class Fetcher:
+    """The daemon-wide scheduler."""
+
+    def __init__(self, store: ChunkStore, options: FetchOptions | None = None) -> None:
+        self.store = store
+        self.options = options or FetchOptions()
+        self.gate = PriorityGate(self.options.max_concurrency)
+        self.ranges = RangeCache(self.options.compressed_cache_bytes)
+
+    def layer(self, key: str, codec: SpanCodec, source: BlobSource, *,
+              sequential_only: bool = False) -> LayerFetcher:
+        return LayerFetcher(self, key, codec, source, sequential_only=sequential_only)
+
+
+class LayerFetcher:
+    """Makes chunks of one layer local. Implements ``snapshotter.fs.ChunkFetcher``."""
+
+    def __init__(self, fetcher: Fetcher, key: str, codec: SpanCodec, source: BlobSource, *,
+                 sequential_only: bool = False) -> None:
+        self.fetcher = fetcher
+        self.key = key
+        self.codec = codec
+        self.source = source
+        self.sequential_only = sequential_only
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failed: str | None = None
+        self.on_complete: Callable[[], None] | None = None
+        self.bytes_fetched = 0
+        self._failed_at: dict[int, float] = {}
+        self._fetching: list[tuple[int, int, asyncio.Future[None]]] = []
+
+    # -- public -----------------------------------------------------------------------------
+    async def ensure(self, chunk_ids: Sequence[int], priority: Priority = Priority.ON_DEMAND) -> None:
+        """Return when every chunk is in the store; raise FetchError (EIO) at the deadline."""
+        if self.failed is not None:
+            raise FetchError(f"layer {self.key} quarantined: {self.failed}")
+        deadline = time.monotonic() + self.fetcher.options.deadline_s
+        started = time.monotonic()
+        wanted = list(dict.fromkeys(chunk_ids))
+        if self._failed_at and priority == Priority.ON_DEMAND:
+            # The kernel retries a failed readahead page with a synchronous read at once;
+            # without this the reader would wait two deadlines for one read().
+            window = self.fetcher.options.fail_fast_s
+            recent = [c for c in wanted if started - self._failed_at.get(c, -1e9) < window]
+            if recent and not all(self.fetcher.store.has(self.codec.digest(c)) for c in recent):
+                raise FetchError(f"layer {self.key}: chunk {recent[0]} failed less than {window}s ago")
+        last_error: BaseException | None = None
+        while True:
+            missing = [c for c in wanted if not self.fetcher.store.has(self.codec.digest(c))]
+            if not missing:
+                if priority == Priority.ON_DEMAND and last_error is None:
+                    metrics.FETCH_SECONDS.labels(priority.purpose).observe(time.monotonic() - started)
+                return
+            if self.sequential_only:
+                # no random access: one stream from the start fills the whole layer
+                missing = list(range(self.codec.chunk_count))
+            elif self.fetcher.options.whole_spans and hasattr(self.codec, "span_mates"):
+                store = self.fetcher.store
+                asked = set(missing)
+                missing = [c for c in self.codec.span_mates(missing)
+                           if c in asked or not store.has(self.codec.digest(c))]
+            futs = self._launch(missing, priority)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, pending = await asyncio.wait(futs, timeout=remaining)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if pending:
+                last_error = TimeoutError(f"fetch still running after {self.fetcher.options.deadline_s}s")
+                break
+            if errors:
+                last_error = errors[0]
+                if self.failed is not None:
+                    break
+                await asyncio.sleep(min(self.fetcher.options.retry_max_s, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    break
+        metrics.FETCH_FAILURES.labels(priority.purpose).inc()
+        now = time.monotonic()
+        if len(self._failed_at) > 100_000:
+            self._failed_at.clear()
+        for c in wanted:
+            self._failed_at[c] = now
+        log.error("event=fetch_failed layer=%s chunks=%d priority=%s deadline_s=%s error=%r",
+                  self.key, len(wanted), priority.purpose, self.fetcher.options.deadline_s, last_error)
+        raise FetchError(f"cannot fetch {len(wanted)} chunk(s) of layer {self.key}: {last_error}")
+
+    def prefetch(self, chunk_ids: Sequence[int], priority: Priority = Priority.PREFETCH) -> asyncio.Task[None]:
+        """Fire-and-forget ``ensure`` at a lower priority (for the profile prefetcher)."""
+        task = asyncio.get_running_loop().create_task(self._quiet(chunk_ids, priority))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def fetch_all(self, priority: Priority = Priority.BACKGROUND) -> None:
+        await self.ensure(range(self.codec.chunk_count), priority)
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.codec.chunk_count) if not self.fetcher.store.has(self.codec.digest(c))]
+
+    def quarantine(self, reason: str) -> None:
+        self.failed = reason
+        for fut in self._inflight.values():
+            if not fut.done():
+                fut.set_exception(FetchError(reason))
+        log.error("event=layer_quarantined layer=%s reason=%s", self.key, reason)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- internals --------------------------------------------------------------------------
+    async def _quiet(self, chunk_ids: Sequence[int], priority: Priority) -> None:
+        try:
+            await self.ensure(chunk_ids, priority)
+        except FetchError:
+            pass
+
+    def _launch(self, missing: list[int], priority: Priority) -> list[asyncio.Future[None]]:
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[None]] = []
+        new: list[int] = []
+        for c in missing:
+            fut = self._inflight.get(c)
+            if fut is None:
+                new.append(c)
+            else:
+                futs.append(fut)
+        if new:
+            if self.sequential_only:
+                log.info("event=layer_streamed layer=%s reason=sequential_only chunks=%d "
+                         "note=no_random_access_streaming_from_start", self.key, len(new))
+            for plan in self.codec.plan(new):
+                job_futs = {}
+                for c in _plan_chunk_ids(plan, new):
+                    if c in self._inflight:
+                        continue
+                    fut = loop.create_future()
+                    fut.add_done_callback(_consume)
+                    self._inflight[c] = fut
+                    job_futs[c] = fut
+                if not job_futs:
+                    continue
+                job = _Job(list(job_futs), priority, job_futs)
+                task = loop.create_task(self._run(plan, job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        futs += [self._inflight[c] for c in new if c in self._inflight]
+        return futs
+
+    async def _run(self, plan: Any, job: _Job) -> None:
+        opts = self.fetcher.options
+        start, end = self.codec.span_range(plan)
+        gate = self.fetcher.gate
+        try:
+            await gate.acquire(job.priority)
+            try:
+                t0 = time.monotonic()
+                ranges = self.fetcher.ranges
+                compressed = await self._read_compressed(start, end, job.priority)
+                try:
+                    chunks = await asyncio.to_thread(self.codec.decode, plan, compressed)
+                except Exception:
+                    ranges.drop_layer(self.key)  # bad bytes must be refetched, not reused
+                    raise
+                store = self.fetcher.store
+                await asyncio.to_thread(_store_all, store, self.codec, chunks)
+                metrics.SPAN_SECONDS.labels(job.priority.purpose).observe(time.monotonic() - t0)
+            finally:
+                gate.release(job.priority)
+            for c, fut in job.futures.items():
+                if not fut.done():
+                    if c in chunks or store.has(self.codec.digest(c)):
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(FetchError(f"span {start}-{end} did not yield chunk {c}"))
+            if self.on_complete is not None and not self.missing_chunks_quick():
+                self.on_complete()
+        except asyncio.CancelledError:
+            for fut in job.futures.values():
+                if not fut.done():
+                    fut.set_exception(FetchError("fetch cancelled"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: retried by ensure() until its deadline
+            log.warning("event=span_fetch_error layer=%s range=%d-%d priority=%s error=%r",
+                        self.key, start, end, job.priority.purpose, exc)
+            metrics.SPAN_ERRORS.labels(type(exc).__name__).inc()
+            for fut in job.futures.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+        finally:
+            for c, fut in job.futures.items():
+                if self._inflight.get(c) is fut:
+                    del self._inflight[c]
+
+    async def _read_compressed(self, start: int, end: int, priority: Priority) -> bytes:
+        """Bytes [start, end) of the blob: cached prefix + one range request for the rest.
+
+        Overlapping range requests of one layer are single-flight: a job whose range starts
+        inside a range being fetched waits for it and reuses its bytes.
+        """
+        ranges = self.fetcher.ranges
+        opts = self.fetcher.options
+        while True:
+            prefix = ranges.get(self.key, start, end)
+            if len(prefix) == end - start:
+                return prefix
+            at = start + len(prefix)
+            busy = next((f for a, b, f in self._fetching if a <= at < b), None)
+            if busy is None:
+                break
+            try:
+                await asyncio.shield(busy)
+            except Exception:  # noqa: BLE001 - the other job failed: fetch ourselves
+                break
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_consume)
+        slot = (at, end, fut)
+        self._fetching.append(slot)
+        try:
+            rest = await asyncio.wait_for(self.source.read_range(at, end), opts.attempt_timeout_s)
+            if len(rest) != end - at:
+                raise FetchError(f"short range {at}-{end}: got {len(rest)} bytes")
+            self.bytes_fetched += len(rest)
+            metrics.REGISTRY_BYTES.labels(priority.purpose).inc(len(rest))
+            ranges.put(self.key, at, rest)
+            fut.set_result(None)
+        except BaseException as exc:
+            fut.set_exception(exc if isinstance(exc, Exception) else FetchError("cancelled"))
+            raise
+        finally:
+            self._fetching.remove(slot)
+        return prefix + rest if prefix else rest
+
+    def missing_chunks_quick(self) -> bool:
+        """True if some chunk is still missing (stops at the first one)."""
+        store = self.fetcher.store
+        return any(not store.has(self.codec.digest(c)) for c in range(self.codec.chunk_count))
+
+
+class RangeCache:
+    """Recently fetched compressed ranges (bounded, LRU), shared by all layers.
+
+    A chunk crossing a checkpoint is decoded from the checkpoint before it, so the range
+    for it overlaps the previous span's range; keeping recent ranges lets a sequential
+    reader fetch each compressed byte about once instead of twice.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str, start: int, end: int) -> bytes:
+        """The longest cached prefix of [start, end), chaining adjacent segments."""
+        parts: list[bytes] = []
+        pos = start
+        while pos < end:
+            hit: tuple[str, int] | None = None
+            for (k, a), data in self._items.items():
+                if k == key and a <= pos < a + len(data):
+                    hit = (k, a)
+                    break
+            if hit is None:
+                break
+            data = self._items[hit]
+            self._items.move_to_end(hit)
+            piece = data[pos - hit[1]:min(end, hit[1] + len(data)) - hit[1]]
+            parts.append(piece)
+            pos += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def put(self, key: str, start: int, data: bytes) -> None:
+        if self.limit <= 0 or len(data) > self.limit:
+            return
+        old = self._items.pop((key, start), None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._items[(key, start)] = data
+        self._bytes += len(data)
+        while self._bytes > self.limit:
+            _, victim = self._items.popitem(last=False)
+            self._bytes -= len(victim)
+
+    def drop_layer(self, key: str) -> None:
+        for k in [k for k in self._items if k[0] == key]:
+            self._bytes -= len(self._items.pop(k))
+
+
+def _store_all(store: ChunkStore, codec: SpanCodec, chunks: dict[int, bytes]) -> None:
+    for c, data in chunks.items():
+        store.put(codec.digest(c), data, verified=True)
+
+
+def _plan_chunk_ids(plan: Any, requested: list[int]) -> list[int]:
+    ids = getattr(plan, "chunk_ids", None)
+    if ids is None:
+        return requested
+    return [int(c) for c in ids]
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # mark retrieved: failures are reported by ensure()

@@ -1,0 +1,11 @@
+"""Layer index: what one layer holds and where its bytes are (a leaf package).
+
+* ``model``      — Entry, Chunk, Checkpoint, LayerInfo (the fixed contract).
+* ``builder``    — scanner output → :class:`~snapshotter.index.layerindex.LayerIndex`
+                   with containerd's tar semantics; ``index_file`` / ``index_stream``.
+* ``format``     — the on-disk index (``write_index``, ``IndexFile``: mmap, lazy lookups).
+* ``reader``     — random access: ``chunks_for_range`` → ``plan_chunks`` → (caller
+                   fetches) → ``decode_span`` → ``assemble_range``; ``LayerReader``.
+* ``pyscan``     — pure-Python scanner: test oracle and benchmark baseline.
+* ``errors``     — one-line, user-presentable exceptions.
+"""

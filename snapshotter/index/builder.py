@@ -1,0 +1,334 @@
+"""Scan result → :class:`LayerIndex`: the tar semantics of applying one layer.
+
+The scanner (C ``native.Scanner`` or :mod:`pyscan`) reports raw tar entries in stream
+order. Here they become the tree a container would see after containerd applied the
+layer:
+
+* Paths are cleaned like containerd's applier (``filepath.Clean``): leading "/" and "./"
+  are stripped, "a/./b" and "a//b" collapse, "a/../b" resolves lexically.
+* **Escaping entries are rejected** (``IndexBuildError``), as are hard links whose target
+  escapes: containerd would clamp "../x" to "x" at the root, but such a layer is hostile
+  or broken, and refusing to index it makes the snapshotter fall back to containerd's own
+  applier, which then treats it exactly as it always has. Link targets are data: a
+  symlink to "/etc/passwd" stays a symlink with that target, never resolved.
+* Later entries replace earlier ones at the same path (tar semantics); a non-directory
+  replacing a directory removes that directory's subtree; a directory replacing a
+  directory only updates its attributes.
+* Missing parent directories are synthesised (mode 0755, uid/gid 0, mtime 0); a path
+  below a non-directory is an error.
+* A hard link must name an existing non-directory entry (chains are followed to the
+  first entry holding the data); if that entry is later replaced, the link keeps the old
+  content, as it would on disk.
+
+Streaming helpers :func:`index_file` and :func:`index_stream` feed a scanner and build.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from snapshotter.index.errors import IndexBuildError, TruncatedLayerError
+from snapshotter.index.layerindex import LayerIndex
+from snapshotter.index.pyscan import detect_format
+from snapshotter.index.model import (
+    Checkpoint,
+    CheckpointKind,
+    Chunk,
+    Entry,
+    EntryType,
+    LayerFormat,
+    LayerInfo,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_RECORD = struct.Struct("<QQ32s")
+DEFAULT_SPAN = 4 << 20
+DEFAULT_CHUNK = 1 << 20
+READ_SIZE = 1 << 20
+_U32 = (1 << 32) - 1
+
+
+class Scanner(Protocol):
+    def feed(self, buffer: bytes | bytearray | memoryview) -> None: ...
+    def finish(self) -> dict[str, Any]: ...
+
+
+def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
+                 scanner: str = "auto", format: str | None = None) -> Scanner:
+    """A native scanner (C core), or the pure-Python one when asked or when C is missing."""
+    if scanner not in ("auto", "native", "python"):
+        raise ValueError(f"unknown scanner {scanner!r}")
+    if scanner != "python":
+        try:
+            from snapshotter import native
+        except ImportError:
+            if scanner == "native":
+                raise
+            log.warning("event=native_missing msg=%s", "C core not built; using pure-Python scanner")
+        else:
+            return native.Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
+    from snapshotter.index.pyscan import PyScanner
+
+    return PyScanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
+
+
+def clean_path(raw: bytes | str, *, what: str = "entry") -> str:
+    """Normalise a tar path to the layer-relative form of ``Entry.path`` ("" is the root).
+
+    Raises IndexBuildError when ".." climbs above the root.
+    """
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    if (text and text[0] not in "/." and text[-1] != "/" and "//" not in text and "/." not in text
+            and "\0" not in text):
+        return text  # already clean: the common case, kept cheap for 500k-entry layers
+    if "\0" in text:
+        raise IndexBuildError(f"{what} path {text!r} contains a NUL byte")
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise IndexBuildError(f"{what} path {text!r} escapes the layer root")
+            parts.pop()
+            continue
+        parts.append(part)
+    return "/".join(parts)
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    path: str
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    data_offset: int = 0
+    first_chunk: int = 0
+    chunk_count: int = 0
+    sparse: tuple[tuple[int, int], ...] | None = None
+    target: _Node | None = None  # hard links: the node holding the data
+
+
+def _synth_dir(path: str) -> _Node:
+    return _Node(path=path, type=EntryType.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=0)
+
+
+class _Tree:
+    """Path → node with per-directory child sets, applying entries in tar order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Node] = {"": _synth_dir("")}
+        self.kids: dict[str, set[str]] = {"": set()}
+
+    def _ensure_parents(self, path: str) -> None:
+        parent = path.rpartition("/")[0]
+        if parent in self.nodes:
+            node = self.nodes[parent]
+            if node.type != EntryType.DIR:
+                raise IndexBuildError(f"{path!r}: parent {parent!r} is not a directory ({node.type.name.lower()})")
+            return
+        self._ensure_parents(parent)
+        self.nodes[parent] = _synth_dir(parent)
+        self.kids[parent] = set()
+        self.kids[parent.rpartition("/")[0]].add(parent)
+
+    def _remove_subtree(self, path: str) -> None:
+        for child in self.kids.pop(path, ()):
+            self._remove_subtree(child)
+            del self.nodes[child]
+
+    def put(self, node: _Node) -> None:
+        path = node.path
+        if path == "":
+            if node.type != EntryType.DIR:
+                raise IndexBuildError(f"the layer root entry is a {node.type.name.lower()}, not a directory")
+            self.nodes[""] = node
+            return
+        self._ensure_parents(path)
+        old = self.nodes.get(path)
+        if old is not None and old.type == EntryType.DIR and node.type != EntryType.DIR:
+            self._remove_subtree(path)
+        self.nodes[path] = node
+        if node.type == EntryType.DIR:
+            self.kids.setdefault(path, set())
+        self.kids[path.rpartition("/")[0]].add(path)
+
+
+def _field(scan: Any, key: str, default: Any = None) -> Any:
+    """Scan results come as a dict (pyscan) or a ``native.ScanResult`` dataclass."""
+    if isinstance(scan, Mapping):
+        return scan.get(key, default)
+    return getattr(scan, key, default)
+
+
+def _as_bytes(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else bytes(v)
+
+
+def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK) -> LayerIndex:
+    """Apply the scanned entries (tar order) and return the layer's complete tree."""
+    raw_chunks = _as_bytes(_field(scan, "chunks"))
+    tree = _Tree()
+    for raw in _field(scan, "entries"):
+        (rpath, etype, mode, uid, gid, size, mtime_ns, rlink, devmajor, devminor, xattrs,
+         data_offset, stored_size, first_chunk, chunk_count, sparse) = raw
+        etype = EntryType(etype)
+        path = clean_path(rpath)
+        if uid > _U32 or gid > _U32 or uid < 0 or gid < 0:
+            raise IndexBuildError(f"{path!r}: uid/gid {uid}/{gid} out of range")
+        node = _Node(
+            path=path, type=etype, mode=mode & 0o7777, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
+            linkname=rlink.decode("utf-8", "surrogateescape") if isinstance(rlink, bytes) else str(rlink),
+            devmajor=devmajor, devminor=devminor,
+            xattrs={str(k): _as_bytes(v) for k, v in (xattrs or {}).items()},
+            data_offset=data_offset if etype == EntryType.REG else 0,
+            first_chunk=first_chunk if etype == EntryType.REG else 0,
+            chunk_count=chunk_count if etype == EntryType.REG else 0,
+            sparse=tuple((int(o), int(n)) for o, n in sparse) if sparse is not None and etype == EntryType.REG else None,
+        )
+        if etype == EntryType.REG and sparse is None and size != stored_size:
+            raise IndexBuildError(f"{path!r}: stored size {stored_size} differs from size {size}")
+        if etype == EntryType.HARDLINK:
+            target_path = clean_path(rlink, what=f"hard link {path!r} target")
+            target = tree.nodes.get(target_path)
+            if target is None or target_path == "":
+                raise IndexBuildError(f"hard link {path!r} points to missing entry {target_path!r}")
+            while target.type == EntryType.HARDLINK and target.target is not None:
+                target = target.target
+            if target.type == EntryType.DIR:
+                raise IndexBuildError(f"hard link {path!r} points to directory {target_path!r}")
+            if target is node:
+                raise IndexBuildError(f"hard link {path!r} points to itself")
+            node.target = target
+            node.size = 0
+        tree.put(node)
+    _promote_orphan_link_targets(tree)
+    chunks = _renumber_chunks(tree, raw_chunks)
+    entries = [_entry(n) for n in tree.nodes.values()]
+    return LayerIndex(info=_info(scan, span_size, chunk_size), entries=entries, chunks=chunks,
+                      checkpoints=[_checkpoint(c) for c in _field(scan, "checkpoints")])
+
+
+def _promote_orphan_link_targets(tree: _Tree) -> None:
+    """A link whose target path was later replaced keeps the old data: the first such link
+    becomes the entry holding it, the others link to that one."""
+    live = {id(n) for n in tree.nodes.values()}
+    promoted: dict[int, _Node] = {}
+    for path, node in list(tree.nodes.items()):
+        if node.type != EntryType.HARDLINK or node.target is None or id(node.target) in live:
+            continue
+        old = node.target
+        if id(old) in promoted:
+            node.target = promoted[id(old)]
+            continue
+        heir = _Node(path=path, type=old.type, mode=old.mode, uid=old.uid, gid=old.gid, size=old.size,
+                     mtime_ns=old.mtime_ns, linkname=old.linkname, devmajor=old.devmajor,
+                     devminor=old.devminor, xattrs=old.xattrs, data_offset=old.data_offset,
+                     first_chunk=old.first_chunk, chunk_count=old.chunk_count, sparse=old.sparse)
+        tree.nodes[path] = heir
+        promoted[id(old)] = heir
+    for node in tree.nodes.values():
+        if node.type == EntryType.HARDLINK and node.target is not None:
+            node.linkname = node.target.path
+
+
+def _renumber_chunks(tree: _Tree, raw: bytes) -> list[Chunk]:
+    """Keep only chunks of live entries, in stream order, and renumber entries' ranges."""
+    total = len(raw) // CHUNK_RECORD.size
+    files = sorted((n for n in tree.nodes.values() if n.type == EntryType.REG and n.chunk_count),
+                   key=lambda n: n.first_chunk)
+    chunks: list[Chunk] = []
+    for node in files:
+        if node.first_chunk + node.chunk_count > total:
+            raise IndexBuildError(f"{node.path!r}: chunk range beyond the scanner's chunk table")
+        first = len(chunks)
+        for i in range(node.first_chunk, node.first_chunk + node.chunk_count):
+            off, length, digest = CHUNK_RECORD.unpack_from(raw, i * CHUNK_RECORD.size)
+            chunks.append(Chunk(off, length, digest))
+        node.first_chunk = first
+    for node in tree.nodes.values():
+        if node.type == EntryType.REG and not node.chunk_count:
+            node.first_chunk = len(chunks)
+    return chunks
+
+
+def _entry(n: _Node) -> Entry:
+    return Entry(path=n.path, type=n.type, mode=n.mode, uid=n.uid, gid=n.gid, size=n.size,
+                 mtime_ns=n.mtime_ns, linkname=n.linkname if n.type in (EntryType.SYMLINK, EntryType.HARDLINK) else "",
+                 devmajor=n.devmajor, devminor=n.devminor, xattrs=n.xattrs, data_offset=n.data_offset,
+                 first_chunk=n.first_chunk, chunk_count=n.chunk_count, sparse=n.sparse)
+
+
+def _checkpoint(c: Any) -> Checkpoint:
+    kind, coff, uoff, bits, window = c
+    return Checkpoint(CheckpointKind(kind), coff, uoff, bits, _as_bytes(window or b""))
+
+
+def _digest(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v if v.startswith("sha256:") else "sha256:" + v
+    return "sha256:" + _as_bytes(v).hex()
+
+
+def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
+    blob = _digest(_field(scan, "blob_digest"))
+    assert blob is not None
+    return LayerInfo(format=LayerFormat(_field(scan, "format")), compressed_size=_field(scan, "compressed_size"),
+                     uncompressed_size=_field(scan, "uncompressed_size"), blob_digest=blob,
+                     diff_id=_digest(_field(scan, "diff_id")), chunk_size=chunk_size, span_size=span_size,
+                     sequential_only=bool(_field(scan, "sequential_only")))
+
+
+def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
+               scanner: str = "auto") -> LayerIndex:
+    """Scan a local layer file (format from magic bytes) and build its index.
+
+    Raises UnknownFormatError for a file that is neither gzip, zstd nor tar.
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+        if not head:
+            raise TruncatedLayerError(f"{path}: empty layer file")
+        fmt = detect_format(head)
+        sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner, format=fmt)
+        sc.feed(head)
+        while block := f.read(READ_SIZE):
+            sc.feed(block)
+    return build_index(sc.finish(), span_size=span, chunk_size=chunk_size)
+
+
+async def index_stream(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
+                       diff_id: bool = False, scanner: str = "auto",
+                       expected_digest: str | None = None) -> LayerIndex:
+    """Index a layer arriving as an async byte stream (e.g. a registry blob GET).
+
+    Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
+    for a few MiB. Run on the event loop it would stall every other request (FUSE reads,
+    gRPC), so each slice is fed on a worker thread with ``asyncio.to_thread``; the C core
+    releases the GIL there, so the loop keeps running. Slices are fed strictly in order
+    (one ``to_thread`` at a time), which the scanner requires. Optionally checks the
+    blob digest the manifest pinned.
+    """
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner)
+    async for block in stream:
+        if block:
+            await asyncio.to_thread(sc.feed, block)
+    scan = await asyncio.to_thread(sc.finish)
+    index = await asyncio.to_thread(build_index, scan, span_size=span, chunk_size=chunk_size)
+    if expected_digest is not None and index.info.blob_digest != expected_digest:
+        raise IndexBuildError(f"blob digest {index.info.blob_digest} does not match expected {expected_digest}")
+    return index

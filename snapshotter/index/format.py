@@ -1,0 +1,562 @@
+"""On-disk layer index: versioned, checksummed, compact, opened lazily with mmap.
+
+Layout (all integers little-endian)::
+
+    header   magic "LZSNAPIX", version, xxh3-64 of the whole file (but itself), file size, LayerInfo,
+             counts, and (offset, length) of the six sections below
+    entries  fixed 58-byte records, one per path, in *directory order*: the root is
+             record 0; the children of a directory are contiguous, sorted by name bytes,
+             and directories' child blocks follow each other in breadth-first order.
+             Stored in blocks of 256 records, each block followed by its own string
+             area (names, symlink targets) and zstd-compressed on its own
+    blockidx u64 offsets of the compressed blocks inside ``entries``
+    extras   per-entry xattrs and sparse maps (deduplicated), referenced by offset
+    chunks   fixed 44-byte records: uncompressed offset, length, SHA-256
+    checkpoints  fixed 32-byte records; windows zlib-compressed in the next section
+    windows
+
+Why this shape: opening costs one checksum pass (xxh3 runs at ~10 GB/s) and no parsing,
+so a 500k-entry index opens in milliseconds; ``lookup`` walks path components with one
+binary search per directory (O(depth · log fanout)), decompressing only the few record
+blocks it touches (LRU-cached, ~20 µs each); ``child_range`` gives FUSE readdir a
+contiguous run of records. Block compression cuts the entry table ~5×, which keeps a
+file-dense layer's index near 1.2 % of the blob; chunk digests (32 random bytes each)
+and checkpoint windows (zlib, ≈ 13 KB per span) make up most of the rest. The record number
+is a stable inode for FUSE (``inode(rec)``): hard links share their target's.
+
+Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
+:func:`serialize_index`, :class:`IndexFile` (``open``, ``from_bytes``, ``info``,
+``lookup``, ``find``, ``lookup_child``, ``child_range``, ``children``, ``entry_at``,
+``inode``, ``path_of``, ``entries``, ``entry_count``, ``chunk``, ``chunk_count``,
+``chunks_of``, ``chunk_range``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``,
+``index_bytes``, ``close``).
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import xxhash
+import zstandard
+
+from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.layerindex import LayerIndex
+from snapshotter.index.model import (
+    Checkpoint,
+    CheckpointKind,
+    Chunk,
+    Entry,
+    EntryType,
+    LayerFormat,
+    LayerInfo,
+)
+
+MAGIC = b"LZSNAPIX"
+VERSION = 2
+BLOCK_RECORDS = 256
+_BLOCK_CACHE = 512  # decompressed entry blocks kept per open index (≈ 8 MB max)
+_CHECKSUM_AT = 16  # the u64 checksum covers every byte of the file except itself
+
+
+def _checksum(buf: bytes | bytearray | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    mv = memoryview(buf)
+    h.update(mv[:_CHECKSUM_AT])
+    h.update(mv[_CHECKSUM_AT + 8:])
+    return h.intdigest()
+HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII12Q")
+ENTRY = struct.Struct("<IIHBBHIIQqQIII")
+CHUNK = struct.Struct("<QI32s")
+CHECKPOINT = struct.Struct("<BBHIQQQ")
+_NONE = 0xFFFFFFFF
+_FLAG_EXTRA = 1
+_FORMATS = [LayerFormat.TAR, LayerFormat.GZIP, LayerFormat.ZSTD]
+_SECTIONS = ("entries", "blockidx", "extras", "chunks", "checkpoints", "windows")
+
+
+def _name_key(path: str) -> bytes:
+    return path.rpartition("/")[2].encode("utf-8", "surrogateescape")
+
+
+def _encode_extra(entry: Entry) -> bytes:
+    xattrs = sorted(entry.xattrs.items())
+    sparse = entry.sparse or ()
+    out = [struct.pack("<HII", len(xattrs), len(sparse), 1 if entry.sparse is not None else 0)]
+    for key, value in xattrs:
+        kb = key.encode("utf-8", "surrogateescape")
+        out.append(struct.pack("<HI", len(kb), len(value)))
+        out += [kb, value]
+    out += [struct.pack("<QQ", o, n) for o, n in sparse]
+    return b"".join(out)
+
+
+def serialize_index(index: LayerIndex) -> bytes:
+    """The index file's bytes (what :func:`write_index` writes, or a registry stores)."""
+    by_path = {e.path: e for e in index.entries}
+    if "" not in by_path or by_path[""].type != EntryType.DIR:
+        raise ValueError("index has no root directory entry")
+    kids: dict[str, list[str]] = {}
+    for path in by_path:
+        if path:
+            parent = path.rpartition("/")[0]
+            if parent not in by_path or by_path[parent].type != EntryType.DIR:
+                raise ValueError(f"entry {path!r} has no parent directory entry")
+            kids.setdefault(parent, []).append(path)
+    order = [""]
+    parent_of = [0]
+    child_block: dict[int, tuple[int, int]] = {}
+    i = 0
+    while i < len(order):
+        path = order[i]
+        if by_path[path].type == EntryType.DIR:
+            names = sorted(kids.get(path, ()), key=_name_key)
+            child_block[i] = (len(order), len(names))
+            order += names
+            parent_of += [i] * len(names)
+        i += 1
+    rec_of = {p: n for n, p in enumerate(order)}
+
+    strings = bytearray()
+    string_at: dict[bytes, int] = {}
+
+    def intern(b: bytes) -> int:  # block-local string area
+        off = string_at.get(b)
+        if off is None:
+            off = string_at[b] = len(strings)
+            strings.extend(b)
+        return off
+
+    extras = bytearray()
+    extra_at: dict[bytes, int] = {}
+    entry_recs = bytearray()
+    blocks = bytearray()
+    block_offsets = [0]
+    cctx = zstandard.ZstdCompressor(level=6)
+    reg_count = 0
+    for n, path in enumerate(order):
+        e = by_path[path]
+        name = _name_key(path)
+        if len(name) > 0xFFFF:
+            raise ValueError(f"name too long in {path!r}")
+        a = b = 0
+        if e.type == EntryType.REG:
+            reg_count += 1
+            a, b = e.first_chunk, e.chunk_count
+        elif e.type == EntryType.DIR:
+            a, b = child_block[n]
+        elif e.type in (EntryType.CHAR, EntryType.BLOCK):
+            a, b = e.devmajor, e.devminor
+        elif e.type == EntryType.SYMLINK:
+            link = e.linkname.encode("utf-8", "surrogateescape")
+            a, b = intern(link), len(link)
+        elif e.type == EntryType.HARDLINK:
+            if e.linkname not in rec_of or by_path[e.linkname].type in (EntryType.DIR, EntryType.HARDLINK):
+                raise ValueError(f"hard link {path!r} target {e.linkname!r} is not a data entry")
+            a = rec_of[e.linkname]
+        extra_off = _NONE
+        flags = 0
+        if e.xattrs or e.sparse is not None:
+            blob = _encode_extra(e)
+            extra_off = extra_at.get(blob, -1)
+            if extra_off < 0:
+                extra_off = extra_at[blob] = len(extras)
+                extras.extend(blob)
+            flags |= _FLAG_EXTRA
+        entry_recs += ENTRY.pack(parent_of[n], intern(name), len(name), int(e.type), flags, e.mode & 0o7777,
+                                 e.uid, e.gid, e.size, e.mtime_ns, e.data_offset, a, b, extra_off)
+        if (n + 1) % BLOCK_RECORDS == 0 or n + 1 == len(order):
+            blocks += cctx.compress(bytes(entry_recs + strings))
+            block_offsets.append(len(blocks))
+            entry_recs.clear()
+            strings.clear()
+            string_at.clear()
+
+    chunk_recs = b"".join(CHUNK.pack(c.uncompressed_offset, c.length, c.digest) for c in index.chunks)
+    windows = bytearray()
+    ck_recs = bytearray()
+    for c in index.checkpoints:
+        packed = zlib.compress(c.window, 9) if c.window else b""
+        ck_recs += CHECKPOINT.pack(int(c.kind), c.bits, 0, len(packed), c.compressed_offset,
+                                   c.uncompressed_offset, len(windows))
+        windows += packed
+
+    blockidx = struct.pack(f"<{len(block_offsets)}Q", *block_offsets)
+    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), bytes(windows)]
+    offsets: list[int] = []
+    pos = HEADER.size
+    for s in sections:
+        offsets += [pos, len(s)]
+        pos += len(s)
+    info = index.info
+    diff = bytes.fromhex(info.diff_id.split(":", 1)[1]) if info.diff_id else bytes(32)
+    header = HEADER.pack(MAGIC, VERSION, HEADER.size, 0, 0, pos, _FORMATS.index(info.format),
+                         int(info.sequential_only), int(info.diff_id is not None), 0, info.chunk_size,
+                         info.span_size, info.compressed_size, info.uncompressed_size,
+                         bytes.fromhex(info.blob_digest.split(":", 1)[1]), diff, len(order),
+                         len(index.chunks), len(index.checkpoints), reg_count, *offsets)
+    body = bytearray(header)
+    for s in sections:
+        body += s
+    struct.pack_into("<Q", body, _CHECKSUM_AT, _checksum(body))
+    return bytes(body)
+
+
+def write_index(dest: str | os.PathLike[str] | BinaryIO, index: LayerIndex) -> int:
+    """Write the index; a path is written atomically (temp file + rename). Returns bytes."""
+    data = serialize_index(index)
+    if hasattr(dest, "write"):
+        dest.write(data)  # type: ignore[union-attr]
+        return len(data)
+    path = os.fspath(dest)  # type: ignore[arg-type]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return len(data)
+
+
+class IndexFile:
+    """A read-only view of one index file; entries are decoded only when asked for."""
+
+    def __init__(self, buf: bytes | mmap.mmap, *, source: str = "<bytes>", _file: BinaryIO | None = None) -> None:
+        self._buf = buf
+        self._mv = memoryview(buf)
+        self._file = _file
+        self.source = source
+        self._dir_paths: dict[int, str] = {0: ""}
+        self._lock = threading.Lock()
+        try:
+            self._parse_header()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> IndexFile:
+        name = os.fspath(path)
+        f = open(name, "rb")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER.size:
+                raise IndexFormatError(f"index {name} is truncated ({size} bytes)")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            f.close()
+            raise
+        return cls(mm, source=name, _file=f)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> IndexFile:
+        return cls(bytes(buf))
+
+    def _bad(self, what: str) -> IndexFormatError:
+        return IndexFormatError(f"index {self.source} is corrupt: {what}")
+
+    def _parse_header(self) -> None:
+        size = len(self._mv)
+        if size < HEADER.size:
+            if bytes(self._mv[:8]) != MAGIC[:min(8, size)]:
+                raise IndexFormatError(f"{self.source} is not a lazysnap index (bad magic)")
+            raise IndexFormatError(f"index {self.source} is truncated ({size} bytes)")
+        h = HEADER.unpack_from(self._mv, 0)
+        (magic, version, hsize, _flags, checksum, file_size, fmt, seq, has_diff, _pad, chunk_size, span,
+         csize, usize, blob, diff, n_ent, n_chunk, n_ck, n_reg, *offs) = h
+        if magic != MAGIC:
+            raise IndexFormatError(f"{self.source} is not a lazysnap index (bad magic)")
+        if version != VERSION or hsize != HEADER.size:
+            raise IndexFormatError(f"index {self.source} has unsupported version {version}")
+        if file_size > size:
+            raise IndexFormatError(f"index {self.source} is truncated ({size} of {file_size} bytes)")
+        if file_size < size:
+            raise self._bad(f"{size - file_size} unexpected trailing bytes")
+        if _checksum(self._mv) != checksum:
+            raise self._bad("checksum mismatch")
+        if fmt >= len(_FORMATS):
+            raise self._bad(f"unknown layer format code {fmt}")
+        self.info = LayerInfo(
+            format=_FORMATS[fmt], compressed_size=csize, uncompressed_size=usize,
+            blob_digest="sha256:" + blob.hex(), diff_id=("sha256:" + diff.hex()) if has_diff else None,
+            chunk_size=chunk_size, span_size=span, sequential_only=bool(seq))
+        self.entry_count, self.chunk_count, self.checkpoint_count, self.file_count = n_ent, n_chunk, n_ck, n_reg
+        self.index_bytes = file_size
+        sec = {name: (offs[2 * i], offs[2 * i + 1]) for i, name in enumerate(_SECTIONS)}
+        for name, (off, length) in sec.items():
+            if off < HEADER.size or off + length > file_size:
+                raise self._bad(f"section {name} out of bounds")
+        n_blocks = -(-n_ent // BLOCK_RECORDS)
+        if sec["blockidx"][1] != 8 * (n_blocks + 1):
+            raise self._bad("section blockidx has the wrong size")
+        for name, rec, count in (("chunks", CHUNK, n_chunk), ("checkpoints", CHECKPOINT, n_ck)):
+            if sec[name][1] != rec.size * count:
+                raise self._bad(f"section {name} has the wrong size")
+        if n_ent < 1:
+            raise self._bad("no root entry")
+        self._ent = self._mv[sec["entries"][0]:sum(sec["entries"])]
+        self._block_offsets = struct.unpack_from(f"<{n_blocks + 1}Q", self._mv, sec["blockidx"][0])
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._ext = self._mv[sec["extras"][0]:sum(sec["extras"])]
+        self._chk_off = sec["chunks"][0]
+        self._ck_off = sec["checkpoints"][0]
+        self._win = self._mv[sec["windows"][0]:sum(sec["windows"])]
+        self._ck_u: list[int] | None = None
+        self._ck_c: list[int] | None = None
+
+    def close(self) -> None:
+        self._ent = self._ext = self._win = memoryview(b"")
+        self._blocks = OrderedDict()
+        self._mv.release()
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> IndexFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- records ---------------------------------------------------------------------
+    def _block(self, b: int) -> bytes:
+        """Decompressed entry block ``b`` (records, then the block's string area)."""
+        with self._lock:  # the cache may be shared by FUSE and fetcher threads
+            blk = self._blocks.get(b)
+            if blk is not None:
+                self._blocks.move_to_end(b)
+                return blk
+        lo, hi = self._block_offsets[b], self._block_offsets[b + 1]
+        nrec = min(BLOCK_RECORDS, self.entry_count - b * BLOCK_RECORDS)
+        if not lo <= hi <= len(self._ent):
+            raise self._bad(f"entry block {b} out of range")
+        try:
+            blk = zstandard.ZstdDecompressor().decompress(self._ent[lo:hi])
+        except zstandard.ZstdError:
+            raise self._bad(f"entry block {b} does not decompress") from None
+        if len(blk) < nrec * ENTRY.size:
+            raise self._bad(f"entry block {b} is short")
+        with self._lock:
+            self._blocks[b] = blk
+            if len(self._blocks) > _BLOCK_CACHE:
+                self._blocks.popitem(last=False)
+        return blk
+
+    def _rec(self, n: int) -> tuple[int, ...]:
+        if not 0 <= n < self.entry_count:
+            raise self._bad(f"entry record {n} out of range")
+        b, i = divmod(n, BLOCK_RECORDS)
+        return ENTRY.unpack_from(self._block(b), i * ENTRY.size)
+
+    def _string(self, n: int, off: int, length: int) -> bytes:
+        """A string from the block-local string area of record ``n``'s block."""
+        b = n // BLOCK_RECORDS
+        blk = self._block(b)
+        base = min(BLOCK_RECORDS, self.entry_count - b * BLOCK_RECORDS) * ENTRY.size
+        if base + off + length > len(blk):
+            raise self._bad("string reference out of range")
+        return blk[base + off:base + off + length]
+
+    def _name(self, n: int) -> bytes:
+        r = self._rec(n)
+        return self._string(n, r[1], r[2])
+
+    def path_of(self, n: int) -> str:
+        """Full path of record ``n`` (walks parents; directory paths are cached)."""
+        cached = self._dir_paths.get(n)
+        if cached is not None:
+            return cached
+        r = self._rec(n)
+        name = self._string(n, r[1], r[2]).decode("utf-8", "surrogateescape")
+        parent = r[0]
+        if parent >= n:
+            raise self._bad(f"entry {n} has parent {parent} after it")
+        ppath = self.path_of(parent)
+        path = f"{ppath}/{name}" if ppath else name
+        if r[3] == EntryType.DIR:
+            self._dir_paths[n] = path
+        return path
+
+    def entry_at(self, n: int) -> Entry:
+        """The entry stored in record ``n`` (0 is the root)."""
+        (_parent, _noff, _nlen, etype, flags, mode, uid, gid, size, mtime, doff, a, b,
+         extra_off) = self._rec(n)
+        try:
+            t = EntryType(etype)
+        except ValueError:
+            raise self._bad(f"entry {n} has unknown type {etype}") from None
+        linkname = ""
+        devmajor = devminor = first_chunk = chunk_count = 0
+        if t == EntryType.REG:
+            first_chunk, chunk_count = a, b
+            if a + b > self.chunk_count:
+                raise self._bad(f"entry {n} chunk range out of bounds")
+        elif t in (EntryType.CHAR, EntryType.BLOCK):
+            devmajor, devminor = a, b
+        elif t == EntryType.SYMLINK:
+            linkname = self._string(n, a, b).decode("utf-8", "surrogateescape")
+        elif t == EntryType.HARDLINK:
+            linkname = self.path_of(a)
+        xattrs: dict[str, bytes] = {}
+        sparse = None
+        if flags & _FLAG_EXTRA:
+            xattrs, sparse = self._extra(extra_off)
+        return Entry(path=self.path_of(n), type=t, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
+                     linkname=linkname, devmajor=devmajor, devminor=devminor, xattrs=xattrs,
+                     data_offset=doff, first_chunk=first_chunk, chunk_count=chunk_count, sparse=sparse)
+
+    def _extra(self, off: int) -> tuple[dict[str, bytes], tuple[tuple[int, int], ...] | None]:
+        ext = self._ext
+        try:
+            nx, ns, has_sparse = struct.unpack_from("<HII", ext, off)
+            pos = off + 10
+            xattrs: dict[str, bytes] = {}
+            for _ in range(nx):
+                kl, vl = struct.unpack_from("<HI", ext, pos)
+                pos += 6
+                if pos + kl + vl > len(ext):
+                    raise struct.error("xattr beyond section")
+                xattrs[bytes(ext[pos:pos + kl]).decode("utf-8", "surrogateescape")] = bytes(ext[pos + kl:pos + kl + vl])
+                pos += kl + vl
+            if pos + 16 * ns > len(ext):
+                raise struct.error("sparse map beyond section")
+            pairs = tuple(struct.unpack_from("<QQ", ext, pos + 16 * i) for i in range(ns))
+        except struct.error:
+            raise self._bad(f"extras record at {off} out of range") from None
+        return xattrs, (pairs if has_sparse else None)
+
+    def entry_type(self, n: int) -> EntryType:
+        return EntryType(self._rec(n)[3])
+
+    def inode(self, n: int) -> int:
+        """Stable inode number of record ``n``: the record itself, or a hard link's target."""
+        r = self._rec(n)
+        if r[3] != EntryType.HARDLINK:
+            return n
+        if r[11] >= self.entry_count or self._rec(r[11])[3] in (EntryType.DIR, EntryType.HARDLINK):
+            raise self._bad(f"hard link {n} has an invalid target {r[11]}")
+        return r[11]
+
+    # -- tree navigation -------------------------------------------------------------
+    def child_range(self, n: int) -> range:
+        """Record numbers of directory ``n``'s children (empty for non-directories)."""
+        r = self._rec(n)
+        if r[3] != EntryType.DIR:
+            return range(0)
+        first, count = r[11], r[12]
+        if first + count > self.entry_count or (count and first <= n):
+            raise self._bad(f"directory {n} child range out of bounds")
+        return range(first, first + count)
+
+    def lookup_child(self, n: int, name: str | bytes) -> int | None:
+        """Record number of ``name`` inside directory record ``n`` (binary search)."""
+        key = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+        kids = self.child_range(n)
+        lo, hi = kids.start, kids.stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cur = self._name(mid)
+            if cur < key:
+                lo = mid + 1
+            elif cur > key:
+                hi = mid
+            else:
+                return mid
+        return None
+
+    def find(self, path: str) -> int | None:
+        """Record number of a normalised path ("" is the root), or None."""
+        n = 0
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            found = self.lookup_child(n, part)
+            if found is None:
+                return None
+            n = found
+        return n
+
+    def lookup(self, path: str) -> Entry | None:
+        n = self.find(path)
+        return None if n is None else self.entry_at(n)
+
+    def children(self, path: str) -> list[Entry]:
+        """Entries directly inside directory ``path``, sorted by name (FUSE readdir)."""
+        n = self.find(path)
+        if n is None:
+            return []
+        return [self.entry_at(c) for c in self.child_range(n)]
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry in record order (root first, then breadth-first by directory)."""
+        for n in range(self.entry_count):
+            yield self.entry_at(n)
+
+    # -- chunks and checkpoints ------------------------------------------------------
+    def chunk(self, i: int) -> Chunk:
+        if not 0 <= i < self.chunk_count:
+            raise IndexError(f"chunk {i} out of range (0..{self.chunk_count - 1})")
+        off, length, digest = CHUNK.unpack_from(self._mv, self._chk_off + i * CHUNK.size)
+        return Chunk(off, length, digest)
+
+    def chunk_range(self, entry: Entry) -> range:
+        return range(entry.first_chunk, entry.first_chunk + entry.chunk_count)
+
+    def chunks_of(self, entry: Entry) -> list[Chunk]:
+        return [self.chunk(i) for i in self.chunk_range(entry)]
+
+    def checkpoint(self, i: int) -> Checkpoint:
+        if not 0 <= i < self.checkpoint_count:
+            raise IndexError(f"checkpoint {i} out of range")
+        kind, bits, _pad, clen, coff, uoff, woff = CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)
+        window = b""
+        if clen:
+            if woff + clen > len(self._win):
+                raise self._bad(f"checkpoint {i} window out of range")
+            try:
+                window = zlib.decompress(self._win[woff:woff + clen])
+            except zlib.error:
+                raise self._bad(f"checkpoint {i} window does not decompress") from None
+        try:
+            k = CheckpointKind(kind)
+        except ValueError:
+            raise self._bad(f"checkpoint {i} has unknown kind {kind}") from None
+        return Checkpoint(k, coff, uoff, bits, window)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return [self.checkpoint(i) for i in range(self.checkpoint_count)]
+
+    def checkpoint_offsets(self) -> tuple[list[int], list[int]]:
+        """(uncompressed offsets, compressed offsets) of all checkpoints, for bisecting."""
+        if self._ck_u is None or self._ck_c is None:
+            us: list[int] = []
+            cs: list[int] = []
+            for i in range(self.checkpoint_count):
+                _k, _b, _p, _l, coff, uoff, _w = CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)
+                us.append(uoff)
+                cs.append(coff)
+            self._ck_u, self._ck_c = us, cs
+        return self._ck_u, self._ck_c
+
+    def checkpoint_kind(self, i: int) -> CheckpointKind:
+        return CheckpointKind(CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)[0])
+
+    def to_layer_index(self) -> LayerIndex:
+        """Materialise everything (tests and tools; the daemon never needs this)."""
+        return LayerIndex(info=self.info, entries=list(self.entries()),
+                          chunks=[self.chunk(i) for i in range(self.chunk_count)],
+                          checkpoints=self.checkpoints())

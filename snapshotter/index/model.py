@@ -1,0 +1,105 @@
+"""The layer index model: what one layer holds, and where its bytes are.
+
+Every other package reads layers through these records, so they are plain, immutable
+and independent of how the index is stored on disk (see ``format.py``).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class LayerFormat(enum.Enum):
+    TAR = "tar"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+
+class EntryType(enum.IntEnum):
+    """Tar entry kinds after GNU/PAX extension records have been folded in."""
+
+    REG = 0
+    HARDLINK = 1
+    SYMLINK = 2
+    CHAR = 3
+    BLOCK = 4
+    DIR = 5
+    FIFO = 6
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    """One tar entry.
+
+    ``path`` is normalised and relative to the layer root ("usr/bin/python3", no leading
+    "/" or "./", no "..", directories without a trailing "/"). Whiteouts (".wh.<name>",
+    ".wh..wh..opq") are kept as the regular files they are in the tar; presenting them is
+    the filesystem's job. ``data_offset`` is the uncompressed offset of the file content
+    in the tar stream; ``first_chunk``/``chunk_count`` index ``LayerIndex`` chunks.
+    For sparse files ``sparse`` lists (offset, length) data segments in file
+    coordinates; the stored data (and its chunks) is their concatenation.
+    """
+
+    path: str
+    type: EntryType
+    mode: int  # permission bits incl. setuid/setgid/sticky, without file-type bits
+    uid: int
+    gid: int
+    size: int  # logical size (for sparse files, the full size)
+    mtime_ns: int
+    linkname: str = ""  # symlink target (data, never followed) or hard-link target path
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    data_offset: int = 0
+    first_chunk: int = 0
+    chunk_count: int = 0
+    sparse: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Chunk:
+    """A piece of one regular file's stored data, addressed by its SHA-256.
+
+    Chunks are file-aligned: chunk k of a file covers stored bytes
+    [k * chunk_size, min((k + 1) * chunk_size, stored_size)).
+    """
+
+    uncompressed_offset: int  # offset in the tar stream
+    length: int
+    digest: bytes  # 32-byte SHA-256 of the chunk's bytes
+
+
+class CheckpointKind(enum.IntEnum):
+    STREAM_START = 0  # offset 0 of the blob; nothing to prime
+    DEFLATE = 1  # inside a deflate stream at a block boundary: prime bits + window
+    GZIP_MEMBER = 2  # start of a gzip member header (multi-member gzip)
+    ZSTD_FRAME = 3  # start of a zstd frame
+
+
+@dataclass(slots=True, frozen=True)
+class Checkpoint:
+    """A place where decompression can start in the middle of the compressed blob.
+
+    For DEFLATE, decoding starts at bit ``bits`` (0-7, counted from the least significant
+    bit) of the byte at ``compressed_offset``, with ``window`` (up to 32 KiB of the
+    uncompressed bytes before ``uncompressed_offset``) as the dictionary.
+    """
+
+    kind: CheckpointKind
+    compressed_offset: int
+    uncompressed_offset: int
+    bits: int = 0
+    window: bytes = b""
+
+
+@dataclass(slots=True, frozen=True)
+class LayerInfo:
+    format: LayerFormat
+    compressed_size: int
+    uncompressed_size: int
+    blob_digest: str  # "sha256:<hex>" of the compressed blob (what the manifest pins)
+    diff_id: str | None  # "sha256:<hex>" of the uncompressed tar, when computed
+    chunk_size: int
+    span_size: int
+    sequential_only: bool  # e.g. single-frame zstd: no random access

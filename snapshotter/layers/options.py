@@ -1,0 +1,50 @@
+"""Options of the lazy layer provider (plain data, filled from the daemon config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TRUST_MODES = ("same-repository", "pinned", "local-only")
+
+
+@dataclass(slots=True)
+class LazyOptions:
+    """Knobs of the lazy path; defaults are what ``lazysnap serve`` uses.
+
+    ``small_layer_bytes``: layers up to this compressed size are fetched whole at Prepare.
+    Default 4 MiB = the default checkpoint span: the first miss in a layer that small
+    fetches about the whole layer anyway, so laziness would only add round trips.
+    ``index_trust``: where a published index may come from — ``same-repository`` (the
+    referrers of the image manifest in the image's own repository), ``pinned`` (only index
+    blobs whose digest is listed in ``pinned_indexes``: layer digest → index blob digest),
+    ``local-only`` (never use published indexes; build locally).
+    ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
+    the blob on disk and serve reads from it instead of fetching ranges again.
+    ``verify_complete_layers``: when every chunk of a lazily read layer is local, stream
+    the blob once more in the background, check its digest and that it indexes to the
+    same entries/chunks; a mismatch quarantines the index and fails reads loudly.
+    """
+
+    small_layer_bytes: int = 4 << 20
+    store_limit_bytes: int | None = None
+    fsync: str = "none"
+    fetch_deadline_s: float = 30.0
+    max_concurrency: int = 8
+    index_trust: str = "same-repository"
+    pinned_indexes: dict[str, str] = field(default_factory=dict)
+    publish_built_indexes: bool = False
+    keep_streamed_blobs: bool = True
+    verify_complete_layers: bool = True
+    layer_parallel: int = 3
+    span_size: int = 4 << 20
+    chunk_size: int = 1 << 20
+    max_index_bytes: int = 512 << 20
+    read_ahead_kb: int = 1024
+
+    def validate(self) -> LazyOptions:
+        if self.index_trust not in TRUST_MODES:
+            raise ValueError(f"index_trust must be one of {', '.join(TRUST_MODES)}, got {self.index_trust!r}")
+        if self.fsync not in ("none", "file", "full"):
+            raise ValueError(f"fsync must be none|file|full, got {self.fsync!r}")
+        if self.fetch_deadline_s <= 0 or self.max_concurrency < 1:
+            raise ValueError("fetch_deadline_s must be > 0 and max_concurrency >= 1")
+        return self

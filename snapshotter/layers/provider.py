@@ -1,0 +1,355 @@
+"""The lazy layer provider behind the service's remote-snapshot hook.
+
+``provide`` makes a layer's tree appear at ``<root>/mnt/<digest hex>`` (a directory of
+the daemon's one FUSE filesystem) without downloading the layer:
+
+1. On the first Prepare of an image, index work starts for *all* its layers at once
+   (containerd prepares layers one by one, in order; later ones find their work done).
+2. Per layer: small layers (≤ ``small_layer_bytes``) are fetched whole, verified against
+   their digest and put in the chunk store; others get an index from the local cache, a
+   trusted published artifact, or by streaming the layer once through the indexer.
+3. The layer is registered in the filesystem; reads fetch chunks on demand.
+
+Every way a layer ends up not lazy is logged with its reason and counted; failures the
+service must turn into a normal download raise ``ProviderError(reason)``.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
+from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
+from snapshotter.fs import LayerData, LayerTree, LazyFS
+from snapshotter.index.builder import index_file
+from snapshotter.index.format import IndexFile
+from snapshotter.layers import indexes
+from snapshotter.layers.options import LazyOptions
+from snapshotter.log import get_logger
+from snapshotter.service.provider import ProviderError, RemoteLayerRequest
+from snapshotter.store import ChunkStore
+
+log = get_logger("lazysnap.layers")
+
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
+
+
+@dataclass(slots=True)
+class ProvidedLayer:
+    digest: str
+    ref: str
+    index: IndexFile
+    fetcher: LayerFetcher
+    data: LayerData
+    path: Path
+    source: str  # local | referrer | built | whole
+    verified: bool  # the whole blob has been checked against its digest
+    verify_task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class _Image:
+    ref: str
+    manifest_digest: str | None
+    published: indexes.PublishedIndexes | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class LazyLayerProvider:
+    """Implements ``snapshotter.service.provider.LayerProvider``."""
+
+    def __init__(self, root: Path, client: Any, options: LazyOptions | None = None) -> None:
+        self.root = Path(root)
+        self.options = (options or LazyOptions()).validate()
+        self.client = client
+        self.store = ChunkStore(self.root, limit_bytes=self.options.store_limit_bytes,
+                                fsync=self.options.fsync)  # type: ignore[arg-type]
+        self.fetcher = Fetcher(self.store, FetchOptions(max_concurrency=self.options.max_concurrency,
+                                                        deadline_s=self.options.fetch_deadline_s))
+        self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb)
+        self.blobs_dir = self.root / "blobs"
+        self._layers: dict[str, ProvidedLayer] = {}
+        self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
+        self._images: dict[str, _Image] = {}
+        self._sem = asyncio.Semaphore(self.options.layer_parallel)
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                return
+            await self.fs.start()
+            self._started = True
+            atexit.register(_unmount_at_exit, str(self.fs.mountpoint))
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for layer in list(self._layers.values()):
+            layer.fetcher.close()
+            if layer.verify_task is not None:
+                layer.verify_task.cancel()
+        if self._started:
+            await self.fs.stop()
+            self._started = False
+        for layer in self._layers.values():
+            layer.index.close()
+        self._layers.clear()
+        self.store.close()
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            await close()
+
+    # -- LayerProvider ----------------------------------------------------------------------------
+    async def provide(self, req: RemoteLayerRequest) -> Path:
+        await self.start()
+        image = self._images.get(req.image_ref)
+        if image is None:
+            image = self._images[req.image_ref] = _Image(req.image_ref, req.manifest_digest)
+        digests = list(req.image_layers) or [req.layer_digest]
+        if req.layer_digest not in digests:
+            digests.append(req.layer_digest)
+        for d in digests:  # first Prepare of an image: start work for every layer
+            self._start_layer(image, d)
+        try:
+            layer = await asyncio.shield(self._tasks[req.layer_digest])
+        except ProviderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means a normal download
+            raise ProviderError(f"layer {req.layer_digest}: {type(exc).__name__}: {exc}",
+                                reason=_reason(exc)) from exc
+        return layer.path
+
+    async def restore(self, layer_digest: str, labels: Mapping[str, str]) -> Path:
+        await self.start()
+        layer = self._layers.get(layer_digest)
+        if layer is not None:
+            return layer.path
+        ref = labels.get(CRI_IMAGE_REF) or labels.get(STARGZ_REFERENCE) or ""
+        idx = indexes.open_local(self.root, layer_digest)
+        if idx is None:
+            raise ProviderError(f"no local index for {layer_digest}", reason="no_local_index")
+        blob = self._blob_path(layer_digest)
+        verified = blob.exists()
+        layer = await self._register(layer_digest, ref, idx, "local", verified=verified,
+                                     local_blob=blob if verified else None)
+        log.info("layer_restored", layer=layer_digest, dir=str(layer.path))
+        return layer.path
+
+    async def release(self, layer_digest: str) -> None:
+        layer = self._layers.pop(layer_digest, None)
+        self._tasks.pop(layer_digest, None)
+        if layer is None:
+            return
+        layer.fetcher.close()
+        if layer.verify_task is not None:
+            layer.verify_task.cancel()
+        self.fs.remove_layer(_dirname(layer_digest))
+        self.store.unpin(layer_digest)
+        layer.index.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._blob_path(layer_digest))
+        log.info("layer_released", layer=layer_digest)
+
+    # -- per layer ---------------------------------------------------------------------------------
+    def layer(self, digest: str) -> ProvidedLayer | None:
+        return self._layers.get(digest)
+
+    def _start_layer(self, image: _Image, digest: str) -> None:
+        task = self._tasks.get(digest)
+        if task is not None and not (task.done() and (task.cancelled() or task.exception() is not None)):
+            return
+        task = asyncio.get_running_loop().create_task(self._prepare(image, digest), name=f"layer-{digest[:19]}")
+        task.add_done_callback(_quiet)
+        self._tasks[digest] = task
+
+    async def _prepare(self, image: _Image, digest: str) -> ProvidedLayer:
+        existing = self._layers.get(digest)
+        if existing is not None:
+            return existing
+        async with self._sem:
+            ref = image.ref
+            idx = indexes.open_local(self.root, digest)
+            if idx is not None:
+                indexes.INDEX_SOURCES.labels("local").inc()
+                blob = self._blob_path(digest)
+                return await self._register(digest, ref, idx, "local", verified=blob.exists(),
+                                            local_blob=blob if blob.exists() else None)
+            size = await self.client.blob_size(ref, digest)
+            if size <= self.options.small_layer_bytes:
+                return await self._prepare_whole(ref, digest, size)
+            idx = await self._published(image, digest)
+            if idx is not None:
+                indexes.INDEX_SOURCES.labels("referrer").inc()
+                return await self._register(digest, ref, idx, "referrer", verified=False)
+            keep = self._blob_path(digest) if self.options.keep_streamed_blobs else None
+            log.info("layer_index_build", layer=digest, size=size, reason="no_local_or_published_index",
+                     note="streaming the layer once")
+            idx = await indexes.build_by_streaming(self.client, ref, digest, self.options, self.root, keep)
+            indexes.INDEX_SOURCES.labels("built").inc()
+            if self.options.publish_built_indexes:
+                await self._publish(image, digest)
+            return await self._register(digest, ref, idx, "built", verified=True, local_blob=keep)
+
+    async def _prepare_whole(self, ref: str, digest: str, size: int) -> ProvidedLayer:
+        """Small layer: one GET (digest verified), indexed locally, every chunk stored."""
+        log.info("layer_fetch_whole", layer=digest, size=size, reason="below_small_layer_threshold",
+                 threshold=self.options.small_layer_bytes)
+        data = await self.client.fetch_blob(ref, digest, self.options.small_layer_bytes + 1, purpose="layer")
+        blob = self._blob_path(digest)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        tmp = blob.with_name(blob.name + f".part-{os.getpid()}")
+        await asyncio.to_thread(tmp.write_bytes, data)
+        os.replace(tmp, blob)
+        built = await asyncio.to_thread(index_file, str(blob), span=self.options.span_size,
+                                        chunk_size=self.options.chunk_size)
+        from snapshotter.index.format import serialize_index
+
+        if built.info.blob_digest != digest:
+            raise ProviderError(f"layer {digest} indexed as {built.info.blob_digest}", reason="digest_mismatch")
+        await asyncio.to_thread(indexes.save_atomic, indexes.index_path(self.root, digest),
+                                serialize_index(built))
+        idx = IndexFile.open(indexes.index_path(self.root, digest))
+        indexes.INDEX_SOURCES.labels("whole").inc()
+        layer = await self._register(digest, ref, idx, "whole", verified=True, local_blob=blob)
+        await layer.fetcher.fetch_all(Priority.ON_DEMAND)
+        return layer
+
+    async def _published(self, image: _Image, digest: str) -> IndexFile | None:
+        if self.options.index_trust == "local-only":
+            return None
+        async with image.lock:
+            if image.published is None:
+                try:
+                    if image.manifest_digest is None:
+                        image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
+                    image.published = await indexes.published_indexes(self.client, image.ref,
+                                                                       image.manifest_digest)
+                except Exception as exc:  # noqa: BLE001 - no artifact: build instead
+                    indexes.INDEX_FALLBACKS.labels("referrers_failed").inc()
+                    log.warning("index_referrers_failed", image=image.ref, error=str(exc))
+                    image.published = indexes.PublishedIndexes({}, None)
+        desc = image.published.blobs.get(digest)
+        if desc is None:
+            if image.published.artifact is not None:
+                indexes.INDEX_FALLBACKS.labels("layer_not_in_artifact").inc()
+            return None
+        try:
+            return await indexes.fetch_published(self.client, image.ref, digest, desc, self.options, self.root)
+        except Exception as exc:  # noqa: BLE001
+            indexes.INDEX_FALLBACKS.labels("index_fetch_failed").inc()
+            log.warning("index_fetch_failed", layer=digest, error=str(exc))
+            return None
+
+    async def _publish(self, image: _Image, digest: str) -> None:
+        """Publish one built index as its own artifact (best effort, logged)."""
+        try:
+            if image.manifest_digest is None:
+                image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
+            resolved = await self.client.resolve(image.ref)
+            data = indexes.index_path(self.root, digest).read_bytes()
+            await self.client.push_artifact(image.ref, subject=resolved.manifest_descriptor,
+                                            artifact_type=indexes.INDEX_ARTIFACT,
+                                            blobs=[(indexes.INDEX_LAYER_MEDIA, data,
+                                                    {indexes.LAYER_ANNOTATION: digest})])
+            log.info("index_published", layer=digest, image=image.ref)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("index_publish_failed", layer=digest, error=str(exc))
+
+    async def _register(self, digest: str, ref: str, idx: IndexFile, source: str, *, verified: bool,
+                        local_blob: Path | None = None) -> ProvidedLayer:
+        existing = self._layers.get(digest)
+        if existing is not None:
+            idx.close()
+            return existing
+        info = idx.info
+        if info.sequential_only:
+            log.info("layer_sequential_only", layer=digest, format=info.format.value,
+                     note="no random access (e.g. single-frame zstd): first read streams the layer from the start")
+        blob_source: Any = (FileBlobSource(local_blob) if local_blob is not None
+                            else RegistryBlobSource(self.client, ref, digest))
+        lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
+        tree = await asyncio.to_thread(LayerTree.build, idx.entries())
+        data = LayerData(idx, self.store, lf)
+        digests = await asyncio.to_thread(lambda: [idx.chunk(i).digest for i in range(idx.chunk_count)])
+        self.store.pin(digest, digests)
+        path = self.fs.add_layer(_dirname(digest), tree, data)
+        layer = ProvidedLayer(digest, ref, idx, lf, data, path, source, verified)
+        if not verified and self.options.verify_complete_layers:
+            lf.on_complete = lambda: self._schedule_verify(layer)
+        self._layers[digest] = layer
+        log.info("layer_provided", layer=digest, source=source, files=tree.files, chunks=idx.chunk_count,
+                 dir=str(path), sequential_only=info.sequential_only)
+        return layer
+
+    # -- completeness check ----------------------------------------------------------------------------
+    def _schedule_verify(self, layer: ProvidedLayer) -> None:
+        if layer.verified or layer.verify_task is not None:
+            return
+        layer.verify_task = asyncio.get_running_loop().create_task(self.verify_layer(layer))
+        layer.verify_task.add_done_callback(_quiet)
+
+    async def verify_layer(self, layer: ProvidedLayer) -> bool:
+        """Stream the blob once (digest checked), re-index it and compare with the index in use.
+
+        A mismatch means the index lied about this blob: quarantine it and fail reads.
+        """
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            blob = Path(tmp) / "blob"
+            with open(blob, "wb") as f:
+                async for block in self.client.stream_blob(layer.ref, layer.digest, purpose="verify"):
+                    await asyncio.to_thread(f.write, block)
+            rebuilt = await asyncio.to_thread(index_file, str(blob), span=layer.index.info.span_size,
+                                              chunk_size=layer.index.info.chunk_size)
+        problem = None if rebuilt.info.blob_digest == layer.digest else "blob digest differs"
+        problem = problem or await asyncio.to_thread(indexes.same_content, layer.index, rebuilt)
+        if problem is not None:
+            self.quarantine(layer, problem)
+            return False
+        layer.verified = True
+        log.info("layer_verified", layer=layer.digest)
+        return True
+
+    def quarantine(self, layer: ProvidedLayer, reason: str) -> None:
+        layer.data.failed = reason
+        layer.fetcher.quarantine(reason)
+        indexes.quarantine(self.root, layer.digest, reason)
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / digest.replace(":", "-")
+
+
+def _dirname(digest: str) -> str:
+    return digest.split(":", 1)[-1]
+
+
+def _reason(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return {"NotFoundError": "not_found", "AuthError": "auth", "UnavailableError": "registry_unavailable",
+            "DigestMismatchError": "digest_mismatch", "IndexBuildError": "index_build_failed",
+            "CorruptLayerError": "corrupt_layer", "UnknownFormatError": "unknown_format"}.get(name, "provider_error")
+
+
+def _quiet(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("layer_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+
+def _unmount_at_exit(mountpoint: str) -> None:
+    """The daemon is exiting without close(): never leave a dead FUSE mount behind."""
+    # no stat of the mountpoint here: nobody is serving it any more, a stat would hang
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        subprocess.run([tool, "-u", "-z", mountpoint], check=False, capture_output=True)

@@ -1,0 +1,157 @@
+"""The one typed door to the C core (``snapshotter._core``).
+
+Everything outside this module imports the scanner, range decompression and hashing from
+here, never from ``_core`` directly, so the C surface can change without touching callers.
+The C side does the byte work with the GIL released; this module only names things.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
+
+from snapshotter import _core
+
+LayerError = _core.LayerError  # base class, subclass of ValueError
+CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
+TruncatedLayerError = _core.TruncatedLayerError  # input ended inside a stream/entry
+
+DEFAULT_SPAN_SIZE = 4 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20
+WINDOW_SIZE = 32 << 10
+
+#: One packed chunk record: uncompressed offset in the tar stream, length, SHA-256.
+CHUNK_RECORD = struct.Struct("<QQ32s")
+
+
+class RawEntry(NamedTuple):
+    """A tar entry as the scanner saw it; paths are raw bytes, not normalised yet."""
+
+    path: bytes
+    type: int  # model.EntryType number
+    mode: int
+    uid: int
+    gid: int
+    size: int  # logical size (sparse: full size)
+    mtime_ns: int
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: dict[str, bytes] | None
+    data_offset: int  # uncompressed offset of the stored data in the tar stream
+    stored_size: int  # bytes of stored data (sparse: the concatenated data segments)
+    first_chunk: int
+    chunk_count: int
+    sparse: list[tuple[int, int]] | None
+
+
+class RawCheckpoint(NamedTuple):
+    kind: int  # model.CheckpointKind number
+    compressed_offset: int
+    uncompressed_offset: int
+    bits: int
+    window: bytes
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """Everything one pass over a layer produced (see ``Scanner``)."""
+
+    format: str  # "gzip" | "zstd" | "tar"
+    compressed_size: int
+    uncompressed_size: int
+    blob_digest: bytes  # 32-byte SHA-256 of the compressed bytes
+    diff_id: bytes | None  # 32-byte SHA-256 of the uncompressed tar, if requested
+    sequential_only: bool  # single-frame zstd: no random access
+    entries: list[RawEntry]
+    chunks: bytes  # packed CHUNK_RECORD records, in file order
+    checkpoints: list[RawCheckpoint]
+
+    def iter_chunks(self) -> Iterator[tuple[int, int, bytes]]:
+        return iter_chunk_records(self.chunks)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks) // CHUNK_RECORD.size
+
+
+class Scanner:
+    """Streaming single-pass indexer: feed compressed bytes in order, then ``finish()``.
+
+    ``hash_thread`` moves tar parsing and SHA-256 of chunks (and the diff ID) to a
+    worker thread owned by this scanner, so decompression and hashing overlap on two
+    cores. Separate scanners are independent and may run in separate threads.
+    """
+
+    __slots__ = ("_core",)
+
+    def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
+                 format: str | None = None, hash_thread: bool = True) -> None:
+        self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
+                                   diff_id=diff_id, format=format, hash_thread=hash_thread)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._core.feed(data)
+
+    def finish(self) -> ScanResult:
+        r = self._core.finish()
+        return ScanResult(
+            format=r["format"], compressed_size=r["compressed_size"],
+            uncompressed_size=r["uncompressed_size"], blob_digest=r["blob_digest"],
+            diff_id=r["diff_id"], sequential_only=r["sequential_only"],
+            entries=[RawEntry._make(e) for e in r["entries"]], chunks=r["chunks"],
+            checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
+        )
+
+
+def scan_stream(stream: BinaryIO, *, span_size: int = DEFAULT_SPAN_SIZE,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
+                format: str | None = None, hash_thread: bool = True,
+                read_size: int = 4 << 20) -> ScanResult:
+    """Scan a whole layer from a binary stream (file, pipe, HTTP body wrapper)."""
+    scanner = Scanner(span_size=span_size, chunk_size=chunk_size, diff_id=diff_id,
+                      format=format, hash_thread=hash_thread)
+    buf = bytearray(read_size)
+    view = memoryview(buf)
+    while True:
+        n = stream.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            break
+        scanner.feed(view[:n])
+    return scanner.finish()
+
+
+def decompress_range(format: str, kind: int, bits: int, window: bytes,
+                     data: bytes | bytearray | memoryview, skip: int, length: int) -> bytes:
+    """Decompress from a checkpoint: ``data`` starts at its compressed offset.
+
+    Discards ``skip`` uncompressed bytes, returns exactly ``length`` bytes; raises
+    TruncatedLayerError if ``data`` ends too early, CorruptLayerError on bad data.
+    """
+    return _core.decompress_range(format, kind, bits, window, data, skip, length)
+
+
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return _core.sha256(data)
+
+
+def verify_chunks(data: bytes | bytearray | memoryview, data_offset: int,
+                  records: bytes | bytearray | memoryview) -> int:
+    """Check packed chunk records against ``data`` (uncompressed bytes starting at
+    tar offset ``data_offset``); returns the index of the first bad record or -1.
+
+    Every record must lie inside ``data`` (ValueError otherwise).
+    """
+    return _core.verify_chunks(data, data_offset, records)
+
+
+def iter_chunk_records(chunks: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, bytes]]:
+    return CHUNK_RECORD.iter_unpack(chunks)
+
+
+def zlib_block_boundaries(deflate_member: bytes | bytearray | memoryview) -> list[int]:
+    """Bit positions of every deflate block boundary of a gzip stream, found by zlib
+    (``Z_BLOCK``); used by tests to cross-check the ISA-L scanner's checkpoints."""
+    return _core.zlib_block_boundaries(deflate_member)

@@ -1,0 +1,160 @@
+"""On-disk index format: exact round trip, lazy lookups, and clear errors on bad bytes."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.format import IndexFile, serialize_index, write_index
+from snapshotter.index.layerindex import LayerIndex
+from snapshotter.index.model import (
+    Checkpoint,
+    CheckpointKind,
+    Chunk,
+    Entry,
+    EntryType,
+    LayerFormat,
+    LayerInfo,
+)
+
+NAME = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1, max_size=20)\
+    .filter(lambda s: s not in (".", ".."))
+U32 = st.integers(0, 2**32 - 1)
+U64 = st.integers(0, 2**63 - 1)
+
+
+@st.composite
+def layer_indexes(draw: st.DrawFn) -> LayerIndex:
+    info = LayerInfo(
+        format=draw(st.sampled_from(list(LayerFormat))), compressed_size=draw(U64), uncompressed_size=draw(U64),
+        blob_digest="sha256:" + draw(st.binary(min_size=32, max_size=32)).hex(),
+        diff_id=draw(st.none() | st.binary(min_size=32, max_size=32).map(lambda b: "sha256:" + b.hex())),
+        chunk_size=draw(st.integers(1, 2**32 - 1)), span_size=draw(U64), sequential_only=draw(st.booleans()))
+    chunks = draw(st.lists(st.builds(Chunk, U64, U32, st.binary(min_size=32, max_size=32)), max_size=30))
+    checkpoints = draw(st.lists(st.builds(Checkpoint, st.sampled_from(list(CheckpointKind)), U64, U64,
+                                          st.integers(0, 7), st.binary(max_size=2000)), max_size=5))
+    dirs = [""]
+    entries = [Entry(path="", type=EntryType.DIR, mode=draw(st.integers(0, 0o7777)), uid=draw(U32), gid=0,
+                     size=0, mtime_ns=draw(st.integers(-(2**63), 2**63 - 1)))]
+    used = {""}
+    data_entries: list[str] = []
+    for _ in range(draw(st.integers(0, 25))):
+        parent = draw(st.sampled_from(dirs))
+        path = f"{parent}/{draw(NAME)}" if parent else draw(NAME)
+        if path in used:
+            continue
+        used.add(path)
+        t = draw(st.sampled_from([t for t in EntryType if t != EntryType.HARDLINK or data_entries]))
+        kw: dict = {}
+        if t == EntryType.REG:
+            first = draw(st.integers(0, len(chunks)))
+            kw = dict(data_offset=draw(U64), first_chunk=first, chunk_count=draw(st.integers(0, len(chunks) - first)),
+                      sparse=draw(st.none() | st.lists(st.tuples(U64, U64), max_size=4).map(tuple)))
+        elif t in (EntryType.CHAR, EntryType.BLOCK):
+            kw = dict(devmajor=draw(U32), devminor=draw(U32))
+        elif t == EntryType.SYMLINK:
+            kw = dict(linkname=draw(st.text(max_size=300).filter(lambda s: "\0" not in s)))
+        elif t == EntryType.HARDLINK:
+            kw = dict(linkname=draw(st.sampled_from(data_entries)))
+        elif t == EntryType.DIR:
+            dirs.append(path)
+        if t not in (EntryType.DIR, EntryType.HARDLINK):
+            data_entries.append(path)
+        xattrs = draw(st.dictionaries(st.text(min_size=1, max_size=20), st.binary(max_size=50), max_size=3))
+        entries.append(Entry(path=path, type=t, mode=draw(st.integers(0, 0o7777)), uid=draw(U32), gid=draw(U32),
+                             size=draw(U64), mtime_ns=draw(st.integers(-(2**63), 2**63 - 1)), xattrs=xattrs, **kw))
+    return LayerIndex(info=info, entries=entries, chunks=chunks, checkpoints=checkpoints)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer_indexes())
+def test_round_trip_is_exact(index: LayerIndex) -> None:
+    f = IndexFile.from_bytes(serialize_index(index))
+    assert f.info == index.info
+    back = f.to_layer_index()
+    assert sorted(back.entries, key=lambda e: e.path) == sorted(index.entries, key=lambda e: e.path)
+    assert back.chunks == index.chunks
+    assert back.checkpoints == index.checkpoints
+    assert f.file_count == sum(e.type == EntryType.REG for e in index.entries)
+    for e in index.entries:
+        n = f.find(e.path)
+        assert n is not None and f.entry_at(n) == e and f.lookup(e.path) == e
+        kids = sorted((x for x in index.entries if x.path and x.path.rpartition("/")[0] == e.path),
+                      key=lambda x: x.path.rpartition("/")[2].encode("utf-8", "surrogateescape"))
+        if e.type == EntryType.DIR:
+            assert f.children(e.path) == kids
+        assert f.lookup(e.path + "/missing\u00e9") is None
+        if e.type == EntryType.HARDLINK:
+            assert f.inode(n) == f.find(e.linkname)
+        else:
+            assert f.inode(n) == n
+
+
+def _tiny() -> LayerIndex:
+    info = LayerInfo(LayerFormat.GZIP, 100, 200, "sha256:" + "ab" * 32, None, 1 << 20, 4 << 20, False)
+    return LayerIndex(info, [Entry("", EntryType.DIR, 0o755, 0, 0, 0, 0),
+                             Entry("f", EntryType.REG, 0o644, 0, 0, 3, 0, first_chunk=0, chunk_count=1)],
+                      [Chunk(512, 3, b"\1" * 32)], [Checkpoint(CheckpointKind.STREAM_START, 0, 0)])
+
+
+def test_every_single_byte_corruption_is_detected() -> None:
+    data = serialize_index(_tiny())
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x40
+        with pytest.raises(IndexFormatError):
+            IndexFile.from_bytes(bytes(bad))
+
+
+@pytest.mark.parametrize("cut", [0, 5, 30, -1, -40])
+def test_truncated_index_is_a_clear_error(cut: int) -> None:
+    data = serialize_index(_tiny())
+    with pytest.raises(IndexFormatError, match="truncated|not a lazysnap index"):
+        IndexFile.from_bytes(data[:cut] if cut else b"")
+
+
+def test_not_an_index() -> None:
+    with pytest.raises(IndexFormatError, match="bad magic"):
+        IndexFile.from_bytes(b"\x1f\x8b" + bytes(500))
+
+
+def test_trailing_bytes_rejected() -> None:
+    with pytest.raises(IndexFormatError, match="trailing"):
+        IndexFile.from_bytes(serialize_index(_tiny()) + b"x")
+
+
+def test_write_and_mmap_open(tmp_path: Path) -> None:
+    p = tmp_path / "x.idx"
+    n = write_index(p, _tiny())
+    assert n == os.path.getsize(p)
+    with IndexFile.open(p) as f:
+        assert f.index_bytes == n and f.lookup("f") is not None
+        assert f.chunk(0) == Chunk(512, 3, b"\1" * 32)
+
+
+def test_500k_entries_open_fast_and_lookup_lazily(tmp_path: Path) -> None:
+    info = LayerInfo(LayerFormat.GZIP, 1, 1, "sha256:" + "00" * 32, None, 1 << 20, 4 << 20, False)
+    entries = [Entry("", EntryType.DIR, 0o755, 0, 0, 0, 0)]
+    for d in range(500):
+        entries.append(Entry(f"dir{d:03d}", EntryType.DIR, 0o755, 0, 0, 0, 0))
+        entries += [Entry(f"dir{d:03d}/file{i:04d}.py", EntryType.REG, 0o644, 0, 0, 10, 0, first_chunk=0)
+                    for i in range(1000)]
+    p = tmp_path / "big.idx"
+    write_index(p, LayerIndex(info, entries, [], []))
+    t0 = time.perf_counter()
+    f = IndexFile.open(p)
+    opened = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for d in range(0, 500, 7):
+        assert f.lookup(f"dir{d:03d}/file{(d * 13) % 1000:04d}.py") is not None
+    lookups = (time.perf_counter() - t0) / len(range(0, 500, 7))
+    assert f.entry_count == 500_501
+    assert opened < 0.5, opened
+    assert lookups < 0.005, lookups
+    assert len(f.children("dir123")) == 1000
+    f.close()

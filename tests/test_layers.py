@@ -1,0 +1,248 @@
+"""The lazy layer provider against a real registry, with a real FUSE mount.
+
+Indexes come from each source the provider knows (published artifact, local cache,
+streaming build, whole fetch of small layers); untrusted indexes are rejected; an index
+that lies about its blob is quarantined after the completeness check.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import gzip
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from harness.proxy import start_proxy
+from harness.registry import push_image, start_registry
+from snapshotter.index.builder import index_file
+from snapshotter.index.format import IndexFile, serialize_index
+from snapshotter.layers import LazyLayerProvider, LazyOptions
+from snapshotter.layers import indexes
+from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
+from snapshotter.service.provider import RemoteLayerRequest
+from tests.test_fs import make_layer_tar
+
+pytestmark = pytest.mark.root
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Loop:
+    """The provider's event loop in a thread (the test thread does blocking FUSE reads)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.t = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.t.start()
+
+    def run(self, fn: Callable[[], Awaitable[T]], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.t.join(10)
+
+
+def small_tar(path: Path) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in {"small/a.txt": b"alpha\n", "small/b.txt": b"beta\n" * 100}.items():
+            import io
+
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        big, small = tmp / "big.tar", tmp / "small.tar"
+        make_layer_tar(big)
+        small_tar(small)
+        self.tars = [big, small]
+        self.blobs = [gzip.compress(big.read_bytes(), 6), gzip.compress(small.read_bytes(), 6)]
+        assert len(self.blobs[0]) > 4 << 20 > len(self.blobs[1])
+        self.reg = start_registry(tmp / "reg")
+        self.proxy = start_proxy(self.reg.url)
+        self.ref = f"{self.proxy.host}/lazy/img:v1"
+        self.loop = Loop()
+        self.providers: list[LazyLayerProvider] = []
+
+        async def push() -> dict[str, object]:
+            async with RegistryClient(RegistryConfig()) as c:
+                return await push_image(c, self.ref, self.blobs)
+
+        pushed = self.loop.run(push)
+        self.layers: list[str] = list(pushed["layer_digests"])  # type: ignore[arg-type]
+        self.manifest: str = pushed["manifest_digest"]  # type: ignore[assignment]
+
+    def provider(self, root: Path, **opts: object) -> LazyLayerProvider:
+        cfg = RegistryConfig(retry=RetryPolicy(max_attempts=3, base_delay=0.05, deadline=5))
+
+        async def make() -> LazyLayerProvider:
+            return LazyLayerProvider(root, RegistryClient(cfg), LazyOptions(fetch_deadline_s=5, **opts))
+
+        p = self.loop.run(make)
+        self.providers.append(p)
+        return p
+
+    def request(self, i: int) -> RemoteLayerRequest:
+        return RemoteLayerRequest(key=f"k{i}", parent="", chain_id=f"chain{i}", labels={
+            "containerd.io/snapshot/remote/stargz.reference": self.ref}, image_ref=self.ref,
+            layer_digest=self.layers[i], manifest_digest=None, image_layers=tuple(self.layers))
+
+    def provide(self, p: LazyLayerProvider, i: int) -> Path:
+        return self.loop.run(lambda: p.provide(self.request(i)))
+
+    def push_index(self, root: Path) -> None:
+        subprocess.run([sys.executable, "-m", "snapshotter", "index", self.ref, "--push", "--root", str(root), "--span", str(1 << 20),
+                        "--hosts-dir", str(self.tmp / "nohosts")], check=True, cwd=REPO,
+                       capture_output=True, timeout=120)
+
+    def close(self) -> None:
+        for p in self.providers:
+            try:
+                self.loop.run(p.close, timeout=30)
+            except Exception:  # noqa: BLE001 - keep tearing down
+                pass
+        self.loop.stop()
+        self.proxy.stop()
+        self.reg.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def _check_tree(d: Path, tar: Path) -> None:
+    with tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            name = m.name.removeprefix("./")
+            if m.isreg() and "/.wh." not in "/" + name:
+                assert (d / name).read_bytes() == tf.extractfile(m).read(), name
+
+
+def _sample(reg_name: str, **labels: str) -> float:
+    from snapshotter.store.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(reg_name, labels) or 0.0
+
+
+def test_published_index_makes_layers_lazy(env: Env, tmp_path: Path) -> None:
+    env.push_index(tmp_path / "publisher")
+    p = env.provider(tmp_path / "node")
+    env.proxy.reset_stats()
+    d0 = env.provide(p, 0)
+    assert d0 == tmp_path / "node" / "mnt" / env.layers[0].split(":")[1]
+    assert p.layer(env.layers[0]).source == "referrer"
+    before = env.proxy.stats.body_bytes
+    assert (d0 / "etc/hostname").read_bytes() == b"lazy\n"
+    assert env.proxy.stats.body_bytes - before < len(env.blobs[0]) // 4
+    # the small layer was started by the first Prepare and fetched whole
+    d1 = env.provide(p, 1)
+    assert p.layer(env.layers[1]).source == "whole"
+    _check_tree(d1, env.tars[1])
+    _check_tree(d0, env.tars[0])
+    # fully read: the completeness check streams the blob once and verifies the index
+    layer = p.layer(env.layers[0])
+    assert layer.verify_task is not None
+    env.loop.run(lambda: asyncio.wait_for(asyncio.shield(layer.verify_task), 60))
+    assert layer.verified
+    # lazily read once (+ span overlap) + the verification stream + the small layer
+    assert env.proxy.stats.body_bytes < len(env.blobs[0]) * 2.3 + len(env.blobs[1]) + (1 << 20)
+
+
+def test_build_by_streaming_then_restore_after_restart(env: Env, tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    p = env.provider(root)
+    d0 = env.provide(p, 0)
+    assert p.layer(env.layers[0]).source == "built"
+    assert indexes.index_path(root, env.layers[0]).is_file()
+    _check_tree(d0, env.tars[0])
+    env.loop.run(p.close)
+    env.providers.remove(p)
+    assert not os.path.ismount(root / "mnt")
+    # a new daemon on the same root: restore from the local index, no index work
+    p2 = env.provider(root)
+    labels = env.request(0).labels
+    d0b = env.loop.run(lambda: p2.restore(env.layers[0], labels))
+    assert d0b == d0
+    _check_tree(d0b, env.tars[0])
+    env.loop.run(lambda: p2.release(env.layers[0]))
+    assert not (root / "mnt" / env.layers[0].split(":")[1]).exists()
+
+
+def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
+    """A published artifact whose blob for layer 0 actually indexes layer 1: not used."""
+    (tmp_path / "l1").write_bytes(env.blobs[1])
+    wrong = serialize_index(index_file(str(tmp_path / "l1")))
+
+    async def publish() -> None:
+        async with RegistryClient(RegistryConfig()) as c:
+            img = await c.resolve(env.ref)
+            await c.push_artifact(env.ref, subject=img.manifest_descriptor, artifact_type=indexes.INDEX_ARTIFACT,
+                                  blobs=[(indexes.INDEX_LAYER_MEDIA, wrong, {indexes.LAYER_ANNOTATION: env.layers[0]})])
+
+    env.loop.run(publish)
+    before = _sample("lazysnap_layer_index_fallbacks_total", reason="wrong_layer")
+    p = env.provider(tmp_path / "node")
+    d0 = env.provide(p, 0)
+    assert p.layer(env.layers[0]).source == "built"
+    assert _sample("lazysnap_layer_index_fallbacks_total", reason="wrong_layer") == before + 1
+    _check_tree(d0, env.tars[0])
+
+
+def test_pinned_trust_mode(env: Env, tmp_path: Path) -> None:
+    env.push_index(tmp_path / "publisher")
+    p = env.provider(tmp_path / "a", index_trust="pinned")
+    env.provide(p, 0)
+    assert p.layer(env.layers[0]).source == "built"  # published but not pinned
+    pinned_blob = indexes.index_path(tmp_path / "publisher", env.layers[0]).read_bytes()
+    import hashlib
+
+    pin = {env.layers[0]: "sha256:" + hashlib.sha256(pinned_blob).hexdigest()}
+    p2 = env.provider(tmp_path / "b", index_trust="pinned", pinned_indexes=pin)
+    # a second FUSE fs in one process is not possible: release the first provider's mount
+    env.loop.run(p.close)
+    env.providers.remove(p)
+    env.provide(p2, 0)
+    assert p2.layer(env.layers[0]).source == "referrer"
+
+
+def test_lying_index_is_quarantined(env: Env, tmp_path: Path) -> None:
+    """An index with the right blob digest but a forged entry (setuid bit added) serves
+    verified chunks, but the completeness check catches it and reads then fail loudly."""
+    (tmp_path / "l0").write_bytes(env.blobs[0])
+    honest = index_file(str(tmp_path / "l0"))
+    forged = [dataclasses.replace(e, mode=e.mode | 0o4000) if e.path == "etc/hostname" else e
+              for e in honest.entries]
+    honest.entries[:] = forged
+    root = tmp_path / "node"
+    indexes.save_atomic(indexes.index_path(root, env.layers[0]), serialize_index(honest))
+    p = env.provider(root)
+    d0 = env.provide(p, 0)
+    layer = p.layer(env.layers[0])
+    assert layer.source == "local" and not layer.verified
+    assert (d0 / "etc/hostname").read_bytes() == b"lazy\n"
+    ok = env.loop.run(lambda: p.verify_layer(layer))
+    assert ok is False
+    with pytest.raises(OSError) as exc:
+        (d0 / "data/big.bin").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert not indexes.index_path(root, env.layers[0]).exists()
+    assert list((root / "indexes" / "quarantine").iterdir())

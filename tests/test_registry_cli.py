@@ -1,0 +1,131 @@
+"""``lazysnap index REF --push`` and ``lazysnap cat REF PATH`` end to end: real gzip
+images built with harness.images (umoci + skopeo) in a loopback docker-registry, the
+CLI run as a subprocess, bytes compared with what the layers hold."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.images import Dir, File, HardLink, LayerSpec, Symlink, build_image
+from harness.registry import start_registry
+
+REPO = Path(__file__).resolve().parent.parent
+BIG = os.urandom(3 << 20) + b"compressible " * 200_000  # ~5.6 MiB, several 1 MiB spans
+
+
+def lazysnap(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=str(REPO))
+    e.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "snapshotter", *args], capture_output=True, env=e,
+                          cwd=REPO, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lazysnap {args} failed: {proc.stderr.decode()}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("cli")
+    with start_registry(work / "reg") as reg:
+        layers = [
+            LayerSpec(entries=[File("/etc/a", b"a from layer 1\n"), File("/etc/b", b"b\n"),
+                               File("/data/big", BIG), File("/dir/x", b"x\n"), File("/dir/y", b"y\n"),
+                               Dir("/usr/lib/real"), File("/usr/lib/real/f", b"real f\n"),
+                               File("/gone/deep/file", b"deep\n")]),
+            LayerSpec(entries=[File("/etc/a", b"a from layer 2\n"), File("/dir/z", b"z\n"),
+                               File("/data/new", b"hard linked content\n"), HardLink("/data/hl", "/data/new"),
+                               Symlink("/lib", "usr/lib"), Symlink("/abs", "/usr/lib/real/f")],
+                      delete=["/etc/b", "/gone"], opaque=["/dir"]),
+            LayerSpec.files({"/top": b"top layer\n"}),
+        ]
+        img = build_image(work, layers, cmd=["/bin/true"], ref=f"{reg.host}/lazysnap/cli:v1")
+        yield reg, img, work
+
+
+def test_index_push_then_cat_uses_published_index(image, tmp_path: Path) -> None:
+    reg, img, _ = image
+    out = lazysnap("index", img.ref, "--push", "--span", str(1 << 20), "--root", str(tmp_path / "r1"))
+    text = out.stdout.decode()
+    assert f"layers={len(img.layer_digests)}" in text and "pushed=sha256:" in text
+    for dg in img.layer_digests:
+        assert (tmp_path / "r1" / "indexes" / f"{dg.replace(':', '-')}.idx").is_file()
+    # a fresh root: the indexes come from the registry (referrers fallback tag), not rebuilt
+    root2 = str(tmp_path / "r2")
+    res = lazysnap("cat", img.ref, "/data/big", "--offset", str(4 << 20), "--length", "5000",
+                   "--stats", "--root", root2)
+    assert res.stdout == BIG[4 << 20:(4 << 20) + 5000]
+    stats = json.loads(res.stderr.decode().strip().splitlines()[-1])
+    assert set(stats["index_sources"].values()) == {"referrer"}
+    range_bytes = stats["bytes_by_purpose"]["range"]
+    assert 0 < range_bytes < (2 << 20)  # one ~1 MiB span, not the ~3.7 MB layer
+    assert stats["registry_bytes"] < img.layer_sizes[0]
+    assert "layer" not in stats["bytes_by_purpose"]  # no layer was downloaded whole
+    assert 0 < stats["bytes_by_purpose"]["index"] < img.layer_sizes[0]
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/etc/a", b"a from layer 2\n"),          # top-most layer wins
+    ("/dir/z", b"z\n"),
+    ("/data/hl", b"hard linked content\n"),   # hard link resolved
+    ("/lib/real/f", b"real f\n"),             # relative symlink in a parent component
+    ("/abs", b"real f\n"),                    # absolute symlink
+    ("/top", b"top layer\n"),
+    ("/data/big", BIG),
+])
+def test_cat_merged_view(image, tmp_path: Path, path: str, expected: bytes) -> None:
+    reg, img, work = image
+    res = lazysnap("cat", img.ref, path, "--root", str(work / "shared-root"))
+    assert res.stdout == expected
+
+
+@pytest.mark.parametrize("path,why", [
+    ("/etc/b", "no such file"),       # whiteout
+    ("/dir/x", "no such file"),       # hidden by the opaque directory
+    ("/gone/deep/file", "no such file"),  # whiteout of an ancestor
+    ("/nope", "no such file"),
+    ("/etc", "not a regular file"),
+])
+def test_cat_missing_paths_are_clear_errors(image, tmp_path: Path, path: str, why: str) -> None:
+    reg, img, work = image
+    res = lazysnap("cat", img.ref, path, "--root", str(work / "shared-root"), check=False)
+    assert res.returncode == 1 and res.stdout == b""
+    err = res.stderr.decode().strip()
+    assert why in err and len(err.splitlines()) == 1, err
+
+
+def test_cat_builds_index_when_none_published(tmp_path: Path) -> None:
+    with start_registry(tmp_path / "reg") as reg:
+        img = build_image(tmp_path, [LayerSpec.files({"/hello": b"hello lazysnap\n"})], cmd=None,
+                          ref=f"{reg.host}/lazysnap/fresh:v1", compression="none")
+        res = lazysnap("cat", img.ref, "hello", "--stats", "--root", str(tmp_path / "root"))
+        assert res.stdout == b"hello lazysnap\n"
+        assert json.loads(res.stderr.decode().splitlines()[-1])["index_sources"] == {
+            img.layer_digests[0]: "built"}
+
+
+def test_cli_auth_error_is_one_line_without_secret(tmp_path: Path) -> None:
+    secret = "cli-Secret-123"
+    with start_registry(tmp_path / "reg", htpasswd=("erin", secret)) as reg:
+        img = build_image(tmp_path, [LayerSpec.files({"/f": b"auth ok\n"})], cmd=None,
+                          ref=f"{reg.host}/lazysnap/auth:v1", creds=("erin", secret))
+        cfg = tmp_path / "dockercfg"
+        cfg.mkdir()
+
+        def with_password(pw: str) -> dict[str, str]:
+            auth = base64.b64encode(f"erin:{pw}".encode()).decode()
+            (cfg / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+            return {"DOCKER_CONFIG": str(cfg)}
+
+        ok = lazysnap("cat", img.ref, "/f", "--root", str(tmp_path / "root"), env=with_password(secret))
+        assert ok.stdout == b"auth ok\n"
+        bad = lazysnap("cat", img.ref, "/f", "--root", str(tmp_path / "root2"),
+                       env=with_password("wrong-" + secret), check=False)
+        err = bad.stderr.decode()
+        assert bad.returncode == 1 and len(err.strip().splitlines()) == 1
+        assert "erin" in err and "rejected" in err and secret not in err
