@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.byteproxy import ByteProxy
-from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has
+from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has, publish_index, write_hosts
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.registry import start_registry
 
@@ -89,17 +89,26 @@ def _once(node: Node, proxy: ByteProxy, ref: str, *, lazy: bool, how: str) -> Re
     return Result(how, pull.seconds, run.seconds, proxy.downstream_bytes, run.output.strip())
 
 
-def run_overlayfs(workdir: Path, proxy: ByteProxy, ref: str) -> Result:
+def run_overlayfs(workdir: Path, proxy: ByteProxy, ref: str, keep: bool = False) -> Result:
     """Full pull through containerd's own overlayfs snapshotter."""
-    with Node(workdir / "node-overlayfs", proxy.host, lazysnap=False) as node:
+    with Node(workdir / "node-overlayfs", proxy.host, lazysnap=False, keep=keep) as node:
         return _once(node, proxy, ref, lazy=False, how="containerd overlayfs (full pull)")
 
 
-def run_lazysnap(workdir: Path, proxy: ByteProxy, ref: str, compressed: int) -> Result:
+def publish(workdir: Path, registry_host: str, ref: str) -> str:
+    """The publisher's one-off step: ``lazysnap index REF --push`` (layer indexes as an
+    OCI artifact next to the image), so nodes need not stream a layer to index it."""
+    if not lazysnap_has("index"):
+        raise Skip("`lazysnap index` is not available in this checkout")
+    hosts = write_hosts(workdir / "publisher-hosts", registry_host)
+    return publish_index(ref, hosts, workdir / "publisher-root", timeout=STEP_TIMEOUT)
+
+
+def run_lazysnap(workdir: Path, proxy: ByteProxy, ref: str, compressed: int, keep: bool = False) -> Result:
     """Lazy start through ``lazysnap serve`` (CLI contract only); Skip if not possible yet."""
     if not (lazysnap_has("serve") and lazysnap_has("health")):
         raise Skip("`lazysnap serve` is not available in this checkout")
-    with Node(workdir / "node-lazysnap", proxy.host, lazysnap=True) as node:
+    with Node(workdir / "node-lazysnap", proxy.host, lazysnap=True, keep=keep) as node:
         try:
             res = _once(node, proxy, ref, lazy=True, how="lazysnap (lazy, no profile)")
         except subprocess.TimeoutExpired as exc:
@@ -145,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"registry {reg.url} (counted via {proxy.host}); pushed {ref} "
               f"({img.compressed_size / 1e6:.2f} MB, {len(img.layer_digests)} layers) "
               f"in {time.monotonic() - t:.1f}s")
-        results = [run_overlayfs(workdir, proxy, ref)]
+        results = [run_overlayfs(workdir, proxy, ref, args.keep)]
         print(f"overlayfs: {results[0].output}")
         try:
-            lazy = run_lazysnap(workdir, proxy, ref, img.compressed_size)
+            t = time.monotonic()
+            summary = publish(workdir, reg.host, img.ref)
+            print(f"published the layer indexes (lazysnap index --push) in {time.monotonic() - t:.1f}s: {summary}")
+            lazy = run_lazysnap(workdir, proxy, ref, img.compressed_size, args.keep)
             print(f"lazysnap:  {lazy.output}")
             results.append(lazy)
         except (Skip, RuntimeError) as exc:  # NodeError, ContainerdError

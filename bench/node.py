@@ -21,7 +21,7 @@ from harness.containerd import Containerd, start_containerd, unmount_under
 from harness.registry import free_port
 
 __all__ = ["LazysnapDaemon", "Node", "NodeError", "Skip", "drop_caches", "write_hosts",
-           "lazysnap_argv", "lazysnap_has"]
+           "lazysnap_argv", "lazysnap_has", "publish_index"]
 
 SNAPSHOTTER = "lazysnap"
 
@@ -69,6 +69,17 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
     (d / "hosts.toml").write_text(
         f'server = "http://{host}"\n\n[host."http://{host}"]\n  capabilities = ["pull", "resolve"]\n')
     return hosts_dir
+
+
+def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) -> str:
+    """``lazysnap index REF --push``: what an image publisher runs once after pushing, so
+    nodes find each layer's index in the registry instead of streaming the layer to build
+    it. Returns the command's summary line."""
+    argv = [*lazysnap_argv(), "index", ref, "--push", "--root", str(root), "--hosts-dir", str(hosts_dir)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise NodeError(f"lazysnap index --push failed: {(r.stderr or r.stdout).strip()[-500:]}")
+    return (r.stdout.strip().splitlines() or [""])[-1]
 
 
 class LazysnapDaemon:
@@ -142,8 +153,9 @@ class Node:
     """containerd (+ lazysnap) under ``workdir``; ``close()`` stops both and unmounts."""
 
     def __init__(self, workdir: Path, registry_host: str, *, lazysnap: bool,
-                 lazysnap_root: Path | None = None) -> None:
+                 lazysnap_root: Path | None = None, keep: bool = False) -> None:
         self.workdir = workdir
+        self.keep = keep
         workdir.mkdir(parents=True, exist_ok=True)
         self.hosts_dir = write_hosts(workdir / "hosts", registry_host)
         self.daemon: LazysnapDaemon | None = None
@@ -201,8 +213,9 @@ class Node:
         if r.returncode != 0:
             raise NodeError(f"lazysnap profile push failed: {r.stderr.strip()[-500:]}")
 
-    def close(self, *, keep: bool = False) -> None:
-        """Stop containerd then lazysnap (containerd holds mounts on lazysnap's FUSE)."""
+    def close(self) -> None:
+        """Stop containerd then lazysnap (containerd holds mounts on lazysnap's FUSE);
+        remove the node's files unless ``keep``."""
         if self.containerd is not None:
             self.containerd.stop()
             self.containerd = None
@@ -210,7 +223,7 @@ class Node:
             self.daemon.stop()
             self.daemon = None
         unmount_under(self.workdir)
-        if not keep:
+        if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Node:

@@ -13,8 +13,8 @@ expired and records any ``Authorization`` header that reaches it (there must be 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import hashlib
 import hmac
 import re

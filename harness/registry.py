@@ -2,10 +2,10 @@
 
 Modes: plain HTTP (default), htpasswd Basic auth, token auth (``TokenAuth`` from
 ``harness.tokenserver``), proxy (pull-through cache) of another registry, and HTTPS
-with a test CA (``tls=True``). Each
-registry gets its own storage dir, config and free port under ``workdir``; ``stop()`` /
-``start()`` restart it on the same port and storage (to show fallbacks). Readiness is a
-poll of ``GET /v2/`` — never a sleep.
+with a test CA (``tls=True``). Each registry gets its own storage dir, config and free
+port under ``workdir``; ``stop()`` / ``start()`` restart it on the same port and storage
+(to show fallbacks). Readiness is a poll of ``GET /v2/``, never a sleep.
+``push_image(client, ref, layers)`` pushes a minimal image with a ``RegistryClient``.
 
     with start_registry(tmp_path / "reg") as reg:
         ... reg.url  # "http://127.0.0.1:PORT"
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from harness.tokenserver import TokenAuth
 
-__all__ = ["Registry", "TokenAuth", "start_registry", "free_port"]
+__all__ = ["Registry", "TokenAuth", "start_registry", "free_port", "make_tls", "push_image"]
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 

@@ -2,9 +2,10 @@
 
 The registry verifies the JWTs it issues against ``cert_path`` (its ``rootcertbundle``),
 so tests exercise the genuine Bearer flow (401 challenge → realm → token → retry) without
-mocks. It runs aiohttp on its own event loop in a daemon thread (``LoopThread``), so both sync and async
-tests can use it. Counters (``requests``, ``issued``, ``failures``) let tests assert how
-often a client came back for a token.
+mocks. It runs aiohttp on its own event loop in a daemon thread (``LoopThread``), so
+both sync and async tests can use it. ``POST /token`` serves the OAuth2 refresh-token
+grant (docker's ``identitytoken``). Counters (``requests``, ``issued``, ``failures``) let
+tests assert how often a client came back for a token.
 """
 from __future__ import annotations
 

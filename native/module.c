@@ -277,6 +277,7 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
     for (size_t i = 0; i < ncp; i++)
         nframes += cp[i].kind == CK_STREAM_START || cp[i].kind == CK_ZSTD_FRAME;
     SET("sequential_only", PyBool_FromLong(sc->format == FMT_ZSTD && nframes <= 1));
+    SET("hash_thread_cpu_ns", u64(sc->thread_cpu_ns));
 
     size_t ne = tar_entry_count(t);
     v = PyList_New((Py_ssize_t)ne);

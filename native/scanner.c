@@ -9,6 +9,8 @@
  * one contiguous slice and blocks can be handed over without further copies. */
 #include "scanner.h"
 
+#include <time.h>
+
 enum { GZ_BETWEEN = 0, GZ_IN = 1 };
 
 #define GZ_HUNT_SLICE 32            /* input slice while looking for a block boundary */
@@ -62,6 +64,9 @@ static void *consumer_main(void *arg)
         pthread_cond_broadcast(&sc->cv_prod);
     }
     pthread_mutex_unlock(&sc->mu);
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+        sc->thread_cpu_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
     return NULL;
 }
 

@@ -59,6 +59,7 @@ typedef struct {
     int in_job_done;
     int free_list[LZ_NBLOCKS], free_count;
     int eof, cons_failed;
+    uint64_t thread_cpu_ns;  /* CPU time the hash thread used (for benchmarks) */
     /* checkpoints */
     lz_buf cps;              /* lz_checkpoint[] */
     /* gzip */

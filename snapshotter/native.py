@@ -47,6 +47,11 @@ class RawEntry(NamedTuple):
 
 
 class RawCheckpoint(NamedTuple):
+    """Where decoding can start. The first is always STREAM_START at offset 0; then gzip
+    gives DEFLATE (bits + 32 KiB window, at a deflate block boundary after every
+    span_size compressed bytes) and GZIP_MEMBER (each later member); zstd gives
+    ZSTD_FRAME for each later frame; plain tar has only STREAM_START."""
+
     kind: int  # model.CheckpointKind number
     compressed_offset: int
     uncompressed_offset: int
@@ -67,6 +72,7 @@ class ScanResult:
     entries: list[RawEntry]
     chunks: bytes  # packed CHUNK_RECORD records, in file order
     checkpoints: list[RawCheckpoint]
+    hash_thread_cpu_ns: int = 0  # CPU time of the scanner's hash thread (benchmarks)
 
     def iter_chunks(self) -> Iterator[tuple[int, int, bytes]]:
         return iter_chunk_records(self.chunks)
@@ -103,6 +109,7 @@ class Scanner:
             diff_id=r["diff_id"], sequential_only=r["sequential_only"],
             entries=[RawEntry._make(e) for e in r["entries"]], chunks=r["chunks"],
             checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
+            hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0),
         )
 
 

@@ -198,7 +198,7 @@ def test_layer_registry_and_root(mounted, layer) -> None:
     assert os.listdir(d.parent) == ["abc123"]
     with pytest.raises(FileNotFoundError):
         os.stat(d.parent / "nope")
-    ft.call(lambda: ft.fs.remove_layer("abc123"))
+    ft.run(lambda: ft.fs.remove_layer("abc123"))
     assert os.listdir(d.parent) == []
     assert not os.path.exists(d)
 

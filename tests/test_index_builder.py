@@ -176,3 +176,14 @@ async def test_index_stream_matches_index_file(tmp_path) -> None:  # type: ignor
     assert serialize_index(streamed) == serialize_index(local)
     with pytest.raises(IndexBuildError, match="does not match"):
         await index_stream(slices(), expected_digest="sha256:" + "0" * 64)
+
+
+def test_chunk_size_is_checked_or_inferred() -> None:
+    raw = _tar(("file", "big", bytes(range(256)) * 100), ("file", "small", b"abc"), ("file", "empty", b""))
+    sc = PyScanner(chunk_size=4096)
+    sc.feed(raw)
+    scan = sc.finish()
+    assert build_index(scan).info.chunk_size == 4096  # inferred from the multi-chunk file
+    assert build_index(scan, chunk_size=4096).info.chunk_size == 4096
+    with pytest.raises(IndexBuildError, match="chunk size 8192"):
+        build_index(scan, chunk_size=8192)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.errors import IndexFormatError, LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index, write_index
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
@@ -158,3 +158,54 @@ def test_500k_entries_open_fast_and_lookup_lazily(tmp_path: Path) -> None:
     assert lookups < 0.005, lookups
     assert len(f.children("dir123")) == 1000
     f.close()
+
+
+def _resealed(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    from snapshotter.index.format import _CHECKSUM_AT, _checksum
+
+    bad = bytearray(data)
+    for pos, val in flips:
+        p = 24 + pos % (len(bad) - 24)  # keep magic/version/flags/checksum, damage the rest
+        bad[p] = val
+    bad[_CHECKSUM_AT:_CHECKSUM_AT + 8] = _checksum(bad).to_bytes(8, "little")
+    return bytes(bad)
+
+
+def _sample_index() -> bytes:
+    chunks = [Chunk(1024 * i, 512, bytes([i]) * 32) for i in range(6)]
+    entries = [Entry("", EntryType.DIR, 0o755, 0, 0, 0, 0), Entry("d", EntryType.DIR, 0o755, 0, 0, 0, 0),
+               Entry("d/f", EntryType.REG, 0o644, 1, 2, 1024, 5, first_chunk=0, chunk_count=2,
+                     xattrs={"user.a": b"1"}),
+               Entry("d/s", EntryType.SYMLINK, 0o777, 0, 0, 0, 5, linkname="/etc/passwd"),
+               Entry("d/h", EntryType.HARDLINK, 0o644, 0, 0, 0, 5, linkname="d/f"),
+               Entry("g", EntryType.REG, 0o644, 0, 0, 2048, 5, first_chunk=2, chunk_count=4, sparse=((0, 5), (100, 7))),
+               Entry("c", EntryType.CHAR, 0o600, 0, 0, 0, 5, devmajor=1, devminor=3)]
+    info = LayerInfo(LayerFormat.GZIP, 10_000, 20_000, "sha256:" + "cd" * 32, None, 512, 4096, False)
+    cks = [Checkpoint(CheckpointKind.STREAM_START, 0, 0), Checkpoint(CheckpointKind.DEFLATE, 4000, 9000, 3, b"w" * 900)]
+    return serialize_index(LayerIndex(info, entries, chunks, cks))
+
+
+_SAMPLE = _sample_index()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, int]]) -> None:
+    """An index from a registry may be crafted: reading it raises IndexFormatError or
+    yields values, never another exception (IndexError, struct.error, UnicodeError...)."""
+    from snapshotter.index.reader import chunks_for_range, plan_chunks
+
+    try:
+        f = IndexFile.from_bytes(_resealed(_SAMPLE, flips))
+        for e in f.entries():
+            f.lookup(e.path)
+            f.children(e.path)
+            n = f.find(e.path)
+            if n is not None:
+                f.inode(n)
+            if e.type == EntryType.REG:
+                ids = chunks_for_range(f, e, 0, None) if e.size < 1 << 30 else []
+                plan_chunks(f, ids)
+        f.checkpoints()
+    except LayerIndexError:  # IndexFormatError, or a read-planning error naming the problem
+        pass

@@ -8,6 +8,7 @@ import io
 import os
 import random
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ except ImportError:
 
 SCANNERS = ["python", pytest.param("native", marks=pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built"))]
 COMPRESSIONS = ["none", "gzip1", "gzip6", "gzip9", "gzip-multi", "zstd", "zstd-multi"]
+EXAMPLES = int(os.environ.get("LAZYSNAP_HYPOTHESIS_EXAMPLES", "12"))  # raise for a deep run
 SPAN = 32 << 10
 CHUNK = 16 << 10
 
@@ -190,7 +192,7 @@ def check_against_tarfile(idx: IndexFile, raw: bytes, blob: bytes, data: Any | N
 
 @pytest.mark.parametrize("scanner", SCANNERS)
 @pytest.mark.parametrize("how", COMPRESSIONS)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(raw=tar_layers(), seed=st.integers(0, 1000), data=st.data())
 def test_random_access_equals_tarfile(scanner: str, how: str, raw: bytes, seed: int, data: Any) -> None:
     blob = compress(raw, how, seed)
@@ -338,7 +340,7 @@ def test_gnu_sparse_files(tmp_path: Path, scanner: str, tar_format: str) -> None
 
 @pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built")
 @pytest.mark.parametrize("how", ["none", "gzip6", "gzip-multi", "zstd-multi"])
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(raw=tar_layers(), seed=st.integers(0, 1000))
 def test_native_matches_python_scanner(how: str, raw: bytes, seed: int) -> None:
     """Two independent scanners (C and pure Python) must agree on every entry and chunk."""
@@ -439,3 +441,27 @@ def _mangle_base() -> bytes:
 _MANGLE_BASE = _mangle_base()
 _MANGLE_HEADERS = [i for i in range(0, len(_MANGLE_BASE), 512)
                    if _MANGLE_BASE[i:i + 512] != bytes(512) and _MANGLE_BASE[i + 257:i + 262] == b"ustar"]
+
+
+def _nul_in_xattr_key_layer() -> bytes:
+    raw = bytearray(_MANGLE_BASE)
+    pos = raw.rfind(b"SCHILY.xattr.user.x")
+    raw[pos + len(b"SCHILY.xattr.use")] = 0  # PAX key "SCHILY.xattr.use\0.x"
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("scanner", SCANNERS)
+def test_nul_in_pax_xattr_key_fails_cleanly(scanner: str, tmp_path: Path) -> None:
+    """Found by the mangling test: the scan runs in a child process so a crash in C is a
+    test failure, not the end of the test session."""
+    layer = tmp_path / "nul.tar"
+    layer.write_bytes(_nul_in_xattr_key_layer())
+    code = ("import sys\n"
+            "from snapshotter.index.builder import index_file\n"
+            "from snapshotter.index.errors import LAYER_ERRORS, IndexBuildError\n"
+            f"try:\n    index_file(sys.argv[1], scanner={scanner!r})\n"
+            "except (IndexBuildError, *LAYER_ERRORS) as e:\n    print('error', e)\nelse:\n    print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code, str(layer)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-500:]}"
+    assert p.stdout.startswith(("ok", "error"))

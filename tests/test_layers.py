@@ -161,8 +161,7 @@ def test_published_index_makes_layers_lazy(env: Env, tmp_path: Path) -> None:
     # fully read: the completeness check streams the blob once and verifies the index
     layer = p.layer(env.layers[0])
     assert layer.verify_task is not None
-    env.loop.run(lambda: asyncio.wait_for(asyncio.shield(layer.verify_task), 60))
-    assert layer.verified
+    assert env.loop.run(lambda: p.wait_verified(env.layers[0], 60)) is True
     # lazily read once (+ span overlap) + the verification stream + the small layer
     assert env.proxy.stats.body_bytes < len(env.blobs[0]) * 2.3 + len(env.blobs[1]) + (1 << 20)
 
@@ -239,10 +238,67 @@ def test_lying_index_is_quarantined(env: Env, tmp_path: Path) -> None:
     layer = p.layer(env.layers[0])
     assert layer.source == "local" and not layer.verified
     assert (d0 / "etc/hostname").read_bytes() == b"lazy\n"
-    ok = env.loop.run(lambda: p.verify_layer(layer))
+    ok = env.loop.run(lambda: p.verify_layer(env.layers[0]))
     assert ok is False
     with pytest.raises(OSError) as exc:
         (d0 / "data/big.bin").read_bytes()
     assert exc.value.errno == errno.EIO
     assert not indexes.index_path(root, env.layers[0]).exists()
     assert list((root / "indexes" / "quarantine").iterdir())
+
+
+def test_shared_content_is_fetched_once(tmp_path: Path) -> None:
+    """Two images whose layers differ but share a big file: the second image's read of it
+    is served from the node's chunk store, with no registry traffic for it."""
+    big_tar = tmp_path / "a.tar"
+    make_layer_tar(big_tar)
+    with tarfile.open(big_tar) as tf:
+        big = tf.extractfile("data/big.bin").read()
+    other_tar = tmp_path / "b.tar"
+    with tarfile.open(other_tar, "w") as tf:
+        import io
+
+        for name, data in {"other/readme": b"another image\n", "copy/big.bin": big}.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    blobs = [gzip.compress(big_tar.read_bytes(), 6), gzip.compress(other_tar.read_bytes(), 6)]
+    reg = start_registry(tmp_path / "reg")
+    proxy = start_proxy(reg.url)
+    loop = Loop()
+    p = None
+    try:
+        refs = [f"{proxy.host}/lazy/one:v1", f"{proxy.host}/lazy/two:v1"]
+
+        async def push() -> list[str]:
+            async with RegistryClient(RegistryConfig()) as c:
+                return [(await push_image(c, ref, [b]))["layer_digests"][0] for ref, b in zip(refs, blobs)]
+
+        digests = loop.run(push)
+        for ref in refs:
+            subprocess.run([sys.executable, "-m", "snapshotter", "index", ref, "--push", "--root",
+                            str(tmp_path / "publisher"), "--span", str(1 << 20)], check=True, cwd=REPO,
+                           capture_output=True, timeout=120)
+
+        async def make() -> LazyLayerProvider:
+            return LazyLayerProvider(tmp_path / "node", RegistryClient(RegistryConfig()),
+                                     LazyOptions(verify_complete_layers=False))
+
+        p = loop.run(make)
+        dirs = []
+        for ref, digest in zip(refs, digests):
+            req = RemoteLayerRequest(key=ref, parent="", chain_id=digest, labels={}, image_ref=ref,
+                                     layer_digest=digest, manifest_digest=None, image_layers=(digest,))
+            dirs.append(loop.run(lambda: p.provide(req)))
+        assert (dirs[0] / "data/big.bin").read_bytes() == big
+        proxy.reset_stats()
+        assert (dirs[1] / "copy/big.bin").read_bytes() == big
+        assert proxy.stats.body_bytes == 0  # every chunk of the copy was already on this node
+        assert (dirs[1] / "other/readme").read_bytes() == b"another image\n"
+        assert 0 < proxy.stats.body_bytes < len(blobs[1]) // 4
+    finally:
+        if p is not None:
+            loop.run(p.close)
+        loop.stop()
+        proxy.stop()
+        reg.stop()

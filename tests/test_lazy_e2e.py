@@ -6,23 +6,27 @@ output, and the registry's counted bytes show the big layer was read only in par
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from harness.containerd import start_containerd, start_lazysnap, unmount_under
-from harness.images import File, LayerSpec, build_image, busybox_rootfs
-from harness.proxy import start_proxy
-from harness.registry import start_registry
+from harness.containerd import Containerd, LazysnapDaemon, start_containerd, start_lazysnap, unmount_under
+from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
+from harness.proxy import Proxy, start_proxy
+from harness.registry import Registry, start_registry
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 BIG = 24 << 20
+CMD = ["/bin/sh", "-c", "cat /data/hello.txt; ls /data"]
+EXPECTED = "hello lazy world\nbig.bin\nextra.txt\nhello.txt\n"
 
 
 def _big() -> bytes:
@@ -38,11 +42,23 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
-def test_rpull_and_run_lazily(tmp_path: Path) -> None:
-    reg = start_registry(tmp_path / "reg")
+@dataclass
+class World:
+    reg: Registry
+    proxy: Proxy
+    img: PushedImage
+
+    @property
+    def ref(self) -> str:
+        """The image through the counting proxy (what containerd pulls)."""
+        return f"{self.proxy.host}/lazy/e2e:v1"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    reg = start_registry(tmp / "reg")
     proxy = start_proxy(reg.url)
-    daemon = None
-    cd = None
     try:
         layers = [
             busybox_rootfs(),
@@ -50,35 +66,64 @@ def test_rpull_and_run_lazily(tmp_path: Path) -> None:
                                File("/data/doomed.txt", b"deleted by the next layer\n")]),
             LayerSpec(entries=[File("/data/extra.txt", b"top layer\n")], delete=["/data/doomed.txt"]),
         ]
-        img = build_image(tmp_path / "img", layers, cmd=["/bin/sh", "-c", "cat /data/hello.txt; ls /data"],
-                          ref=f"{reg.host}/lazy/e2e:v1")
-        big_layer_size = max(img.layer_sizes)
+        img = build_image(tmp / "img", layers, cmd=CMD, ref=f"{reg.host}/lazy/e2e:v1")
         subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", "--root",
-                        str(tmp_path / "publisher"), "--hosts-dir", str(tmp_path / "nohosts")],
+                        str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
                        check=True, cwd=REPO, capture_output=True, timeout=300)
+        yield World(reg, proxy, img)
+    finally:
+        proxy.stop()
+        reg.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    daemon = cd = None
+    try:
         daemon = start_lazysnap(tmp_path / "daemon", root=tmp_path / "root")
         cd = start_containerd(tmp_path / "ctrd", proxy_plugins={"lazysnap": daemon.address})
-        proxy.reset_stats()
-        ref = f"{proxy.host}/lazy/e2e:v1"
-        cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", ref)
-        have = set(cd.ctr("content", "ls", "-q").stdout.split())
-        assert not have & set(img.layer_digests), "containerd downloaded a layer blob"
-        r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, "lazy-e2e")
-        assert r.stdout == "hello lazy world\nbig.bin\nextra.txt\nhello.txt\n", r.stdout + r.stderr
-        fetched = proxy.stats.body_bytes
-        assert fetched < img.compressed_size - big_layer_size // 2, (fetched, img.layer_sizes)
-        # a file read through overlayfs + FUSE equals the layer content
-        r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, "lazy-e2e-2", "sha256sum", "/data/big.bin")
-        assert r.stdout.split()[0] == hashlib.sha256(_big()).hexdigest()
-        assert daemon.metrics_url is not None
-        assert _metric(daemon.metrics_url, "lazysnap_registry_bytes_fetched_total") > 0
-        assert _metric(daemon.metrics_url, "lazysnap_remote_snapshots_total") == len(img.layer_digests)
+        yield daemon, cd
     finally:
         if cd is not None:
             cd.stop()
         if daemon is not None:
-            daemon.terminate()
             daemon.stop()
         unmount_under(tmp_path)
-        proxy.stop()
-        reg.stop()
+
+
+def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
+    daemon, cd = node
+    world.proxy.reset_stats()
+    cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
+    have = set(cd.ctr("content", "ls", "-q").stdout.split())
+    assert not have & set(world.img.layer_digests), "containerd downloaded a layer blob"
+    r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "lazy-e2e")
+    assert r.stdout == EXPECTED, r.stdout + r.stderr
+    fetched = world.proxy.stats.body_bytes
+    big_layer = max(world.img.layer_sizes)
+    assert fetched < world.img.compressed_size - big_layer // 2, (fetched, world.img.layer_sizes)
+    # a file read through overlayfs + FUSE equals the layer content
+    r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "lazy-e2e-2", "sha256sum", "/data/big.bin")
+    assert r.stdout.split()[0] == hashlib.sha256(_big()).hexdigest()
+    assert daemon.metrics_url is not None
+    assert _metric(daemon.metrics_url, "lazysnap_registry_bytes_fetched_total") > 0
+    assert _metric(daemon.metrics_url, "lazysnap_remote_snapshots_total") == len(world.img.layer_digests)
+
+
+def test_four_containers_at_once(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
+    _, cd = node
+    cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref,
+                                              f"par-{i}", "sha256sum", "/data/big.bin").stdout, range(4)))
+    want = hashlib.sha256(_big()).hexdigest()
+    assert [o.split()[0] for o in outs] == [want] * 4
+
+
+def test_daemon_restart_remounts_layers(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
+    daemon, cd = node
+    cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
+    assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "before").stdout == EXPECTED
+    assert daemon.terminate() == 0
+    daemon.start()  # same root: the service restores every provided layer from the local index
+    assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "after").stdout == EXPECTED

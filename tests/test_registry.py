@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 
 from harness.registry import TokenAuth, push_image, start_registry
-from snapshotter.registry import (AuthError, DigestMismatchError, NotFoundError, PlatformError,
-                                  RegistryClient, RegistryConfig)
+from snapshotter.registry import (
+    AuthError,
+    DigestMismatchError,
+    NotFoundError,
+    PlatformError,
+    RegistryClient,
+    RegistryConfig,
+)
 from snapshotter.registry.manifest import sha256_digest
 
 

@@ -185,6 +185,20 @@ def _hosts_toml(hosts_dir: Path, registry: str, mirrors: list[str]) -> None:
     (d / "hosts.toml").write_text("\n".join(lines))
 
 
+async def _wait_cached(storage: Path, digest: str, size: int, timeout: float = 20.0) -> None:
+    """Poll the pull-through registry's storage until it holds the whole blob."""
+    hexd = digest.split(":")[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(storage.rglob(f"blobs/sha256/{hexd[:2]}/{hexd}/data"))
+        linked = list(storage.rglob(f"repositories/*/*/_layers/sha256/{hexd}/link"))
+        if found and found[0].stat().st_size == size and linked:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"mirror never cached {digest}")
+        await asyncio.sleep(0.05)
+
+
 async def test_pull_through_mirror_fallback_order(tmp_path: Path) -> None:
     """hosts.toml: dead mirror, pull-through docker-registry mirror, then upstream."""
     layer_a, layer_b = os.urandom(700_000), os.urandom(300_000)
@@ -213,6 +227,7 @@ async def test_pull_through_mirror_fallback_order(tmp_path: Path) -> None:
                 assert dead_host in c._mirror_down  # and is not dialled again for a while
                 # prime the mirror's cache with the whole of layer A
                 assert b"".join([x async for x in c.stream_blob(ref, a)]) == layer_a
+                await _wait_cached(mirror.storage, a, len(layer_a))  # the cache writes it behind us
                 # halfway: the upstream goes away; the pull-through cache still serves A
                 up.stop()
                 assert await c.read_range(ref, a, 600_000, 700_000) == layer_a[600_000:700_000]

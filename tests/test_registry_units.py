@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from snapshotter.registry import InvalidReferenceError, Reference
 from snapshotter.registry.auth import parse_challenge

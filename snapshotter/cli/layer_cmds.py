@@ -58,6 +58,8 @@ def _open_index(path: str) -> Iterator[IndexFile]:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.source):
+        raise CLIError(f"{args.source} is a directory, not a layer file")
     if not os.path.isfile(args.source):
         return _remote("index_ref", args, args.source)
     if not args.output:

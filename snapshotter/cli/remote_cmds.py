@@ -23,13 +23,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.cli import CLIError
-from snapshotter.index.builder import DEFAULT_CHUNK, DEFAULT_SPAN, clean_path, index_stream
+from snapshotter.index.builder import (
+    DEFAULT_CHUNK,
+    DEFAULT_SPAN,
+    clean_path,
+    index_stream,
+)
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.index.model import Entry, EntryType
-from snapshotter.index.reader import assemble_range, chunks_for_range, decode_span, plan_chunks
-from snapshotter.registry import (Descriptor, RegistryClient, RegistryConfig, RegistryError,
-                                  ResolvedImage)
+from snapshotter.index.reader import (
+    assemble_range,
+    chunks_for_range,
+    decode_span,
+    plan_chunks,
+)
+from snapshotter.log import configure
+from snapshotter.registry import (
+    Descriptor,
+    RegistryClient,
+    RegistryConfig,
+    RegistryError,
+    ResolvedImage,
+)
 
 INDEX_ARTIFACT = "application/vnd.lazysnap.index.v1"
 INDEX_LAYER_MEDIA = "application/vnd.lazysnap.index.layer.v1"
@@ -43,8 +59,11 @@ _ERRORS: tuple[type[BaseException], ...] = (RegistryError, LayerIndexError, *LAY
 
 
 def _config(args: argparse.Namespace) -> RegistryConfig:
+    """hosts.toml dir from --hosts-dir; docker config from $DOCKER_CONFIG; ECR API endpoint
+    override from $LAZYSNAP_ECR_ENDPOINT_URL (botocore also honours $AWS_ENDPOINT_URL_ECR)."""
     hosts = getattr(args, "hosts_dir", None)
-    return RegistryConfig(hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None)
+    return RegistryConfig(hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None,
+                          ecr_endpoint_url=os.environ.get("LAZYSNAP_ECR_ENDPOINT_URL") or None)
 
 
 def _index_path(root: Path, digest: str) -> Path:
@@ -79,6 +98,8 @@ def _open_cached(path: Path, digest: str) -> IndexFile | None:
 
 
 def _run(coro: object) -> int:
+    # Retries and fallbacks are worth seeing on stderr, as key=value lines (redacted).
+    configure(os.environ.get("LAZYSNAP_LOG_LEVEL", "warning"))
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except _ERRORS as exc:

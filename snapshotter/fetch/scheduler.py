@@ -22,7 +22,6 @@ import enum
 import errno
 import heapq
 import itertools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,9 @@ from typing import Any, Protocol
 
 from snapshotter.fetch import metrics
 from snapshotter.store import ChunkStore
+from snapshotter.log import get_logger
 
-log = logging.getLogger("lazysnap.fetch")
+log = get_logger("lazysnap.fetch")
 
 
 class Priority(enum.IntEnum):
@@ -239,8 +239,8 @@ class LayerFetcher:
             self._failed_at.clear()
         for c in wanted:
             self._failed_at[c] = now
-        log.error("event=fetch_failed layer=%s chunks=%d priority=%s deadline_s=%s error=%r",
-                  self.key, len(wanted), priority.purpose, self.fetcher.options.deadline_s, last_error)
+        log.error("fetch_failed", layer=self.key, chunks=len(wanted), priority=priority.purpose,
+                  deadline_s=self.fetcher.options.deadline_s, error=repr(last_error))
         raise FetchError(f"cannot fetch {len(wanted)} chunk(s) of layer {self.key}: {last_error}")
 
     def prefetch(self, chunk_ids: Sequence[int], priority: Priority = Priority.PREFETCH) -> asyncio.Task[None]:
@@ -261,7 +261,7 @@ class LayerFetcher:
         for fut in self._inflight.values():
             if not fut.done():
                 fut.set_exception(FetchError(reason))
-        log.error("event=layer_quarantined layer=%s reason=%s", self.key, reason)
+        log.error("layer_quarantined", layer=self.key, reason=reason)
 
     def close(self) -> None:
         for task in list(self._tasks):
@@ -286,8 +286,8 @@ class LayerFetcher:
                 futs.append(fut)
         if new:
             if self.sequential_only:
-                log.info("event=layer_streamed layer=%s reason=sequential_only chunks=%d "
-                         "note=no_random_access_streaming_from_start", self.key, len(new))
+                log.info("layer_streamed", layer=self.key, reason="sequential_only", chunks=len(new),
+                         note="no random access: streaming the layer from the start into the store")
             for plan in self.codec.plan(new):
                 job_futs = {}
                 for c in _plan_chunk_ids(plan, new):
@@ -340,8 +340,8 @@ class LayerFetcher:
                     fut.set_exception(FetchError("fetch cancelled"))
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: retried by ensure() until its deadline
-            log.warning("event=span_fetch_error layer=%s range=%d-%d priority=%s error=%r",
-                        self.key, start, end, job.priority.purpose, exc)
+            log.warning("span_fetch_error", layer=self.key, range=f"{start}-{end}", priority=job.priority.purpose,
+                        error=repr(exc))
             metrics.SPAN_ERRORS.labels(type(exc).__name__).inc()
             for fut in job.futures.values():
                 if not fut.done():

@@ -7,14 +7,14 @@ chunks that is one or two preads per FUSE request.
 from __future__ import annotations
 
 import errno
-import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from snapshotter.index.model import Chunk, Entry
 from snapshotter.store import ChunkStore
+from snapshotter.log import get_logger
 
-log = logging.getLogger("lazysnap.fs")
+log = get_logger("lazysnap.fs")
 
 
 class ChunkFetcher(Protocol):

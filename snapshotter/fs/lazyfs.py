@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import stat
 import time
@@ -25,8 +24,9 @@ import pyfuse3
 
 from snapshotter.fs.data import LayerData
 from snapshotter.fs.tree import LayerTree, Node
+from snapshotter.log import get_logger
 
-log = logging.getLogger("lazysnap.fs")
+log = get_logger("lazysnap.fs")
 
 ROOT = pyfuse3.ROOT_INODE
 _SLOT_SHIFT = 32
@@ -80,7 +80,7 @@ class LazyFS(pyfuse3.Operations):
         pyfuse3.init(self, str(self.mountpoint), opts)
         self._mounted = True
         self._task = asyncio.get_running_loop().create_task(pyfuse3.main(), name="fuse-main")
-        log.info("event=fuse_mounted mountpoint=%s", self.mountpoint)
+        log.info("fuse_mounted", mountpoint=self.mountpoint)
 
     async def stop(self) -> None:
         if not self._mounted:
@@ -96,7 +96,7 @@ class LazyFS(pyfuse3.Operations):
             except (asyncio.TimeoutError, Exception):  # noqa: BLE001
                 self._task.cancel()
         pyfuse3.close(unmount=True)
-        log.info("event=fuse_unmounted mountpoint=%s", self.mountpoint)
+        log.info("fuse_unmounted", mountpoint=self.mountpoint)
 
     def init(self) -> None:
         # FUSE INIT is being answered; its reply caps readahead, so raise it right after
@@ -113,21 +113,23 @@ class LazyFS(pyfuse3.Operations):
         self._next_slot += 1
         self._layers[name] = layer
         self._slots[layer.slot] = layer
-        log.info("event=layer_registered layer=%s slot=%d inodes=%d files=%d",
-                 name, layer.slot, len(tree.nodes) - 1, tree.files)
+        log.info("layer_registered", layer=name, slot=layer.slot, inodes=len(tree.nodes) - 1, files=tree.files)
         return self.mountpoint / name
 
-    def remove_layer(self, name: str) -> None:
+    async def remove_layer(self, name: str) -> None:
+        """Unregister a layer and make the kernel forget ``<mnt>/<name>`` before returning."""
         layer = self._layers.pop(name, None)
         if layer is None:
             return
         del self._slots[layer.slot]
         if self._mounted:
+            # blocking notify: run it off the loop, which must keep answering FUSE requests
             try:
-                pyfuse3.invalidate_entry_async(ROOT, name.encode(), ignore_enoent=True)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("event=invalidate_failed layer=%s error=%s", name, exc)
-        log.info("event=layer_unregistered layer=%s", name)
+                await asyncio.to_thread(pyfuse3.invalidate_entry, ROOT, name.encode())
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("invalidate_failed", layer=name, error=str(exc))
+        log.info("layer_unregistered", layer=name)
 
     def layer(self, name: str) -> MountedLayer | None:
         return self._layers.get(name)
@@ -293,8 +295,7 @@ class LazyFS(pyfuse3.Operations):
         try:
             return await layer.data.read(node.entry, off, size)
         except OSError as exc:
-            log.error("event=read_failed layer=%s path=%s off=%d size=%d error=%s",
-                      layer.name, node.entry.path, off, size, exc)
+            log.error("read_failed", layer=layer.name, path=node.entry.path, off=off, size=size, error=exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     async def release(self, fh: int) -> None:
@@ -321,7 +322,7 @@ def _set_readahead(mountpoint: Path, kb: int) -> None:
         with open(path, "w") as f:
             f.write(str(kb))
     except OSError as exc:
-        log.warning("event=readahead_not_set mountpoint=%s error=%s", mountpoint, exc)
+        log.warning("readahead_not_set", mountpoint=mountpoint, error=exc)
 
 
 def _lazy_unmount_stale(mountpoint: Path) -> None:
@@ -334,5 +335,5 @@ def _lazy_unmount_stale(mountpoint: Path) -> None:
             return
     import subprocess
 
-    log.warning("event=stale_mount mountpoint=%s action=lazy_unmount", mountpoint)
+    log.warning("stale_mount", mountpoint=mountpoint, action="lazy_unmount")
     subprocess.run(["umount", "-l", str(mountpoint)], check=False)

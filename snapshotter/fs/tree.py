@@ -10,14 +10,14 @@ conventions exactly like containerd's overlay applier:
 """
 from __future__ import annotations
 
-import logging
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from snapshotter.index.model import Entry, EntryType
+from snapshotter.log import get_logger
 
-log = logging.getLogger("lazysnap.fs")
+log = get_logger("lazysnap.fs")
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -152,7 +152,7 @@ class LayerTree:
             target_local = self.by_path.get(_norm(e.linkname))
             target = self.nodes[target_local] if target_local is not None else None
             if target is None or target.is_dir:
-                log.warning("event=hardlink_target_missing path=%s target=%s action=skip", path, e.linkname)
+                log.warning("hardlink_target_missing", path=path, target=e.linkname, action="skip")
                 return
             if self.by_path.get(path) == target.local:
                 return

@@ -166,6 +166,19 @@ class _Tree:
         self.kids[path.rpartition("/")[0]].add(path)
 
 
+_LIMITS = {"uid": _U32, "gid": _U32, "devmajor": _U32, "devminor": _U32, "size": (1 << 63) - 1,
+           "stored_size": (1 << 63) - 1, "data_offset": (1 << 63) - 1}
+
+
+def _check_ranges(path: str, *, mtime_ns: int, **fields: int) -> None:
+    """Header numbers must fit the index's fixed-width records (and make sense)."""
+    for name, value in fields.items():
+        if not 0 <= value <= _LIMITS[name]:
+            raise IndexBuildError(f"{path!r}: {name} {value} out of range")
+    if not -(1 << 63) <= mtime_ns < (1 << 63):
+        raise IndexBuildError(f"{path!r}: mtime out of range")
+
+
 def _field(scan: Any, key: str, default: Any = None) -> Any:
     """Scan results come as a dict (pyscan) or a ``native.ScanResult`` dataclass."""
     if isinstance(scan, Mapping):
@@ -177,8 +190,13 @@ def _as_bytes(v: Any) -> bytes:
     return v if isinstance(v, bytes) else bytes(v)
 
 
-def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK) -> LayerIndex:
-    """Apply the scanned entries (tar order) and return the layer's complete tree."""
+def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int | None = None) -> LayerIndex:
+    """Apply the scanned entries (tar order) and return the layer's complete tree.
+
+    ``chunk_size`` must be the one the scanner chunked with (readers map file offsets
+    to chunks with it); None infers it from the chunk table. Either way every file's
+    chunks are checked against it, so a wrong value is an error here, not at read time.
+    """
     raw_chunks = _as_bytes(_field(scan, "chunks"))
     tree = _Tree()
     for raw in _field(scan, "entries"):
@@ -186,8 +204,8 @@ def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int = D
          data_offset, stored_size, first_chunk, chunk_count, sparse) = raw
         etype = EntryType(etype)
         path = clean_path(rpath)
-        if uid > _U32 or gid > _U32 or uid < 0 or gid < 0:
-            raise IndexBuildError(f"{path!r}: uid/gid {uid}/{gid} out of range")
+        _check_ranges(path, uid=uid, gid=gid, devmajor=devmajor, devminor=devminor, size=size,
+                      stored_size=stored_size, data_offset=data_offset, mtime_ns=mtime_ns)
         node = _Node(
             path=path, type=etype, mode=mode & 0o7777, uid=uid, gid=gid, size=size, mtime_ns=mtime_ns,
             linkname=rlink.decode("utf-8", "surrogateescape") if isinstance(rlink, bytes) else str(rlink),
@@ -198,6 +216,8 @@ def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int = D
             chunk_count=chunk_count if etype == EntryType.REG else 0,
             sparse=tuple((int(o), int(n)) for o, n in sparse) if sparse is not None and etype == EntryType.REG else None,
         )
+        if any("\0" in k for k in node.xattrs) or "\0" in node.linkname:
+            raise IndexBuildError(f"{path!r}: NUL byte in an xattr name or link target")
         if etype == EntryType.REG and sparse is None and size != stored_size:
             raise IndexBuildError(f"{path!r}: stored size {stored_size} differs from size {size}")
         if etype == EntryType.HARDLINK:
@@ -216,6 +236,7 @@ def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int = D
         tree.put(node)
     _promote_orphan_link_targets(tree)
     chunks = _renumber_chunks(tree, raw_chunks)
+    chunk_size = _check_chunking(tree, chunks, chunk_size)
     entries = [_entry(n) for n in tree.nodes.values()]
     return LayerIndex(info=_info(scan, span_size, chunk_size), entries=entries, chunks=chunks,
                       checkpoints=[_checkpoint(c) for c in _field(scan, "checkpoints")])
@@ -262,6 +283,30 @@ def _renumber_chunks(tree: _Tree, raw: bytes) -> list[Chunk]:
         if node.type == EntryType.REG and not node.chunk_count:
             node.first_chunk = len(chunks)
     return chunks
+
+
+def _check_chunking(tree: _Tree, chunks: list[Chunk], chunk_size: int | None) -> int:
+    """Chunk k of a file must cover stored bytes [k*cs, min((k+1)*cs, stored))."""
+    files = [n for n in tree.nodes.values() if n.type == EntryType.REG]
+    if chunk_size is None:
+        multi = [chunks[n.first_chunk].length for n in files if n.chunk_count > 1]
+        if chunk_size is not None and chunk_size <= 0:
+            raise IndexBuildError(f"invalid chunk size {chunk_size}")
+        longest = max((c.length for c in chunks), default=0)
+        chunk_size = multi[0] if multi else max(DEFAULT_CHUNK, longest)
+    for n in files:
+        stored = sum(length for _, length in n.sparse) if n.sparse is not None else n.size
+        for k in range(n.chunk_count):
+            c = chunks[n.first_chunk + k]
+            want = min(chunk_size, stored - k * chunk_size)
+            if c.uncompressed_offset != n.data_offset + k * chunk_size or c.length != want:
+                raise IndexBuildError(f"{n.path!r}: chunk {k} does not match chunk size {chunk_size} "
+                                      f"(offset {c.uncompressed_offset}, length {c.length})")
+        if stored == 0 and n.chunk_count == 0:
+            continue
+        if n.chunk_count * chunk_size < stored or (n.chunk_count - 1) * chunk_size >= max(stored, 1):
+            raise IndexBuildError(f"{n.path!r}: {n.chunk_count} chunks do not cover {stored} bytes")
+    return chunk_size
 
 
 def _entry(n: _Node) -> Entry:

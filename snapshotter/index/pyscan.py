@@ -12,6 +12,7 @@ Also :func:`decompress_range` for the checkpoint kinds that need no bit priming
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zlib
 from typing import Any
@@ -90,12 +91,23 @@ def _parse_pax(data: bytes, offset: int) -> list[tuple[bytes, bytes]]:
     return records
 
 
-def _pax_time_ns(value: bytes) -> int:
-    text = value.decode("ascii", "replace").strip()
-    neg = text.startswith("-")
-    secs, _, frac = text.lstrip("-+").partition(".")
-    ns = int(secs or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
-    return -ns if neg else ns
+_PAX_TIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
+_PAX_INT = re.compile(rb"[0-9]+")
+
+
+def _pax_time_ns(value: bytes, offset: int) -> int:
+    m = _PAX_TIME.fullmatch(value)
+    if m is None:
+        raise CorruptLayerError(f"invalid PAX mtime {value[:40]!r} before offset {offset}")
+    ns = int(m[2]) * 1_000_000_000 + int(((m[3] or b"") + b"000000000")[:9])
+    return -ns if m[1] else ns
+
+
+def _pax_int(pax: dict[bytes, bytes], key: bytes, offset: int) -> int:
+    value = pax[key]
+    if _PAX_INT.fullmatch(value) is None:
+        raise CorruptLayerError(f"invalid PAX {key.decode()} {value[:40]!r} before offset {offset}")
+    return int(value)
 
 
 _TYPES = {
@@ -238,13 +250,13 @@ class _TarParser:
         if flag == b"\0" and name.endswith(b"/"):
             etype = EntryType.DIR
         mode = _parse_number(hdr[100:108], "mode", start) & 0o7777
-        uid = int(pax[b"uid"]) if b"uid" in pax else _parse_number(hdr[108:116], "uid", start)
-        gid = int(pax[b"gid"]) if b"gid" in pax else _parse_number(hdr[116:124], "gid", start)
+        uid = _pax_int(pax, b"uid", start) if b"uid" in pax else _parse_number(hdr[108:116], "uid", start)
+        gid = _pax_int(pax, b"gid", start) if b"gid" in pax else _parse_number(hdr[116:124], "gid", start)
         if b"size" in pax:
-            size = int(pax[b"size"])
+            size = _pax_int(pax, b"size", start)
             padded = -(-size // BLOCK) * BLOCK
         if b"mtime" in pax:
-            mtime_ns = _pax_time_ns(pax[b"mtime"])
+            mtime_ns = _pax_time_ns(pax[b"mtime"], start)
         else:
             mtime_ns = _parse_number(hdr[136:148], "mtime", start) * 1_000_000_000
         devmajor = devminor = 0
@@ -262,8 +274,10 @@ class _TarParser:
         sparse: list[tuple[int, int]] | None = None
         if b"GNU.sparse.name" in pax:
             name = pax[b"GNU.sparse.name"]
-        if b"GNU.sparse.realsize" in pax or b"GNU.sparse.size" in pax:
-            logical = int(pax.get(b"GNU.sparse.realsize", pax.get(b"GNU.sparse.size", b"0")))
+        if b"GNU.sparse.realsize" in pax:
+            logical = _pax_int(pax, b"GNU.sparse.realsize", start)
+        elif b"GNU.sparse.size" in pax:
+            logical = _pax_int(pax, b"GNU.sparse.size", start)
         cur = [name, etype, mode, uid, gid, logical, mtime_ns, link, devmajor, devminor,
                xattrs, data_offset, size, 0, 0, None]
         if etype != EntryType.REG:
@@ -279,13 +293,16 @@ class _TarParser:
                 raise TruncatedLayerError(f"sparse map missing at offset {start}")
             self._state, self._need = "sparsemap", BLOCK
             return
-        if b"GNU.sparse.map" in pax:
-            nums = [int(x) for x in pax[b"GNU.sparse.map"].split(b",") if x]
-            sparse = list(zip(nums[0::2], nums[1::2]))
-        elif sparse_records:
-            offs = [int(v) for k, v in sparse_records if k == b"GNU.sparse.offset"]
-            lens = [int(v) for k, v in sparse_records if k == b"GNU.sparse.numbytes"]
-            sparse = list(zip(offs, lens))
+        try:
+            if b"GNU.sparse.map" in pax:
+                nums = [int(x) for x in pax[b"GNU.sparse.map"].split(b",") if x]
+                sparse = list(zip(nums[0::2], nums[1::2]))
+            elif sparse_records:
+                offs = [int(v) for k, v in sparse_records if k == b"GNU.sparse.offset"]
+                lens = [int(v) for k, v in sparse_records if k == b"GNU.sparse.numbytes"]
+                sparse = list(zip(offs, lens))
+        except ValueError:
+            raise CorruptLayerError(f"malformed GNU sparse map before offset {start}") from None
         if flag == b"S":
             sparse = []
             for i in range(4):

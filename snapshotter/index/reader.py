@@ -10,6 +10,7 @@ The lazy fetcher (fetch/) does its own async I/O, so the pieces are split:
   released), cut out the chunks and verify each one's SHA-256. Unverified bytes are never
   returned: a mismatch raises :class:`ChunkVerificationError`.
 * :func:`assemble_range` — file bytes from verified chunk bytes (sparse holes are zeros).
+* :func:`resolve_regular` — the entry holding a hard link's data; errors for non-files.
 
 :class:`LayerReader` strings them together synchronously over a :class:`RangeSource`
 (:class:`FileRangeSource` for a local blob) for the CLI, tests and the bench.
@@ -183,7 +184,9 @@ def decode_span(index: IndexFile, plan: SpanPlan, compressed: bytes) -> dict[int
     return result
 
 
-def _resolve(index: IndexFile, entry: Entry) -> Entry:
+def resolve_regular(index: IndexFile, entry: Entry) -> Entry:
+    """The regular-file entry holding ``entry``'s data (follows a hard link); raises
+    NotRegularFileError naming what the entry is otherwise."""
     if entry.type == EntryType.HARDLINK:
         target = index.lookup(entry.linkname)
         if target is None:
@@ -322,7 +325,7 @@ class LayerReader:
         entry = self.index.lookup(path_or_entry) if isinstance(path_or_entry, str) else path_or_entry
         if entry is None:
             raise EntryNotFoundError(f"no such file in layer: {path_or_entry!r}")
-        return _resolve(self.index, entry)
+        return resolve_regular(self.index, entry)
 
     def read_chunks(self, chunk_ids: Iterable[int]) -> dict[int, bytes]:
         ids = list(dict.fromkeys(chunk_ids))

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,77 @@ class LazyLayerProvider:
         self._sem = asyncio.Semaphore(self.options.layer_parallel)
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    # -- public API: every call runs on the provider's own loop -------------------------------
+    # The FUSE filesystem must be served by a loop no other code blocks: the service checks
+    # provider directories with plain os calls (isdir, statvfs…) on its own loop, and a
+    # blocking call on the mount from the loop that serves it deadlocks. So the fs, the
+    # fetcher, the registry client and all index work live on one dedicated loop thread;
+    # the service's loop only awaits the results.
+    async def provide(self, req: RemoteLayerRequest) -> Path:
+        return await self._hop(self._provide(req))
+
+    async def restore(self, layer_digest: str, labels: Mapping[str, str]) -> Path:
+        return await self._hop(self._restore(layer_digest, labels))
+
+    async def release(self, layer_digest: str) -> None:
+        await self._hop(self._release(layer_digest))
+
     async def start(self) -> None:
+        await self._hop(self._start())
+
+    async def close(self) -> None:
+        if self._thread is None:
+            self.store.close()
+            return
+        try:
+            await self._hop(self._close())
+        finally:
+            loop, thread = self._loop, self._thread
+            assert loop is not None
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, 10)
+            self._thread = None
+            loop.close()
+
+    async def verify_layer(self, digest: str) -> bool:
+        """Run the completeness check of a provided layer now (see ``_verify_layer``)."""
+        layer = self._layers[digest]
+        return await self._hop(self._verify_layer(layer))
+
+    async def wait_verified(self, digest: str, timeout: float = 120) -> bool:
+        """Wait for a scheduled completeness check; True if the layer is verified."""
+        async def wait() -> bool:
+            layer = self._layers[digest]
+            if layer.verify_task is not None:
+                await asyncio.wait_for(asyncio.shield(layer.verify_task), timeout)
+            return layer.verified
+        return await self._hop(wait())
+
+    def _ensure_thread(self) -> asyncio.AbstractEventLoop:
+        with self._thread_lock:
+            if self._thread is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="lazysnap-fs", daemon=True)
+                self._thread.start()
+        assert self._loop is not None
+        return self._loop
+
+    async def _hop(self, coro: Any) -> Any:
+        loop = self._ensure_thread()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    # -- lifecycle (on the provider loop) --------------------------------------------------------
+    async def _start(self) -> None:
         async with self._start_lock:
             if self._started:
                 return
@@ -94,7 +163,7 @@ class LazyLayerProvider:
             self._started = True
             atexit.register(_unmount_at_exit, str(self.fs.mountpoint))
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         for layer in list(self._layers.values()):
@@ -113,8 +182,8 @@ class LazyLayerProvider:
             await close()
 
     # -- LayerProvider ----------------------------------------------------------------------------
-    async def provide(self, req: RemoteLayerRequest) -> Path:
-        await self.start()
+    async def _provide(self, req: RemoteLayerRequest) -> Path:
+        await self._start()
         image = self._images.get(req.image_ref)
         if image is None:
             image = self._images[req.image_ref] = _Image(req.image_ref, req.manifest_digest)
@@ -132,8 +201,8 @@ class LazyLayerProvider:
                                 reason=_reason(exc)) from exc
         return layer.path
 
-    async def restore(self, layer_digest: str, labels: Mapping[str, str]) -> Path:
-        await self.start()
+    async def _restore(self, layer_digest: str, labels: Mapping[str, str]) -> Path:
+        await self._start()
         layer = self._layers.get(layer_digest)
         if layer is not None:
             return layer.path
@@ -148,7 +217,7 @@ class LazyLayerProvider:
         log.info("layer_restored", layer=layer_digest, dir=str(layer.path))
         return layer.path
 
-    async def release(self, layer_digest: str) -> None:
+    async def _release(self, layer_digest: str) -> None:
         layer = self._layers.pop(layer_digest, None)
         self._tasks.pop(layer_digest, None)
         if layer is None:
@@ -156,7 +225,7 @@ class LazyLayerProvider:
         layer.fetcher.close()
         if layer.verify_task is not None:
             layer.verify_task.cancel()
-        self.fs.remove_layer(_dirname(layer_digest))
+        await self.fs.remove_layer(_dirname(layer_digest))
         self.store.unpin(layer_digest)
         layer.index.close()
         with contextlib.suppress(FileNotFoundError):
@@ -298,10 +367,10 @@ class LazyLayerProvider:
     def _schedule_verify(self, layer: ProvidedLayer) -> None:
         if layer.verified or layer.verify_task is not None:
             return
-        layer.verify_task = asyncio.get_running_loop().create_task(self.verify_layer(layer))
+        layer.verify_task = asyncio.get_running_loop().create_task(self._verify_layer(layer))
         layer.verify_task.add_done_callback(_quiet)
 
-    async def verify_layer(self, layer: ProvidedLayer) -> bool:
+    async def _verify_layer(self, layer: ProvidedLayer) -> bool:
         """Stream the blob once (digest checked), re-index it and compare with the index in use.
 
         A mismatch means the index lied about this blob: quarantine it and fail reads.

@@ -9,7 +9,7 @@ image index whose ``manifests`` are the referrers.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from snapshotter.log import get_logger
 from snapshotter.registry.errors import NotFoundError, ProtocolError
@@ -159,7 +159,7 @@ async def referrers(client: RegistryClient, ref: str | Reference, subject_digest
     """Artifacts whose subject is ``subject_digest`` (referrers API, else fallback tag)."""
     r = as_reference(ref)
     check_digest(subject_digest)
-    query = f"?artifactType={artifact_type}" if artifact_type else ""
+    query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
 
     async def api() -> dict[str, Any] | None:
         try:

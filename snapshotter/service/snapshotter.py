@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -139,7 +140,7 @@ class Snapshotter:
                 continue
             try:
                 path = str(await self.provider.restore(rec.layer_digest, rec.labels))
-                if not os.path.isdir(path):
+                if not await self._work(os.path.isdir, path):
                     raise ProviderError(f"restored path {path} is not a directory", reason="not_a_directory")
                 self._remote_dirs[rec.layer_digest] = path
                 self._remote_broken.pop(rec.layer_digest, None)
@@ -216,14 +217,14 @@ class Snapshotter:
         existing, parent_ok = await self._db(lambda: self._read(_check))
         if existing is not None:
             if existing.kind == Kind.COMMITTED and existing.parent == req.parent:
-                raise AlreadyExists(f"target snapshot {req.chain_id!r}: already exists")
+                raise AlreadyExists(f"target snapshot {json.dumps(req.chain_id)}: already exists")
             self._fallback(req, "chain_conflict", f"{req.chain_id} exists with another parent or kind", namespace)
             return
         if not parent_ok:
             return  # the normal Prepare answers with containerd's error for a bad parent
         try:
             path = str(await self.provider.provide(req))
-            if not os.path.isdir(path):
+            if not await self._work(os.path.isdir, path):  # a FUSE dir: never stat it on the loop
                 raise ProviderError(f"provider returned {path}, not a directory", reason="not_a_directory")
         except ProviderError as exc:
             self._fallback(req, exc.reason, str(exc), namespace)
@@ -244,7 +245,7 @@ class Snapshotter:
         metrics.REMOTE_SNAPSHOTS.inc()
         log.info("remote_snapshot", namespace=namespace, key=req.key, chain_id=req.chain_id,
                  layer_digest=req.layer_digest, image_ref=req.image_ref, dir=path)
-        raise AlreadyExists(f"target snapshot {req.chain_id!r}: already exists")
+        raise AlreadyExists(f"target snapshot {json.dumps(req.chain_id)}: already exists")
 
     @staticmethod
     def _fallback(req: RemoteLayerRequest, reason: str, detail: str, namespace: str) -> None:

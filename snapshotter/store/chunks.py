@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -29,8 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from snapshotter.store import metrics
+from snapshotter.log import get_logger
 
-log = logging.getLogger("lazysnap.store")
+log = get_logger("lazysnap.store")
 
 FsyncPolicy = Literal["none", "file", "full"]
 _FD_CACHE = 512
@@ -102,8 +102,7 @@ class ChunkStore:
             self._lru[digest] = size
             self._total += size
         metrics.STORED_BYTES.set(self._total)
-        log.info("event=store_open root=%s chunks=%d bytes=%d limit=%s fsync=%s",
-                 self.root, len(self._lru), self._total, self.limit, self.fsync)
+        log.info("store_open", root=self.root, chunks=len(self._lru), bytes=self._total, limit=self.limit, fsync=self.fsync)
 
     def _clean_tmp(self) -> None:
         """Drop temp files of dead writers (a crash mid-write leaves them here, never in chunks/)."""
@@ -238,8 +237,7 @@ class ChunkStore:
             with self._lock:
                 self._verified.add(digest)
             return True
-        log.error("event=chunk_corrupt digest=sha256:%s path=%s action=drop_and_refetch",
-                  digest.hex(), self.path_of(digest))
+        log.error("chunk_corrupt", digest=digest.hex(), path=self.path_of(digest), action="drop_and_refetch")
         metrics.CORRUPT.inc()
         with self._lock:
             self.corrupt += 1
@@ -319,10 +317,9 @@ class ChunkStore:
                 pass
         metrics.EVICTIONS.inc(len(victims))
         if victims:
-            log.info("event=store_evict chunks=%d bytes_now=%d limit=%d", len(victims), self._total, self.limit)
+            log.info("store_evict", chunks=len(victims), bytes_now=self._total, limit=self.limit)
         if over:
-            log.warning("event=store_over_limit bytes=%d limit=%d reason=remaining_chunks_pinned",
-                        self._total, self.limit)
+            log.warning("store_over_limit", bytes=self._total, limit=self.limit, reason="remaining_chunks_pinned")
 
     def _drop(self, digest: bytes) -> None:
         with self._lock:

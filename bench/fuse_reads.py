@@ -1,0 +1,253 @@
+"""Read throughput through the lazysnap FUSE mount vs the same files on local disk.
+
+Three measurements (medians of ``--runs``):
+1. sequential read of one big file (default 1 GiB): page-cache warm, and page-cache cold
+   with every chunk already in the store (``posix_fadvise(DONTNEED)`` on the FUSE file,
+   the chunk files and the local file — no global cache drop on a shared machine);
+2. ``find | stat`` over a tree of many small files (os.walk + lstat of every entry), on a
+   fresh mount (kernel dentry/attr caches empty) and again (warm);
+3. cold read through a real docker-registry: an empty store, the layer (gzip) fetched
+   lazily in spans while a file is read sequentially.
+
+Usage: ``.venv/bin/python bench/fuse_reads.py [--size-mb 1024] [--files 20000] [--runs 3]``
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import io
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from snapshotter.fetch import Fetcher, FetchOptions  # noqa: E402
+from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource  # noqa: E402
+from snapshotter.fs import LayerData, LayerTree  # noqa: E402
+from snapshotter.fs.thread import FuseThread  # noqa: E402
+from snapshotter.index.builder import index_file  # noqa: E402
+from snapshotter.index.format import IndexFile, write_index  # noqa: E402
+from snapshotter.store import ChunkStore  # noqa: E402
+
+BUF = 1 << 20
+
+
+def drop_file_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # DONTNEED only drops clean pages
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path) -> tuple[int, float]:
+    buf = bytearray(BUF)
+    n = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            n += k
+    return n, time.perf_counter() - t0
+
+
+def walk_stat(root: Path) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = 0
+    for dp, dns, fns in os.walk(root):
+        for name in dns + fns:
+            os.lstat(os.path.join(dp, name))
+            n += 1
+    return n, time.perf_counter() - t0
+
+
+def mbps(n: int, s: float) -> float:
+    return n / s / 1e6
+
+
+def write_big_tar(path: Path, size: int) -> Path:
+    """A tar with one incompressible file; returns the local copy of that file."""
+    local = path.parent / "big.bin"
+    with open(local, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    with tarfile.open(path, "w") as tf:
+        tf.add(local, arcname="big.bin")
+    return local
+
+
+def write_tree_tar(path: Path, files: int, local: Path) -> None:
+    with tarfile.open(path, "w") as tf:
+        for i in range(files):
+            name = f"d{i // 500:03d}/s{(i // 50) % 10}/f{i:06d}.txt"
+            data = b"x" * (i % 2000)
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    local.mkdir()
+    with tarfile.open(path) as tf:
+        tf.extractall(local, filter="data")
+
+
+def mount_layer(ft: FuseThread, store: ChunkStore, fetcher: Fetcher, name: str, blob: Path, idx_path: Path,
+                source: object | None = None) -> tuple[Path, IndexFile]:
+    write_index(idx_path, index_file(str(blob)))
+    index = IndexFile.open(idx_path)
+    lf = fetcher.layer(name, IndexCodec(index), source or FileBlobSource(blob),
+                       sequential_only=index.info.sequential_only)
+    tree = LayerTree.build(index.entries())
+    d = ft.call(lambda: ft.fs.add_layer(name, tree, LayerData(index, store, lf)))
+    if source is None:
+        ft.run(lf.fetch_all)  # warm store: every chunk local
+    return d, index
+
+
+def bench_sequential(work: Path, ft: FuseThread, store: ChunkStore, fetcher: Fetcher, size: int, runs: int) -> None:
+    tar = work / "big.tar"
+    local = write_big_tar(tar, size)
+    d, index = mount_layer(ft, store, fetcher, "big", tar, work / "big.idx")
+    f = d / "big.bin"
+    chunk_files = [store.path_of(index.chunk(i).digest) for i in range(index.chunk_count)]
+    res: dict[str, list[float]] = {k: [] for k in ("fuse_warm", "local_warm", "fuse_cold", "local_cold")}
+    read_all(f)
+    read_all(local)
+    for _ in range(runs):
+        res["fuse_warm"].append(mbps(*read_all(f)))
+        res["local_warm"].append(mbps(*read_all(local)))
+        drop_file_cache(f)  # FUSE: fsync is a no-op here, DONTNEED drops the mount's pages
+        for c in chunk_files:
+            drop_file_cache(c)
+        res["fuse_cold"].append(mbps(*read_all(f)))
+        drop_file_cache(local)
+        res["local_cold"].append(mbps(*read_all(local)))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"sequential {size >> 20} MiB file, MB/s (median of {runs}):")
+    print(f"  page cache warm : fuse {med['fuse_warm']:8.0f}  local {med['local_warm']:8.0f}  "
+          f"ratio {med['fuse_warm'] / med['local_warm']:.2f}")
+    print(f"  page cache cold : fuse {med['fuse_cold']:8.0f}  local {med['local_cold']:8.0f}  "
+          f"ratio {med['fuse_cold'] / med['local_cold']:.2f}  (all chunks in the store)")
+    index.close()
+    ft.run(lambda: ft.fs.remove_layer("big"))
+    os.unlink(local)
+    os.unlink(tar)
+
+
+def bench_tree(work: Path, store: ChunkStore, fetcher: Fetcher, files: int, runs: int) -> None:
+    tar = work / "tree.tar"
+    local = work / "tree-local"
+    write_tree_tar(tar, files, local)
+    cold, warm, lcold, lwarm = [], [], [], []
+    for r in range(runs):
+        ft = FuseThread(work / f"mnt-tree-{r}")  # fresh mount: empty kernel caches
+        try:
+            d, index = mount_layer(ft, store, fetcher, "tree", tar, work / "tree.idx")
+            n, s = walk_stat(d)
+            cold.append(s)
+            warm.append(walk_stat(d)[1])
+            index.close()
+        finally:
+            ft.stop()
+        for p in (local,):
+            lcold.append(walk_stat(p)[1])
+            lwarm.append(walk_stat(p)[1])
+    print(f"find|stat over {n} entries, seconds (median of {runs}):")
+    print(f"  fuse first walk {statistics.median(cold):.3f}  fuse warm {statistics.median(warm):.3f}  "
+          f"local {statistics.median(lwarm):.3f}")
+    shutil.rmtree(local)
+
+
+def bench_registry(work: Path, size: int, runs: int) -> None:
+    from harness.proxy import start_proxy
+    from harness.registry import push_image, start_registry
+    from snapshotter.registry import RegistryClient, RegistryConfig
+
+    tar = work / "cold.tar"
+    local = write_big_tar(tar, size)
+    blob = work / "cold.tar.gz"
+    with open(tar, "rb") as src, gzip.open(blob, "wb", 1) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+    reg = start_registry(work / "reg")
+    proxy = start_proxy(reg.url)
+    results = []
+    try:
+        ref = f"{proxy.host}/bench/cold:v1"
+        loop = asyncio.new_event_loop()
+
+        async def push() -> dict[str, object]:
+            async with RegistryClient(RegistryConfig()) as c:
+                return await push_image(c, ref, [blob.read_bytes()])
+
+        digest = loop.run_until_complete(push())["layer_digests"][0]  # type: ignore[index]
+        loop.close()
+        write_index(work / "cold.idx", index_file(str(blob)))
+        for r in range(runs):
+            store = ChunkStore(work / f"cold-store-{r}")
+            fetcher = Fetcher(store, FetchOptions(max_concurrency=4, deadline_s=60))
+            ft = FuseThread(work / f"mnt-cold-{r}")
+            try:
+                client = ft.call(lambda: RegistryClient(RegistryConfig()))
+                index = IndexFile.open(work / "cold.idx")
+                lf = fetcher.layer("cold", IndexCodec(index), RegistryBlobSource(client, ref, digest))
+                tree = LayerTree.build(index.entries())
+                d = ft.call(lambda: ft.fs.add_layer("cold", tree, LayerData(index, store, lf)))
+                proxy.reset_stats()
+                n, s = read_all(d / "big.bin")
+                results.append((mbps(n, s), proxy.stats.body_bytes))
+                ft.run(client.close)
+                index.close()
+            finally:
+                ft.stop()
+                shutil.rmtree(work / f"cold-store-{r}", ignore_errors=True)
+    finally:
+        proxy.stop()
+        reg.stop()
+    print(f"cold sequential read via registry ({size >> 20} MiB file, gzip blob {blob.stat().st_size >> 20} MiB), "
+          f"median of {runs}: {statistics.median(r[0] for r in results):.0f} MB/s, "
+          f"registry bytes {statistics.median(r[1] for r in results) / 1e6:.0f} MB")
+    os.unlink(local)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--cold-size-mb", type=int, default=256)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: seq,tree,registry")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(tempfile.mkdtemp(prefix="lazysnap-bench-", dir="/var/tmp"))
+    try:
+        store = ChunkStore(work / "store")
+        fetcher = Fetcher(store, FetchOptions(max_concurrency=4))
+        if "seq" not in skip:
+            ft = FuseThread(work / "mnt")
+            try:
+                bench_sequential(work, ft, store, fetcher, args.size_mb << 20, args.runs)
+            finally:
+                ft.stop()
+        if "tree" not in skip:
+            bench_tree(work, store, fetcher, args.files, args.runs)
+        if "registry" not in skip:
+            bench_registry(work, args.cold_size_mb << 20, args.runs)
+    finally:
+        from harness.containerd import unmount_under
+
+        unmount_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
