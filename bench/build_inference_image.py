@@ -30,7 +30,7 @@ from pathlib import Path
 
 from harness.images import LayerSpec, PushedImage, Tree, build_layout, push_layout, write_layer_tar
 
-CACHE = Path(__file__).resolve().parent / ".cache" / "inference"
+CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "inference"
 BUILDER_VERSION = "3"  # bump when a stage's recipe changes
 SUITE = "bookworm"
 APT_PACKAGES = ("python3", "python3-pip")
@@ -66,6 +66,21 @@ def debian_mirror(sources: Path = Path("/etc/apt/sources.list.d/debian.sources")
             if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
                 return parts[1]
     return "http://deb.debian.org/debian"
+
+
+def _mounts_under(path: Path) -> list[str]:
+    root = os.path.realpath(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    return [m for m in points if m == root or m.startswith(root + "/")]
+
+
+def _safe_rmtree(path: Path) -> None:
+    """rmtree that refuses to descend into mounts (a leftover bind of /dev, for one)."""
+    left = _mounts_under(path)
+    if left:
+        raise SystemExit(f"build_inference_image: refusing to delete {path}: still mounted: {', '.join(left)}")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _key(*parts: object) -> str:
@@ -116,7 +131,7 @@ def build_base(mirror: str) -> Stage:
     if st.tar.exists():
         return st
     rootfs = st.root / "rootfs"
-    shutil.rmtree(st.root, ignore_errors=True)
+    _safe_rmtree(st.root)
     st.root.mkdir(parents=True)
     _sh(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror], "debootstrap")
     for junk in (rootfs / "var/cache/apt/archives").glob("*.deb"):
@@ -155,7 +170,8 @@ class _Chroot:
 
     def __exit__(self, *exc: object) -> None:
         for m in reversed(self.mounts):
-            subprocess.run(["umount", str(m)], check=False)
+            if subprocess.run(["umount", str(m)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(m)], capture_output=True)
         self.mounts.clear()
 
 
@@ -163,7 +179,7 @@ def build_python(base: Stage) -> Stage:
     st = Stage("python", _key("python", base.key, APT_PACKAGES, APT_FLAGS))
     if st.tar.exists():
         return st
-    shutil.rmtree(st.root, ignore_errors=True)
+    _safe_rmtree(st.root)
     st.root.mkdir(parents=True)
     with _Chroot(base.root / "rootfs", st.root) as ch:
         ch.run("apt-get update -q && apt-get install " + " ".join(APT_FLAGS + APT_PACKAGES)
@@ -171,6 +187,8 @@ def build_python(base: Stage) -> Stage:
                "apt-get install python3")
     # The upper dir holds only changes; whiteouts/opaque dirs become OCI markers.
     _tar(st, LayerSpec(trees=[Tree(st.root / "upper", overlay_upper=True)]))
+    for d in ("upper", "work", "merged"):  # the tar is the cache; the trees are scratch
+        _safe_rmtree(st.root / d)
     return st
 
 
@@ -186,6 +204,7 @@ def build_torch(python: Stage, requirements: tuple[str, ...]) -> Stage:
          "--target", str(site), *requirements], "pip install " + " ".join(requirements))
     _move_scripts(site, tree / "usr/local/bin")
     _tar(st, LayerSpec(trees=[Tree(tree)]))
+    shutil.rmtree(tree, ignore_errors=True)
     return st
 
 

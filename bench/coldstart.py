@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -113,6 +114,8 @@ class Sample:
     run: float
     pull_bytes: int
     total_bytes: int
+    # lazysnap's own count of compressed bytes fetched during the run, by purpose
+    fetched: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -141,23 +144,27 @@ class Outcome:
 class Bench:
     """Runs the variants against one registry behind one counting (and shaping) proxy."""
 
-    def __init__(self, image: BenchImage, proxy: ByteProxy, workdir: Path, runs: int) -> None:
+    def __init__(self, image: BenchImage, proxy: ByteProxy, workdir: Path, runs: int,
+                 keep: bool = False) -> None:
         self.image, self.proxy, self.workdir, self.runs = image, proxy, workdir, runs
+        self.keep = keep
         self.ref = image.via(image.target, proxy.host)
         self.prev_ref = image.via(image.previous, proxy.host) if image.previous else None
         self._seq = 0
         self._published: str | None = None  # "" = tried and failed
+        self._floor: Node | None = None
         self.notes: list[str] = []
 
     def _node(self, tag: str, *, lazy: bool) -> Node:
         self._seq += 1
-        return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy)
+        return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy, keep=self.keep)
 
     def _check(self, output: str) -> None:
         if self.image.expected not in output:
             raise NodeError(f"container printed {output.strip()[-200:]!r}, expected {self.image.expected!r}")
 
     def _measure(self, node: Node, *, lazy: bool) -> Sample:
+        before = node.daemon.fetched_by_purpose() if node.daemon else {}
         drop_caches()
         self.proxy.reset()
         pull = node.pull(self.ref, lazy=lazy)
@@ -167,8 +174,11 @@ class Bench:
                        f"{self.image.target.compressed_size / 1e6:.0f} MB fetched during rpull): "
                        "layers are not provided lazily yet")
         run = node.run(self.ref, lazy=lazy, name=f"c{self._seq}")
+        total_bytes = self.proxy.downstream_bytes
+        after = node.daemon.fetched_by_purpose() if node.daemon else {}
         self._check(run.output)
-        return Sample(pull.seconds, run.seconds, pull_bytes, self.proxy.downstream_bytes)
+        fetched = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+        return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched)
 
     def _settle(self, quiet: float = 5.0, limit: float = 600.0) -> None:
         """Wait until the registry link has been idle for ``quiet`` s (background fetch done)."""
@@ -203,8 +213,10 @@ class Bench:
                 summary = publish_index(ref, hosts, self.workdir / "publisher-root")
             except (NodeError, subprocess.SubprocessError) as exc:
                 raise Skip(str(exc)) from None
-            self.notes.append(f"`lazysnap index --push {ref.rsplit('/', 1)[-1]}`: "
-                              f"{time.monotonic() - t:.1f} s ({summary})")
+            m = re.search(r"index_bytes=(\d+)", summary)
+            size = f", {int(m.group(1)) / 1e6:.1f} MB of indexes" if m else ""
+            self.notes.append(f"`lazysnap index --push …/{ref.rsplit('/', 1)[-1]}`: "
+                              f"{time.monotonic() - t:.1f} s{size}")
             log("published", ref=ref, seconds=f"{time.monotonic() - t:.1f}")
         self._published = "ok"
 
@@ -221,12 +233,26 @@ class Bench:
             return self._measure(node, lazy=False)
 
     def floor(self, i: int) -> Sample:
-        with self._node("floor", lazy=False) as node:
-            node.pull(self.ref, lazy=False)
+        # One node for every floor run: the unpacked snapshot is the point, not the pull.
+        if self._floor is None:
+            self._floor = self._node("floor", lazy=False)
+            self._floor.pull(self.ref, lazy=False)
+        node = self._floor
+        try:
             drop_caches()
-            run = node.run(self.ref, lazy=False, name=f"c{self._seq}")
+            run = node.run(self.ref, lazy=False, name=f"floor{i}")
             self._check(run.output)
-            return Sample(0.0, run.seconds, 0, 0)
+        except BaseException:
+            self._close_floor()
+            raise
+        if i == self.runs - 1:
+            self._close_floor()
+        return Sample(0.0, run.seconds, 0, 0)
+
+    def _close_floor(self) -> None:
+        if self._floor is not None:
+            self._floor.close()
+            self._floor = None
 
     def lazysnap(self, i: int) -> Sample:
         self._require_lazysnap()
@@ -298,17 +324,21 @@ def machine_info() -> str:
 def table(outcomes: list[Outcome], image: BenchImage) -> str:
     base = next((o for o in outcomes if o.variant == "overlayfs" and o.samples), None)
     rows = ["| variant | pull s | run s | total s (median) | total min–max | vs overlayfs | "
-            "registry MB before exit | runs |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "registry MB before exit | of which on-demand / prefetch / background | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         if not o.samples:
-            rows.append(f"| {o.variant} | — | — | — | — | — | — | skipped: {o.skipped} |")
+            rows.append(f"| {o.variant} | — | — | — | — | — | — | — | skipped: {o.skipped} |")
             continue
+        purposes = "—"
+        if any(s.fetched for s in o.samples):
+            m = o.median_sample().fetched
+            purposes = " / ".join(f"{m.get(k, 0) / 1e6:.1f}" for k in ("on_demand", "prefetch", "background"))
         lo, hi = o.span("total")
         speed = f"{base.median('total') / o.median('total'):.1f}×" if base else "—"
         mb = "—" if o.variant == "floor" else f"{o.median('total_bytes') / 1e6:.1f}"
         rows.append(f"| {o.variant} | {o.median('pull'):.2f} | {o.median('run'):.2f} | "
-                    f"{o.median('total'):.2f} | {lo:.2f}–{hi:.2f} | {speed} | {mb} | {len(o.samples)} |")
+                    f"{o.median('total'):.2f} | {lo:.2f}–{hi:.2f} | {speed} | {mb} | {purposes} | {len(o.samples)} |")
     return "\n".join(rows)
 
 
@@ -400,7 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="print the table only")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default bench/out/…)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the scratch dir: registry, every node's containerd/lazysnap state and logs")
     args = ap.parse_args(argv)
     args.variants = VARIANTS if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -431,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         log("prepare", image=args.image)
         image = PREPARE[args.image](reg, args)
         proxy = ByteProxy(reg.host, rate=args.rate_bps)
-        bench = Bench(image, proxy, workdir / "nodes", args.runs)
+        bench = Bench(image, proxy, workdir / "nodes", args.runs, keep=args.keep)
         outcomes = [bench.run_variant(v) for v in args.variants]
         notes = bench.notes
     finally:

@@ -6,7 +6,6 @@ The runner and the demo drive lazysnap only through its command-line contract
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -41,19 +40,10 @@ def lazysnap_argv() -> list[str]:
 
 
 def lazysnap_has(*command: str) -> bool:
-    """Whether the CLI parser knows ``command`` (e.g. ``("profile", "push")``) and the
-    module behind it exists (handlers are imported lazily, so check the module too)."""
+    """Whether the CLI knows ``command`` (e.g. ``("profile", "push")``); a command that
+    exists but fails later is reported as a failure, not skipped."""
     r = subprocess.run([*lazysnap_argv(), *command, "--help"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return False
-    module = {"serve": "serve_cmds", "health": "serve_cmds", "record": "profile_cmds",
-              "profile": "profile_cmds"}.get(command[0])
-    if module is None:
-        return True
-    try:
-        return importlib.util.find_spec(f"snapshotter.cli.{module}") is not None
-    except ImportError:
-        return False
+    return r.returncode == 0
 
 
 def drop_caches() -> None:
@@ -123,6 +113,16 @@ class LazysnapDaemon:
                 return r.read().decode()
         except OSError:
             return ""
+
+    def fetched_by_purpose(self) -> dict[str, int]:
+        """``lazysnap_registry_bytes_fetched`` per purpose (on_demand/prefetch/background)."""
+        out: dict[str, int] = {}
+        for line in self.metrics().splitlines():
+            if line.startswith("lazysnap_registry_bytes_fetched_total{"):
+                labels, _, value = line.rpartition(" ")
+                purpose = labels.partition('purpose="')[2].partition('"')[0]
+                out[purpose] = int(float(value))
+        return out
 
     def log_tail(self, n: int = 15) -> str:
         try:
@@ -198,17 +198,18 @@ class Node:
     def record(self, ref: str, timeout: float = 600) -> None:
         """``lazysnap record`` the image's start on this node (profile lands in the root)."""
         assert self.daemon is not None
-        argv = [*lazysnap_argv(), "record", ref, "--address", self.daemon.address,
+        # options before REF: everything after REF is the optional command
+        argv = [*lazysnap_argv(), "record", "--address", self.daemon.address,
                 "--containerd", self.cd.address, "--hosts-dir", str(self.hosts_dir),
-                "--timeout", str(int(timeout))]
+                "--timeout", str(int(timeout)), ref]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)
         if r.returncode != 0:
             raise NodeError(f"lazysnap record failed: {r.stderr.strip()[-500:]}")
 
     def push_profile(self, ref: str) -> None:
         assert self.daemon is not None
-        argv = [*lazysnap_argv(), "profile", "push", ref, "--root", str(self.daemon.root),
-                "--hosts-dir", str(self.hosts_dir)]
+        argv = [*lazysnap_argv(), "profile", "push", "--root", str(self.daemon.root),
+                "--hosts-dir", str(self.hosts_dir), ref]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise NodeError(f"lazysnap profile push failed: {r.stderr.strip()[-500:]}")

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import sys
@@ -35,7 +36,7 @@ from harness.images import (
     PushedImage, busybox_rootfs, build_layout, push_layout, write_layer_tar, LayerSpec, File,
 )
 
-CACHE = Path(__file__).resolve().parent / ".cache" / "synthetic"
+CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "synthetic"
 GENERATOR_VERSION = "1"
 BLOCK = 64 << 10
 POOL = 64 << 20

@@ -1,34 +1,18 @@
 /* The scanning pipeline (see scanner.h).
  *
- * Producer side (the caller's thread, GIL released): blob SHA-256, format detection,
- * decompression into 1 MiB blocks, checkpoint recording.  Consumer side: the tar stage
- * (tar.c: header parsing, chunk SHA-256, diff ID).  With `threaded` the consumer runs on
- * a worker thread owned by this scanner: SHA-256 costs about as much as ISA-L inflate,
- * so overlapping the two is what lifts gzip indexing past one core's speed.  Each block
+ * Producer side (the caller's thread, GIL released): format detection, decompression
+ * into 256 KiB blocks (scan_gzip.c, scan_zstd.c), checkpoint recording.  Consumer side:
+ * the tar stage (tar.c: header parsing, chunk SHA-256, diff ID) and the blob SHA-256.
+ * With `threaded` the consumer runs on a worker thread owned by this scanner: SHA-256
+ * of every byte costs about as much as ISA-L inflate, so overlapping the two is what
+ * lifts gzip indexing past one core's speed (the thread has its own blocks; the producer
+ * waits only when all LZ_NBLOCKS are in flight).  Each block
  * starts with a copy of the 32 KiB of output before it, so a checkpoint's window is always
  * one contiguous slice and blocks can be handed over without further copies. */
-#include "scanner.h"
+
+#include "scanner_int.h"
 
 #include <time.h>
-
-enum { GZ_BETWEEN = 0, GZ_IN = 1 };
-
-#define GZ_HUNT_SLICE 32            /* input slice while looking for a block boundary */
-#define GZ_HUNT_AVAIL (160u << 10)  /* output room that 32 input bytes cannot overflow */
-#define MIN_AVAIL (64u << 10)
-
-const char *lz_isal_error_name(int r)
-{
-    switch (r) {
-    case ISAL_INVALID_BLOCK: return "invalid deflate block";
-    case ISAL_INVALID_SYMBOL: return "invalid deflate symbol";
-    case ISAL_INVALID_LOOKBACK: return "invalid deflate distance";
-    case ISAL_INVALID_WRAPPER: return "invalid gzip header";
-    case ISAL_UNSUPPORTED_METHOD: return "unsupported gzip compression method";
-    case ISAL_INCORRECT_CHECKSUM: return "gzip CRC32/ISIZE mismatch";
-    default: return "inflate error";
-    }
-}
 
 /* ---------------- consumer (tar stage) ---------------- */
 
@@ -76,8 +60,7 @@ static int tar_error(scanner_t *sc)
                    sc->tar.err.msg);
 }
 
-/* Hand the current block to the tar stage and start a new one. */
-static int flush_block(scanner_t *sc)
+int lz_flush_block(scanner_t *sc)
 {
     lz_block *old = sc->cur, *nb;
     if (!sc->threaded) {
@@ -107,19 +90,7 @@ static int flush_block(scanner_t *sc)
     return 0;
 }
 
-static inline uint8_t *out_ptr(scanner_t *sc) { return sc->cur->mem + LZ_HIST + sc->cur->len; }
-static inline size_t out_avail(scanner_t *sc) { return LZ_BLOCK - sc->cur->len; }
-static inline void out_commit(scanner_t *sc, size_t n)
-{
-    sc->cur->len += n;
-    sc->out_total += n;
-}
-static inline int out_ensure(scanner_t *sc, size_t min)
-{
-    return out_avail(sc) < min ? flush_block(sc) : 0;
-}
-
-static int add_checkpoint(scanner_t *sc, int kind, uint64_t coff, int bits, int with_window)
+int lz_add_checkpoint(scanner_t *sc, int kind, uint64_t coff, int bits, int with_window)
 {
     lz_checkpoint c;
     memset(&c, 0, sizeof c);
@@ -154,187 +125,6 @@ static int plain_feed(scanner_t *sc, const uint8_t *p, size_t n)
         p += take;
         n -= take;
         sc->dec_in += take;
-    }
-    return 0;
-}
-
-/* ---------------- gzip (ISA-L) ----------------
- *
- * Block boundaries: ISA-L returns in state ISAL_BLOCK_HDR (header bytes parked in
- * tmp_in_buffer, read_in rewound to the header start) or ISAL_BLOCK_NEW_HDR when the
- * input runs out at or inside a block header.  Once a span's worth of compressed bytes
- * has passed, we feed input in slices shorter than any dynamic-Huffman header, so the
- * next header is caught; its bit position is
- *     8 * consumed - 8 * tmp_in_size - read_in_length.
- * tests/test_native.py cross-checks every such checkpoint against zlib's Z_BLOCK. */
-
-static int gz_member_start(scanner_t *sc)
-{
-    isal_inflate_reset(sc->isal);
-    sc->isal->crc_flag = ISAL_GZIP;
-    sc->member_start = sc->dec_in;
-    sc->next_cp = sc->dec_in + sc->span_size;
-    sc->gz_hunting = 0;
-    sc->gz_target = 0;
-    sc->gz_phase = GZ_IN;
-    if (sc->dec_in > 0)
-        return add_checkpoint(sc, CK_GZIP_MEMBER, sc->dec_in, 0, 0);
-    return 0;
-}
-
-static int gz_step(scanner_t *sc, const uint8_t **pp, size_t *pn)
-{
-    struct inflate_state *st = sc->isal;
-    if (out_ensure(sc, sc->gz_hunting ? GZ_HUNT_AVAIL : MIN_AVAIL))
-        return -1;
-    /* Slices are aligned to absolute offsets (span threshold, then every GZ_HUNT_SLICE
-     * bytes) and boundaries are only taken at aligned returns, so the checkpoints do not
-     * depend on how the caller sliced its input. */
-    size_t slice = LZ_MIN(*pn, (size_t)1 << 30);
-    if (sc->gz_hunting && sc->gz_target > sc->dec_in)
-        slice = (size_t)LZ_MIN((uint64_t)slice, sc->gz_target - sc->dec_in);
-    else if (sc->gz_hunting)
-        slice = LZ_MIN(slice, (size_t)(GZ_HUNT_SLICE - (sc->dec_in - sc->hunt_base) % GZ_HUNT_SLICE));
-    else if (sc->next_cp > sc->dec_in)
-        slice = (size_t)LZ_MIN((uint64_t)slice, sc->next_cp - sc->dec_in);
-    size_t avail = out_avail(sc);
-    st->next_in = (uint8_t *)*pp;
-    st->avail_in = (uint32_t)slice;
-    st->next_out = out_ptr(sc);
-    st->avail_out = (uint32_t)avail;
-    int r = isal_inflate(st);
-    size_t used = slice - st->avail_in, produced = avail - st->avail_out;
-    out_commit(sc, produced);
-    *pp += used;
-    *pn -= used;
-    sc->dec_in += used;
-    if (r < 0)
-        return lz_fail(&sc->err, LZ_CORRUPT,
-                       "%s in gzip member starting at offset %llu (near compressed offset %llu)",
-                       lz_isal_error_name(r), (unsigned long long)sc->member_start,
-                       (unsigned long long)sc->dec_in);
-    if (st->block_state == ISAL_BLOCK_FINISH) {
-        sc->gz_phase = GZ_BETWEEN;
-        sc->members++;
-        return 0;
-    }
-    if (sc->gz_hunting && st->block_state == ISAL_BLOCK_TYPE0 && sc->gz_target <= sc->dec_in) {
-        /* Inside a stored block: its end (the next header) is known exactly; stop there. */
-        sc->gz_target = sc->dec_in + (uint64_t)st->type0_block_len - (uint64_t)(st->read_in_length / 8);
-    }
-    if (sc->gz_hunting &&
-        ((sc->dec_in - sc->hunt_base) % GZ_HUNT_SLICE == 0 || sc->dec_in == sc->gz_target) &&
-        (st->block_state == ISAL_BLOCK_NEW_HDR ||
-                           st->block_state == ISAL_BLOCK_HDR) && st->wrapper_flag &&
-        st->tmp_out_valid == st->tmp_out_processed) {
-        int64_t bp = (int64_t)sc->dec_in * 8 - (int64_t)st->tmp_in_size * 8 - st->read_in_length;
-        if (bp >= (int64_t)(sc->member_start + 10) * 8) {
-            if (add_checkpoint(sc, CK_DEFLATE, (uint64_t)bp >> 3, (int)(bp & 7), 1))
-                return -1;
-            sc->gz_hunting = 0;
-            sc->gz_target = 0;
-            sc->next_cp = ((uint64_t)bp >> 3) + sc->span_size;
-        }
-    }
-    if (!sc->gz_hunting && sc->dec_in >= sc->next_cp) {
-        sc->gz_hunting = 1;
-        sc->hunt_base = sc->dec_in;
-    }
-    if (used == 0 && produced == 0)
-        return 1;  /* no progress possible with this input */
-    return 0;
-}
-
-static int gz_feed(scanner_t *sc, const uint8_t *p, size_t n)
-{
-    while (n > 0) {
-        if (sc->gz_phase == GZ_BETWEEN) {
-            if (sc->gz_zero_tail || p[0] == 0) {
-                /* zero padding after the last member is tolerated (as Python's gzip does) */
-                sc->gz_zero_tail = 1;
-                for (size_t i = 0; i < n; i++)
-                    if (p[i])
-                        return lz_fail(&sc->err, LZ_CORRUPT,
-                                       "garbage after the last gzip member at offset %llu",
-                                       (unsigned long long)(sc->dec_in + i));
-                sc->dec_in += n;
-                return 0;
-            }
-            if (p[0] != 0x1f)
-                return lz_fail(&sc->err, LZ_CORRUPT,
-                               "not a gzip member at offset %llu (garbage after the stream)",
-                               (unsigned long long)sc->dec_in);
-            if (gz_member_start(sc))
-                return -1;
-            continue;
-        }
-        int r = gz_step(sc, &p, &n);
-        if (r < 0)
-            return -1;
-        if (r > 0 && n > 0)
-            return lz_fail(&sc->err, LZ_CORRUPT, "inflate stalled at compressed offset %llu",
-                           (unsigned long long)sc->dec_in);
-    }
-    return 0;
-}
-
-static int gz_finish(scanner_t *sc)
-{
-    /* Drain output ISA-L still holds, then the member must be complete. */
-    while (sc->gz_phase == GZ_IN) {
-        const uint8_t *p = (const uint8_t *)"";
-        size_t n = 0;
-        int r = gz_step(sc, &p, &n);
-        if (r < 0)
-            return -1;
-        if (r > 0)
-            break;
-    }
-    if (sc->gz_phase == GZ_IN)
-        return lz_fail(&sc->err, LZ_TRUNCATED,
-                       "gzip stream ends at offset %llu inside the member starting at %llu",
-                       (unsigned long long)sc->dec_in, (unsigned long long)sc->member_start);
-    return 0;
-}
-
-/* ---------------- zstd ---------------- */
-
-static int z_feed(scanner_t *sc, const uint8_t *p, size_t n, int draining)
-{
-    ZSTD_inBuffer in = {p, n, 0};
-    uint64_t base = sc->dec_in;
-    for (;;) {
-        if (sc->z_cp_pending && in.pos < in.size) {
-            sc->z_cp_pending = 0;
-            lz_checkpoint *last = (lz_checkpoint *)(sc->cps.p + sc->cps.len) - 1;
-            if (sc->cps.len == 0 || last->uoff != sc->out_total)
-                if (add_checkpoint(sc, CK_ZSTD_FRAME, sc->z_cp_coff, 0, 0))
-                    return -1;
-        }
-        if (out_ensure(sc, MIN_AVAIL))
-            return -1;
-        if (draining && !sc->z_in_frame)
-            break;
-        ZSTD_outBuffer out = {out_ptr(sc), out_avail(sc), 0};
-        size_t in_before = in.pos;
-        size_t r = ZSTD_decompressStream(sc->zd, &out, &in);
-        out_commit(sc, out.pos);
-        sc->dec_in = base + in.pos;
-        if (ZSTD_isError(r))
-            return lz_fail(&sc->err, LZ_CORRUPT, "zstd: %s near compressed offset %llu",
-                           ZSTD_getErrorName(r), (unsigned long long)sc->dec_in);
-        if (r == 0) {
-            sc->z_in_frame = 0;
-            sc->z_cp_pending = 1;
-            sc->z_cp_coff = sc->dec_in;
-        } else if (in.pos > in_before || out.pos > 0) {
-            sc->z_in_frame = 1;
-        }
-        int full = out.pos == out.size;
-        if (in.pos == in.size && !full)
-            break;
-        if (draining && out.pos == 0 && in.pos == in.size)
-            break;
     }
     return 0;
 }
@@ -442,7 +232,7 @@ static int start_format(scanner_t *sc)
         if (!sc->zd)
             return lz_nomem(&sc->err);
     }
-    return add_checkpoint(sc, CK_STREAM_START, 0, 0, 0);
+    return lz_add_checkpoint(sc, CK_STREAM_START, 0, 0, 0);
 }
 
 static int decode(scanner_t *sc, const uint8_t *p, size_t n)
@@ -450,8 +240,8 @@ static int decode(scanner_t *sc, const uint8_t *p, size_t n)
     if (n == 0)
         return 0;
     switch (sc->format) {
-    case FMT_GZIP: return gz_feed(sc, p, n);
-    case FMT_ZSTD: return z_feed(sc, p, n, 0);
+    case FMT_GZIP: return lz_gz_feed(sc, p, n);
+    case FMT_ZSTD: return lz_zstd_feed(sc, p, n, 0);
     default: return plain_feed(sc, p, n);
     }
 }
@@ -512,17 +302,17 @@ int scanner_finish(scanner_t *sc, uint8_t blob[32], uint8_t diff[32])
     sc->finished = 1;
     if (sc->cps.len == 0 && (start_format(sc) || decode(sc, sc->magic, sc->magic_have)))
         goto fail;
-    if (sc->format == FMT_GZIP && gz_finish(sc))
+    if (sc->format == FMT_GZIP && lz_gz_finish(sc))
         goto fail;
     if (sc->format == FMT_ZSTD) {
-        if (z_feed(sc, (const uint8_t *)"", 0, 1))
+        if (lz_zstd_feed(sc, (const uint8_t *)"", 0, 1))
             goto fail;
         if (sc->z_in_frame)
             return lz_fail(&sc->err, LZ_TRUNCATED,
                            "zstd stream ends at offset %llu inside a frame",
                            (unsigned long long)sc->dec_in);
     }
-    if (flush_block(sc))
+    if (lz_flush_block(sc))
         goto fail;
     stop_thread(sc);
     if (sc->cons_failed)

@@ -208,6 +208,82 @@ static int key_is(const uint8_t *k, size_t kl, const char *s)
     return kl == n && memcmp(k, s, n) == 0;
 }
 
+/* pending xattrs: u64 key length, key, u64 value length, value; repeated */
+static int xattr_push(tar_pending *p, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    uint64_t a = kl, b = vl;
+    return lz_buf_append(&p->xattr_data, &a, sizeof a) || lz_buf_append(&p->xattr_data, k, kl) ||
+           lz_buf_append(&p->xattr_data, &b, sizeof b) || lz_buf_append(&p->xattr_data, v, vl);
+}
+
+static int hexval(uint8_t c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int b64val(uint8_t c)
+{
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+static int add_libarchive_xattr(tar_t *t, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    tar_pending *p = &t->pend;
+    lz_buf key = {0}, val = {0};
+    int rc = -1;
+    for (size_t i = 0; i < kl; i++) {
+        uint8_t c = k[i];
+        if (c == '%') {
+            int hi = i + 2 < kl ? hexval(k[i + 1]) : -1, lo = i + 2 < kl ? hexval(k[i + 2]) : -1;
+            if (hi < 0 || lo < 0)
+                goto bad;
+            c = (uint8_t)(hi * 16 + lo);
+            i += 2;
+        }
+        if (c == 0 || lz_buf_append(&key, &c, 1))
+            goto bad;
+    }
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < vl && v[i] != '='; i++) {
+        int d = b64val(v[i]);
+        if (d < 0)
+            goto bad;
+        acc = (acc << 6) | (uint32_t)d;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            uint8_t byte = (uint8_t)(acc >> bits);
+            if (lz_buf_append(&val, &byte, 1)) {
+                nomem(t);
+                goto out;
+            }
+        }
+    }
+    if (xattr_push(p, key.p, key.len, val.p, val.len)) {
+        nomem(t);
+        goto out;
+    }
+    p->xattr_count++;
+    rc = 0;
+    goto out;
+bad:
+    fail(t, LZ_CORRUPT, "bad LIBARCHIVE.xattr record in header at offset %llu",
+         (unsigned long long)t->hdr_off);
+out:
+    lz_buf_free(&key);
+    lz_buf_free(&val);
+    return rc;
+}
+
 static int pax_apply(tar_t *t, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
 {
     tar_pending *p = &t->pend;
@@ -247,13 +323,13 @@ static int pax_apply(tar_t *t, const uint8_t *k, size_t kl, const uint8_t *v, si
         p->mtime_ns = i;
         p->has_mtime = 1;
     } else if (kl > 13 && memcmp(k, "SCHILY.xattr.", 13) == 0) {
-        uint64_t vlen = vl;
-        if (lz_buf_append(&p->xattr_data, k + 13, kl - 13) ||
-            lz_buf_append(&p->xattr_data, "", 1) ||
-            lz_buf_append(&p->xattr_data, &vlen, sizeof vlen) ||
-            lz_buf_append(&p->xattr_data, v, vl))
+        if (xattr_push(p, k + 13, kl - 13, v, vl))
             return nomem(t);
         p->xattr_count++;
+    } else if (kl > 17 && memcmp(k, "LIBARCHIVE.xattr.", 17) == 0) {
+        /* libarchive: key %-encoded, value base64 */
+        if (add_libarchive_xattr(t, k + 17, kl - 17, v, vl))
+            return -1;
     } else if (key_is(k, kl, "GNU.sparse.major") || key_is(k, kl, "GNU.sparse.minor")) {
         if (parse_dec_u64(v, vl, &u) || u > 100)
             return fail(t, LZ_CORRUPT, "bad PAX %.*s at offset %llu", (int)kl, k,
@@ -360,18 +436,18 @@ static int set_xattrs(tar_t *t, tar_entry *e)
     e->xattr_count = p->xattr_count;
     size_t pos = 0;
     for (size_t i = 0; i < p->xattr_count; i++) {
-        const uint8_t *k = p->xattr_data.p + pos;
-        size_t kl = strlen((const char *)k);
-        uint64_t vl;
-        memcpy(&vl, k + kl + 1, sizeof vl);
-        const uint8_t *v = k + kl + 1 + sizeof vl;
+        uint64_t kl, vl;
+        memcpy(&kl, p->xattr_data.p + pos, sizeof kl);
+        const uint8_t *k = p->xattr_data.p + pos + sizeof kl;
+        memcpy(&vl, k + kl, sizeof vl);
+        const uint8_t *v = k + kl + sizeof vl;
         tar_xattr x;
-        x.key_len = kl;
+        x.key_len = (size_t)kl;
         x.val_len = (size_t)vl;
-        if (arena_add(t, k, kl, &x.key_off) || arena_add(t, v, (size_t)vl, &x.val_off) ||
+        if (arena_add(t, k, (size_t)kl, &x.key_off) || arena_add(t, v, (size_t)vl, &x.val_off) ||
             lz_buf_append(&t->xattrs, &x, sizeof x))
             return nomem(t);
-        pos += kl + 1 + sizeof vl + (size_t)vl;
+        pos += 2 * sizeof kl + (size_t)kl + (size_t)vl;
     }
     return 0;
 }
@@ -409,12 +485,13 @@ static int old_gnu_sparse_entries(tar_t *t, const uint8_t *base, int n)
             (uint64_t)off > MAX_SANE_SIZE || (uint64_t)len > MAX_SANE_SIZE)
             return fail(t, LZ_CORRUPT, "bad GNU sparse map in header at offset %llu",
                         (unsigned long long)t->hdr_off);
-        if ((t->sparse.len / 16) >= MAX_SPARSE_SEGMENTS * 4)
+        tar_entry *e = (tar_entry *)t->entries.p + tar_entry_count(t) - 1;
+        if (e->sparse_count >= MAX_SPARSE_SEGMENTS)
             return fail(t, LZ_CORRUPT, "too many sparse segments at offset %llu",
                         (unsigned long long)t->hdr_off);
         if (sparse_add(&t->sparse, (uint64_t)off, (uint64_t)len))
             return nomem(t);
-        tar_entry *e = (tar_entry *)t->entries.p + tar_entry_count(t) - 1;
+        e = (tar_entry *)t->entries.p + tar_entry_count(t) - 1;
         e->sparse_count++;
     }
     return 0;
@@ -430,18 +507,26 @@ static int handle_header(tar_t *t)
         return 0;
     }
     int64_t chk;
-    if (parse_num(h + 148, 8, &chk))
+    if (parse_num(h + 148, 8, &chk)) {
+        if (hoff == 0)
+            return fail(t, LZ_CORRUPT, "unknown layer format: not gzip, zstd or tar "
+                        "(bad tar header checksum field at offset 0)");
         return fail(t, LZ_CORRUPT, "bad tar header checksum field at offset %llu",
                     (unsigned long long)hoff);
+    }
     int64_t usum = 0, ssum = 0;
     for (int i = 0; i < 512; i++) {
         uint8_t c = (i >= 148 && i < 156) ? ' ' : h[i];
         usum += c;
         ssum += (int8_t)c;
     }
-    if (chk != usum && chk != ssum)
+    if (chk != usum && chk != ssum) {
+        if (hoff == 0)
+            return fail(t, LZ_CORRUPT, "unknown layer format: not gzip, zstd or tar "
+                        "(bad tar header checksum at offset 0)");
         return fail(t, LZ_CORRUPT, "bad tar header checksum at offset %llu",
                     (unsigned long long)hoff);
+    }
     uint8_t tf = h[156];
     int64_t hsize;
     if (parse_num(h + 124, 12, &hsize) || hsize < 0 || (uint64_t)hsize > MAX_SANE_SIZE)
@@ -595,6 +680,7 @@ static int handle_header(tar_t *t)
         t->ext.len = 0;
         t->remaining = size;
         t->sparse_map_numbers_needed = 1;
+        t->sparse_map_newlines = 0;
         return 0;
     }
     if (has_data)
@@ -742,11 +828,26 @@ int tar_feed(tar_t *t, const uint8_t *p, size_t n)
                             (unsigned long long)t->hdr_off);
             if (lz_buf_append(&t->ext, p, take))
                 return nomem(t);
+            /* Parse only once enough lines are there (not after every block: a
+             * hostile 1 MiB map would make that quadratic). */
+            const uint8_t *fresh = t->ext.p + t->ext.len - take;
+            for (size_t i = 0; i < take; i++)
+                t->sparse_map_newlines += fresh[i] == '\n';
             p += take;
             n -= take;
             t->off += take;
             t->remaining -= take;
-            int r = sparse10_try(t);
+            if (t->sparse_map_numbers_needed == 1 && t->sparse_map_newlines >= 1) {
+                const uint8_t *nl = memchr(t->ext.p, '\n', t->ext.len);
+                uint64_t c;
+                if (parse_dec_u64(t->ext.p, (size_t)(nl - t->ext.p), &c) || c > MAX_SPARSE_SEGMENTS)
+                    return fail(t, LZ_CORRUPT, "bad GNU sparse 1.0 map at offset %llu",
+                                (unsigned long long)t->hdr_off);
+                t->sparse_map_numbers_needed = 1 + 2 * c;
+            }
+            int r = 0;
+            if (t->sparse_map_newlines >= t->sparse_map_numbers_needed)
+                r = sparse10_try(t);
             if (r < 0)
                 return -1;
             if (r == 1) {

@@ -37,7 +37,7 @@ typedef struct {
     lz_buf path, link;
     uint64_t size;
     int64_t uid, gid, mtime_ns;
-    lz_buf xattr_data;      /* key\0 then u64 value length then value, repeated */
+    lz_buf xattr_data;      /* u64 key length, key, u64 value length, value; repeated */
     size_t xattr_count;
     int sparse_major, sparse_minor, has_sparse_realsize;
     uint64_t sparse_realsize;
@@ -70,7 +70,8 @@ typedef struct {
     size_t cur_index;
     uint64_t chunk_fill, chunk_start;
     SHA256_CTX chunk_ctx;
-    uint64_t sparse_map_numbers_needed;  /* PAX 1.0 sparse map parsing */
+    uint64_t sparse_map_numbers_needed;  /* PAX 1.0 sparse map parsing: lines needed */
+    uint64_t sparse_map_newlines;        /* and lines seen so far */
     /* results */
     lz_buf entries;         /* tar_entry[] */
     lz_buf chunks;          /* tar_chunk[] */

@@ -231,3 +231,39 @@ def test_overlayfs_lowerdir(mounted, tmp_path: Path) -> None:
         assert (d / "etc/hostname").read_text() == "lazy\n"
     finally:
         subprocess.run(["umount", str(merged)], check=False)
+
+
+def test_sparse_file_holes_read_as_zeros(tmp_path: Path) -> None:
+    """A GNU sparse tar entry (tar --sparse): data segments from chunks, holes as zeros."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse = src / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(40 << 20)
+        for off in (0, 5 << 20, (40 << 20) - 4096):
+            f.seek(off)
+            f.write(hashlib.sha256(str(off).encode()).digest() * 128)
+    tar = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(tar), "-C", str(src), "sparse.img"], check=True)
+    blob = tmp_path / "sparse.tar.gz"
+    blob.write_bytes(gzip.compress(tar.read_bytes(), 6))
+    write_index(tmp_path / "idx", index_file(str(blob), chunk_size=64 << 10))
+    index = IndexFile.open(tmp_path / "idx")
+    entry = index.lookup("sparse.img")
+    assert entry is not None and entry.sparse, "the index should record the sparse map"
+    store = ChunkStore(tmp_path / "root")
+    lf = Fetcher(store).layer("S", IndexCodec(index), FileBlobSource(blob))
+    ft = FuseThread(tmp_path / "root" / "mnt")
+    try:
+        d = ft.call(lambda: ft.fs.add_layer("sparse", LayerTree.build(index.entries()), LayerData(index, store, lf)))
+        want = sparse.read_bytes()
+        assert (d / "sparse.img").read_bytes() == want
+        fd = os.open(d / "sparse.img", os.O_RDONLY)
+        try:
+            for off, n in [((5 << 20) - 10, 100), ((40 << 20) - 5000, 5000), (1 << 20, 10)]:
+                assert os.pread(fd, n, off) == want[off:off + n]
+        finally:
+            os.close(fd)
+    finally:
+        ft.stop()
+        index.close()

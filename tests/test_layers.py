@@ -27,11 +27,14 @@ from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.layers import LazyLayerProvider, LazyOptions
 from snapshotter.layers import indexes
+from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
 from snapshotter.service.provider import RemoteLayerRequest
 from tests.test_fs import make_layer_tar
 
 pytestmark = pytest.mark.root
+# these tests measure the on-demand path: no profile prefetch, no background fill
+NO_PROFILES = PrefetchOptions(prefetch=False, background=False, registry_lookup=False)
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +93,8 @@ class Env:
         cfg = RegistryConfig(retry=RetryPolicy(max_attempts=3, base_delay=0.05, deadline=5))
 
         async def make() -> LazyLayerProvider:
-            return LazyLayerProvider(root, RegistryClient(cfg), LazyOptions(fetch_deadline_s=5, **opts))
+            return LazyLayerProvider(root, RegistryClient(cfg), LazyOptions(fetch_deadline_s=5, **opts),
+                                     NO_PROFILES)
 
         p = self.loop.run(make)
         self.providers.append(p)
@@ -282,7 +286,7 @@ def test_shared_content_is_fetched_once(tmp_path: Path) -> None:
 
         async def make() -> LazyLayerProvider:
             return LazyLayerProvider(tmp_path / "node", RegistryClient(RegistryConfig()),
-                                     LazyOptions(verify_complete_layers=False))
+                                     LazyOptions(verify_complete_layers=False), NO_PROFILES)
 
         p = loop.run(make)
         dirs = []

@@ -10,6 +10,7 @@ import concurrent.futures
 import hashlib
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,6 +92,18 @@ def node(tmp_path: Path) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
         unmount_under(tmp_path)
 
 
+def _wait_reconnected(cd: Containerd, timeout: float = 30) -> None:
+    """containerd's client to the proxy plugin reconnects with backoff after a restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cd.ctr("snapshots", "--snapshotter", "lazysnap", "ls", check=False)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"containerd did not reconnect to lazysnap: {r.stderr}")
+        time.sleep(0.2)
+
+
 def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
     daemon, cd = node
     world.proxy.reset_stats()
@@ -126,4 +139,5 @@ def test_daemon_restart_remounts_layers(world: World, node: tuple[LazysnapDaemon
     assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "before").stdout == EXPECTED
     assert daemon.terminate() == 0
     daemon.start()  # same root: the service restores every provided layer from the local index
+    _wait_reconnected(cd)
     assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "after").stdout == EXPECTED

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from snapshotter import native
 from snapshotter.index.model import CheckpointKind, EntryType
 
-SETTINGS = settings(max_examples=25, deadline=None,
+# LAZYSNAP_NATIVE_EXAMPLES=500 for a deeper local run; the default keeps the suite quick.
+SETTINGS = settings(max_examples=int(os.environ.get("LAZYSNAP_NATIVE_EXAMPLES", "25")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ---------------------------------------------------------------- tree generation
@@ -506,3 +507,60 @@ def test_scanner_misuse() -> None:
         native.Scanner(chunk_size=0)
     with pytest.raises(ValueError):
         native.Scanner(format="rar")
+
+
+def test_libarchive_xattrs_decoded() -> None:
+    import base64
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 3
+        ti.pax_headers = {"LIBARCHIVE.xattr.user.%41b": base64.b64encode(b"val\x00ue").decode(),
+                          "SCHILY.xattr.user.x": "1"}
+        tf.addfile(ti, io.BytesIO(b"abc"))
+    res = scan(buf.getvalue(), random.Random(0))
+    assert res.entries[0].xattrs == {"user.Ab": b"val\x00ue", "user.x": b"1"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mutated_headers_never_crash(fmt: int) -> None:
+    """Random byte damage in the header area: a LayerError or a self-consistent result."""
+    tree = [{"name": "long_" + "y" * 150 + "/f", "kind": "reg", "mode": 0o644, "uid": 0, "gid": 0,
+             "mtime": 1.5, "data": b"q" * 700, "xattrs": {"user.a": "b"}},
+            {"name": "s", "kind": "sym", "mode": 0o777, "uid": 0, "gid": 0, "mtime": 0, "link": "f"}]
+    if fmt == tarfile.USTAR_FORMAT:
+        tree[0]["name"] = "short/f"
+    if fmt != tarfile.PAX_FORMAT:
+        del tree[0]["xattrs"]
+    raw = write_tar(tree, fmt)
+    rnd = random.Random(fmt)
+    for _ in range(300):
+        bad = bytearray(raw)
+        for _ in range(rnd.randint(1, 4)):
+            bad[rnd.randrange(min(len(bad), 3072))] = rnd.randrange(256)
+        try:
+            res = scan(bytes(bad), rnd, chunk_size=256)
+        except native.LayerError:
+            continue
+        assert native.verify_chunks(bytes(bad), 0, res.chunks) == -1
+        for e in res.entries:
+            assert e.data_offset + e.stored_size <= len(bad)
+
+
+@pytest.mark.parametrize("pos", [-1, -4, -5, -8])  # ISIZE bytes, CRC32 bytes
+def test_gzip_trailer_checked_per_member(pos: int) -> None:
+    raw = write_tar([{"name": "a", "kind": "reg", "mode": 0o644, "uid": 0, "gid": 0,
+                      "mtime": 0, "data": b"hello" * 100}], tarfile.GNU_FORMAT)
+    first = bytearray(gzip.compress(raw[:1024]))
+    first[pos] ^= 0x10
+    blob = bytes(first) + gzip.compress(raw[1024:])  # the bad trailer is the first member's
+    with pytest.raises(native.CorruptLayerError, match="CRC32/ISIZE"):
+        scan(blob, random.Random(0))
+
+
+def test_unknown_format_is_named() -> None:
+    import bz2
+
+    with pytest.raises(native.CorruptLayerError, match="unknown layer format"):
+        scan(bz2.compress(random.Random(1).randbytes(5000)), random.Random(0))

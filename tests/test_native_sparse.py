@@ -83,3 +83,41 @@ def test_gnu_sparse_variants(tmp_path: Path, variant: list[str]) -> None:
                     rebuilt[o:o + n] = stored[pos:pos + n]
                     pos += n
                 assert bytes(rebuilt) == full
+
+
+def _pax_sparse10(payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("GNUSparseFile.0/f")
+        ti.size = len(payload)
+        ti.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                          "GNU.sparse.name": "f", "GNU.sparse.realsize": "100000"}
+        tf.addfile(ti, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"99999999999\n" + bytes(500), "sparse 1.0 map"),        # absurd segment count
+    (b"3\n0\n10\n", "sparse 1.0 map"),                          # map runs past the data
+    (b"400000\n" + b"1\n1\n" * 400000, "over 1 MiB"),           # hostile 1.6 MB map
+])
+def test_hostile_sparse10_maps(payload: bytes, match: str) -> None:
+    for hash_thread in (False, True):
+        sc = native.Scanner(hash_thread=hash_thread)
+        with pytest.raises(native.CorruptLayerError, match=match):
+            sc.feed(_pax_sparse10(payload))
+            sc.finish()
+
+
+def test_sparse10_map_in_pieces() -> None:
+    segs = [(i * 1000, 10) for i in range(60)]  # a map longer than one 512-byte block
+    mp = f"{len(segs)}\n".encode() + b"".join(f"{o}\n{n}\n".encode() for o, n in segs)
+    mp = mp.ljust(-(-len(mp) // 512) * 512, b"\0")
+    data = os.urandom(600)
+    raw = _pax_sparse10(mp + data)
+    sc = native.Scanner(chunk_size=128)
+    for i in range(0, len(raw), 7):
+        sc.feed(raw[i:i + 7])
+    e = sc.finish().entries[0]
+    assert e.path == b"f" and e.sparse == segs and e.size == 100000
+    assert raw[e.data_offset:e.data_offset + e.stored_size] == data

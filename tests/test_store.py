@@ -155,3 +155,37 @@ def test_concurrent_writers_processes(tmp_path: Path) -> None:
         d, data = _chunk(500 + i, 32 * 1024)
         assert store.read(d) == data
     assert store.stats().chunks == 20
+
+
+def test_reads_racing_eviction_never_return_wrong_bytes(tmp_path: Path) -> None:
+    """Eviction closes cached fds while readers use them: a reader must get the chunk's
+    bytes or a miss, never bytes of another file that reused the fd number."""
+    size = 8192
+    store = ChunkStore(tmp_path, limit_bytes=6 * size)
+    chunks = [_chunk(600 + i, size) for i in range(24)]
+    by_digest = dict(chunks)
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            for d, data in chunks:
+                got = store.read(d)
+                if got is not None and got != data:
+                    bad.append(d.hex())
+
+    def writer() -> None:
+        for _ in range(30):
+            for d, data in chunks:
+                store.put(d, data)
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    writer()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not bad
+    assert store.stats().evictions > 0
+    assert all(store.read(d) in (None, by_digest[d]) for d, _ in chunks)

@@ -85,6 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_handler("serve_cmds", "cmd_health"))
 
+    p = sub.add_parser("record", help="run an image and record its start-up profile")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="lazysnap daemon socket")
+    p.add_argument("--containerd", default="/run/containerd/containerd.sock",
+                   help="containerd socket")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR)
+    p.add_argument("--timeout", type=float, default=60.0, help="stop recording after S seconds")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
+                   help="command to run instead of the image's own")
+    p.set_defaults(func=_handler("profile_cmds", "cmd_record"))
+
+    p = sub.add_parser("profile", help="share and show start-up profiles")
+    psub = p.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+    pp = psub.add_parser("push", help="publish the profile as an OCI artifact of the image")
+    pp.add_argument("ref", metavar="REF")
+    _remote_flags(pp)
+    pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_push"))
+    pp = psub.add_parser("show", help="summarise the profile of an image")
+    pp.add_argument("ref", metavar="REF")
+    pp.add_argument("--json", action="store_true")
+    _remote_flags(pp)
+    pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_show"))
+
     return parser
 
 

@@ -186,6 +186,8 @@ class LayerFetcher:
         self.bytes_fetched = 0
         self._failed_at: dict[int, float] = {}
         self._fetching: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._stream_task: asyncio.Task[None] | None = None
+        self._scan_pos = 0
 
     # -- public -----------------------------------------------------------------------------
     async def ensure(self, chunk_ids: Sequence[int], priority: Priority = Priority.ON_DEMAND) -> None:
@@ -210,14 +212,14 @@ class LayerFetcher:
                     metrics.FETCH_SECONDS.labels(priority.purpose).observe(time.monotonic() - started)
                 return
             if self.sequential_only:
-                # no random access: one stream from the start fills the whole layer
-                missing = list(range(self.codec.chunk_count))
+                futs = self._launch_stream(missing, priority)
             elif self.fetcher.options.whole_spans and hasattr(self.codec, "span_mates"):
                 store = self.fetcher.store
                 asked = set(missing)
                 missing = [c for c in self.codec.span_mates(missing)
                            if c in asked or not store.has(self.codec.digest(c))]
-            futs = self._launch(missing, priority)
+            if not self.sequential_only:
+                futs = self._launch(missing, priority)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -285,9 +287,6 @@ class LayerFetcher:
             else:
                 futs.append(fut)
         if new:
-            if self.sequential_only:
-                log.info("layer_streamed", layer=self.key, reason="sequential_only", chunks=len(new),
-                         note="no random access: streaming the layer from the start into the store")
             for plan in self.codec.plan(new):
                 job_futs = {}
                 for c in _plan_chunk_ids(plan, new):
@@ -305,6 +304,75 @@ class LayerFetcher:
                 task.add_done_callback(self._tasks.discard)
         futs += [self._inflight[c] for c in new if c in self._inflight]
         return futs
+
+    def _launch_stream(self, missing: list[int], priority: Priority) -> list[asyncio.Future[None]]:
+        """No random access: one stream from the start fills every missing chunk."""
+        loop = asyncio.get_running_loop()
+        futs = []
+        for c in missing:
+            fut = self._inflight.get(c)
+            if fut is None:
+                fut = self._inflight[c] = loop.create_future()
+                fut.add_done_callback(_consume)
+            futs.append(fut)
+        if self._stream_task is None or self._stream_task.done():
+            log.info("layer_streamed", layer=self.key, reason="sequential_only",
+                     note="no random access (single-frame zstd or no checkpoints): streaming the layer "
+                          "once from the start into the store")
+            self._stream_task = loop.create_task(self._stream(priority))
+            self._tasks.add(self._stream_task)
+            self._stream_task.add_done_callback(self._tasks.discard)
+        return futs
+
+    async def _stream(self, priority: Priority) -> None:
+        from snapshotter.fetch.streamfill import stream_fill
+
+        loop = asyncio.get_running_loop()
+        store = self.fetcher.store
+        stream = getattr(self.source, "stream", None)
+        gate = self.fetcher.gate
+        await gate.acquire(priority)
+        try:
+            if stream is None:
+                raise FetchError("blob source cannot stream")
+            wanted = []
+            for c in range(self.codec.chunk_count):
+                ch = self.codec.index.chunk(c)  # type: ignore[attr-defined]
+                if not store.has(ch.digest):
+                    wanted.append((ch.uncompressed_offset, ch.length, c, ch.digest))
+
+            def put(cid: int, data: bytes) -> None:
+                store.put(self.codec.digest(cid), data, verified=True)
+                loop.call_soon_threadsafe(self._arrived, cid)
+
+            counted = _Counted(stream(), self, priority)
+            n = await stream_fill(counted, self.codec.info.format, wanted, put,  # type: ignore[attr-defined]
+                                  asyncio.to_thread)
+            log.info("layer_stream_done", layer=self.key, chunks=n, bytes=counted.bytes)
+        except asyncio.CancelledError:
+            self._fail_inflight(FetchError("stream cancelled"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - readers get it (EIO) and retry until their deadline
+            log.warning("layer_stream_error", layer=self.key, error=repr(exc))
+            metrics.SPAN_ERRORS.labels(type(exc).__name__).inc()
+            self._fail_inflight(exc)
+        finally:
+            gate.release(priority)
+        for c in [c for c in self._inflight if store.has(self.codec.digest(c))]:
+            self._arrived(c)
+        if self.on_complete is not None and not self.missing_chunks_quick():
+            self.on_complete()
+
+    def _arrived(self, cid: int) -> None:
+        fut = self._inflight.pop(cid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _fail_inflight(self, exc: BaseException) -> None:
+        for c, fut in list(self._inflight.items()):
+            if not fut.done():
+                fut.set_exception(exc)
+            del self._inflight[c]
 
     async def _run(self, plan: Any, job: _Job) -> None:
         opts = self.fetcher.options
@@ -391,9 +459,33 @@ class LayerFetcher:
         return prefix + rest if prefix else rest
 
     def missing_chunks_quick(self) -> bool:
-        """True if some chunk is still missing (stops at the first one)."""
+        """True if some chunk is still missing. Resumes from the first chunk found missing
+        last time, so checking after every span costs O(chunks) over the layer's life."""
         store = self.fetcher.store
-        return any(not store.has(self.codec.digest(c)) for c in range(self.codec.chunk_count))
+        n = self.codec.chunk_count
+        while self._scan_pos < n and store.has(self.codec.digest(self._scan_pos)):
+            self._scan_pos += 1
+        return self._scan_pos < n
+
+
+class _Counted:
+    """An async byte stream that counts what it yields as registry bytes."""
+
+    def __init__(self, it: Any, owner: LayerFetcher, priority: Priority) -> None:
+        self._it = it.__aiter__()
+        self._owner = owner
+        self._purpose = priority.purpose
+        self.bytes = 0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        block = await self._it.__anext__()
+        self.bytes += len(block)
+        self._owner.bytes_fetched += len(block)
+        metrics.REGISTRY_BYTES.labels(self._purpose).inc(len(block))
+        return block
 
 
 class RangeCache:

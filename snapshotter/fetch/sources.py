@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ class RegistryBlobSource:
     async def read_range(self, start: int, end: int) -> bytes:
         return await self.client.read_range(self.ref, self.digest, start, end, purpose=self.purpose)
 
+    def stream(self) -> AsyncIterator[bytes]:
+        """The whole blob from the start (resumes on interruption; digest checked at the end)."""
+        return self.client.stream_blob(self.ref, self.digest, purpose="layer")
+
 
 class FileBlobSource:
     """Ranges of a local blob file (tests, and layers already downloaded whole)."""
@@ -42,6 +46,11 @@ class FileBlobSource:
 
         return await asyncio.to_thread(pread)
 
+    async def stream(self) -> AsyncIterator[bytes]:
+        with open(self.path, "rb") as f:
+            while block := await asyncio.to_thread(f.read, 1 << 20):
+                yield block
+
 
 class BytesBlobSource:
     """Ranges of a blob held in memory (small layers fetched whole)."""
@@ -51,6 +60,10 @@ class BytesBlobSource:
 
     async def read_range(self, start: int, end: int) -> bytes:
         return self.data[start:end]
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.data), 1 << 20):
+            yield self.data[i:i + (1 << 20)]
 
 
 class IndexCodec:

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -42,6 +42,7 @@ class MountedLayer:
     slot: int
     tree: LayerTree
     data: LayerData
+    attrs: dict[int, pyfuse3.EntryAttributes] = field(default_factory=dict)
 
 
 class LazyFS(pyfuse3.Operations):
@@ -148,8 +149,17 @@ class LazyFS(pyfuse3.Operations):
         return layer, node
 
     def _attrs(self, layer: MountedLayer, node: Node) -> pyfuse3.EntryAttributes:
+        ino = (layer.slot << _SLOT_SHIFT) | node.local
+        a = layer.attrs.get(ino)
+        if a is None:
+            a = layer.attrs[ino] = self._make_attrs(ino, node)
+        return a
+
+    @staticmethod
+    def _make_attrs(ino: int, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes never change while a layer is registered: built once per inode."""
         a = pyfuse3.EntryAttributes()
-        a.st_ino = (layer.slot << _SLOT_SHIFT) | node.local
+        a.st_ino = ino
         a.generation = 0
         a.entry_timeout = IMMUTABLE_TIMEOUT
         a.attr_timeout = IMMUTABLE_TIMEOUT
@@ -235,8 +245,7 @@ class LazyFS(pyfuse3.Operations):
                     return
             return
         layer, node = self._resolve(fh)
-        assert node.children is not None
-        names = list(node.children.items())
+        names = layer.tree.listing(node.local)
         for i in range(start_id, len(names)):
             name, local = names[i]
             child = layer.tree.node(local)

@@ -65,11 +65,21 @@ class LayerTree:
         self.by_path: dict[str, int] = {"": 1}
         self.total_size = 0
         self.files = 0
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def _new(self, node: Node) -> Node:
         node.local = len(self.nodes)
         self.nodes.append(node)
         return node
+
+    def listing(self, local: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of a directory, cached: readdir is called once per ~30 entries."""
+        items = self._listings.get(local)
+        if items is None:
+            node = self.nodes[local]
+            assert node is not None and node.children is not None
+            items = self._listings[local] = list(node.children.items())
+        return items
 
     def node(self, local: int) -> Node | None:
         if 0 < local < len(self.nodes):

@@ -43,7 +43,14 @@ def build_provider(config: Any, options: LazyOptions | None = None, *,
             hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None,
             read_timeout=timeout,
             retry=RetryPolicy(max_attempts=max(1, retries + 1), deadline=min(timeout, opts.fetch_deadline_s)))
-    return LazyLayerProvider(Path(config.root), RegistryClient(registry_config), opts)
+    prefetch = None
+    try:
+        from snapshotter.prefetch.options import PrefetchOptions
+
+        prefetch = PrefetchOptions.from_config(config)
+    except ImportError:
+        pass
+    return LazyLayerProvider(Path(config.root), RegistryClient(registry_config), opts, prefetch)
 
 
 def create_provider(config: Any) -> LazyLayerProvider:

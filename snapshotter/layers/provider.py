@@ -69,7 +69,8 @@ class _Image:
 class LazyLayerProvider:
     """Implements ``snapshotter.service.provider.LayerProvider``."""
 
-    def __init__(self, root: Path, client: Any, options: LazyOptions | None = None) -> None:
+    def __init__(self, root: Path, client: Any, options: LazyOptions | None = None,
+                 prefetch: Any = None) -> None:
         self.root = Path(root)
         self.options = (options or LazyOptions()).validate()
         self.client = client
@@ -88,6 +89,9 @@ class LazyLayerProvider:
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        from snapshotter.prefetch.manager import ProfileManager  # start-up profiles: record, prefetch, fill
+
+        self.profiles = ProfileManager(self.root, self, self.store, prefetch)
 
     # -- public API: every call runs on the provider's own loop -------------------------------
     # The FUSE filesystem must be served by a loop no other code blocks: the service checks
@@ -164,6 +168,7 @@ class LazyLayerProvider:
             atexit.register(_unmount_at_exit, str(self.fs.mountpoint))
 
     async def _close(self) -> None:
+        await self.profiles.close()
         for task in self._tasks.values():
             task.cancel()
         for layer in list(self._layers.values()):
@@ -187,6 +192,8 @@ class LazyLayerProvider:
         image = self._images.get(req.image_ref)
         if image is None:
             image = self._images[req.image_ref] = _Image(req.image_ref, req.manifest_digest)
+            self.profiles.image_started(req.image_ref, req.manifest_digest,
+                                        list(req.image_layers) or [req.layer_digest])
         digests = list(req.image_layers) or [req.layer_digest]
         if req.layer_digest not in digests:
             digests.append(req.layer_digest)
@@ -211,10 +218,11 @@ class LazyLayerProvider:
         if idx is None:
             raise ProviderError(f"no local index for {layer_digest}", reason="no_local_index")
         blob = self._blob_path(layer_digest)
-        verified = blob.exists()
+        verified = blob.exists() or self.profiles.is_complete(layer_digest)
         layer = await self._register(layer_digest, ref, idx, "local", verified=verified,
                                      local_blob=blob if verified else None)
         log.info("layer_restored", layer=layer_digest, dir=str(layer.path))
+        self.profiles.layer_restored(layer_digest)
         return layer.path
 
     async def _release(self, layer_digest: str) -> None:
@@ -223,6 +231,7 @@ class LazyLayerProvider:
         if layer is None:
             return
         layer.fetcher.close()
+        self.profiles.layer_released(layer_digest)
         if layer.verify_task is not None:
             layer.verify_task.cancel()
         await self.fs.remove_layer(_dirname(layer_digest))
@@ -351,7 +360,7 @@ class LazyLayerProvider:
                             else RegistryBlobSource(self.client, ref, digest))
         lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
         tree = await asyncio.to_thread(LayerTree.build, idx.entries())
-        data = LayerData(idx, self.store, lf)
+        data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(lambda: [idx.chunk(i).digest for i in range(idx.chunk_count)])
         self.store.pin(digest, digests)
         path = self.fs.add_layer(_dirname(digest), tree, data)
@@ -359,18 +368,30 @@ class LazyLayerProvider:
         if not verified and self.options.verify_complete_layers:
             lf.on_complete = lambda: self._schedule_verify(layer)
         self._layers[digest] = layer
+        self.profiles.layer_ready(digest)
         log.info("layer_provided", layer=digest, source=source, files=tree.files, chunks=idx.chunk_count,
                  dir=str(path), sequential_only=info.sequential_only)
         return layer
 
     # -- completeness check ----------------------------------------------------------------------------
-    def _schedule_verify(self, layer: ProvidedLayer) -> None:
-        if layer.verified or layer.verify_task is not None:
-            return
-        layer.verify_task = asyncio.get_running_loop().create_task(self._verify_layer(layer))
-        layer.verify_task.add_done_callback(_quiet)
+    def _schedule_verify(self, layer: ProvidedLayer) -> asyncio.Task[bool] | None:
+        if layer.verified:
+            return None
+        if layer.verify_task is None or (layer.verify_task.done() and not layer.verify_task.cancelled()
+                                         and layer.verify_task.exception() is not None):
+            layer.verify_task = asyncio.get_running_loop().create_task(self._do_verify(layer))
+            layer.verify_task.add_done_callback(_quiet)
+        return layer.verify_task  # type: ignore[return-value]
 
     async def _verify_layer(self, layer: ProvidedLayer) -> bool:
+        """The completeness check, at most once per layer however many callers ask
+        (the fetcher's on_complete hook, the profile manager's background fill, the API)."""
+        task = self._schedule_verify(layer)
+        if task is None:
+            return layer.verified
+        return bool(await asyncio.shield(task))
+
+    async def _do_verify(self, layer: ProvidedLayer) -> bool:
         """Stream the blob once (digest checked), re-index it and compare with the index in use.
 
         A mismatch means the index lied about this blob: quarantine it and fail reads.

@@ -196,6 +196,9 @@ class SnapshotService:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(self.snapshotter), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        from snapshotter.prefetch.control import add_control  # lazysnap.v1.Control (profiles)
+
+        add_control(server, self.snapshotter.provider)
         server.add_insecure_port(f"unix:{self.address}")
         old = os.umask(0o117)  # the socket is created 0660 — never world-accessible, even briefly
         try:

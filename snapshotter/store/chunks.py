@@ -18,6 +18,7 @@ Why this shape:
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import os
@@ -69,6 +70,8 @@ class ChunkStore:
         self._total = 0
         self._verified: set[bytes] = set()
         self._fds: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._reading = 0  # readers holding a cached fd right now
+        self._to_close: list[int] = []
         self._pins: dict[str, frozenset[bytes]] = {}
         self._pin_count: collections.Counter[bytes] = collections.Counter()
         self.dedup_hits = 0
@@ -191,12 +194,14 @@ class ChunkStore:
 
     # -- read -----------------------------------------------------------------------------
     def _fd(self, digest: bytes) -> int | None:
+        """A cached fd for the chunk, counted as in use until ``_done`` (see ``_retire``)."""
         with self._lock:
             fd = self._fds.get(digest)
             if fd is not None:
                 self._fds.move_to_end(digest)
                 if digest in self._lru:
                     self._lru.move_to_end(digest)
+                self._reading += 1
                 return fd
         try:
             fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
@@ -209,8 +214,9 @@ class ChunkStore:
             os.close(fd)
             return None
         with self._lock:
+            self._reading += 1
             old = self._fds.get(digest)
-            if old is not None:  # raced with another reader
+            if old is not None:  # raced with another reader; ours was never shared
                 os.close(fd)
                 return old
             self._fds[digest] = fd
@@ -221,8 +227,28 @@ class ChunkStore:
             self._lru.move_to_end(digest)
             while len(self._fds) > _FD_CACHE:
                 _, victim = self._fds.popitem(last=False)
-                os.close(victim)
+                self._retire(victim)
         return fd
+
+    def _retire(self, fd: int) -> None:
+        """Close a cached fd once no reader is between ``_fd`` and ``_done`` (lock held).
+
+        Closing it under a reader's pread could let the number be reused by another open
+        and the reader get bytes of a different file: the one thing this store must never do.
+        """
+        self._to_close.append(fd)
+        if self._reading == 0:
+            for f in self._to_close:
+                os.close(f)
+            self._to_close.clear()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._reading -= 1
+            if self._reading == 0 and self._to_close:
+                for f in self._to_close:
+                    os.close(f)
+                self._to_close.clear()
 
     def _verify_fd(self, digest: bytes, fd: int) -> bool:
         h = hashlib.sha256()
@@ -251,9 +277,54 @@ class ChunkStore:
             metrics.CACHE_MISSES.inc()
             return None
         metrics.CACHE_HITS.inc()
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        return os.pread(fd, length, offset)
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            return os.pread(fd, length, offset)
+        finally:
+            self._done()
+
+    def read_cached(self, digest: bytes, offset: int, length: int) -> bytes | None | bool:
+        """Like ``read`` but never waits for the disk: the bytes if they are all in the page
+        cache, None on a miss, False if the read would block (call ``read`` in a thread).
+
+        Keeps page-cache hits inline on the FUSE loop while cold chunk reads run in worker
+        threads, so several of them (kernel readahead) proceed in parallel.
+        """
+        with self._lock:
+            fd = self._fds.get(digest)
+            if fd is None:
+                return False  # first use: open (+ verify) may read the disk
+            self._reading += 1
+            self._fds.move_to_end(digest)
+        try:
+            buf = bytearray(length)
+            try:
+                n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    return False
+                raise
+            if n != length:
+                return False  # partly cached or short: the plain path decides
+            metrics.CACHE_HITS.inc()
+            return bytes(buf)
+        finally:
+            self._done()
+
+    def hint(self, digest: bytes) -> None:
+        """Start kernel readahead of a chunk file that is about to be read (no verification,
+        no blocking): sequential readers then find the next chunk in the page cache."""
+        try:
+            fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def readinto(self, digest: bytes, buf: memoryview, offset: int = 0) -> int | None:
         """Fill ``buf`` from the chunk at ``offset``; returns the byte count or None on a miss."""
@@ -262,7 +333,10 @@ class ChunkStore:
             metrics.CACHE_MISSES.inc()
             return None
         metrics.CACHE_HITS.inc()
-        return os.preadv(fd, [buf], offset)
+        try:
+            return os.preadv(fd, [buf], offset)
+        finally:
+            self._done()
 
     # -- pinning and eviction -------------------------------------------------------------
     def pin(self, layer: str, digests: Iterable[bytes]) -> None:
@@ -306,7 +380,7 @@ class ChunkStore:
                 self._verified.discard(digest)
                 fd = self._fds.pop(digest, None)
                 if fd is not None:
-                    os.close(fd)
+                    self._retire(fd)
             self.evictions += len(victims)
             metrics.STORED_BYTES.set(self._total)
             over = self._total > self.limit
@@ -329,7 +403,7 @@ class ChunkStore:
             self._verified.discard(digest)
             fd = self._fds.pop(digest, None)
             if fd is not None:
-                os.close(fd)
+                self._retire(fd)
         try:
             os.unlink(self.path_of(digest))
         except FileNotFoundError:
@@ -337,9 +411,10 @@ class ChunkStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._to_close]:
                 os.close(fd)
             self._fds.clear()
+            self._to_close.clear()
 
 
 def _alive(pid: int) -> bool:

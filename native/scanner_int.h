@@ -1,0 +1,32 @@
+/* Internals shared by the scanner pipeline (scanner.c) and its decoders
+ * (scan_gzip.c, scan_zstd.c): the output-block helpers and checkpoint recording. */
+#ifndef LZ_SCANNER_INT_H
+#define LZ_SCANNER_INT_H
+
+#include "scanner.h"
+
+#define MIN_AVAIL (64u << 10)  /* output room asked for before each decoder call */
+
+enum { GZ_BETWEEN = 0, GZ_IN = 1 };  /* scanner_t.gz_phase */
+
+/* Hand the current block to the tar stage and start a new one (keeps 32 KiB history). */
+int lz_flush_block(scanner_t *sc);
+int lz_add_checkpoint(scanner_t *sc, int kind, uint64_t coff, int bits, int with_window);
+
+static inline uint8_t *out_ptr(scanner_t *sc) { return sc->cur->mem + LZ_HIST + sc->cur->len; }
+static inline size_t out_avail(scanner_t *sc) { return LZ_BLOCK - sc->cur->len; }
+static inline void out_commit(scanner_t *sc, size_t n)
+{
+    sc->cur->len += n;
+    sc->out_total += n;
+}
+static inline int out_ensure(scanner_t *sc, size_t min)
+{
+    return out_avail(sc) < min ? lz_flush_block(sc) : 0;
+}
+
+int lz_gz_feed(scanner_t *sc, const uint8_t *p, size_t n);
+int lz_gz_finish(scanner_t *sc);
+int lz_zstd_feed(scanner_t *sc, const uint8_t *p, size_t n, int draining);
+
+#endif

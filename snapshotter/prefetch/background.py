@@ -1,0 +1,152 @@
+"""Background fill: make every chunk of a layer local at low priority, then verify the layer.
+
+Bandwidth is bounded by a daemon-wide token bucket and concurrency by a worker count;
+all of it pauses while an image is starting (``Pause``), so a start never competes with
+bulk transfer. A layer whose chunks are all local is verified (its blob digest, and that
+the blob indexes to the index in use) and a completion marker is written atomically
+under ``<root>/complete/`` so a restarted daemon knows; chunks were already verified
+one by one (SHA-256) when stored, so a kill loses nothing that was verified.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snapshotter.fetch import FetchError, Priority
+from snapshotter.log import get_logger
+from snapshotter.prefetch import metrics
+
+log = get_logger("lazysnap.prefetch")
+
+
+class TokenBucket:
+    """At most ``rate`` bytes per second on average (0: unlimited), bursts of one second.
+
+    GCRA form: ``_tat`` is when the bytes taken so far would have been sent at ``rate``;
+    a caller waits until that is at most one second ahead of now.
+    """
+
+    def __init__(self, rate: int, burst_s: float = 1.0) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self._tat = 0.0
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0 or n <= 0:
+            return
+        now = time.monotonic()
+        self._tat = max(self._tat, now) + n / self.rate
+        wait = self._tat - now - self.burst_s
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class Pause:
+    """Background work waits while ``held`` > 0 (an image is starting) and until start-up
+    reads have been quiet for ``idle_s`` (``last_activity``: monotonic time of the newest)."""
+
+    def __init__(self, last_activity: Callable[[], float] = lambda: 0.0, idle_s: float = 0.0) -> None:
+        self._held = 0
+        self._free = asyncio.Event()
+        self._free.set()
+        self.last_activity = last_activity
+        self.idle_s = idle_s
+
+    def hold(self) -> None:
+        self._held += 1
+        self._free.clear()
+
+    def release(self) -> None:
+        self._held = max(0, self._held - 1)
+        if self._held == 0:
+            self._free.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._held > 0
+
+    async def wait(self) -> None:
+        while True:
+            await self._free.wait()
+            quiet = time.monotonic() - self.last_activity()
+            if quiet >= self.idle_s:
+                return
+            await asyncio.sleep(self.idle_s - quiet)
+
+
+def marker_path(root: Path, digest: str) -> Path:
+    return Path(root) / "complete" / digest.replace(":", "-")
+
+
+def is_complete(root: Path, digest: str) -> bool:
+    return marker_path(root, digest).is_file()
+
+
+def mark_complete(root: Path, digest: str, how: str) -> None:
+    path = marker_path(root, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"layer": digest, "verified": how, "time": int(time.time())}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, concurrency: int) -> bool:
+    """Fetch every missing chunk of ``layer`` at BACKGROUND priority; True if none is missing after."""
+    lf = layer.fetcher
+    codec = lf.codec
+    label = layer.digest
+    total = codec.chunk_count
+    missing = await asyncio.to_thread(lf.missing_chunks)
+    metrics.BACKGROUND_TOTAL.labels(label).set(total)
+    metrics.BACKGROUND_LOCAL.labels(label).set(total - len(missing))
+    if not missing:
+        return True
+    log.info("background_fill_start", layer=label, missing=len(missing), chunks=total,
+             sequential_only=lf.sequential_only)
+    if lf.sequential_only:
+        await pause.wait()
+        await lf.ensure(missing, Priority.BACKGROUND)
+    else:
+        plans = await asyncio.to_thread(codec.plan, missing)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for p in plans:
+            queue.put_nowait(p)
+        done = total - len(missing)
+
+        async def worker() -> None:
+            nonlocal done
+            while not queue.empty():
+                plan = queue.get_nowait()
+                await pause.wait()
+                start, end = codec.span_range(plan)
+                await bucket.take(end - start)
+                await pause.wait()
+                ids = [int(c) for c in getattr(plan, "chunk_ids", ())]
+                still = [c for c in ids if not store.has(codec.digest(c))]
+                if still:
+                    metrics.BACKGROUND_BYTES.inc(end - start)
+                    try:
+                        await lf.ensure(still, Priority.BACKGROUND)
+                    except FetchError as exc:
+                        log.warning("background_span_failed", layer=label, range=f"{start}-{end}", error=str(exc))
+                        continue
+                done += len(ids)
+                metrics.BACKGROUND_LOCAL.labels(label).set(min(done, total))
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    left = await asyncio.to_thread(lf.missing_chunks)
+    metrics.BACKGROUND_LOCAL.labels(label).set(total - len(left))
+    if left:
+        log.warning("background_fill_incomplete", layer=label, missing=len(left))
+        return False
+    log.info("background_fill_done", layer=label, chunks=total)
+    return True

@@ -1,0 +1,65 @@
+"""``lazysnap.v1.Control`` on the daemon's socket: start/stop recordings, read profiles.
+
+The recorder lives on the layer provider's event loop (next to the filesystem); each call
+hops there through the provider's ``_hop`` and back.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from snapshotter.api.lazysnap.v1 import control_pb2 as pb
+from snapshotter.api.lazysnap.v1 import control_pb2_grpc as pb_grpc
+from snapshotter.log import get_logger
+from snapshotter.prefetch.profile import ProfileError
+
+log = get_logger("lazysnap.prefetch")
+SERVICE_NAME = "lazysnap.v1.Control"
+
+
+class ControlServicer(pb_grpc.ControlServicer):
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+
+    @property
+    def _profiles(self) -> Any:
+        return self.provider.profiles
+
+    async def StartRecording(self, request: pb.StartRecordingRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not request.image_ref and not request.manifest_digest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_ref or manifest_digest is required")
+        try:
+            rec_id = await self.provider._hop(self._profiles.start_recording(
+                request.image_ref, request.manifest_digest, list(request.layer_digests)))
+        except Exception as exc:  # noqa: BLE001 - e.g. the image cannot be resolved
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}"[:500])
+        rec = self._profiles.recorder._recordings[rec_id]
+        return pb.StartRecordingResponse(recording_id=rec_id, manifest_digest=rec.manifest)
+
+    async def StopRecording(self, request: pb.StopRecordingRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            profile, path = await self.provider._hop(
+                self._profiles.stop_recording(request.recording_id, save_profile=not request.discard))
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no active recording {request.recording_id!r}")
+        except (ProfileError, OSError) as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc)[:500])
+        return pb.StopRecordingResponse(manifest_digest=profile.manifest, path=str(path or ""),
+                                        summary_json=json.dumps(profile.summary()).encode())
+
+    async def GetProfile(self, request: pb.GetProfileRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            data = self._profiles.profile_bytes(request.manifest_digest)
+        except ProfileError as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc)[:500])
+        return pb.GetProfileResponse(found=data is not None, profile_json=data or b"")
+
+
+def add_control(server: grpc.aio.Server, provider: Any) -> bool:
+    """Register the control service if the provider records profiles; True if registered."""
+    if getattr(provider, "profiles", None) is None or not hasattr(provider, "_hop"):
+        return False
+    pb_grpc.add_ControlServicer_to_server(ControlServicer(provider), server)
+    return True

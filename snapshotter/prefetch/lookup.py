@@ -1,0 +1,99 @@
+"""Finding an image's profile: the daemon's root first, then the image's registry.
+
+A published profile is a referrer of the image manifest in the image's own repository
+(the same trust rule as published indexes); its one blob is size-capped on download and
+must name exactly this manifest. Whatever is wrong with a profile, the caller gets None
+and a ``profile_rejected`` log line: an image starts without a profile, never with a bad one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from snapshotter.log import get_logger
+from snapshotter.prefetch import metrics
+from snapshotter.prefetch.profile import (
+    ARTIFACT_TYPE,
+    MAX_PROFILE_BYTES,
+    MEDIA_TYPE,
+    Profile,
+    ProfileError,
+    load,
+    loads,
+    save,
+)
+
+log = get_logger("lazysnap.prefetch")
+CREATED = "org.opencontainers.image.created"
+
+
+async def published_profile(client: Any, ref: str, manifest: str) -> tuple[Profile, str] | None:
+    """The newest profile artifact referring to ``manifest``: (profile, artifact digest) or None.
+
+    Raises ``ProfileError`` if the newest artifact is malformed, too large or for another image.
+    """
+    arts = await client.referrers(ref, manifest, ARTIFACT_TYPE)
+    if not arts:
+        return None
+    arts.sort(key=lambda d: d.annotations.get(CREATED, ""), reverse=True)
+    art = arts[0]
+    body, _, _ = await client.get_manifest(ref, art.digest)
+    try:
+        doc = json.loads(body)
+        layers = [d for d in doc.get("layers") or [] if d.get("mediaType") == MEDIA_TYPE]
+        subject = (doc.get("subject") or {}).get("digest")
+    except (ValueError, AttributeError) as exc:
+        raise ProfileError(f"artifact {art.digest} is not a manifest: {exc}") from None
+    if subject != manifest:
+        raise ProfileError(f"artifact {art.digest} has subject {subject}, not {manifest}")
+    if len(layers) != 1:
+        raise ProfileError(f"artifact {art.digest} has {len(layers)} profile blobs, expected 1")
+    size = int(layers[0].get("size") or 0)
+    if size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"published profile is {size} bytes, over the {MAX_PROFILE_BYTES}-byte limit")
+    data = await client.fetch_blob(ref, str(layers[0]["digest"]), MAX_PROFILE_BYTES, purpose="profile")
+    return loads(data, expect_manifest=manifest), art.digest
+
+
+async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Profile | None:
+    """Local profile, else the published one (cached locally); None if none is usable."""
+    try:
+        p = load(root, manifest)
+    except (ProfileError, OSError) as exc:
+        metrics.PROFILE_LOOKUPS.labels("rejected").inc()
+        log.warning("profile_rejected", source="local", manifest=manifest, reason=str(exc).splitlines()[0][:300])
+        p = None
+    if p is not None:
+        metrics.PROFILE_LOOKUPS.labels("local").inc()
+        log.info("profile_found", source="local", manifest=manifest, chunks=p.chunks, bytes=p.bytes,
+                 recordings=p.recordings)
+        return p
+    if not registry or client is None:
+        metrics.PROFILE_LOOKUPS.labels("none").inc()
+        return None
+    try:
+        found = await published_profile(client, ref, manifest)
+    except ProfileError as exc:
+        metrics.PROFILE_LOOKUPS.labels("rejected").inc()
+        log.warning("profile_rejected", source="registry", image=ref, manifest=manifest,
+                    reason=str(exc).splitlines()[0][:300])
+        return None
+    except Exception as exc:  # noqa: BLE001 - no profile is never a reason to fail a start
+        metrics.PROFILE_LOOKUPS.labels("none").inc()
+        log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        return None
+    if found is None:
+        metrics.PROFILE_LOOKUPS.labels("none").inc()
+        log.info("profile_not_found", image=ref, manifest=manifest)
+        return None
+    p, art = found
+    metrics.PROFILE_LOOKUPS.labels("registry").inc()
+    log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art, chunks=p.chunks,
+             bytes=p.bytes, recordings=p.recordings)
+    try:
+        save(root, p)
+    except (OSError, ProfileError) as exc:
+        log.warning("profile_cache_failed", manifest=manifest, error=str(exc))
+    return p

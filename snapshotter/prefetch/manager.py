@@ -1,0 +1,295 @@
+"""Profiles at work in the daemon: record, look up, prefetch, fill in the background.
+
+The layer provider owns one ``ProfileManager`` and tells it three things: an image's first
+Prepare (``image_started``), a layer registered in the filesystem (``layer_ready``, which
+also returns the access hook for its ``LayerData``) and a layer released
+(``layer_released``). Everything runs on the provider's event loop.
+
+On ``image_started``: background work pauses, start-up windows open (hit/miss metrics),
+the profile is looked up (local, then registry) and, layer by layer as each one becomes
+ready, its profile chunks are fetched at PREFETCH priority in first-access order, a few
+batches at a time (each batch becomes one or a few checkpoint-span requests). Then the
+pause lifts and every layer of the image is filled at BACKGROUND priority and verified.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from snapshotter.fetch import FetchError, Priority
+from snapshotter.log import get_logger
+from snapshotter.prefetch import background, metrics
+from snapshotter.prefetch.lookup import find_profile
+from snapshotter.prefetch.options import PrefetchOptions
+from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, merge, save
+from snapshotter.prefetch.recorder import AccessRecorder
+
+log = get_logger("lazysnap.prefetch")
+LAYER_WAIT_S = 600.0
+
+
+class ProfileManager:
+    """``host`` is the layer provider: ``layer(digest)``, ``client``, ``_verify_layer(layer)``."""
+
+    def __init__(self, root: Path, host: Any, store: Any, options: PrefetchOptions | None = None) -> None:
+        self.root = Path(root)
+        self.host = host
+        self.store = store
+        self.options = (options or PrefetchOptions()).validate()
+        self.recorder = AccessRecorder(store.has)
+        self.pause = background.Pause(lambda: self.recorder.last_startup_read, self.options.idle_before_background_s)
+        self.bucket = background.TokenBucket(self.options.background_bytes_per_s)
+        self._ready: dict[str, asyncio.Event] = {}
+        self._images: dict[str, asyncio.Task[None]] = {}
+        self._fills: dict[str, asyncio.Task[None]] = {}
+        self._layer_tasks: dict[str, set[asyncio.Task[Any]]] = {}
+
+    # -- provider events ------------------------------------------------------------------------
+    def image_started(self, ref: str, manifest: str | None, layers: Sequence[str]) -> None:
+        """First Prepare of an image: start its prefetch (then its background fill)."""
+        key = manifest or ref
+        task = self._images.get(key)
+        if task is not None and not task.done():
+            return
+        self._images[key] = asyncio.get_running_loop().create_task(self._run_image(ref, manifest, list(layers)),
+                                                                    name=f"prefetch-{key[:24]}")
+
+    def layer_ready(self, digest: str) -> None:
+        """The layer is registered (its ``LayerData`` got ``recorder.hook`` as access hook)."""
+        self._event(digest).set()
+
+    def layer_restored(self, digest: str) -> None:
+        """After a restart: finish filling a layer that is not complete yet."""
+        self.layer_ready(digest)
+        if self.options.background and not self.is_complete(digest):
+            self._start_fill(digest)
+
+    def layer_released(self, digest: str) -> None:
+        """No snapshot uses the layer: stop prefetching and filling it."""
+        for task in self._layer_tasks.pop(digest, set()):
+            task.cancel()
+        fill = self._fills.pop(digest, None)
+        if fill is not None:
+            fill.cancel()
+        self._ready.pop(digest, None)
+        for gauge in (metrics.BACKGROUND_LOCAL, metrics.BACKGROUND_TOTAL):
+            try:
+                gauge.remove(digest)
+            except KeyError:
+                pass
+
+    def is_complete(self, digest: str) -> bool:
+        return background.is_complete(self.root, digest)
+
+    async def close(self) -> None:
+        tasks = [*self._images.values(), *self._fills.values(), *(t for s in self._layer_tasks.values() for t in s)]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.recorder.close_windows()
+
+    # -- one image ------------------------------------------------------------------------------
+    async def _run_image(self, ref: str, manifest: str | None, layers: list[str]) -> None:
+        opts = self.options
+        self.pause.hold()
+        released = False
+        try:
+            self.recorder.open_windows(layers, opts.startup_window_s)
+            if opts.prefetch:
+                if manifest is None:
+                    try:
+                        manifest = (await self.host.client.resolve(ref)).manifest_digest
+                    except Exception as exc:  # noqa: BLE001 - no manifest digest: no profile
+                        log.warning("prefetch_skipped", image=ref, reason="resolve_failed", error=str(exc)[:300])
+                if manifest is not None:
+                    profile = await find_profile(self.root, self.host.client, ref, manifest,
+                                                 registry=opts.registry_lookup)
+                    if profile is not None:
+                        await self._prefetch(ref, profile, layers)
+            asyncio.get_running_loop().call_later(opts.pause_after_start_s, self.pause.release)
+            released = True
+            if opts.background:
+                for d in layers:
+                    self._start_fill(d)
+        finally:
+            if not released:
+                self.pause.release()
+
+    async def _prefetch(self, ref: str, profile: Profile, layers: list[str]) -> None:
+        wanted = [lp for lp in profile.layers if lp.digest in layers and lp.accesses]
+        ignored = [lp.digest for lp in profile.layers if lp.digest not in layers]
+        if ignored:
+            log.warning("profile_layers_ignored", image=ref, layers=",".join(ignored), reason="not_in_image")
+        t0 = time.monotonic()
+        window = asyncio.Semaphore(self.options.prefetch_window)
+        results = await asyncio.gather(*(self._track(lp.digest, self._prefetch_layer(lp, window)) for lp in wanted),
+                                       return_exceptions=True)
+        fetched = sum(r[0] for r in results if isinstance(r, tuple))
+        nbytes = sum(r[1] for r in results if isinstance(r, tuple))
+        seconds = time.monotonic() - t0
+        metrics.PREFETCH_SECONDS.observe(seconds)
+        log.info("prefetch_done", image=ref, manifest=profile.manifest, layers=len(wanted), chunks=profile.chunks,
+                 fetched_chunks=fetched, fetched_bytes=nbytes, seconds=round(seconds, 3))
+
+    async def _prefetch_layer(self, lp: Any, window: asyncio.Semaphore) -> tuple[int, int]:
+        layer = await self._wait_layer(lp.digest)
+        if layer is None:
+            return 0, 0
+        codec = layer.fetcher.codec
+        if codec.chunk_count != lp.chunk_count:
+            log.warning("profile_layer_rejected", layer=lp.digest, reason="index_differs",
+                        profile_chunks=lp.chunk_count, index_chunks=codec.chunk_count)
+            return 0, 0
+        batches = await asyncio.to_thread(span_batches, codec, lp.accesses)
+        fetched = [0, 0]
+
+        async def run(batch: list[Any], missing: list[int]) -> None:
+            try:
+                await layer.fetcher.ensure(missing, Priority.PREFETCH)
+                metrics.PREFETCH_CHUNKS.labels("fetched").inc(len(missing))
+                wanted = set(missing)
+                n = sum(a.size for a in batch if a.chunk in wanted)
+                metrics.PREFETCH_BYTES.inc(n)
+                fetched[0] += len(missing)
+                fetched[1] += n
+            except FetchError as exc:
+                metrics.PREFETCH_CHUNKS.labels("failed").inc(len(missing))
+                log.warning("prefetch_batch_failed", layer=lp.digest, chunks=len(missing), error=str(exc)[:300])
+            finally:
+                window.release()
+
+        tasks = []
+        for batch in batches:
+            missing = [a.chunk for a in batch if not self.store.has(codec.digest(a.chunk))]
+            metrics.PREFETCH_CHUNKS.labels("already_local").inc(len(batch) - len(missing))
+            if not missing:
+                continue
+            await window.acquire()
+            tasks.append(asyncio.get_running_loop().create_task(run(batch, missing)))
+        await asyncio.gather(*tasks)
+        return fetched[0], fetched[1]
+
+    # -- background fill --------------------------------------------------------------------------
+    def _start_fill(self, digest: str) -> None:
+        task = self._fills.get(digest)
+        if task is not None and not task.done():
+            return
+        self._fills[digest] = asyncio.get_running_loop().create_task(self._fill(digest), name=f"fill-{digest[:19]}")
+
+    async def _fill(self, digest: str) -> None:
+        layer = await self._wait_layer(digest)
+        if layer is None:
+            return
+        try:
+            await self.pause.wait()
+            ok = await background.fill_layer(layer, self.store, self.bucket, self.pause,
+                                             self.options.background_concurrency)
+            if not ok:
+                return
+            if self.is_complete(digest) and layer.verified:
+                return
+            if not layer.verified:
+                task = getattr(layer, "verify_task", None)
+                if task is not None:
+                    await asyncio.shield(task)
+                if not layer.verified:
+                    await self.host._verify_layer(layer)
+            if layer.verified:
+                await asyncio.to_thread(background.mark_complete, self.root, digest, "blob-digest+index")
+                metrics.LAYERS_COMPLETE.labels("verified").inc()
+                log.info("layer_complete", layer=digest, verified=True)
+            else:
+                metrics.LAYERS_COMPLETE.labels("failed").inc()
+                log.error("layer_complete", layer=digest, verified=False)
+        except asyncio.CancelledError:
+            log.info("background_fill_cancelled", layer=digest)
+            raise
+        except Exception as exc:  # noqa: BLE001 - background work must never take the daemon down
+            metrics.LAYERS_COMPLETE.labels("failed").inc()
+            log.warning("background_fill_failed", layer=digest, error=f"{type(exc).__name__}: {exc}"[:300])
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _event(self, digest: str) -> asyncio.Event:
+        ev = self._ready.get(digest)
+        if ev is None:
+            ev = self._ready[digest] = asyncio.Event()
+        return ev
+
+    async def _wait_layer(self, digest: str) -> Any:
+        """The provided layer once registered; None if it is not provided lazily (fallback)."""
+        ev = self._event(digest)
+        deadline = time.monotonic() + LAYER_WAIT_S
+        while not ev.is_set():
+            task = getattr(self.host, "_tasks", {}).get(digest)
+            if task is not None and task.done() and (task.cancelled() or task.exception() is not None):
+                return None
+            if time.monotonic() > deadline:
+                return None
+            try:
+                await asyncio.wait_for(ev.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return self.host.layer(digest)
+
+    async def _track(self, digest: str, coro: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self._layer_tasks.setdefault(digest, set()).add(task)
+        try:
+            return await coro
+        finally:
+            self._layer_tasks.get(digest, set()).discard(task)
+
+    # -- control service (recordings) ------------------------------------------------------------------
+    async def start_recording(self, ref: str, manifest: str, layers: Iterable[str]) -> str:
+        layers = list(layers)
+        if not manifest or not layers:
+            resolved = await self.host.client.resolve(ref)
+            manifest = manifest or resolved.manifest_digest
+            layers = layers or [d.digest for d in resolved.layers]
+        return self.recorder.start(manifest, layers).id
+
+    async def stop_recording(self, rec_id: str, *, save_profile: bool = True) -> tuple[Profile, Path | None]:
+        """Stop; merge the recording into the image's local profile and save it."""
+        rec = self.recorder.stop(rec_id)
+        counts = {}
+        for d in rec.layers:
+            layer = self.host.layer(d)
+            if layer is not None:
+                counts[d] = layer.fetcher.codec.chunk_count
+        new = rec.profile(counts)
+        new.layers = [lp for lp in new.layers if lp.digest in counts]
+        if not save_profile:
+            return new, None
+        try:
+            old = load(self.root, rec.manifest)
+        except ProfileError as exc:
+            log.warning("profile_rejected", source="local", manifest=rec.manifest, reason=str(exc)[:300],
+                        action="replaced by the new recording")
+            old = None
+        merged = merge(old, new) if old is not None else new
+        path = await asyncio.to_thread(save, self.root, merged)
+        log.info("profile_saved", manifest=merged.manifest, path=str(path), recordings=merged.recordings,
+                 chunks=merged.chunks, bytes=merged.bytes, files=merged.files)
+        return merged, path
+
+    def profile_bytes(self, manifest: str) -> bytes | None:
+        p = load(self.root, manifest)
+        return None if p is None else dumps(p)
+
+
+def span_batches(codec: Any, accesses: Sequence[Any]) -> list[list[Any]]:
+    """Profile chunks grouped by the checkpoint span (fetch plan) that yields them, the
+    groups in the order their first chunk was first read: one range request per group."""
+    plans = codec.plan([a.chunk for a in accesses])
+    plan_of: dict[int, int] = {}
+    for i, plan in enumerate(plans):
+        for c in getattr(plan, "chunk_ids", ()):
+            plan_of.setdefault(int(c), i)
+    groups: dict[int, list[Any]] = {}
+    for a in accesses:  # dicts keep insertion order: first access of each span
+        groups.setdefault(plan_of.get(a.chunk, -1 - a.chunk), []).append(a)
+    return list(groups.values())

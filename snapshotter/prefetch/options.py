@@ -1,0 +1,55 @@
+"""Knobs of prefetch and background fetch (plain data, filled from the daemon config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class PrefetchOptions:
+    """``prefetch``: replay the image's start-up profile at its first Prepare.
+    ``prefetch_window``: prefetch batches in flight at once (kept small so an on-demand
+    read never queues behind many prefetch jobs). ``batch_bytes``: uncompressed bytes of
+    profile chunks asked for in one batch (the fetcher merges a batch into checkpoint spans).
+    ``background``: after the prefetch, make every layer of the image fully local, then
+    verify it; ``background_concurrency`` spans at once, at most ``background_bytes_per_s``
+    compressed bytes per second (0: unlimited), paused while an image is starting and for
+    ``pause_after_start_s`` after its prefetch, and until reads of starting images have been
+    quiet for ``idle_before_background_s``. ``startup_window_s``: how long after the
+    first Prepare reads count as start-up reads (metrics). ``registry_lookup``: look for a
+    published profile when there is no local one.
+    """
+
+    prefetch: bool = True
+    prefetch_window: int = 4
+    batch_bytes: int = 8 << 20
+    background: bool = True
+    background_concurrency: int = 2
+    background_bytes_per_s: int = 0
+    pause_after_start_s: float = 2.0
+    idle_before_background_s: float = 3.0
+    startup_window_s: float = 120.0
+    registry_lookup: bool = True
+
+    def validate(self) -> PrefetchOptions:
+        if self.prefetch_window < 1 or self.background_concurrency < 1 or self.batch_bytes < 1:
+            raise ValueError("prefetch_window, background_concurrency and batch_bytes must be >= 1")
+        if min(self.background_bytes_per_s, self.pause_after_start_s, self.startup_window_s,
+               self.idle_before_background_s) < 0:
+            raise ValueError("background_bytes_per_s, pause_after_start_s, startup_window_s must be >= 0")
+        return self
+
+    @classmethod
+    def from_config(cls, config: Any) -> PrefetchOptions:
+        """From ``Config``: ``[fetch] prefetch/background_fetch`` and an optional ``[prefetch]`` table."""
+        opts = cls()
+        fetch = getattr(config, "fetch", None)
+        if fetch is not None:
+            opts.prefetch = bool(getattr(fetch, "prefetch", opts.prefetch))
+            opts.background = bool(getattr(fetch, "background_fetch", opts.background))
+        table = getattr(config, "prefetch", None)
+        if table is not None:
+            for name in cls.__dataclass_fields__:  # type: ignore[attr-defined]
+                if hasattr(table, name):
+                    setattr(opts, name, getattr(table, name))
+        return opts.validate()

@@ -1,0 +1,263 @@
+"""Start-up profiles end to end: real containerd + runc + docker-registry + `lazysnap serve`.
+
+Record an image's start on one node (`lazysnap record`), publish the profile
+(`lazysnap profile push`), then start the image on a fresh node (empty daemon root): the
+profile is found in the registry, prefetched at the first Prepare, and the start's first
+reads hit local chunks (the daemon's `lazysnap_startup_chunk_reads_total` metric). A profile
+made for another manifest is rejected with a log line and the start goes on. Background
+fill then completes and verifies every layer; a SIGKILL in the middle of it loses nothing
+that was verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.containerd import Containerd, LazysnapDaemon, start_containerd, start_lazysnap, unmount_under
+from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
+from harness.proxy import Fault, Proxy, start_proxy
+from harness.registry import Registry, start_registry
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+BIG = 32 * MiB
+SKIPS = (3, 9, 17, 25)
+CONF = {f"app/conf/c{i:02d}.txt": (f"setting {i}\n" * (i + 1)).encode() for i in range(40)}
+CMD = ["/bin/sh", "-c", "cat /data/hello.txt; for s in " + " ".join(map(str, SKIPS)) +
+       "; do dd if=/data/big.bin bs=1048576 skip=$s count=1 2>/dev/null | md5sum; done;"
+       " cat /app/conf/*.txt | md5sum"]
+
+
+def _big() -> bytes:
+    seed = hashlib.sha256(b"profile-big").digest()
+    return b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(BIG // 32))
+
+
+def _expected(big: bytes) -> str:
+    out = ["hello profile"]
+    out += [f"{hashlib.md5(big[s * MiB:(s + 1) * MiB]).hexdigest()}  -" for s in SKIPS]
+    out.append(f"{hashlib.md5(b''.join(CONF[k] for k in sorted(CONF))).hexdigest()}  -")
+    return "\n".join(out) + "\n"
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    total = 0.0
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            key = line.rsplit(" ", 1)[0]
+            if key == name or key.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _lazysnap(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "snapshotter", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@dataclass
+class World:
+    reg: Registry
+    proxy: Proxy
+    img: PushedImage
+    other: PushedImage
+    expected: str
+    tmp: Path
+
+    def ref(self, img: PushedImage) -> str:
+        return img.ref.replace(self.reg.host, self.proxy.host)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("profile-e2e")
+    reg = start_registry(tmp / "reg")
+    proxy = start_proxy(reg.url)
+    try:
+        big = _big()
+        layers = [
+            busybox_rootfs(),
+            LayerSpec(entries=[File("/data/big.bin", big), File("/data/hello.txt", b"hello profile\n"),
+                               *(File("/" + k, v) for k, v in CONF.items())]),
+            LayerSpec(entries=[File("/data/extra.txt", b"top layer\n")]),
+        ]
+        img = build_image(tmp / "img", layers, cmd=CMD, ref=f"{reg.host}/prof/e2e:v1")
+        # shares the two lower layers, not the manifest
+        other = build_image(tmp / "img2", [*layers[:2], LayerSpec(entries=[File("/data/extra.txt", b"other\n")])],
+                            cmd=CMD, ref=f"{reg.host}/prof/other:v1")
+        assert other.manifest_digest != img.manifest_digest
+        for i in (img, other):
+            subprocess.run([sys.executable, "-m", "snapshotter", "index", i.ref, "--push", "--root",
+                            str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
+                           check=True, cwd=REPO, capture_output=True, timeout=300)
+        yield World(reg, proxy, img, other, _expected(big), tmp)
+    finally:
+        proxy.stop()
+        reg.stop()
+
+
+@dataclass
+class Node:
+    daemon: LazysnapDaemon
+    cd: Containerd
+
+    def run(self, ref: str, name: str) -> str:
+        self.cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", ref)
+        return self.cd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, name).stdout
+
+    def metric(self, name: str, labels: str = "") -> float:
+        assert self.daemon.metrics_url is not None
+        return _metric(self.daemon.metrics_url, name, labels)
+
+    def log(self) -> str:
+        return self.daemon.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[Node]]:
+    made: list[Node] = []
+
+    def make(name: str) -> Node:
+        daemon = start_lazysnap(tmp_path / name / "daemon", root=tmp_path / name / "root")
+        try:
+            cd = start_containerd(tmp_path / name / "ctrd", proxy_plugins={"lazysnap": daemon.address})
+        except BaseException:
+            daemon.stop()
+            raise
+        made.append(Node(daemon, cd))
+        return made[-1]
+
+    try:
+        yield make  # type: ignore[misc]
+    finally:
+        for n in made:
+            n.cd.stop()
+            n.daemon.stop()
+        unmount_under(tmp_path)
+
+
+def _wait(pred, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _share(node: Node) -> tuple[float, float]:
+    return (node.metric("lazysnap_startup_chunk_reads_total", 'result="hit"'),
+            node.metric("lazysnap_startup_chunk_reads_total", 'result="miss"'))
+
+
+def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noqa: ANN001
+    ref = world.ref(world.img)
+    a: Node = nodes("a")
+    r = _lazysnap("record", ref, "--address", a.daemon.address, "--containerd", a.cd.address,
+                  "--hosts-dir", str(world.tmp / "nohosts"), "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == world.expected
+    assert "chunks=" in r.stderr
+    root_a = a.daemon.root
+    profile_file = root_a / "profiles" / f"{world.img.manifest_digest.replace(':', '-')}.json"
+    doc = json.loads(profile_file.read_bytes())
+    assert doc["manifest"] == world.img.manifest_digest and doc["chunks"] > 0
+    hits_a, miss_a = _share(a)
+    assert miss_a > 0, "the recording start had no misses: the metric cannot show what the profile buys"
+
+    show = _lazysnap("profile", "show", ref, "--root", str(root_a), "--json", "--hosts-dir", "/nonexistent")
+    assert show.returncode == 0, show.stderr
+    summary = json.loads(show.stdout)
+    assert summary["chunks"] == doc["chunks"] and summary["files"] >= 1 + len(CONF)
+    push = _lazysnap("profile", "push", ref, "--root", str(root_a), "--hosts-dir", "/nonexistent")
+    assert push.returncode == 0, push.stderr
+
+    # a fresh node: empty root; the profile comes from the registry
+    b: Node = nodes("b")
+    world.proxy.reset_stats()
+    assert b.run(ref, "fresh") == world.expected
+    hits, misses = _share(b)
+    assert hits + misses > 0
+    assert hits / (hits + misses) >= 0.95, (hits, misses, b.log()[-3000:])
+    assert b.metric("lazysnap_profile_lookups_total", 'result="registry"') == 1
+    assert b.metric("lazysnap_prefetch_chunks_total", 'state="fetched"') > 0
+    # the same summary is printed from the registry copy
+    show = _lazysnap("profile", "show", ref, "--root", str(b.daemon.root / "none"), "--hosts-dir", "/nonexistent")
+    assert show.returncode == 0 and f"chunks      {doc['chunks']}" in show.stdout, show.stdout + show.stderr
+
+    # background fill completes and verifies every layer of the image
+    digests = world.img.layer_digests
+    _wait(lambda: all((b.daemon.root / "complete" / d.replace(":", "-")).is_file() for d in digests), 60,
+          "every layer complete")
+    assert b.metric("lazysnap_layers_complete_total", 'result="failed"') == 0
+    assert "layer_verified" in b.log()
+
+
+def test_profile_of_another_manifest_is_ignored(world: World, nodes) -> None:  # noqa: ANN001
+    """A profile artifact hung on `other` but made for `img` (another digest) is never used."""
+    from snapshotter.prefetch import profile as P
+
+    ref = world.ref(world.other)
+    bad = P.Profile(world.img.manifest_digest, [P.LayerProfile(world.img.layer_digests[1], 40, [
+        P.ChunkAccess(0, MiB, "data/big.bin", 0, 4096, [1])])])
+    script = (
+        "import asyncio, sys\n"
+        "from snapshotter.registry import RegistryClient, RegistryConfig\n"
+        "async def main():\n"
+        "    async with RegistryClient(RegistryConfig()) as c:\n"
+        "        r = await c.resolve(sys.argv[1])\n"
+        "        await c.push_artifact(sys.argv[1], subject=r.manifest_descriptor,\n"
+        "            artifact_type='application/vnd.lazysnap.profile.v1+json',\n"
+        "            blobs=[('application/vnd.lazysnap.profile.v1+json', sys.stdin.buffer.read())])\n"
+        "asyncio.run(main())\n")
+    subprocess.run([sys.executable, "-c", script, ref], input=P.dumps(bad), cwd=REPO, check=True, timeout=60)
+    n: Node = nodes("c")
+    assert n.run(ref, "other") == world.expected
+    _wait(lambda: "profile_rejected" in n.log(), 10, "the rejection log line")
+    line = next(x for x in n.log().splitlines() if "profile_rejected" in x)
+    assert "is for manifest" in line and world.img.manifest_digest in line
+    assert n.metric("lazysnap_profile_lookups_total", 'result="rejected"') == 1
+    assert n.metric("lazysnap_prefetch_chunks_total") == 0
+
+
+def test_sigkill_during_background_fill_loses_nothing_verified(world: World, nodes) -> None:  # noqa: ANN001
+    ref = world.ref(world.img)
+    n: Node = nodes("d")
+    big_layer = world.img.layer_digests[1]
+    # slow down the big layer's blob reads once the start is done: background fill is mid-way when killed
+    assert n.run(ref, "first") == world.expected
+    fault = world.proxy.add_fault(Fault("stall", times=-1, path=big_layer.split(":")[1], seconds=1.0))
+    try:
+        label = f'layer="{big_layer}"'
+        _wait(lambda: 0 < n.metric("lazysnap_background_chunks_local", label)
+              < n.metric("lazysnap_background_chunks_total", label) and
+              n.metric("lazysnap_background_span_bytes_total") > 0, 30, "background fill under way")
+        root = n.daemon.root
+        complete_before = sorted(p.name for p in (root / "complete").iterdir()) if (root / "complete").exists() else []
+        assert big_layer.replace(":", "-") not in complete_before
+        n.daemon.kill()
+    finally:
+        world.proxy.clear_faults()
+    assert fault.kind == "stall"
+    # nothing half-written: every chunk file is whole and hashes to its name
+    chunk_files = [p for p in (root / "chunks").glob("??/*")]
+    assert chunk_files
+    for p in chunk_files:
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.parent.name + p.name, p
+    n.daemon.start()
+    # completed layers stay complete; the restored daemon finishes and verifies the big layer
+    for name in complete_before:
+        assert (root / "complete" / name).is_file()
+    _wait(lambda: (root / "complete" / big_layer.replace(":", "-")).is_file(), 60, "big layer complete after restart")
+    assert n.cd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, "after").stdout == world.expected
