@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t = time.monotonic()
             summary = publish(workdir, reg.host, img.ref)
-            print(f"published the layer indexes (lazysnap index --push) in {time.monotonic() - t:.1f}s: {summary}")
+            size = summary.partition("index_bytes=")[2].split(" ")[0]
+            print(f"published the layer indexes (lazysnap index --push, {int(size or 0) / 1e6:.2f} MB) "
+                  f"in {time.monotonic() - t:.1f}s")
             lazy = run_lazysnap(workdir, proxy, ref, img.compressed_size, args.keep)
             print(f"lazysnap:  {lazy.output}")
             results.append(lazy)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         status = 130
-    except (NodeError, RuntimeError) as exc:
+    except (RuntimeError, subprocess.SubprocessError) as exc:  # NodeError, ImageBuildError, timeouts
         print(f"demo failed: {exc}", file=sys.stderr)
         status = 1
     finally:

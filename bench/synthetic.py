@@ -11,7 +11,8 @@ half the blocks are pseudo-random (incompressible for gzip), half are text-like
 seeded 64 MiB pool, so no two chunks repeat (no accidental dedup).
 
 Start command (busybox): read the hot list ``/bench/hot.list`` (``path offset length``
-lines; whole small files, scattered ranges of large ones, in a fixed order) with ``dd``,
+lines: whole random directories, as imports read packages; large files in scattered 1–4
+MiB ranges; in a fixed order) with ``dd``,
 then print ``synthetic-ok``. ``previous()`` is the same image with ~10% of the files
 rewritten: the "previous version" a warm node already holds.
 
@@ -37,7 +38,7 @@ from harness.images import (
 )
 
 CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "synthetic"
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 BLOCK = 64 << 10
 POOL = 64 << 20
 EXPECTED = "synthetic-ok"
@@ -110,25 +111,33 @@ def plan_files(spec: SyntheticSpec) -> list[SynFile]:
 
 
 def plan_hot(spec: SyntheticSpec, files: list[SynFile]) -> list[tuple[str, int, int]]:
-    """Hot reads ``(path, offset, length)``: whole small files, 1–4 MiB ranges of big ones."""
+    """Hot reads ``(path, offset, length)`` totalling ``hot`` of the bytes.
+
+    Start-up reads cluster the way imports do: whole directories (64 files, a "package")
+    picked at random, every small file in them read whole, large ones in 1–4 MiB ranges.
+    """
     rng = random.Random(spec.seed * 7919 + 1)
     target = int(spec.hot * sum(f.size for f in files))
-    order = files[:]
+    dirs: dict[str, list[SynFile]] = {}
+    for f in files:
+        dirs.setdefault(f.path.rsplit("/", 1)[0], []).append(f)
+    order = sorted(dirs)
     rng.shuffle(order)
     reads: list[tuple[str, int, int]] = []
     got = 0
-    for f in order:
-        if got >= target:
-            break
-        if f.size <= 8 << 20:
-            reads.append((f.path, 0, f.size))
-            got += f.size
-        else:
-            for _ in range(rng.randint(1, 4)):
-                length = min(f.size, rng.randint(1, 4) << 20)
-                off = rng.randrange(0, max(1, f.size - length)) & ~4095
-                reads.append((f.path, off, length))
-                got += length
+    for d in order:
+        for f in dirs[d]:
+            if got >= target:
+                return reads
+            if f.size <= 8 << 20:
+                reads.append((f.path, 0, f.size))
+                got += f.size
+            else:
+                for _ in range(rng.randint(1, 4)):
+                    length = min(f.size, rng.randint(1, 4) << 20)
+                    off = rng.randrange(0, max(1, f.size - length)) & ~4095
+                    reads.append((f.path, off, length))
+                    got += length
     return reads
 
 

@@ -11,8 +11,11 @@ Example (see deploy/config.toml)::
     metrics_address = "127.0.0.1:9746"
     log_level = "info"
 
-    [fetch]
-    max_concurrency = 8
+    [lazy]                  # snapshotter.layers.options.LazyOptions
+    fetch_deadline_s = 30.0
+
+    [prefetch]              # snapshotter.prefetch.options.PrefetchOptions
+    background = true
 
     [registry]
     timeout_seconds = 30
@@ -25,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "FetchConfig", "RegistryConfig", "RemoteConfig", "load_config"]
+from snapshotter.layers.options import LazyOptions
+from snapshotter.prefetch.options import PrefetchOptions
+
+__all__ = ["Config", "ConfigError", "RegistryConfig", "RemoteConfig", "load_config"]
 
 DEFAULT_ROOT = "/var/lib/lazysnap"
 DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
@@ -38,22 +44,11 @@ class ConfigError(ValueError):
 
 
 @dataclass(slots=True)
-class FetchConfig:
-    """On-demand and background fetching (used by the fetch package)."""
-
-    max_concurrency: int = 8
-    prefetch: bool = True
-    background_fetch: bool = True
-    span_bytes: int = 4 << 20
-
-
-@dataclass(slots=True)
 class RegistryConfig:
     """Registry client settings (used by the registry package)."""
 
     timeout_seconds: float = 30.0
     retries: int = 3
-    plain_http: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -71,7 +66,8 @@ class Config:
     metrics_address: str | None = None
     log_level: str = "info"
     health_probe_seconds: float = 2.0
-    fetch: FetchConfig = field(default_factory=FetchConfig)
+    lazy: LazyOptions = field(default_factory=LazyOptions)
+    prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
@@ -88,6 +84,11 @@ class Config:
             raise ConfigError("address must not be empty")
         if self.health_probe_seconds <= 0:
             raise ConfigError("health_probe_seconds must be positive")
+        try:
+            self.lazy.validate()
+            self.prefetch.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
 
@@ -105,7 +106,12 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"config key {where}{key} must be a table")
             kwargs[f.name] = _build(type(default), value, f"{where}{key}.")
             continue
-        expected = type(default) if default is not None else str
+        if default is None:  # optional knob (e.g. lazy.store_limit_bytes): any scalar of the TOML kinds
+            if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+                raise ConfigError(f"config key {where}{key} must be a number or string")
+            kwargs[f.name] = value
+            continue
+        expected = type(default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

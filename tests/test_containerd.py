@@ -415,10 +415,6 @@ def test_lazy_provider_through_cli(tmp_path: Path, containerd_with, registry: Re
         unmount_under(tmp_path)
 
 
-# Known break (owner: fs engineer): snapshotter/fs/lazyfs.py start() calls mountpoint.mkdir() before
-# _lazy_unmount_stale(); on the dead FUSE mount left by SIGKILL that usually raises ENOTCONN, restore
-# fails and the service (correctly) answers UNAVAILABLE. Remove the marker once the two lines are swapped.
-@pytest.mark.xfail(strict=False, reason="lazyfs start() mkdir before stale-mount cleanup (ENOTCONN)")
 def test_lazy_provider_survives_sigkill(tmp_path: Path, containerd_with, registry: Registry,
                                         busybox_image: PushedImage) -> None:
     d = None

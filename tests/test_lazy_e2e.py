@@ -78,10 +78,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    """A lazysnap daemon (default config unless ``request.param`` gives ``[prefetch]`` keys) + containerd."""
     daemon = cd = None
+    fetch = getattr(request, "param", {})
+    args: list[str] = []
+    if fetch:
+        cfg = tmp_path / "lazysnap.toml"
+        cfg.write_text("[prefetch]\n" + "".join(f"{k} = {str(v).lower()}\n" for k, v in fetch.items()))
+        args = ["--config", str(cfg)]
     try:
-        daemon = start_lazysnap(tmp_path / "daemon", root=tmp_path / "root")
+        daemon = start_lazysnap(tmp_path / "daemon", root=tmp_path / "root", extra_args=args)
         cd = start_containerd(tmp_path / "ctrd", proxy_plugins={"lazysnap": daemon.address})
         yield daemon, cd
     finally:
@@ -104,6 +111,7 @@ def _wait_reconnected(cd: Containerd, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("node", [{"background": False}], indirect=True)
 def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
     daemon, cd = node
     world.proxy.reset_stats()
@@ -121,6 +129,9 @@ def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containe
     assert daemon.metrics_url is not None
     assert _metric(daemon.metrics_url, "lazysnap_registry_bytes_fetched_total") > 0
     assert _metric(daemon.metrics_url, "lazysnap_remote_snapshots_total") == len(world.img.layer_digests)
+    rss_kb = int(next(line.split()[1] for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")))
+    assert rss_kb < 300 << 10, f"daemon RSS {rss_kb >> 10} MiB"
 
 
 def test_four_containers_at_once(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:

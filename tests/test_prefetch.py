@@ -131,7 +131,7 @@ async def _start(layer: Layer) -> list[bytes]:
 
 async def test_record_then_prefetch_in_first_access_order(tmp_path: Path, blob: Any) -> None:
     host, mgr, layer, src = _setup(tmp_path / "a", blob, PrefetchOptions(background=False))
-    rec = await mgr.start_recording("img", MANIFEST, [layer.digest])
+    rec, _ = await mgr.start_recording("img", MANIFEST, [layer.digest])
     out = await _start(layer)
     assert out == [FILES[p][off:off + n] for p, off, n in READS]
     prof, path = await mgr.stop_recording(rec)
@@ -146,7 +146,7 @@ async def test_record_then_prefetch_in_first_access_order(tmp_path: Path, blob: 
     assert times == sorted(times)
 
     # a second recording merges into the same profile
-    rec = await mgr.start_recording("img", MANIFEST, [layer.digest])
+    rec, _ = await mgr.start_recording("img", MANIFEST, [layer.digest])
     await layer.data.read(e9, 0, 10)
     prof, _ = await mgr.stop_recording(rec)
     assert prof.recordings == 2 and prof.layers[0].ordered_chunks()[0] == e9.first_chunk
@@ -187,18 +187,42 @@ async def test_profile_layer_for_other_index_is_not_used(tmp_path: Path, blob: A
     await mgr.close()
 
 
-async def test_other_manifest_and_corrupt_local_profiles_are_ignored(tmp_path: Path, blob: Any,
+async def test_other_manifest_and_corrupt_local_profiles_are_ignored(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     other = "sha256:" + "cd" * 32
-    good = P.Profile(other, [])
     # a profile stored under this image's name but made for another manifest
     path = P.profile_path(root, MANIFEST)
     path.parent.mkdir(parents=True)
-    path.write_bytes(P.dumps(good))
+    path.write_bytes(P.dumps(P.Profile(other, [])))
     assert await find_profile(root, None, "img", MANIFEST, registry=False) is None
     path.write_bytes(b'{"schema": "lazysnap.profile.v1", "manifest": ')
     assert await find_profile(root, None, "img", MANIFEST, registry=False) is None
+    path.write_bytes(b" " * (P.MAX_PROFILE_BYTES + 1))
+    assert await find_profile(root, None, "img", MANIFEST, registry=False) is None
+    lines = [str(r.fields.get("reason")) for r in caplog.records  # type: ignore[attr-defined]
+             if r.getMessage() == "profile_rejected"]
+    assert len(lines) == 3, lines
+    assert "is for manifest" in lines[0] and "not JSON" in lines[1] and "byte limit" in lines[2]
+    path.write_bytes(P.dumps(P.Profile(MANIFEST, [])))
+    assert await find_profile(root, None, "img", MANIFEST, registry=False) == P.Profile(MANIFEST, [])
+
+
+def test_record_flags_after_ref_are_parsed(capsys: pytest.CaptureFixture[str]) -> None:
+    """Flags may follow REF; everything after ``--`` is the command, flags included."""
+    from snapshotter.cli import parse_args
+
+    args = parse_args(["record", "r/i:1", "--address", "/a.sock", "--containerd", "/c.sock",
+                       "--timeout", "5", "--", "sh", "-c", "echo --address"])
+    assert args.cmd == ["sh", "-c", "echo --address"]
+    assert (args.address, args.containerd, args.timeout, args.namespace) == ("/a.sock", "/c.sock", 5.0, "default")
+    args = parse_args(["record", "r/i:1", "--address", "/b.sock"])
+    assert args.cmd == [] and args.address == "/b.sock"
+    with pytest.raises(SystemExit):
+        parse_args(["record", "r/i:1", "--bogus", "1"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["ls", "x", "--", "y"])
 
 
 async def test_background_fill_bounded_pausable_and_verified(tmp_path: Path, blob: Any) -> None:

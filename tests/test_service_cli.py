@@ -29,14 +29,15 @@ def test_example_config_loads_and_flags_override(tmp_path: Path) -> None:
     cfg = load_config(DEPLOY / "config.toml")
     assert (cfg.root, cfg.address, cfg.metrics_address) == ("/var/lib/lazysnap", "/run/lazysnap/lazysnap.sock",
                                                             "127.0.0.1:9746")
-    assert cfg.fetch.max_concurrency == 8 and cfg.remote.enabled
+    assert cfg.lazy.max_concurrency == 8 and cfg.remote.enabled
     cfg = load_config(DEPLOY / "config.toml", root=str(tmp_path), log_level="debug", metrics_address=None)
     assert (cfg.root, cfg.log_level, cfg.metrics_address) == (str(tmp_path), "debug", "127.0.0.1:9746")
 
 
 @pytest.mark.parametrize("text, message", [
     ("rooot = '/x'\n", "unknown config key rooot"),
-    ("[fetch]\nmax_concurrency = 'many'\n", "fetch.max_concurrency must be int"),
+    ("[lazy]\nmax_concurrency = 'many'\n", "lazy.max_concurrency must be int"),
+    ("[lazy]\nindex_trust = 'anyone'\n", "index_trust must be one of"),
     ("log_level = 'loud'\n", "log_level must be one of"),
     ("root = \n", "invalid TOML"),
 ])

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_handler("serve_cmds", "cmd_health"))
 
-    p = sub.add_parser("record", help="run an image and record its start-up profile")
+    p = sub.add_parser("record", help="run an image and record its start-up profile",
+                       usage="lazysnap record REF [options] [-- CMD ...]")
     p.add_argument("ref", metavar="REF")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="lazysnap daemon socket")
     p.add_argument("--containerd", default="/run/containerd/containerd.sock",
@@ -93,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default")
     p.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR)
     p.add_argument("--timeout", type=float, default=60.0, help="stop recording after S seconds")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
-                   help="command to run instead of the image's own")
+    p.set_defaults(cmd=[], takes_command=True)  # `-- CMD …`: split off in main()
     p.set_defaults(func=_handler("profile_cmds", "cmd_record"))
 
     p = sub.add_parser("profile", help="share and show start-up profiles")
@@ -112,8 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    # Everything after the first "--" is a command to run (``lazysnap record REF -- CMD``);
+    # argparse cannot place it after optional flags that follow a positional itself.
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if command:
+        if not getattr(args, "takes_command", False):
+            parser.error(f"{args.command} takes no command after --")
+        args.cmd = command
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except CLIError as exc:

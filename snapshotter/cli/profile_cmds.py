@@ -83,38 +83,12 @@ def _run_container(args: argparse.Namespace, cmd: list[str]) -> int | None:
         return None
 
 
-def _split_remainder(args: argparse.Namespace) -> list[str]:
-    """The CMD after ``--``; flags given after REF are parsed here.
-
-    The parser declares CMD as ``nargs=REMAINDER`` right after REF, so argparse hands
-    everything following REF (``--address …`` included) to CMD; the flags before ``--``
-    are therefore read again here with the same names and defaults.
-    """
-    rest = list(args.cmd)
-    cut = rest.index("--") if "--" in rest else len(rest)
-    flags, cmd = rest[:cut], rest[cut + 1:]
-    if flags:
-        p = argparse.ArgumentParser(prog="lazysnap record", add_help=False, exit_on_error=False)
-        for name in ("address", "containerd", "namespace", "hosts_dir"):
-            p.add_argument("--" + name.replace("_", "-"), dest=name, default=getattr(args, name))
-        p.add_argument("--timeout", type=float, default=args.timeout)
-        try:
-            ns, unknown = p.parse_known_args(flags)
-        except argparse.ArgumentError as exc:
-            raise CLIError(str(exc), status=2) from None
-        if unknown:
-            raise CLIError(f"unrecognized arguments: {' '.join(unknown)} (put the command after --)", status=2)
-        for k, v in vars(ns).items():
-            setattr(args, k, v)
-    return cmd
-
-
 def cmd_record(args: argparse.Namespace) -> int:
     import grpc
 
     from snapshotter.api.lazysnap.v1 import control_pb2 as pb
 
-    cmd = _split_remainder(args)
+    cmd = list(args.cmd)
     if args.timeout <= 0:
         raise CLIError("--timeout must be positive")
     resolved = _run_resolve(args)

@@ -9,22 +9,20 @@ from snapshotter.cli import CLIError
 from snapshotter.config import Config, ConfigError, load_config
 from snapshotter.log import configure, get_logger
 from snapshotter.service.errors import SnapshotError
+from snapshotter.service.provider import LayerProvider
 
 log = get_logger("lazysnap.serve")
 
 
-def _provider(cfg: Config):  # noqa: ANN202 - returns a LayerProvider
-    """The lazy layer provider if remote layers are on and the layers package offers one."""
+def _provider(cfg: Config) -> LayerProvider:
+    """The lazy layer provider, unless remote layers are switched off."""
+    from snapshotter.layers import build_provider
     from snapshotter.service.provider import NoRemoteProvider
 
     if not cfg.remote.enabled:
+        log.info("remote_provider", provider="none", reason="remote.enabled=false")
         return NoRemoteProvider()
-    try:
-        from snapshotter.layers import create_provider  # type: ignore[attr-defined]
-    except ImportError:
-        log.info("remote_provider", provider="none", reason="snapshotter.layers.create_provider not available")
-        return NoRemoteProvider()
-    return create_provider(cfg)
+    return build_provider(cfg)
 
 
 async def _serve(cfg: Config) -> None:

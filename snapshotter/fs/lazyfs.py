@@ -72,8 +72,8 @@ class LazyFS(pyfuse3.Operations):
 
             pa.enable()
             _asyncio_enabled = True
+        _lazy_unmount_stale(self.mountpoint)  # before mkdir: a dead mount fails it with ENOTCONN
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        _lazy_unmount_stale(self.mountpoint)
         opts = set(pyfuse3.default_options)
         opts |= {"fsname=lazysnap", "subtype=lazysnap", "ro"}
         if self.allow_other:

@@ -55,7 +55,7 @@ class ProvidedLayer:
     path: Path
     source: str  # local | referrer | built | whole
     verified: bool  # the whole blob has been checked against its digest
-    verify_task: asyncio.Task[None] | None = None
+    verify_task: asyncio.Task[bool] | None = None
 
 
 @dataclass(slots=True)
@@ -220,7 +220,7 @@ class LazyLayerProvider:
         blob = self._blob_path(layer_digest)
         verified = blob.exists() or self.profiles.is_complete(layer_digest)
         layer = await self._register(layer_digest, ref, idx, "local", verified=verified,
-                                     local_blob=blob if verified else None)
+                                     local_blob=blob if blob.exists() else None)
         log.info("layer_restored", layer=layer_digest, dir=str(layer.path))
         self.profiles.layer_restored(layer_digest)
         return layer.path

@@ -31,12 +31,11 @@ class ControlServicer(pb_grpc.ControlServicer):
         if not request.image_ref and not request.manifest_digest:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_ref or manifest_digest is required")
         try:
-            rec_id = await self.provider._hop(self._profiles.start_recording(
+            rec_id, manifest = await self.provider._hop(self._profiles.start_recording(
                 request.image_ref, request.manifest_digest, list(request.layer_digests)))
         except Exception as exc:  # noqa: BLE001 - e.g. the image cannot be resolved
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}"[:500])
-        rec = self._profiles.recorder._recordings[rec_id]
-        return pb.StartRecordingResponse(recording_id=rec_id, manifest_digest=rec.manifest)
+        return pb.StartRecordingResponse(recording_id=rec_id, manifest_digest=manifest)
 
     async def StopRecording(self, request: pb.StopRecordingRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -7,6 +7,7 @@ and a ``profile_rejected`` log line: an image starts without a profile, never wi
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ async def published_profile(client: Any, ref: str, manifest: str) -> tuple[Profi
 async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Profile | None:
     """Local profile, else the published one (cached locally); None if none is usable."""
     try:
-        p = load(root, manifest)
+        p = await asyncio.to_thread(load, root, manifest)
     except (ProfileError, OSError) as exc:
         metrics.PROFILE_LOOKUPS.labels("rejected").inc()
         log.warning("profile_rejected", source="local", manifest=manifest, reason=str(exc).splitlines()[0][:300])
@@ -93,7 +94,7 @@ async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, regi
     log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art, chunks=p.chunks,
              bytes=p.bytes, recordings=p.recordings)
     try:
-        save(root, p)
+        await asyncio.to_thread(save, root, p)
     except (OSError, ProfileError) as exc:
         log.warning("profile_cache_failed", manifest=manifest, error=str(exc))
     return p

@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from snapshotter.fetch import FetchError, Priority
 from snapshotter.log import get_logger
@@ -31,10 +31,24 @@ log = get_logger("lazysnap.prefetch")
 LAYER_WAIT_S = 600.0
 
 
-class ProfileManager:
-    """``host`` is the layer provider: ``layer(digest)``, ``client``, ``_verify_layer(layer)``."""
+class LayerHost(Protocol):
+    """What the manager needs of the layer provider (``snapshotter.layers.LazyLayerProvider``)."""
 
-    def __init__(self, root: Path, host: Any, store: Any, options: PrefetchOptions | None = None) -> None:
+    client: Any  # RegistryClient: resolve, referrers, get_manifest, fetch_blob
+
+    def layer(self, digest: str) -> Any:
+        """The registered layer (``.digest .fetcher .index .verified .verify_task``) or None."""
+        ...
+
+    async def _verify_layer(self, layer: Any) -> bool:
+        """Stream the blob (digest checked), re-index it, compare; quarantine on mismatch."""
+        ...
+
+
+class ProfileManager:
+    """One per daemon, owned by the layer provider (``host``)."""
+
+    def __init__(self, root: Path, host: LayerHost, store: Any, options: PrefetchOptions | None = None) -> None:
         self.root = Path(root)
         self.host = host
         self.store = store
@@ -105,10 +119,14 @@ class ProfileManager:
                     except Exception as exc:  # noqa: BLE001 - no manifest digest: no profile
                         log.warning("prefetch_skipped", image=ref, reason="resolve_failed", error=str(exc)[:300])
                 if manifest is not None:
-                    profile = await find_profile(self.root, self.host.client, ref, manifest,
-                                                 registry=opts.registry_lookup)
-                    if profile is not None:
-                        await self._prefetch(ref, profile, layers)
+                    try:
+                        profile = await find_profile(self.root, self.host.client, ref, manifest,
+                                                     registry=opts.registry_lookup)
+                        if profile is not None:
+                            await self._prefetch(ref, profile, layers)
+                    except Exception as exc:  # noqa: BLE001 - a prefetch problem never fails a start
+                        log.warning("prefetch_failed", image=ref, manifest=manifest,
+                                    error=f"{type(exc).__name__}: {exc}"[:300])
             asyncio.get_running_loop().call_later(opts.pause_after_start_s, self.pause.release)
             released = True
             if opts.background:
@@ -244,13 +262,15 @@ class ProfileManager:
             self._layer_tasks.get(digest, set()).discard(task)
 
     # -- control service (recordings) ------------------------------------------------------------------
-    async def start_recording(self, ref: str, manifest: str, layers: Iterable[str]) -> str:
+    async def start_recording(self, ref: str, manifest: str, layers: Iterable[str]) -> tuple[str, str]:
+        """Start recording an image's layers; (recording id, manifest digest)."""
         layers = list(layers)
         if not manifest or not layers:
             resolved = await self.host.client.resolve(ref)
             manifest = manifest or resolved.manifest_digest
             layers = layers or [d.digest for d in resolved.layers]
-        return self.recorder.start(manifest, layers).id
+        rec = self.recorder.start(manifest, layers)
+        return rec.id, rec.manifest
 
     async def stop_recording(self, rec_id: str, *, save_profile: bool = True) -> tuple[Profile, Path | None]:
         """Stop; merge the recording into the image's local profile and save it."""
@@ -265,7 +285,7 @@ class ProfileManager:
         if not save_profile:
             return new, None
         try:
-            old = load(self.root, rec.manifest)
+            old = await asyncio.to_thread(load, self.root, rec.manifest)
         except ProfileError as exc:
             log.warning("profile_rejected", source="local", manifest=rec.manifest, reason=str(exc)[:300],
                         action="replaced by the new recording")

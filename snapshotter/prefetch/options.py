@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(slots=True)
@@ -38,18 +37,3 @@ class PrefetchOptions:
                self.idle_before_background_s) < 0:
             raise ValueError("background_bytes_per_s, pause_after_start_s, startup_window_s must be >= 0")
         return self
-
-    @classmethod
-    def from_config(cls, config: Any) -> PrefetchOptions:
-        """From ``Config``: ``[fetch] prefetch/background_fetch`` and an optional ``[prefetch]`` table."""
-        opts = cls()
-        fetch = getattr(config, "fetch", None)
-        if fetch is not None:
-            opts.prefetch = bool(getattr(fetch, "prefetch", opts.prefetch))
-            opts.background = bool(getattr(fetch, "background_fetch", opts.background))
-        table = getattr(config, "prefetch", None)
-        if table is not None:
-            for name in cls.__dataclass_fields__:  # type: ignore[attr-defined]
-                if hasattr(table, name):
-                    setattr(opts, name, getattr(table, name))
-        return opts.validate()
