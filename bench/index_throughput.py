@@ -26,7 +26,6 @@ import mmap
 import os
 import random
 import resource
-import shutil
 import statistics
 import subprocess
 import sys

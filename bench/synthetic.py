@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness.images import (
-    PushedImage, busybox_rootfs, build_layout, push_layout, write_layer_tar, LayerSpec, File,
+    PushedImage, busybox_rootfs, build_layout, push_layout, write_layer_tar, File,
 )
 
 CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", Path(__file__).resolve().parent / ".cache")) / "synthetic"

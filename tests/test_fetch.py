@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
-import os
 import tarfile
 import time
 from pathlib import Path

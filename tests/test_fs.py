@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
 import stat
 import subprocess
 import tarfile

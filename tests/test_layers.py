@@ -23,10 +23,10 @@ import pytest
 
 from harness.proxy import start_proxy
 from harness.registry import push_image, start_registry
+from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
-from snapshotter.index.format import IndexFile, serialize_index
-from snapshotter.layers import LazyLayerProvider, LazyOptions
-from snapshotter.layers import indexes
+from snapshotter.index.format import serialize_index
+from snapshotter.layers import LazyLayerProvider, LazyOptions, indexes
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
 from snapshotter.service.provider import RemoteLayerRequest
@@ -236,7 +236,7 @@ def test_lying_index_is_quarantined(env: Env, tmp_path: Path) -> None:
               for e in honest.entries]
     honest.entries[:] = forged
     root = tmp_path / "node"
-    indexes.save_atomic(indexes.index_path(root, env.layers[0]), serialize_index(honest))
+    write_atomic(indexes.index_path(root, env.layers[0]), serialize_index(honest))
     p = env.provider(root)
     d0 = env.provide(p, 0)
     layer = p.layer(env.layers[0])

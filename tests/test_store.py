@@ -45,7 +45,7 @@ def test_put_rejects_wrong_digest(tmp_path: Path) -> None:
 
 def test_crash_leftovers_are_never_served(tmp_path: Path) -> None:
     """A half-written temp file (crash before rename) is not a chunk and is cleaned up."""
-    store = ChunkStore(tmp_path)
+    ChunkStore(tmp_path).close()  # creates the layout
     d, data = _chunk(3)
     # simulate a writer that died mid-write: pid that does not exist
     (tmp_path / "chunks" / ".tmp" / f"{d.hex()}.999999999.1.0").write_bytes(data[:100])

@@ -9,7 +9,6 @@ stops the recording; the daemon merges it into ``<root>/profiles/<algo>-<hex>.js
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os

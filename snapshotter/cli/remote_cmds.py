@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import posixpath
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.cli import CLIError
+from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import (
     DEFAULT_CHUNK,
     DEFAULT_SPAN,
@@ -38,6 +37,7 @@ from snapshotter.index.reader import (
     decode_span,
     plan_chunks,
 )
+from snapshotter.layers.indexes import index_path
 from snapshotter.log import configure
 from snapshotter.registry import (
     Descriptor,
@@ -64,23 +64,6 @@ def _config(args: argparse.Namespace) -> RegistryConfig:
     hosts = getattr(args, "hosts_dir", None)
     return RegistryConfig(hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None,
                           ecr_endpoint_url=os.environ.get("LAZYSNAP_ECR_ENDPOINT_URL") or None)
-
-
-def _index_path(root: Path, digest: str) -> Path:
-    return root / "indexes" / f"{digest.replace(':', '-')}.idx"
-
-
-def _save_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _open_cached(path: Path, digest: str) -> IndexFile | None:
@@ -113,7 +96,7 @@ async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor,
                             span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
                             diff_id: bool = False) -> tuple[bytes, bool]:
     """(index bytes, built?) for one layer: the cached file, else stream and index it."""
-    path = _index_path(root, layer.digest)
+    path = index_path(root, layer.digest)
     cached = _open_cached(path, layer.digest)
     if cached is not None:
         cached.close()
@@ -121,7 +104,7 @@ async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor,
     index = await index_stream(client.stream_blob(ref, layer.digest, purpose="layer"), span=span,
                                chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
     data = await asyncio.to_thread(serialize_index, index)
-    _save_atomic(path, data)
+    write_atomic(path, data)
     return data, True
 
 
@@ -180,7 +163,7 @@ class _Image:
         idx = self._indexes.get(layer.digest)
         if idx is not None:
             return idx
-        path = _index_path(self.root, layer.digest)
+        path = index_path(self.root, layer.digest)
         idx = _open_cached(path, layer.digest)
         if idx is not None:
             self.sources[layer.digest] = "cache"
@@ -191,7 +174,7 @@ class _Image:
                 probe = IndexFile.from_bytes(data)
                 if probe.info.blob_digest != layer.digest:
                     raise CLIError(f"published index for {layer.digest} describes {probe.info.blob_digest}")
-                _save_atomic(path, data)
+                write_atomic(path, data)
                 self.sources[layer.digest] = "referrer"
             else:
                 await build_layer_index(self.client, self.ref, layer, self.root)

@@ -33,7 +33,6 @@ Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 """
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import struct
@@ -46,6 +45,7 @@ from typing import BinaryIO
 import xxhash
 import zstandard
 
+from snapshotter.fsutil import write_atomic
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
@@ -214,18 +214,7 @@ def write_index(dest: str | os.PathLike[str] | BinaryIO, index: LayerIndex) -> i
     if hasattr(dest, "write"):
         dest.write(data)  # type: ignore[union-attr]
         return len(data)
-    path = os.fspath(dest)  # type: ignore[arg-type]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(dest, data)  # type: ignore[arg-type]
     return len(data)
 
 

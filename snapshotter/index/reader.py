@@ -32,7 +32,7 @@ from snapshotter.index.errors import (
     TruncatedLayerError,
 )
 from snapshotter.index.format import IndexFile
-from snapshotter.index.model import CheckpointKind, Entry, EntryType, LayerFormat
+from snapshotter.index.model import Entry, EntryType, LayerFormat
 
 TAR_COALESCE_GAP = 64 << 10  # merge chunk reads separated by less than this
 MAX_PLAN_BYTES = 64 << 20  # cap on one merged plan's uncompressed output (memory bound)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_stream
 from snapshotter.index.errors import LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index
@@ -43,21 +43,6 @@ INDEX_FALLBACKS = Counter("lazysnap_layer_index_fallbacks",
 
 def index_path(root: Path, digest: str) -> Path:
     return root / "indexes" / f"{digest.replace(':', '-')}.idx"
-
-
-def save_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def open_local(root: Path, digest: str) -> IndexFile | None:
@@ -139,7 +124,7 @@ async def fetch_published(client: Any, ref: str, layer_digest: str, desc: Any, o
                     describes=describes)
         return None
     path = index_path(root, layer_digest)
-    await asyncio.to_thread(save_atomic, path, data)
+    await asyncio.to_thread(write_atomic, path, data)
     return IndexFile.open(path)
 
 
@@ -175,7 +160,7 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
                 os.unlink(part)
     data = await asyncio.to_thread(serialize_index, index)
     path = index_path(root, layer_digest)
-    await asyncio.to_thread(save_atomic, path, data)
+    await asyncio.to_thread(write_atomic, path, data)
     return IndexFile.open(path)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fs import LayerData, LayerTree, LazyFS
+from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile
 from snapshotter.layers import indexes
@@ -297,7 +298,7 @@ class LazyLayerProvider:
 
         if built.info.blob_digest != digest:
             raise ProviderError(f"layer {digest} indexed as {built.info.blob_digest}", reason="digest_mismatch")
-        await asyncio.to_thread(indexes.save_atomic, indexes.index_path(self.root, digest),
+        await asyncio.to_thread(write_atomic, indexes.index_path(self.root, digest),
                                 serialize_index(built))
         idx = IndexFile.open(indexes.index_path(self.root, digest))
         indexes.INDEX_SOURCES.labels("whole").inc()

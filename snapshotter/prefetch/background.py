@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from snapshotter.fetch import FetchError, Priority
+from snapshotter.fsutil import write_atomic
 from snapshotter.log import get_logger
 from snapshotter.prefetch import metrics
 
@@ -89,14 +88,8 @@ def is_complete(root: Path, digest: str) -> bool:
 
 
 def mark_complete(root: Path, digest: str, how: str) -> None:
-    path = marker_path(root, digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"layer": digest, "verified": how, "time": int(time.time())}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    record = {"layer": digest, "verified": how, "time": int(time.time())}
+    write_atomic(marker_path(root, digest), json.dumps(record).encode())
 
 
 async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, concurrency: int) -> bool:

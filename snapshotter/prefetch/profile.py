@@ -10,12 +10,12 @@ enforces hard size limits and rejects anything malformed with a one-line ``Profi
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from snapshotter.fsutil import write_atomic
 
 MEDIA_TYPE = "application/vnd.lazysnap.profile.v1+json"
 ARTIFACT_TYPE = MEDIA_TYPE
@@ -248,21 +248,7 @@ def profile_path(root: Path, manifest: str) -> Path:
 def save(root: Path, p: Profile) -> Path:
     """Write atomically (temp file + rename): a crash never leaves half a profile."""
     path = profile_path(root, p.manifest)
-    data = dumps(p)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, dumps(p))
     return path
 
 
