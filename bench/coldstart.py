@@ -374,7 +374,9 @@ def chart(outcomes: list[Outcome], title: str, path: Path) -> Path | None:
     return path
 
 
-RESULTS_HEADER = """# lazysnap cold-start results
+RESULTS_HEADER = """# lazysnap benchmark results
+
+## Cold start — `bench/coldstart.py`
 
 Appended by `bench/coldstart.py` (one section per invocation; see `bench/README.md`).
 Each run: fresh private containerd and lazysnap state, page cache dropped, registry
@@ -389,7 +391,7 @@ def append_results(path: Path, outcomes: list[Outcome], image: BenchImage, args:
                 path.parent / "charts" / f"coldstart-{image.name}-{stamp}.png")
     t = image.target
     lines = [
-        f"## {started:%Y-%m-%d %H:%M} UTC — {image.name}, median of {args.runs} cold runs",
+        f"### {started:%Y-%m-%d %H:%M} UTC — {image.name}, median of {args.runs} cold runs",
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine_info()}",

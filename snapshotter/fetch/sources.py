@@ -76,13 +76,19 @@ class IndexCodec:
         self._count = int(n) if n is not None else len(index.chunks)
         self._offsets: list[int] | None = None
         self._ck_offsets: list[int] | None = None
+        self._digests: dict[int, bytes] = {}
 
     @property
     def chunk_count(self) -> int:
         return self._count
 
     def digest(self, chunk_id: int) -> bytes:
-        return self.index.chunk(chunk_id).digest
+        # called per chunk in every has() scan of the fetch path, on the FUSE loop:
+        # cache instead of unpacking a Chunk record from the index each time
+        d = self._digests.get(chunk_id)
+        if d is None:
+            d = self._digests[chunk_id] = self.index.chunk(chunk_id).digest
+        return d
 
     def plan(self, chunk_ids: Sequence[int]) -> list[Any]:
         return reader.plan_chunks(self.index, list(chunk_ids))

@@ -36,6 +36,16 @@ ROOT_TIMEOUT = 1.0  # the top directory changes as layers come and go
 _asyncio_enabled = False
 
 
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = 0
+    a.entry_timeout = IMMUTABLE_TIMEOUT
+    return a
+
+
+_NEGATIVE = _negative_entry()
+
+
 @dataclass(slots=True)
 class MountedLayer:
     name: str
@@ -210,7 +220,10 @@ class LazyFS(pyfuse3.Operations):
             return self._attrs(layer, parent)
         local = node.children.get(name)
         if local is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # inode 0 + a timeout: the kernel caches the negative entry (raising ENOENT
+            # would not). Python's import probes thousands of absent names, and overlayfs
+            # asks every lower layer for each of them.
+            return _NEGATIVE
         child = layer.tree.node(local)
         assert child is not None
         return self._attrs(layer, child)
