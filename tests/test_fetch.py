@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gzip
+import hashlib
 import tarfile
 import time
 from pathlib import Path
@@ -197,3 +198,62 @@ async def test_priority_gate_orders_waiters() -> None:
     gate.release(Priority.PREFETCH)
     await asyncio.gather(*tasks)
     assert order == ["od", "pf", "bg"]
+
+
+
+def _span_of(codec: IndexCodec, cid: int) -> list[int]:
+    return [c for c in codec.span_mates([cid]) if c != cid]
+
+
+def _chunk_with_mates(codec: IndexCodec, skip: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+    for cid in range(codec.chunk_count):
+        mates = _span_of(codec, cid)
+        if len(mates) >= 2 and cid not in skip and not skip.intersection(mates):
+            return cid
+    raise AssertionError("test layer needs spans holding several chunks")
+
+
+def test_prefetch_stores_only_the_profile_chunks(tmp_path: Path) -> None:
+    """A profile names exactly what a start reads: prefetch must not decode and store the
+    rest of the span (on-demand misses do, for the next sequential read)."""
+    e = Env(tmp_path, "gzip")
+    try:
+        codec = e.lf.codec
+        cid = _chunk_with_mates(codec)
+        e.ft.run(lambda: e.lf.ensure([cid], Priority.PREFETCH))
+        assert e.store.has(codec.digest(cid))
+        assert not any(e.store.has(codec.digest(c)) for c in _span_of(codec, cid))
+        # on demand: the whole span is decoded and stored
+        other = _chunk_with_mates(codec, {cid, *_span_of(codec, cid)})
+        e.ft.run(lambda: e.lf.ensure([other], Priority.ON_DEMAND))
+        assert all(e.store.has(codec.digest(c)) for c in _span_of(codec, other))
+    finally:
+        e.close()
+
+
+def test_on_demand_miss_reads_the_next_span_ahead(tmp_path: Path) -> None:
+    e = Env(tmp_path, "gzip")
+    try:
+        codec = e.lf.codec
+        first = 0
+        nxt = codec.next_span_chunk([first])
+        assert nxt is not None and nxt not in codec.span_mates([first])
+        e.ft.run(lambda: e.lf.ensure([first], Priority.ON_DEMAND))
+
+        async def settle() -> None:  # the read-ahead runs in the background
+            while e.lf._tasks:
+                await asyncio.wait(list(e.lf._tasks))
+
+        e.ft.run(settle)
+        assert e.store.has(codec.digest(nxt))
+        assert hashlib.sha256(e.store.read(codec.digest(nxt))).digest() == e.index.chunk(nxt).digest
+        # without read-ahead the same miss leaves the next span alone
+        e.fetcher.options.readahead_spans = False
+        far = codec.next_span_chunk([nxt])
+        assert far is not None
+        after = codec.next_span_chunk([far])
+        e.ft.run(lambda: e.lf.ensure([far], Priority.ON_DEMAND))
+        e.ft.run(settle)
+        assert after is None or not e.store.has(codec.digest(after))
+    finally:
+        e.close()

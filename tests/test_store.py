@@ -189,3 +189,26 @@ def test_reads_racing_eviction_never_return_wrong_bytes(tmp_path: Path) -> None:
     assert not bad
     assert store.stats().evictions > 0
     assert all(store.read(d) in (None, by_digest[d]) for d, _ in chunks)
+
+
+def test_staged_chunks_are_served_until_written(tmp_path: Path) -> None:
+    """Write-behind: a reader gets verified bytes from memory while ``put`` writes them."""
+    store = ChunkStore(tmp_path)
+    d, data = _chunk(900, 8192)
+    assert not store.has(d)
+    store.stage({d: data})
+    assert store.has(d)
+    assert store.read(d, 100, 50) == data[100:150]
+    assert store.read_cached(d, 0, 10) == data[:10]
+    buf = bytearray(16)
+    assert store.readinto(d, memoryview(buf), 8) == 16 and bytes(buf) == data[8:24]
+    assert not (tmp_path / "chunks" / d.hex()[:2] / d.hex()[2:]).exists()
+    # staging is not storing: the write that follows really writes (no false dedup hit)
+    assert store.put(d, data, verified=True) is True
+    store.unstage([d])
+    assert store.stats().dedup_hits == 0
+    assert (tmp_path / "chunks" / d.hex()[:2] / d.hex()[2:]).read_bytes() == data
+    assert store.read(d) == data
+    e, _ = _chunk(901)
+    store.unstage([e])  # unknown digest: no error
+    assert not store.has(e) and store.read(e) is None

@@ -18,3 +18,5 @@ SPAN_ERRORS = Counter("lazysnap_span_fetch_errors", "Span fetch attempts that fa
                       ["error"], registry=REGISTRY)
 FETCH_FAILURES = Counter("lazysnap_fetch_failures", "Reads that got EIO after the fetch deadline",
                          ["purpose"], registry=REGISTRY)
+READAHEAD_SPANS = Counter("lazysnap_readahead_spans", "Spans fetched ahead of an on-demand miss (background priority)",
+                          registry=REGISTRY)

@@ -77,6 +77,7 @@ class FetchOptions:
     whole_spans: bool = True  # decode every chunk of a fetched checkpoint span
     fail_fast_s: float = 1.0  # after a deadline failure, re-asks for the same chunks fail at once
     compressed_cache_bytes: int = 64 << 20  # recent compressed ranges, to avoid refetching overlaps
+    readahead_spans: bool = True  # an on-demand miss also fetches the next span (background priority)
 
 
 class PriorityGate:
@@ -222,9 +223,11 @@ class LayerFetcher:
                 store = self.fetcher.store
                 asked = set(missing)
                 missing = [c for c in self.codec.span_mates(missing)
-                           if c in asked or not store.has(self.codec.digest(c))]
+                           if c in asked or not store.known(self.codec.digest(c))]
             if not self.sequential_only:
                 futs = self._launch(missing, priority)
+                if priority == Priority.ON_DEMAND and self.fetcher.options.readahead_spans:
+                    self._readahead(missing)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -275,6 +278,23 @@ class LayerFetcher:
             task.cancel()
 
     # -- internals --------------------------------------------------------------------------
+    def _readahead(self, chunk_ids: list[int]) -> None:
+        """Fetch the span after a miss while the reader consumes this one.
+
+        A cold start misses span after span, serially (each miss waits for its range, the
+        inflate from the checkpoint and the hashes); the next span is the likeliest next
+        miss (a package's files are adjacent in the tar, big files are read forward), so
+        fetching it at background priority overlaps its latency with the reader's work.
+        """
+        next_of = getattr(self.codec, "next_span_chunk", None)
+        if next_of is None:
+            return
+        nxt = next_of(chunk_ids)
+        if nxt is None or nxt in self._inflight or self.fetcher.store.known(self.codec.digest(nxt)):
+            return
+        metrics.READAHEAD_SPANS.inc()
+        self.prefetch([nxt], Priority.BACKGROUND)
+
     async def _quiet(self, chunk_ids: Sequence[int], priority: Priority) -> None:
         try:
             await self.ensure(chunk_ids, priority)

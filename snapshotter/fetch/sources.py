@@ -109,13 +109,7 @@ class IndexCodec:
         """
         if self.info.format.value == "tar" or not chunk_ids:
             return list(chunk_ids)
-        if self._offsets is None:
-            pairs = sorted((self.index.chunk(i).uncompressed_offset, i) for i in range(self._count))
-            self._offsets = [o for o, _ in pairs]
-            self._order = [i for _, i in pairs]
-            self._ends = {i: o + self.index.chunk(i).length for o, i in pairs}
-            self._by_id = {i: o for o, i in pairs}
-            self._ck_offsets = list(self.index.checkpoint_offsets()[0])
+        self._layout()
         offs, cks = self._offsets, self._ck_offsets
         assert cks is not None
         out: set[int] = set(chunk_ids)
@@ -132,3 +126,29 @@ class IndexCodec:
                     out.add(cid)
                 i += 1
         return sorted(out)
+
+    def _layout(self) -> None:
+        """Chunk offsets in layer order and checkpoint offsets, built on first use."""
+        if self._offsets is None:
+            pairs = sorted((self.index.chunk(i).uncompressed_offset, i) for i in range(self._count))
+            self._order = [i for _, i in pairs]
+            self._ends = {i: o + self.index.chunk(i).length for o, i in pairs}
+            self._by_id = {i: o for o, i in pairs}
+            self._ck_offsets = list(self.index.checkpoint_offsets()[0])
+            self._offsets = [o for o, _ in pairs]
+
+    def next_span_chunk(self, chunk_ids: Sequence[int]) -> int | None:
+        """The first chunk of the checkpoint span after the range ``chunk_ids`` need
+        (None at the end of the layer or for plain tar): what a reader missing on
+        ``chunk_ids`` most likely reads next (files of a package are adjacent in the tar)."""
+        if self.info.format.value == "tar" or not chunk_ids:
+            return None
+        self._layout()
+        cks = self._ck_offsets
+        assert cks is not None and self._offsets is not None
+        end = max(self._ends[c] for c in chunk_ids)
+        e = bisect.bisect_left(cks, end)
+        if e >= len(cks):
+            return None
+        i = bisect.bisect_left(self._offsets, cks[e])
+        return self._order[i] if i < self._count else None

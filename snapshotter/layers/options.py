@@ -11,8 +11,15 @@ class LazyOptions:
     """Knobs of the lazy path; defaults are what ``lazysnap serve`` uses.
 
     ``small_layer_bytes``: layers up to this compressed size are fetched whole at Prepare.
-    Default 4 MiB = the default checkpoint span: the first miss in a layer that small
-    fetches about the whole layer anyway, so laziness would only add round trips.
+    Default 4 MiB: a few spans; the first misses in a layer that small fetch most of it
+    anyway (each miss also reads the next span ahead), so laziness would only add round trips.
+    ``readahead_spans``: an on-demand miss also fetches the next checkpoint span at
+    background priority (cold start without profile 8.7 → 6.5 s on the inference image,
+    registry bytes 271 → 343 MB); switch off where bytes matter more than time.
+    ``span_size`` (layers indexed here): 1 MiB, measured on the inference image
+    (python3 -c 'import torch', every layer lazy, no profile): 4 MiB spans 271 MB fetched,
+    index 4.1 MB; 1 MiB spans 172 MB fetched, cold start ~20 % shorter, index 9.0 MB (1.8 %
+    of the compressed image).
     ``index_trust``: where a published index may come from — ``same-repository`` (the
     referrers of the image manifest in the image's own repository), ``pinned`` (only index
     blobs whose digest is listed in ``pinned_indexes``: layer digest → index blob digest),
@@ -35,10 +42,11 @@ class LazyOptions:
     keep_streamed_blobs: bool = True
     verify_complete_layers: bool = True
     layer_parallel: int = 3
-    span_size: int = 4 << 20
+    span_size: int = 1 << 20
     chunk_size: int = 1 << 20
     max_index_bytes: int = 512 << 20
     read_ahead_kb: int = 1024
+    readahead_spans: bool = True
 
     def validate(self) -> LazyOptions:
         if self.index_trust not in TRUST_MODES:

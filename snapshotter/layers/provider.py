@@ -78,7 +78,8 @@ class LazyLayerProvider:
         self.store = ChunkStore(self.root, limit_bytes=self.options.store_limit_bytes,
                                 fsync=self.options.fsync)  # type: ignore[arg-type]
         self.fetcher = Fetcher(self.store, FetchOptions(max_concurrency=self.options.max_concurrency,
-                                                        deadline_s=self.options.fetch_deadline_s))
+                                                        deadline_s=self.options.fetch_deadline_s,
+                                                        readahead_spans=self.options.readahead_spans))
         self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
