@@ -41,6 +41,7 @@ from harness.registry import Registry, start_registry
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
+NO_PROFILE_CONFIG = "[prefetch]\nprefetch = false\nregistry_lookup = false\n"
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
 
 
@@ -155,9 +156,10 @@ class Bench:
         self._floor: Node | None = None
         self.notes: list[str] = []
 
-    def _node(self, tag: str, *, lazy: bool) -> Node:
+    def _node(self, tag: str, *, lazy: bool, config: str = "") -> Node:
         self._seq += 1
-        return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy, keep=self.keep)
+        return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy, keep=self.keep,
+                    lazysnap_config=config)
 
     def _check(self, output: str) -> None:
         if self.image.expected not in output:
@@ -256,7 +258,8 @@ class Bench:
 
     def lazysnap(self, i: int) -> Sample:
         self._require_lazysnap()
-        with self._node("lazysnap", lazy=True) as node:
+        # no profile even when lazysnap-profile already pushed one to the registry
+        with self._node("lazysnap", lazy=True, config=NO_PROFILE_CONFIG) as node:
             return self._measure(node, lazy=True)
 
     def lazysnap_profile(self, i: int) -> Sample:

@@ -61,11 +61,18 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
     return hosts_dir
 
 
+# Checkpoint span of published indexes: 1 MiB spans cut what one miss or one profile
+# entry fetches (cold start 6.5 -> 5.5 s on the inference image) at the price of a larger
+# index (1.8 % instead of 0.7-1.2 % of the blob), so publishers of lazily served images set it.
+PUBLISH_SPAN = 1 << 20
+
+
 def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) -> str:
     """``lazysnap index REF --push``: what an image publisher runs once after pushing, so
     nodes find each layer's index in the registry instead of streaming the layer to build
     it. Returns the command's summary line."""
-    argv = [*lazysnap_argv(), "index", ref, "--push", "--root", str(root), "--hosts-dir", str(hosts_dir)]
+    argv = [*lazysnap_argv(), "index", ref, "--push", "--span", str(PUBLISH_SPAN),
+            "--root", str(root), "--hosts-dir", str(hosts_dir)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise NodeError(f"lazysnap index --push failed: {(r.stderr or r.stdout).strip()[-500:]}")
@@ -75,8 +82,9 @@ def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) 
 class LazysnapDaemon:
     """``lazysnap serve`` as a child process with a private root and socket."""
 
-    def __init__(self, root: Path, hosts_dir: Path, log_path: Path) -> None:
+    def __init__(self, root: Path, hosts_dir: Path, log_path: Path, config: str = "") -> None:
         self.root = root
+        self.config = config  # TOML for `lazysnap serve --config` ("" = defaults)
         self.hosts_dir = hosts_dir
         self.log_path = log_path
         self._sockdir = Path(tempfile.mkdtemp(prefix="lzs-", dir="/tmp"))
@@ -89,6 +97,10 @@ class LazysnapDaemon:
         log = open(self.log_path, "ab")
         argv = [*lazysnap_argv(), "serve", "--root", str(self.root), "--address", self.address,
                 "--hosts-dir", str(self.hosts_dir), "--metrics-address", self.metrics_address]
+        if self.config:
+            conf = self._sockdir / "config.toml"
+            conf.write_text(self.config)
+            argv += ["--config", str(conf)]
         self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -153,7 +165,7 @@ class Node:
     """containerd (+ lazysnap) under ``workdir``; ``close()`` stops both and unmounts."""
 
     def __init__(self, workdir: Path, registry_host: str, *, lazysnap: bool,
-                 lazysnap_root: Path | None = None, keep: bool = False) -> None:
+                 lazysnap_root: Path | None = None, keep: bool = False, lazysnap_config: str = "") -> None:
         self.workdir = workdir
         self.keep = keep
         workdir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +176,7 @@ class Node:
             plugins = None
             if lazysnap:
                 self.daemon = LazysnapDaemon(lazysnap_root or workdir / "lazysnap",
-                                             self.hosts_dir, workdir / "lazysnap.log")
+                                             self.hosts_dir, workdir / "lazysnap.log", lazysnap_config)
                 self.daemon.start()
                 plugins = {SNAPSHOTTER: self.daemon.address}
             self.containerd = start_containerd(workdir / "ctrd", proxy_plugins=plugins,

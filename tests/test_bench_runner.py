@@ -62,7 +62,8 @@ def test_coldstart_demo_image_writes_results(tmp_path: Path) -> None:
                "--results", str(results), "--workdir", str(tmp_path / "work")])
     assert rc == 0
     text = results.read_text()
-    assert text.startswith("# lazysnap cold-start results")
+    assert text.startswith("# lazysnap benchmark results\n\n## Cold start")
+    assert "\n### " in text  # one section per invocation, under the cold-start heading
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     overlay = rows["overlayfs"].split("|")
     assert overlay[6].strip() == "1.0×"

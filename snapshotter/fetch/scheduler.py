@@ -7,8 +7,9 @@ one ``LayerFetcher`` per layer (it knows the index and where the blob comes from
   it awaits that future, so a span is fetched once however many readers miss on it.
 - Priority: an explicit queue (``PriorityGate``) orders waiting jobs on-demand >
   prefetch > background, and keeps one slot free for on-demand reads so prefetch and
-  background work can never starve a blocked reader. A queued job is promoted when an
-  on-demand read needs one of its chunks.
+  background work can never starve a blocked reader. A reader that needs a chunk of a
+  job already queued at a lower priority awaits that job (single flight) rather than
+  promoting it: the prefetcher and the background filler keep few jobs queued for this.
 - Failures: the reader blocks while retries run; after ``deadline_s`` it gets EIO. Bytes
   are stored only after ``decode_span`` verified every chunk's SHA-256: no wrong byte
   reaches the store or a reader.
