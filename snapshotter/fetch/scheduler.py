@@ -401,7 +401,6 @@ class LayerFetcher:
             del self._inflight[c]
 
     async def _run(self, plan: Any, job: _Job) -> None:
-        opts = self.fetcher.options
         start, end = self.codec.span_range(plan)
         gate = self.fetcher.gate
         try:
