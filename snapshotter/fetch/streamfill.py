@@ -8,54 +8,25 @@ uncompressed offsets, verified (SHA-256) and stored as they pass, in bounded mem
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import zstandard
-
 from snapshotter.index.model import LayerFormat
+from snapshotter.index.pyscan import StreamDecompressor
 
 
 class StreamCorrupt(Exception):
     """The stream did not produce a chunk's bytes (bad data, truncated, or a lying index)."""
 
 
-def _decompressor(fmt: LayerFormat) -> Callable[[bytes], bytes]:
-    if fmt == LayerFormat.TAR:
-        return lambda b: b
-    if fmt == LayerFormat.ZSTD:
-        d = zstandard.ZstdDecompressor().decompressobj()
-        # a zstd layer may hold several frames back to back
-        state = {"d": d}
-
-        def zstd_feed(data: bytes) -> bytes:
-            out = []
-            while data:
-                cur = state["d"]
-                out.append(cur.decompress(data))
-                data = cur.unused_data if cur.eof else b""
-                if cur.eof:
-                    state["d"] = zstandard.ZstdDecompressor().decompressobj()
-            return b"".join(out)
-
-        return zstd_feed
-    gz = {"d": zlib.decompressobj(31)}
-
-    def gzip_feed(data: bytes) -> bytes:
-        out = []
-        while data:
-            cur = gz["d"]
-            out.append(cur.decompress(data))
-            data = cur.unused_data if cur.eof else b""
-            if cur.eof:
-                gz["d"] = zlib.decompressobj(31)  # next member of a multi-member gzip
-        return b"".join(out)
-
-    return gzip_feed
+def _verify_and_put(put: Callable[[int, bytes], Any], cid: int, off: int, data: bytes, digest: bytes) -> None:
+    """Off the event loop: hashing a chunk is CPU work."""
+    if hashlib.sha256(data).digest() != digest:
+        raise StreamCorrupt(f"chunk {cid} at {off} failed SHA-256 verification")
+    put(cid, data)
 
 
-async def stream_fill(stream: AsyncIterator[bytes], fmt: LayerFormat, chunks: list[tuple[int, int, int, bytes]],
+async def stream_fill(blocks: AsyncIterator[bytes], fmt: LayerFormat, chunks: list[tuple[int, int, int, bytes]],
                       put: Callable[[int, bytes], Any], run: Callable[..., Any]) -> int:
     """Cut ``chunks`` ((uncompressed offset, length, chunk id, sha256)) out of the stream.
 
@@ -63,12 +34,16 @@ async def stream_fill(stream: AsyncIterator[bytes], fmt: LayerFormat, chunks: li
     the event loop (``asyncio.to_thread``). Returns the number of chunks stored.
     """
     order = sorted(chunks)
-    feed = _decompressor(fmt)
+    stream = StreamDecompressor(fmt.value)
+
+    def feed(block: bytes) -> bytes:
+        return b"".join(stream.feed(block))
+
     pos = 0  # uncompressed offset of buf[0]
     buf = bytearray()
     i = 0
     stored = 0
-    async for block in stream:
+    async for block in blocks:
         out = await run(feed, block)
         buf += out
         while i < len(order):
@@ -78,10 +53,7 @@ async def stream_fill(stream: AsyncIterator[bytes], fmt: LayerFormat, chunks: li
             start = off - pos
             if start < 0:
                 raise StreamCorrupt(f"chunk {cid} overlaps an earlier chunk")
-            data = bytes(buf[start:start + length])
-            if hashlib.sha256(data).digest() != digest:
-                raise StreamCorrupt(f"chunk {cid} at {off} failed SHA-256 verification")
-            await run(put, cid, data)
+            await run(_verify_and_put, put, cid, off, bytes(buf[start:start + length]), digest)
             stored += 1
             i += 1
         # drop bytes no later chunk needs

@@ -15,6 +15,7 @@ import hashlib
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import zstandard
@@ -406,6 +407,64 @@ class _TarParser:
         self._skip(self._pad_after)
 
 
+class StreamDecompressor:
+    """A whole layer decompressed as it streams by: gzip members / zstd frames back to back.
+
+    ``feed`` yields uncompressed pieces of at most ``_OUT_STEP`` bytes for gzip (bounded
+    memory against inflate bombs); ``consumed`` counts the compressed bytes fed so far, so
+    errors name the offset. Used by the pure-Python scanner and by the fetch path for
+    layers without random access.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        if fmt not in ("tar", "gzip", "zstd"):
+            raise UnknownFormatError(f"unknown layer format {fmt!r}")
+        self.format = fmt
+        self.consumed = 0
+        self._dec: Any = None
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        fmt = self.format
+        if fmt == "tar":
+            self.consumed += len(data)
+            if data:
+                yield data
+            return
+        while data:
+            if self._dec is None:
+                magic = GZIP_MAGIC if fmt == "gzip" else ZSTD_MAGIC
+                if not data.startswith(magic[: len(data)]):
+                    what = "gzip member" if fmt == "gzip" else "zstd frame"
+                    raise CorruptLayerError(f"trailing data after {what} at offset {self.consumed}")
+                self._dec = zlib.decompressobj(31) if fmt == "gzip" else zstandard.ZstdDecompressor().decompressobj()
+            try:
+                if fmt == "gzip":
+                    yield self._dec.decompress(data, _OUT_STEP)
+                    while self._dec.unconsumed_tail:
+                        yield self._dec.decompress(self._dec.unconsumed_tail, _OUT_STEP)
+                else:
+                    yield self._dec.decompress(data)
+            except (zlib.error, zstandard.ZstdError) as exc:
+                raise CorruptLayerError(
+                    f"corrupt {fmt} data near offset {self.consumed + len(data)}: {exc}") from None
+            if self._dec.eof:
+                rest = self._dec.unused_data
+                self._dec = None
+            else:
+                rest = b""
+            self.consumed += len(data) - len(rest)
+            data = rest
+
+    def finish(self) -> Iterator[bytes]:
+        """What the decompressor still holds; the input must not end inside a member/frame."""
+        if self._dec is None:
+            return
+        if self.format == "gzip":
+            yield self._dec.flush()
+        if not self._dec.eof:
+            raise TruncatedLayerError(f"{self.format} stream truncated at offset {self.consumed}")
+
+
 class PyScanner:
     """Drop-in, pure-Python counterpart of ``native.Scanner`` (see module docstring)."""
 
@@ -421,7 +480,7 @@ class PyScanner:
         self._csize = 0
         self._usize = 0
         self._tar = _TarParser(chunk_size)
-        self._dec: Any = None
+        self._stream: StreamDecompressor | None = None
         self._finished = False
 
     def feed(self, buffer: bytes | bytearray | memoryview) -> None:
@@ -448,36 +507,10 @@ class PyScanner:
             self._tar.feed(out)
 
     def _decompress(self, data: bytes) -> None:
-        fmt = self._format
-        if fmt == "tar":
-            self._emit(data)
-            return
-        while data:
-            if self._dec is None:
-                if fmt == "gzip":
-                    if not data.startswith(GZIP_MAGIC[: len(data)]):
-                        raise CorruptLayerError(f"trailing data after gzip member at offset {self._csize - len(data)}")
-                    self._dec = zlib.decompressobj(31)
-                else:
-                    if not data.startswith(ZSTD_MAGIC[: len(data)]):
-                        raise CorruptLayerError(f"trailing data after zstd frame at offset {self._csize - len(data)}")
-                    self._dec = zstandard.ZstdDecompressor().decompressobj()
-            try:
-                if fmt == "gzip":
-                    out = self._dec.decompress(data, _OUT_STEP)
-                    self._emit(out)
-                    while self._dec.unconsumed_tail:
-                        out = self._dec.decompress(self._dec.unconsumed_tail, _OUT_STEP)
-                        self._emit(out)
-                else:
-                    self._emit(self._dec.decompress(data))
-            except (zlib.error, zstandard.ZstdError) as exc:
-                raise CorruptLayerError(f"corrupt {fmt} data near offset {self._csize}: {exc}") from None
-            if self._dec.eof:
-                data = self._dec.unused_data
-                self._dec = None
-            else:
-                data = b""
+        if self._stream is None:
+            self._stream = StreamDecompressor(self._format or "tar")
+        for out in self._stream.feed(data):
+            self._emit(out)
 
     def finish(self) -> dict[str, Any]:
         if self._finished:
@@ -489,12 +522,9 @@ class PyScanner:
             self._format = detect_format(bytes(self._head))
             data, self._head = bytes(self._head), bytearray()
             self._decompress(data)
-        if self._dec is not None:
-            if self._format == "gzip":
-                flushed = self._dec.flush()
-                self._emit(flushed)
-            if not self._dec.eof:
-                raise TruncatedLayerError(f"{self._format} stream truncated at offset {self._csize}")
+        if self._stream is not None:
+            for out in self._stream.finish():
+                self._emit(out)
         self._tar.finish()
         return {
             "format": self._format,
