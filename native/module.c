@@ -67,12 +67,13 @@ typedef struct {
 
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread", NULL};
+    static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
+                             "simd", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
-    int diff = 0, threaded = 1;
+    int diff = 0, threaded = 1, simd = 1;
     PyObject *fmt_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOp:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpp:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd))
         return -1;
     if (span < 1024 || chunk < 1 || chunk > (1ull << 40)) {
         PyErr_SetString(PyExc_ValueError, "span_size must be >= 1024 and chunk_size in 1..2**40");
@@ -88,7 +89,7 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     lz_err err = {0};
     scanner_t *sc;
     Py_BEGIN_ALLOW_THREADS
-    sc = scanner_new(span, chunk, diff, fmt, threaded, &err);
+    sc = scanner_new(span, chunk, diff, fmt, threaded, simd, &err);
     Py_END_ALLOW_THREADS
     if (!sc) {
         raise_err(get_state(self->module), &err);
@@ -305,6 +306,20 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
         memcpy(out + 48 * i + 16, c[i].sha, 32);
     }
     if (PyDict_SetItemString(d, "chunks", v))
+        goto fail;
+    Py_CLEAR(v);
+
+    /* end marks as packed little-endian u64 pairs (uoff, coff) */
+    v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sc->marks.len);
+    if (!v)
+        goto fail;
+    {
+        const uint64_t *m = (const uint64_t *)sc->marks.p;
+        uint8_t *mo = (uint8_t *)PyBytes_AS_STRING(v);
+        for (size_t i = 0; i < sc->marks.len / sizeof *m; i++)
+            put_le64(mo + 8 * i, m[i]);
+    }
+    if (PyDict_SetItemString(d, "marks", v))
         goto fail;
     Py_CLEAR(v);
 

@@ -3,6 +3,10 @@
 
 #define GZ_HUNT_SLICE 32            /* input slice while looking for a block boundary */
 #define GZ_HUNT_AVAIL (160u << 10)  /* output room that 32 input bytes cannot overflow */
+/* Output per isal_inflate call outside hunting: ISA-L checks the CRC32 of each call's
+ * output at its end, so a call's output should still be in cache (blocks are 16 MiB
+ * without a hash thread). */
+#define GZ_CALL_OUT (256u << 10)
 
 const char *lz_isal_error_name(int r)
 {
@@ -62,6 +66,8 @@ static int gz_step(scanner_t *sc, const uint8_t **pp, size_t *pn)
     else if (sc->next_cp > sc->dec_in)
         slice = (size_t)LZ_MIN((uint64_t)slice, sc->next_cp - sc->dec_in);
     size_t avail = out_avail(sc);
+    if (!sc->gz_hunting && avail > GZ_CALL_OUT)
+        avail = GZ_CALL_OUT;
     st->next_in = (uint8_t *)*pp;
     st->avail_in = (uint32_t)slice;
     st->next_out = out_ptr(sc);
@@ -72,6 +78,8 @@ static int gz_step(scanner_t *sc, const uint8_t **pp, size_t *pn)
     *pp += used;
     *pn -= used;
     sc->dec_in += used;
+    if (lz_note_progress(sc))
+        return -1;
     if (r < 0)
         return lz_fail(&sc->err, LZ_CORRUPT,
                        "%s in gzip member starting at offset %llu (near compressed offset %llu)",

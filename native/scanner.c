@@ -1,8 +1,11 @@
 /* The scanning pipeline (see scanner.h).
  *
  * Producer side (the caller's thread, GIL released): format detection, decompression
- * into 256 KiB blocks (scan_gzip.c, scan_zstd.c), checkpoint recording.  Consumer side:
- * the tar stage (tar.c: header parsing, chunk SHA-256, diff ID) and the blob SHA-256.
+ * into blocks (scan_gzip.c, scan_zstd.c), checkpoint recording.  Consumer side: the tar
+ * stage (tar.c: header parsing, chunk SHA-256, diff ID) and the blob SHA-256, all queued
+ * in one batch hasher (sha_mb.h) that runs at the end of each block.  On one thread with
+ * AVX-512, blocks are 16 MiB so a batch holds 16+ chunks for the SIMD lanes (the blob
+ * bytes of the current feed ride along); otherwise 256 KiB, which stay in L2.
  * With `threaded` the consumer runs on a worker thread owned by this scanner: SHA-256
  * of every byte costs about as much as ISA-L inflate, so overlapping the two is what
  * lifts gzip indexing past one core's speed (the thread has its own blocks; the producer
@@ -33,7 +36,8 @@ static void *consumer_main(void *arg)
         if (idx < 0) {
             /* The blob digest of the bytes being fed: hashed here so the producer only
              * inflates; feed() waits for this job before returning the caller's buffer. */
-            SHA256_Update(&sc->blob_ctx, sc->in_job_p, sc->in_job_n);
+            lz_mh_update(&sc->tar.mh, sc->blob_slot, sc->in_job_p, sc->in_job_n);
+            lz_mh_run(&sc->tar.mh);
             pthread_mutex_lock(&sc->mu);
             sc->in_job_done = 1;
             pthread_cond_broadcast(&sc->cv_prod);
@@ -60,9 +64,25 @@ static int tar_error(scanner_t *sc)
                    sc->tar.err.msg);
 }
 
+/* End mark: the decoder has consumed dec_in bytes and produced out_total, so a read ending
+ * at or before out_total needs no compressed byte past dec_in (readers fetch up to here
+ * instead of up to the next checkpoint).  Called after decoder calls and at block ends. */
+int lz_add_mark(scanner_t *sc)
+{
+    if (sc->format == FMT_TAR || sc->out_total <= sc->last_mark_u)
+        return 0;
+    uint64_t mark[2] = {sc->out_total, sc->dec_in};
+    if (lz_buf_append(&sc->marks, mark, sizeof mark))
+        return lz_nomem(&sc->err);
+    sc->last_mark_u = sc->out_total;
+    return 0;
+}
+
 int lz_flush_block(scanner_t *sc)
 {
     lz_block *old = sc->cur, *nb;
+    if (old->len && lz_add_mark(sc))
+        return -1;
     if (!sc->threaded) {
         if (old->len && tar_feed(&sc->tar, old->mem + LZ_HIST, old->len))
             return tar_error(sc);
@@ -132,7 +152,7 @@ static int plain_feed(scanner_t *sc, const uint8_t *p, size_t n)
 /* ---------------- pipeline ---------------- */
 
 scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, int format,
-                       int threaded, lz_err *err)
+                       int threaded, int simd, lz_err *err)
 {
     scanner_t *sc = calloc(1, sizeof *sc);
     if (!sc) {
@@ -142,11 +162,14 @@ scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, i
     sc->span_size = span_size;
     sc->threaded = threaded;
     sc->format = format;
-    SHA256_Init(&sc->blob_ctx);
-    tar_init(&sc->tar, chunk_size, want_diff);
+    if (tar_init(&sc->tar, chunk_size, want_diff, simd) ||
+        lz_mh_new(&sc->tar.mh, &sc->blob_slot))
+        goto nomem;
     sc->nblocks = threaded ? LZ_NBLOCKS : 1;
+    /* big blocks only pay where the batch is hashed in SIMD lanes */
+    sc->block_size = threaded || !sc->tar.mh.simd ? LZ_BLOCK : LZ_BLOCK_BATCH;
     for (int i = 0; i < sc->nblocks; i++) {
-        sc->blocks[i].mem = malloc(LZ_HIST + LZ_BLOCK);
+        sc->blocks[i].mem = malloc(LZ_HIST + sc->block_size);
         if (!sc->blocks[i].mem)
             goto nomem;
     }
@@ -203,9 +226,12 @@ void scanner_free(scanner_t *sc)
     for (size_t i = 0; i < sc->cps.len / sizeof *c; i++)
         free(c[i].window);
     lz_buf_free(&sc->cps);
+    lz_buf_free(&sc->marks);
     free(sc->isal);
     if (sc->zd)
         ZSTD_freeDCtx(sc->zd);
+    lz_buf_free(&sc->z_stage);
+    lz_buf_free(&sc->z_stage2);
     tar_free(&sc->tar);
     free(sc);
 }
@@ -255,7 +281,8 @@ int scanner_feed(scanner_t *sc, const uint8_t *p, size_t n)
     if (sc->finished)
         return lz_fail(&sc->err, LZ_INVALID, "scanner already finished");
     if (!sc->threaded) {
-        SHA256_Update(&sc->blob_ctx, p, n);
+        /* queued: hashed with the first block's chunks, at the latest before returning */
+        lz_mh_update(&sc->tar.mh, sc->blob_slot, p, n);
     } else if (n) {
         pthread_mutex_lock(&sc->mu);
         sc->in_job_p = p;
@@ -268,6 +295,8 @@ int scanner_feed(scanner_t *sc, const uint8_t *p, size_t n)
     }
     sc->in_total += n;
     int rc = feed_input(sc, p, n);
+    if (!sc->threaded)
+        lz_mh_run(&sc->tar.mh);  /* p is the caller's: nothing may point into it after return */
     if (sc->threaded && n) {
         pthread_mutex_lock(&sc->mu);
         while (!sc->in_job_done)
@@ -319,7 +348,7 @@ int scanner_finish(scanner_t *sc, uint8_t blob[32], uint8_t diff[32])
         return tar_error(sc);
     if (tar_finish(&sc->tar, diff))
         return tar_error(sc);
-    SHA256_Final(blob, &sc->blob_ctx);
+    lz_mh_final(&sc->tar.mh, sc->blob_slot, blob);
     return 0;
 fail:
     stop_thread(sc);

@@ -26,17 +26,6 @@ static void pend_clear(tar_pending *p)
     p->pending_offset = -1;
 }
 
-void tar_init(tar_t *t, uint64_t chunk_size, int want_diff)
-{
-    memset(t, 0, sizeof *t);
-    t->chunk_size = chunk_size;
-    t->want_diff = want_diff;
-    if (want_diff)
-        SHA256_Init(&t->diff_ctx);
-    t->state = T_HDR;
-    pend_clear(&t->pend);
-}
-
 void tar_free(tar_t *t)
 {
     lz_buf_free(&t->ext);
@@ -50,6 +39,8 @@ void tar_free(tar_t *t)
     lz_buf_free(&t->arena);
     lz_buf_free(&t->xattrs);
     lz_buf_free(&t->sparse);
+    lz_buf_free(&t->finals);
+    lz_mh_free(&t->mh);
 }
 
 static int fail(tar_t *t, int kind, const char *fmt, ...)
@@ -66,6 +57,19 @@ static int fail(tar_t *t, int kind, const char *fmt, ...)
 }
 
 static int nomem(tar_t *t) { return fail(t, LZ_NOMEM, "out of memory"); }
+
+int tar_init(tar_t *t, uint64_t chunk_size, int want_diff, int simd)
+{
+    memset(t, 0, sizeof *t);
+    t->chunk_size = chunk_size;
+    t->want_diff = want_diff;
+    t->state = T_HDR;
+    pend_clear(&t->pend);
+    lz_mh_init(&t->mh, simd);
+    if (lz_mh_new(&t->mh, &t->chunk_slot) || (want_diff && lz_mh_new(&t->mh, &t->diff_slot)))
+        return nomem(t);
+    return 0;
+}
 
 /* ---- numeric fields (octal, or base-256 as GNU/star write big values) ---- */
 
@@ -188,15 +192,17 @@ static int sparse_add(lz_buf *b, uint64_t off, uint64_t len)
 
 static int chunk_finish(tar_t *t)
 {
+    /* The digest is filled in by tar_flush, once the batched hashing has run. */
     tar_chunk c;
+    memset(&c, 0, sizeof c);
     c.offset = t->chunk_start;
     c.length = t->chunk_fill;
-    SHA256_Final(c.sha, &t->chunk_ctx);
-    if (lz_buf_append(&t->chunks, &c, sizeof c))
+    size_t fin[2] = {t->chunk_slot, tar_chunk_count(t)};
+    if (lz_buf_append(&t->chunks, &c, sizeof c) || lz_buf_append(&t->finals, fin, sizeof fin) ||
+        lz_mh_new(&t->mh, &t->chunk_slot))
         return nomem(t);
     t->chunk_start += t->chunk_fill;
     t->chunk_fill = 0;
-    SHA256_Init(&t->chunk_ctx);
     return 0;
 }
 
@@ -458,7 +464,7 @@ static void start_data(tar_t *t, uint64_t stored)
     t->cur_index = tar_entry_count(t) - 1;
     t->chunk_fill = 0;
     t->chunk_start = t->off;
-    SHA256_Init(&t->chunk_ctx);
+    lz_mh_reset(&t->mh, t->chunk_slot);
     tar_entry *e = (tar_entry *)t->entries.p + t->cur_index;
     e->data_offset = t->off;
     e->stored_size = stored;
@@ -760,12 +766,32 @@ static int sparse10_try(tar_t *t)
     return 1;
 }
 
+/* Run the queued hashing and fill in the digests of the chunks finished since. */
+static void tar_flush(tar_t *t)
+{
+    lz_mh_run(&t->mh);
+    const size_t *f = (const size_t *)t->finals.p;
+    tar_chunk *c = (tar_chunk *)t->chunks.p;
+    for (size_t i = 0; i < t->finals.len / sizeof *f; i += 2)
+        lz_mh_final(&t->mh, f[i], c[f[i + 1]].sha);
+    t->finals.len = 0;
+}
+
+static int tar_feed_queued(tar_t *t, const uint8_t *p, size_t n);
+
 int tar_feed(tar_t *t, const uint8_t *p, size_t n)
+{
+    int rc = tar_feed_queued(t, p, n);
+    tar_flush(t);
+    return rc;
+}
+
+static int tar_feed_queued(tar_t *t, const uint8_t *p, size_t n)
 {
     if (t->state == T_FAILED)
         return -1;
     if (t->want_diff && n)
-        SHA256_Update(&t->diff_ctx, p, n);
+        lz_mh_update(&t->mh, t->diff_slot, p, n);
     while (n > 0) {
         switch (t->state) {
         case T_END:
@@ -876,7 +902,8 @@ int tar_feed(tar_t *t, const uint8_t *p, size_t n)
                     memcpy(tmp, t->ext.p + map_bytes, extra);
                     int wd = t->want_diff;
                     t->want_diff = 0;
-                    int rr = tar_feed(t, tmp, extra);
+                    int rr = tar_feed_queued(t, tmp, extra);
+                    tar_flush(t);  /* tmp goes out of scope */
                     t->want_diff = wd;
                     if (rr)
                         return -1;
@@ -890,7 +917,7 @@ int tar_feed(tar_t *t, const uint8_t *p, size_t n)
         case T_DATA: {
             uint64_t room = t->chunk_size - t->chunk_fill;
             size_t take = (size_t)LZ_MIN((uint64_t)n, LZ_MIN(room, t->remaining));
-            SHA256_Update(&t->chunk_ctx, p, take);
+            lz_mh_update(&t->mh, t->chunk_slot, p, take);
             t->chunk_fill += take;
             p += take;
             n -= take;
@@ -957,7 +984,8 @@ int tar_finish(tar_t *t, uint8_t diff_out[32])
         return fail(t, LZ_TRUNCATED, "tar stream ends at offset %llu inside the entry at %llu",
                     (unsigned long long)t->off, (unsigned long long)t->hdr_off);
     }
+    tar_flush(t);
     if (t->want_diff)
-        SHA256_Final(diff_out, &t->diff_ctx);
+        lz_mh_final(&t->mh, t->diff_slot, diff_out);
     return 0;
 }

@@ -6,6 +6,7 @@
 #define LZ_TAR_H
 
 #include "lz.h"
+#include "sha_mb.h"
 
 enum { ET_REG = 0, ET_HARDLINK = 1, ET_SYMLINK = 2, ET_CHAR = 3, ET_BLOCK = 4, ET_DIR = 5,
        ET_FIFO = 6 };
@@ -53,7 +54,8 @@ typedef struct {
     uint64_t chunk_size;
     int want_diff;
     /* state */
-    SHA256_CTX diff_ctx;
+    lz_mh mh;               /* batched SHA-256: chunks, diff ID (and the scanner's blob) */
+    size_t diff_slot;
     uint64_t off;           /* uncompressed bytes seen */
     int state;
     uint8_t hdr[512];
@@ -69,7 +71,8 @@ typedef struct {
     tar_entry *cur;
     size_t cur_index;
     uint64_t chunk_fill, chunk_start;
-    SHA256_CTX chunk_ctx;
+    size_t chunk_slot;      /* the open chunk's SHA-256 */
+    lz_buf finals;          /* (slot, chunk index) pairs whose digest is due at the flush */
     uint64_t sparse_map_numbers_needed;  /* PAX 1.0 sparse map parsing: lines needed */
     uint64_t sparse_map_newlines;        /* and lines seen so far */
     /* results */
@@ -81,9 +84,11 @@ typedef struct {
     lz_err err;
 } tar_t;
 
-void tar_init(tar_t *t, uint64_t chunk_size, int want_diff);
+/* simd: allow AVX-512 batched hashing (0 forces one message at a time). */
+int tar_init(tar_t *t, uint64_t chunk_size, int want_diff, int simd);
 void tar_free(tar_t *t);
-/* Returns 0, or -1 with t->err set (further calls keep failing). */
+/* Returns 0, or -1 with t->err set (further calls keep failing).  Hashing of p's bytes is
+ * batched and done before it returns, so p need not outlive the call. */
 int tar_feed(tar_t *t, const uint8_t *p, size_t n);
 /* End of the uncompressed stream; checks the tar did not end inside an entry. */
 int tar_finish(tar_t *t, uint8_t diff_out[32]);

@@ -23,6 +23,9 @@ WINDOW_SIZE = 32 << 10
 
 #: One packed chunk record: uncompressed offset in the tar stream, length, SHA-256.
 CHUNK_RECORD = struct.Struct("<QQ32s")
+#: One end mark: every uncompressed byte before ``uoff`` is produced by decoding compressed
+#: bytes before ``coff`` (from the preceding checkpoint), so a read need not fetch further.
+MARK_RECORD = struct.Struct("<QQ")
 
 
 class RawEntry(NamedTuple):
@@ -72,7 +75,8 @@ class ScanResult:
     entries: list[RawEntry]
     chunks: bytes  # packed CHUNK_RECORD records, in file order
     checkpoints: list[RawCheckpoint]
-    hash_thread_cpu_ns: int = 0  # CPU time of the scanner's hash thread (benchmarks)
+    hash_thread_cpu_ns: int = 0
+    marks: bytes = b""  # packed MARK_RECORD end marks (uoff, coff), ascending; none for plain tar  # CPU time of the scanner's hash thread (benchmarks)
 
     def iter_chunks(self) -> Iterator[tuple[int, int, bytes]]:
         return iter_chunk_records(self.chunks)
@@ -87,16 +91,20 @@ class Scanner:
 
     ``hash_thread`` moves tar parsing and SHA-256 of chunks (and the diff ID) to a
     worker thread owned by this scanner, so decompression and hashing overlap on two
-    cores. Separate scanners are independent and may run in separate threads.
+    cores. Without it, the one thread queues the SHA-256 of every chunk of a 16 MiB
+    output block (and of the fed compressed bytes) and hashes them 16 at a time in
+    AVX-512 lanes where the CPU has them (``simd=False`` forces one at a time; tests
+    compare the two). Separate scanners are independent and may run in separate threads.
     """
 
     __slots__ = ("_core",)
 
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
-                 format: str | None = None, hash_thread: bool = True) -> None:
+                 format: str | None = None, hash_thread: bool = True, simd: bool = True) -> None:
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
-                                   diff_id=diff_id, format=format, hash_thread=hash_thread)
+                                   diff_id=diff_id, format=format, hash_thread=hash_thread,
+                                   simd=simd)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)
@@ -109,7 +117,7 @@ class Scanner:
             diff_id=r["diff_id"], sequential_only=r["sequential_only"],
             entries=[RawEntry._make(e) for e in r["entries"]], chunks=r["chunks"],
             checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
-            hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0),
+            hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0), marks=r.get("marks", b""),
         )
 
 

@@ -313,6 +313,28 @@ def test_many_checkpoints_big_layer(how: str) -> None:
     check_checkpoints(res, blob, raw, rnd)
 
 
+@pytest.mark.parametrize("how", ["tar", "gzip6", "zstd-multi"])
+def test_batched_hashing_matches_hashlib(how: str) -> None:
+    """One-thread scans queue chunk, blob and diff-ID hashing and run it in SIMD lanes:
+    with small chunks a batch holds hundreds of messages of every length, fed in slices
+    from 1 byte to the whole blob; every digest must equal hashlib's, with and without
+    SIMD and with the hash thread."""
+    rnd = random.Random(11)
+    raw = big_layer(rnd, 40)
+    blob = compress(raw, how, rnd)
+    for hash_thread, simd in ((False, True), (False, False), (True, True)):
+        for feed in (1 << 30, None):
+            sc = native.Scanner(chunk_size=4096, diff_id=True, hash_thread=hash_thread, simd=simd)
+            if feed:
+                sc.feed(blob)
+                res = sc.finish()
+            else:
+                res = scan(blob, rnd, chunk_size=4096, diff_id=True, hash_thread=hash_thread, simd=simd)
+            check_entries(res, raw, 4096)
+            assert res.blob_digest == hashlib.sha256(blob).digest()
+            assert res.diff_id == hashlib.sha256(raw).digest()
+
+
 def test_concurrent_scanners_in_threads() -> None:
     rnd = random.Random(7)
     layers = [compress(big_layer(random.Random(i), 20), h, rnd)
@@ -378,15 +400,18 @@ def _layer_for_damage(how: str) -> tuple[bytes, bytes]:
     return raw, compress(raw, how, rnd)
 
 
+# hash_thread: with it the scanner uses small blocks, without it 16 MiB blocks, batched
+# hashing and (zstd) one-pass frames staged across feeds: both must fail the same way.
+@pytest.mark.parametrize("hash_thread", [True, False])
 @pytest.mark.parametrize("how", ["tar", "gzip6", "gzip-multi", "zstd", "zstd-multi"])
-def test_truncated_layers_raise_or_are_consistent(how: str) -> None:
+def test_truncated_layers_raise_or_are_consistent(how: str, hash_thread: bool) -> None:
     raw, blob = _layer_for_damage(how)
     full = scan(blob, random.Random(0), span_size=16384, chunk_size=65536)
     rnd = random.Random(5)
     cuts = [1, 2, 3, 10, 511, 512, 1000] + [rnd.randrange(1, len(blob)) for _ in range(25)]
     for cut in cuts:
         try:
-            res = scan(blob[:cut], rnd, span_size=16384, chunk_size=65536)
+            res = scan(blob[:cut], rnd, span_size=16384, chunk_size=65536, hash_thread=hash_thread)
         except native.LayerError:
             continue
         # No error: the cut fell on a boundary where the prefix is itself a valid layer.
@@ -395,8 +420,9 @@ def test_truncated_layers_raise_or_are_consistent(how: str) -> None:
         assert full.chunks.startswith(res.chunks)
 
 
+@pytest.mark.parametrize("hash_thread", [True, False])
 @pytest.mark.parametrize("how", ["tar", "gzip6", "gzip-multi", "zstd-multi"])
-def test_flipped_bytes_never_give_wrong_bytes(how: str) -> None:
+def test_flipped_bytes_never_give_wrong_bytes(how: str, hash_thread: bool) -> None:
     raw, blob = _layer_for_damage(how)
     full = scan(blob, random.Random(0), span_size=16384, chunk_size=65536)
     rnd = random.Random(9)
@@ -405,7 +431,7 @@ def test_flipped_bytes_never_give_wrong_bytes(how: str) -> None:
         bad = bytearray(blob)
         bad[pos] ^= 1 << rnd.randrange(8)
         try:
-            res = scan(bytes(bad), rnd, span_size=16384, chunk_size=65536)
+            res = scan(bytes(bad), rnd, span_size=16384, chunk_size=65536, hash_thread=hash_thread)
         except native.LayerError:
             res = None
         if res is not None:
