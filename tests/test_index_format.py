@@ -68,7 +68,8 @@ def layer_indexes(draw: st.DrawFn) -> LayerIndex:
         xattrs = draw(st.dictionaries(st.text(min_size=1, max_size=20), st.binary(max_size=50), max_size=3))
         entries.append(Entry(path=path, type=t, mode=draw(st.integers(0, 0o7777)), uid=draw(U32), gid=draw(U32),
                              size=draw(U64), mtime_ns=draw(st.integers(-(2**63), 2**63 - 1)), xattrs=xattrs, **kw))
-    return LayerIndex(info=info, entries=entries, chunks=chunks, checkpoints=checkpoints)
+    marks = sorted(set(draw(st.lists(st.tuples(U64, U64), max_size=6))))
+    return LayerIndex(info=info, entries=entries, chunks=chunks, checkpoints=checkpoints, marks=marks)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,6 +81,8 @@ def test_round_trip_is_exact(index: LayerIndex) -> None:
     assert sorted(back.entries, key=lambda e: e.path) == sorted(index.entries, key=lambda e: e.path)
     assert back.chunks == index.chunks
     assert back.checkpoints == index.checkpoints
+    assert back.marks == index.marks
+    assert f.chunk_digests() == [c.digest for c in index.chunks]
     assert f.file_count == sum(e.type == EntryType.REG for e in index.entries)
     for e in index.entries:
         n = f.find(e.path)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from snapshotter.fetch import metrics
+from snapshotter.index.errors import TruncatedLayerError
 from snapshotter.store import ChunkStore
 from snapshotter.log import get_logger
 
@@ -77,7 +78,7 @@ class FetchOptions:
     retry_max_s: float = 2.0
     whole_spans: bool = True  # decode every chunk of a fetched checkpoint span
     fail_fast_s: float = 1.0  # after a deadline failure, re-asks for the same chunks fail at once
-    compressed_cache_bytes: int = 64 << 20  # recent compressed ranges, to avoid refetching overlaps
+    compressed_cache_bytes: int = 32 << 20  # recent ranges: a later miss from the same checkpoint fetches only the rest
     readahead_spans: bool = True  # an on-demand miss also fetches the next span (background priority)
 
 
@@ -280,21 +281,22 @@ class LayerFetcher:
 
     # -- internals --------------------------------------------------------------------------
     def _readahead(self, chunk_ids: list[int]) -> None:
-        """Fetch the span after a miss while the reader consumes this one.
+        """Fetch the next checkpoint span after a miss while the reader consumes this one.
 
         A cold start misses span after span, serially (each miss waits for its range, the
         inflate from the checkpoint and the hashes); the next span is the likeliest next
         miss (a package's files are adjacent in the tar, big files are read forward), so
         fetching it at background priority overlaps its latency with the reader's work.
         """
-        next_of = getattr(self.codec, "next_span_chunk", None)
-        if next_of is None:
+        ahead_of = getattr(self.codec, "readahead_chunks", None)
+        if ahead_of is None:
             return
-        nxt = next_of(chunk_ids)
-        if nxt is None or nxt in self._inflight or self.fetcher.store.known(self.codec.digest(nxt)):
+        known = self.fetcher.store.known
+        ahead = [c for c in ahead_of(chunk_ids) if c not in self._inflight and not known(self.codec.digest(c))]
+        if not ahead:
             return
         metrics.READAHEAD_SPANS.inc()
-        self.prefetch([nxt], Priority.BACKGROUND)
+        self.prefetch(ahead, Priority.BACKGROUND)
 
     async def _quiet(self, chunk_ids: Sequence[int], priority: Priority) -> None:
         try:
@@ -410,7 +412,19 @@ class LayerFetcher:
                 ranges = self.fetcher.ranges
                 compressed = await self._read_compressed(start, end, job.priority)
                 try:
-                    chunks = await asyncio.to_thread(self.codec.decode, plan, compressed)
+                    try:
+                        chunks = await asyncio.to_thread(self.codec.decode, plan, compressed)
+                    except TruncatedLayerError:
+                        # an end mark proved short (a hostile or buggy index): fetch on
+                        # to the next checkpoint once; a second shortfall is a real error
+                        wider = self.codec.widen(plan) if hasattr(self.codec, "widen") else None
+                        if wider is None:
+                            raise
+                        log.warning("end_mark_short", layer=self.key, range=f"{start}-{end}")
+                        plan = wider
+                        start, end = self.codec.span_range(plan)
+                        compressed = await self._read_compressed(start, end, job.priority)
+                        chunks = await asyncio.to_thread(self.codec.decode, plan, compressed)
                 except Exception:
                     ranges.drop_layer(self.key)  # bad bytes must be refetched, not reused
                     raise

@@ -47,6 +47,7 @@ from snapshotter.index.model import (
 log = logging.getLogger(__name__)
 
 CHUNK_RECORD = struct.Struct("<QQ32s")
+MARK_RECORD = struct.Struct("<QQ")  # scanner end marks: uoff, coff (see LayerIndex.marks)
 DEFAULT_SPAN = 4 << 20
 DEFAULT_CHUNK = 1 << 20
 READ_SIZE = 1 << 20
@@ -55,7 +56,7 @@ _U32 = (1 << 32) - 1
 
 class Scanner(Protocol):
     def feed(self, buffer: bytes | bytearray | memoryview) -> None: ...
-    def finish(self) -> dict[str, Any]: ...
+    def finish(self) -> Any: ...  # a dict (pyscan) or a native.ScanResult; see _field
 
 
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
@@ -160,6 +161,8 @@ class _Tree:
         old = self.nodes.get(path)
         if old is not None and old.type == EntryType.DIR and node.type != EntryType.DIR:
             self._remove_subtree(path)
+        if old is not None and old.type == EntryType.DIR and node.type == EntryType.DIR:
+            node.xattrs = {**old.xattrs, **node.xattrs}  # a directory entry merges into the existing one
         self.nodes[path] = node
         if node.type == EntryType.DIR:
             self.kids.setdefault(path, set())
@@ -233,13 +236,23 @@ def build_index(scan: Any, *, span_size: int = DEFAULT_SPAN, chunk_size: int | N
                 raise IndexBuildError(f"hard link {path!r} points to itself")
             node.target = target
             node.size = 0
+            _apply_link_header(target, node)
         tree.put(node)
     _promote_orphan_link_targets(tree)
     chunks = _renumber_chunks(tree, raw_chunks)
     chunk_size = _check_chunking(tree, chunks, chunk_size)
     entries = [_entry(n) for n in tree.nodes.values()]
     return LayerIndex(info=_info(scan, span_size, chunk_size), entries=entries, chunks=chunks,
-                      checkpoints=[_checkpoint(c) for c in _field(scan, "checkpoints")])
+                      checkpoints=[_checkpoint(c) for c in _field(scan, "checkpoints")], marks=_marks(scan))
+
+
+def _apply_link_header(target: _Node, link: _Node) -> None:
+    """containerd's applier links, then chowns, sets xattrs, chmods and chtimes the link
+    path: the shared inode takes the link header's owners, mode, mtime and xattrs."""
+    target.uid, target.gid, target.mtime_ns = link.uid, link.gid, link.mtime_ns
+    if target.type != EntryType.SYMLINK:
+        target.mode = link.mode
+    target.xattrs = {**target.xattrs, **link.xattrs}
 
 
 def _promote_orphan_link_targets(tree: _Tree) -> None:
@@ -319,6 +332,17 @@ def _entry(n: _Node) -> Entry:
 def _checkpoint(c: Any) -> Checkpoint:
     kind, coff, uoff, bits, window = c
     return Checkpoint(CheckpointKind(kind), coff, uoff, bits, _as_bytes(window or b""))
+
+
+def _marks(scan: Any) -> list[tuple[int, int]]:
+    """The scanner's end marks, kept strictly ascending in both offsets (a mark that does
+    not advance says nothing new)."""
+    raw = _as_bytes(_field(scan, "marks", b"") or b"")
+    out: list[tuple[int, int]] = []
+    for uoff, coff in MARK_RECORD.iter_unpack(raw[:len(raw) - len(raw) % MARK_RECORD.size]):
+        if not out or (uoff > out[-1][0] and coff >= out[-1][1]):
+            out.append((uoff, coff))
+    return out
 
 
 def _digest(v: Any) -> str | None:

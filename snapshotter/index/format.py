@@ -14,6 +14,9 @@ Layout (all integers little-endian)::
     chunks   fixed 44-byte records: uncompressed offset, length, SHA-256
     checkpoints  fixed 32-byte records; windows zlib-compressed in the next section
     windows
+    marks    16-byte end marks (uncompressed offset, compressed offset), ascending: a read
+             that ends before a mark's uncompressed offset needs no compressed byte past
+             its compressed offset, so it fetches less than a whole span
 
 Why this shape: opening costs one checksum pass (xxh3 runs at ~10 GB/s) and no parsing,
 so a 500k-entry index opens in milliseconds; ``lookup`` walks path components with one
@@ -28,7 +31,7 @@ Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 :func:`serialize_index`, :class:`IndexFile` (``open``, ``from_bytes``, ``info``,
 ``lookup``, ``find``, ``lookup_child``, ``child_range``, ``children``, ``entry_at``,
 ``inode``, ``path_of``, ``entries``, ``entry_count``, ``chunk``, ``chunk_count``,
-``chunks_of``, ``chunk_range``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``,
+``chunks_of``, ``chunk_range``, ``chunk_digests``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``, ``mark_offsets``,
 ``index_bytes``, ``close``).
 """
 from __future__ import annotations
@@ -59,7 +62,7 @@ from snapshotter.index.model import (
 )
 
 MAGIC = b"LZSNAPIX"
-VERSION = 2
+VERSION = 3
 BLOCK_RECORDS = 256
 _BLOCK_CACHE = 512  # decompressed entry blocks kept per open index (≈ 8 MB max)
 _CHECKSUM_AT = 16  # the u64 checksum covers every byte of the file except itself
@@ -71,14 +74,17 @@ def _checksum(buf: bytes | bytearray | memoryview) -> int:
     h.update(mv[:_CHECKSUM_AT])
     h.update(mv[_CHECKSUM_AT + 8:])
     return h.intdigest()
-HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII12Q")
+HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII14Q")
 ENTRY = struct.Struct("<IIHBBHIIQqQIII")
 CHUNK = struct.Struct("<QI32s")
 CHECKPOINT = struct.Struct("<BBHIQQQ")
+MARK = struct.Struct("<QQ")
 _NONE = 0xFFFFFFFF
 _FLAG_EXTRA = 1
 _FORMATS = [LayerFormat.TAR, LayerFormat.GZIP, LayerFormat.ZSTD]
-_SECTIONS = ("entries", "blockidx", "extras", "chunks", "checkpoints", "windows")
+_ENTRY_TYPES = tuple(EntryType)  # by value: 0..6, looked up per entry without the enum call
+assert all(t.value == i for i, t in enumerate(_ENTRY_TYPES))
+_SECTIONS = ("entries", "blockidx", "extras", "chunks", "checkpoints", "windows", "marks")
 
 
 def _name_key(path: str) -> bytes:
@@ -188,7 +194,8 @@ def serialize_index(index: LayerIndex) -> bytes:
         windows += packed
 
     blockidx = struct.pack(f"<{len(block_offsets)}Q", *block_offsets)
-    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), bytes(windows)]
+    marks = b"".join(MARK.pack(u, c) for u, c in index.marks)
+    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), bytes(windows), marks]
     offsets: list[int] = []
     pos = HEADER.size
     for s in sections:
@@ -277,6 +284,8 @@ class IndexFile:
             raise self._bad("checksum mismatch")
         if fmt >= len(_FORMATS):
             raise self._bad(f"unknown layer format code {fmt}")
+        if chunk_size < 1:
+            raise self._bad(f"chunk size {chunk_size} must be positive")
         self.info = LayerInfo(
             format=_FORMATS[fmt], compressed_size=csize, uncompressed_size=usize,
             blob_digest="sha256:" + blob.hex(), diff_id=("sha256:" + diff.hex()) if has_diff else None,
@@ -293,6 +302,8 @@ class IndexFile:
         for name, rec, count in (("chunks", CHUNK, n_chunk), ("checkpoints", CHECKPOINT, n_ck)):
             if sec[name][1] != rec.size * count:
                 raise self._bad(f"section {name} has the wrong size")
+        if sec["marks"][1] % MARK.size:
+            raise self._bad("section marks has the wrong size")
         if n_ent < 1:
             raise self._bad("no root entry")
         self._ent = self._mv[sec["entries"][0]:sum(sec["entries"])]
@@ -304,6 +315,9 @@ class IndexFile:
         self._win = self._mv[sec["windows"][0]:sum(sec["windows"])]
         self._ck_u: list[int] | None = None
         self._ck_c: list[int] | None = None
+        self._marks_at, self.mark_count = sec["marks"][0], sec["marks"][1] // MARK.size
+        self._mark_u: list[int] | None = None
+        self._mark_c: list[int] | None = None
 
     def close(self) -> None:
         self._ent = self._ext = self._win = memoryview(b"")
@@ -382,12 +396,35 @@ class IndexFile:
 
     def entry_at(self, n: int) -> Entry:
         """The entry stored in record ``n`` (0 is the root)."""
-        (_parent, _noff, _nlen, etype, flags, mode, uid, gid, size, mtime, doff, a, b,
-         extra_off) = self._rec(n)
-        try:
-            t = EntryType(etype)
-        except ValueError:
-            raise self._bad(f"entry {n} has unknown type {etype}") from None
+        rec = self._rec(n)
+        blk = self._block(n // BLOCK_RECORDS)
+        return self._entry(n, rec, blk, self._records_in(n // BLOCK_RECORDS) * ENTRY.size)
+
+    def _records_in(self, b: int) -> int:
+        return min(BLOCK_RECORDS, self.entry_count - b * BLOCK_RECORDS)
+
+    def _entry(self, n: int, rec: tuple[int, ...], blk: bytes, base: int) -> Entry:
+        """Record ``n`` (``rec``, unpacked from block ``blk`` whose strings start at ``base``)."""
+        (parent, noff, nlen, etype, flags, mode, uid, gid, size, mtime, doff, a, b, extra_off) = rec
+        if etype >= len(_ENTRY_TYPES):
+            raise self._bad(f"entry {n} has unknown type {etype}")
+        t = _ENTRY_TYPES[etype]
+
+        def string(off: int, length: int) -> str:
+            if base + off + length > len(blk):
+                raise self._bad("string reference out of range")
+            return blk[base + off:base + off + length].decode("utf-8", "surrogateescape")
+
+        if n == 0:
+            path = ""
+        else:
+            if parent >= n:
+                raise self._bad(f"entry {n} has parent {parent} after it")
+            ppath = self.path_of(parent)
+            name = string(noff, nlen)
+            path = f"{ppath}/{name}" if ppath else name
+            if t == EntryType.DIR:
+                self._dir_paths[n] = path
         linkname = ""
         devmajor = devminor = first_chunk = chunk_count = 0
         if t == EntryType.REG:
@@ -397,14 +434,14 @@ class IndexFile:
         elif t in (EntryType.CHAR, EntryType.BLOCK):
             devmajor, devminor = a, b
         elif t == EntryType.SYMLINK:
-            linkname = self._string(n, a, b).decode("utf-8", "surrogateescape")
+            linkname = string(a, b)
         elif t == EntryType.HARDLINK:
             linkname = self.path_of(a)
         xattrs: dict[str, bytes] = {}
         sparse = None
         if flags & _FLAG_EXTRA:
             xattrs, sparse = self._extra(extra_off)
-        return Entry(path=self.path_of(n), type=t, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
+        return Entry(path=path, type=t, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
                      linkname=linkname, devmajor=devmajor, devminor=devminor, xattrs=xattrs,
                      data_offset=doff, first_chunk=first_chunk, chunk_count=chunk_count, sparse=sparse)
 
@@ -491,9 +528,18 @@ class IndexFile:
         return [self.entry_at(c) for c in self.child_range(n)]
 
     def entries(self) -> Iterator[Entry]:
-        """Every entry in record order (root first, then breadth-first by directory)."""
-        for n in range(self.entry_count):
-            yield self.entry_at(n)
+        """Every entry in record order (root first, then breadth-first by directory).
+
+        Walks block by block (one decompression, one bulk unpack each): building a
+        layer's tree at its first Prepare iterates every entry of the index.
+        """
+        n = 0
+        for blk_no in range(len(self._block_offsets) - 1):
+            blk = self._block(blk_no)
+            base = self._records_in(blk_no) * ENTRY.size
+            for rec in ENTRY.iter_unpack(memoryview(blk)[:base]):
+                yield self._entry(n, rec, blk, base)
+                n += 1
 
     # -- chunks and checkpoints ------------------------------------------------------
     def chunk(self, i: int) -> Chunk:
@@ -501,6 +547,11 @@ class IndexFile:
             raise IndexError(f"chunk {i} out of range (0..{self.chunk_count - 1})")
         off, length, digest = CHUNK.unpack_from(self._mv, self._chk_off + i * CHUNK.size)
         return Chunk(off, length, digest)
+
+    def chunk_digests(self) -> list[bytes]:
+        """Every chunk's SHA-256 in chunk order (one bulk unpack: pinning a layer's chunks)."""
+        table = self._mv[self._chk_off:self._chk_off + CHUNK.size * self.chunk_count]
+        return [digest for _off, _len, digest in CHUNK.iter_unpack(table)]
 
     def chunk_range(self, entry: Entry) -> range:
         return range(entry.first_chunk, entry.first_chunk + entry.chunk_count)
@@ -541,6 +592,13 @@ class IndexFile:
             self._ck_u, self._ck_c = us, cs
         return self._ck_u, self._ck_c
 
+    def mark_offsets(self) -> tuple[list[int], list[int]]:
+        """(uncompressed offsets, compressed offsets) of the end marks, for bisecting."""
+        if self._mark_u is None or self._mark_c is None:
+            flat = struct.unpack_from(f"<{2 * self.mark_count}Q", self._mv, self._marks_at)
+            self._mark_u, self._mark_c = list(flat[0::2]), list(flat[1::2])
+        return self._mark_u, self._mark_c
+
     def checkpoint_kind(self, i: int) -> CheckpointKind:
         return CheckpointKind(CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)[0])
 
@@ -548,4 +606,4 @@ class IndexFile:
         """Materialise everything (tests and tools; the daemon never needs this)."""
         return LayerIndex(info=self.info, entries=list(self.entries()),
                           chunks=[self.chunk(i) for i in range(self.chunk_count)],
-                          checkpoints=self.checkpoints())
+                          checkpoints=self.checkpoints(), marks=list(zip(*self.mark_offsets())))

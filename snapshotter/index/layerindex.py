@@ -17,3 +17,7 @@ class LayerIndex:
     entries: list[Entry] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    # End marks (uncompressed offset, compressed offset), ascending: decoding from the
+    # checkpoint before ``uoff`` yields every byte before ``uoff`` from the compressed bytes
+    # before ``coff``. They let a read stop fetching short of the next checkpoint.
+    marks: list[tuple[int, int]] = field(default_factory=list)

@@ -5,7 +5,9 @@ The lazy fetcher (fetch/) does its own async I/O, so the pieces are split:
 * :func:`chunks_for_range` — which chunk ids hold bytes [offset, offset+length) of a file.
 * :func:`plan_chunks` — for chunk ids, the :class:`SpanPlan` s: which checkpoint to start
   from and which compressed byte range [c_start, c_end) of the blob to fetch. Chunks that
-  start after the same checkpoint share one plan (one fetch, one decompression).
+  start after the same checkpoint share one plan (one fetch, one decompression). The range
+  ends at the index's end mark after the last chunk, not at the next checkpoint; if a
+  (hostile or buggy) mark proves short, :func:`widen` gives the plan up to the checkpoint.
 * :func:`decode_span` — decompress a fetched range from its checkpoint (C core, GIL
   released), cut out the chunks and verify each one's SHA-256. Unverified bytes are never
   returned: a mismatch raises :class:`ChunkVerificationError`.
@@ -18,6 +20,7 @@ The lazy fetcher (fetch/) does its own async I/O, so the pieces are split:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import os
 from collections import OrderedDict
@@ -36,6 +39,9 @@ from snapshotter.index.model import Entry, EntryType, LayerFormat
 
 TAR_COALESCE_GAP = 64 << 10  # merge chunk reads separated by less than this
 MAX_PLAN_BYTES = 64 << 20  # cap on one merged plan's uncompressed output (memory bound)
+# Bytes fetched past an end mark: the mark is the decoder's consumed count, which already
+# includes its bit-buffer look-ahead; the slack only guards decoders that peek further.
+MARK_SLACK = 64
 
 
 def _native() -> Any:
@@ -47,6 +53,8 @@ def _native() -> Any:
 
 
 _NATIVE = _native()
+_SHORT_INPUT: tuple[type[BaseException], ...] = (
+    (TruncatedLayerError, _NATIVE.TruncatedLayerError) if _NATIVE is not None else (TruncatedLayerError,))
 
 
 def _decompress_range(fmt: str, kind: int, bits: int, window: bytes, data: bytes, skip: int, length: int) -> bytes:
@@ -79,10 +87,20 @@ class SpanPlan:
     length: int
     u_start: int
     chunk_ids: tuple[int, ...]
+    c_limit: int = -1  # where the range would end without end marks (-1: c_end is that end)
 
     @property
     def compressed_length(self) -> int:
         return self.c_end - self.c_start
+
+    @property
+    def widenable(self) -> bool:
+        return self.c_limit > self.c_end
+
+
+def widen(plan: SpanPlan) -> SpanPlan:
+    """The plan fetching up to the next checkpoint (after a decode came up short)."""
+    return dataclasses.replace(plan, c_end=max(plan.c_end, plan.c_limit), c_limit=-1)
 
 
 def plan_chunks(index: IndexFile, chunk_ids: Iterable[int], *, max_plan_bytes: int = MAX_PLAN_BYTES) -> list[SpanPlan]:
@@ -102,6 +120,7 @@ def plan_chunks(index: IndexFile, chunk_ids: Iterable[int], *, max_plan_bytes: i
     if info.format == LayerFormat.TAR:
         return _plan_tar(index, ids, chunks)
     us, cs = index.checkpoint_offsets()
+    mus, mcs = index.mark_offsets()
     if not us:
         raise TruncatedLayerError(f"index of layer {info.blob_digest} has no checkpoints")
     groups: dict[int, list[int]] = {}
@@ -115,15 +134,20 @@ def plan_chunks(index: IndexFile, chunk_ids: Iterable[int], *, max_plan_bytes: i
         u_lo = min(chunks[i].uncompressed_offset for i in members)
         u_hi = max(chunks[i].uncompressed_offset + chunks[i].length for i in members)
         nxt = bisect.bisect_left(us, u_hi, lo=ck + 1)
-        c_end = min(cs[nxt] + 1, info.compressed_size) if nxt < len(us) else info.compressed_size
+        c_limit = min(cs[nxt] + 1, info.compressed_size) if nxt < len(us) else info.compressed_size
+        c_end = c_limit
+        m = bisect.bisect_left(mus, u_hi)
+        if m < len(mus):
+            c_end = min(c_limit, max(cs[ck] + 1, mcs[m] + MARK_SLACK))
         prev = plans[-1] if plans else None
         if (prev is not None and u_lo - (prev.u_start + prev.length) <= TAR_COALESCE_GAP
                 and cs[ck] <= prev.c_end and u_hi - prev.u_start <= max_plan_bytes):
             plans[-1] = SpanPlan(prev.checkpoint, prev.c_start, max(c_end, prev.c_end), prev.skip,
-                                 u_hi - prev.u_start, prev.u_start, prev.chunk_ids + tuple(members))
+                                 u_hi - prev.u_start, prev.u_start, prev.chunk_ids + tuple(members),
+                                 max(c_limit, prev.c_limit))
             continue
         plans.append(SpanPlan(checkpoint=ck, c_start=cs[ck], c_end=c_end, skip=u_lo - us[ck],
-                              length=u_hi - u_lo, u_start=u_lo, chunk_ids=tuple(members)))
+                              length=u_hi - u_lo, u_start=u_lo, chunk_ids=tuple(members), c_limit=c_limit))
     return plans
 
 
@@ -167,8 +191,12 @@ def decode_span(index: IndexFile, plan: SpanPlan, compressed: bytes) -> dict[int
         out = bytes(compressed[:plan.length])
     else:
         ck = index.checkpoint(plan.checkpoint)
-        out = _decompress_range(info.format.value, int(ck.kind), ck.bits, ck.window, bytes(compressed[:need]),
-                                plan.skip, plan.length)
+        try:
+            out = _decompress_range(info.format.value, int(ck.kind), ck.bits, ck.window, bytes(compressed[:need]),
+                                    plan.skip, plan.length)
+        except _SHORT_INPUT as exc:  # one class for callers that retry with a widened plan
+            raise TruncatedLayerError(f"layer {info.blob_digest}: range {plan.c_start}-{plan.c_end} "
+                                      f"ends early: {exc}") from exc
         if len(out) != plan.length:
             raise TruncatedLayerError(f"layer {info.blob_digest}: span from checkpoint {plan.checkpoint} "
                                       f"decoded to {len(out)} of {plan.length} bytes")
@@ -333,7 +361,15 @@ class LayerReader:
         for plan in plan_chunks(self.index, [i for i in ids if i not in have]):
             data = self.source.read(plan.c_start, plan.compressed_length)
             self.stats.compressed_bytes_read += len(data)
-            decoded = decode_span(self.index, plan, data)
+            try:
+                decoded = decode_span(self.index, plan, data)
+            except TruncatedLayerError:
+                if not plan.widenable:
+                    raise
+                plan = widen(plan)
+                more = self.source.read(plan.c_start + len(data), plan.c_end - plan.c_start - len(data))
+                self.stats.compressed_bytes_read += len(more)
+                decoded = decode_span(self.index, plan, data + more)
             self.stats.spans_decoded += 1
             self.stats.chunks_verified += len(decoded)
             for cid, piece in decoded.items():

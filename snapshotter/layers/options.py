@@ -14,8 +14,10 @@ class LazyOptions:
     Default 4 MiB: a few spans; the first misses in a layer that small fetch most of it
     anyway (each miss also reads the next span ahead), so laziness would only add round trips.
     ``readahead_spans``: an on-demand miss also fetches the next checkpoint span at
-    background priority (cold start without profile 8.7 → 6.5 s on the inference image,
-    registry bytes 271 → 343 MB); switch off where bytes matter more than time.
+    background priority (a package's files are adjacent in the tar): fewer serial misses
+    for more registry bytes; switch off where bytes matter more than time (figures in
+    bench/RESULTS.md). A miss itself fetches from the checkpoint before the chunk up to
+    the index's end mark after it, not to the next checkpoint.
     ``span_size`` (layers indexed here): 1 MiB, measured on the inference image
     (python3 -c 'import torch', every layer lazy, no profile): 4 MiB spans 271 MB fetched,
     index 4.1 MB; 1 MiB spans 172 MB fetched, cold start ~20 % shorter, index 9.0 MB (1.8 %

@@ -363,7 +363,7 @@ class LazyLayerProvider:
         lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
         tree = await asyncio.to_thread(LayerTree.build, idx.entries())
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
-        digests = await asyncio.to_thread(lambda: [idx.chunk(i).digest for i in range(idx.chunk_count)])
+        digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
         path = self.fs.add_layer(_dirname(digest), tree, data)
         layer = ProvidedLayer(digest, ref, idx, lf, data, path, source, verified)
