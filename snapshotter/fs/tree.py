@@ -177,6 +177,7 @@ class LayerTree:
             self.total_size += e.size
             self.files += 1
         elif e.type == EntryType.SYMLINK:
+            node.mode = stat.S_IFLNK | 0o777  # Linux symlinks have no mode of their own
             node.target = e.linkname.encode()
             node.size = len(node.target)
         elif e.type in (EntryType.CHAR, EntryType.BLOCK):
@@ -188,7 +189,9 @@ class LayerTree:
         node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
         node.uid, node.gid, node.mtime_ns = e.uid, e.gid, e.mtime_ns
         opaque = node.xattrs.get(OPAQUE_XATTR)
-        node.xattrs = {k.encode(): v for k, v in e.xattrs.items()}
+        # containerd's applier refuses trusted.* xattrs from a layer (trusted.overlay.* would
+        # steer overlayfs); only the .wh..wh..opq marker may make a directory opaque
+        node.xattrs = {k.encode(): v for k, v in e.xattrs.items() if not k.startswith("trusted.")}
         if opaque is not None:
             node.xattrs[OPAQUE_XATTR] = opaque
 
