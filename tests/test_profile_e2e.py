@@ -181,8 +181,9 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
     assert summary["chunks"] == doc["chunks"] and summary["files"] >= 1 + len(CONF)
     push = _lazysnap("profile", "push", ref, "--root", str(root_a), "--hosts-dir", "/nonexistent")
     assert push.returncode == 0, push.stderr
+    assert push.stdout.splitlines()[1].startswith(f"pack: {doc['chunks']} of {doc['chunks']} chunks"), push.stdout
 
-    # a fresh node: empty root; the profile comes from the registry
+    # a fresh node: empty root; the profile and its pack come from the registry
     b: Node = nodes("b")
     world.proxy.reset_stats()
     assert b.run(ref, "fresh") == world.expected
@@ -190,7 +191,19 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
     assert hits + misses > 0
     assert hits / (hits + misses) >= 0.95, (hits, misses, b.log()[-3000:])
     assert b.metric("lazysnap_profile_lookups_total", 'result="registry"') == 1
-    assert b.metric("lazysnap_prefetch_chunks_total", 'state="fetched"') > 0
+    assert b.metric("lazysnap_packs_total", 'result="done"') == 1
+    assert b.metric("lazysnap_pack_chunks_total", 'state="stored"') > 0
+    assert b.metric("lazysnap_pack_chunks_total", 'state="rejected"') == 0
+
+    # the profile alone (--no-pack, now the newest artifact): chunks come span by span
+    push = _lazysnap("profile", "push", ref, "--no-pack", "--root", str(root_a), "--hosts-dir", "/nonexistent")
+    assert push.returncode == 0 and len(push.stdout.splitlines()) == 1, push.stdout + push.stderr
+    c: Node = nodes("c")
+    assert c.run(ref, "fresh-nopack") == world.expected
+    hits, misses = _share(c)
+    assert hits / (hits + misses) >= 0.95, (hits, misses, c.log()[-3000:])
+    assert c.metric("lazysnap_packs_total") == 0
+    assert c.metric("lazysnap_prefetch_chunks_total", 'state="fetched"') > 0
     # the same summary is printed from the registry copy
     show = _lazysnap("profile", "show", ref, "--root", str(b.daemon.root / "none"), "--hosts-dir", "/nonexistent")
     assert show.returncode == 0 and f"chunks      {doc['chunks']}" in show.stdout, show.stdout + show.stderr

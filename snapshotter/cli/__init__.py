@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     pp = psub.add_parser("push", help="publish the profile as an OCI artifact of the image")
     pp.add_argument("ref", metavar="REF")
+    pp.add_argument("--no-pack", dest="pack", action="store_false",
+                    help="publish the profile only, not the pack of its chunks from this node's store")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_push"))
     pp = psub.add_parser("show", help="summarise the profile of an image")

@@ -9,6 +9,7 @@ stops the recording; the daemon merges it into ``<root>/profiles/<algo>-<hex>.js
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from snapshotter.cli import CLIError
 from snapshotter.cli.remote_cmds import _config, _run
+from snapshotter.prefetch import pack as packs
 
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
@@ -151,14 +153,54 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
                 raise CLIError(f"no profile for {resolved.manifest_digest} under {args.root}/profiles "
                                f"(record one with `lazysnap record`)")
             created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            blobs: list[tuple[str, bytes]] = [(MEDIA_TYPE, dumps(profile))]
+            packed = None
+            if args.pack:
+                packed = await asyncio.to_thread(_build_pack, Path(args.root), profile)
+                if packed is not None:
+                    blobs.append((packs.MEDIA_TYPE, packed[0]))
             desc = await client.push_artifact(args.ref, subject=resolved.manifest_descriptor,
-                                              artifact_type=ARTIFACT_TYPE, blobs=[(MEDIA_TYPE, dumps(profile))],
+                                              artifact_type=ARTIFACT_TYPE, blobs=blobs,
                                               annotations={"org.opencontainers.image.created": created})
             print(f"{desc.digest} profile of {resolved.manifest_digest}: {profile.chunks} chunks, "
                   f"{profile.bytes} bytes, {profile.recordings} recording(s)")
+            if packed is not None:
+                print(f"pack: {packed[1]} of {profile.chunks} chunks, {len(packed[0])} bytes")
         return 0
 
     return _run(go())
+
+
+def _build_pack(root: Path, profile: Any) -> tuple[bytes, int] | None:
+    """The pack of the profile's chunks found in this node's store (verified again before
+    they leave it), in first-access order over all layers; None if there are none."""
+    from snapshotter.layers.indexes import open_local
+    from snapshotter.native import sha256
+    from snapshotter.store import ChunkStore
+
+    store = ChunkStore(root)
+    order = sorted(((a.first_us, n, lp.digest, a.chunk) for lp in profile.layers
+                    for n, a in enumerate(lp.accesses)), key=lambda t: (t[0], t[1]))
+    indexes: dict[str, Any] = {}
+    found: list[tuple[str, int, bytes]] = []
+    try:
+        for _, _, layer, chunk in order:
+            if layer not in indexes:
+                indexes[layer] = open_local(root, layer)
+            index = indexes[layer]
+            if index is None or not 0 <= chunk < index.chunk_count:
+                continue
+            digest = index.chunk(chunk).digest
+            data = store.read(digest)
+            if data is not None and sha256(data) == digest:
+                found.append((layer, chunk, data))
+    finally:
+        for index in indexes.values():
+            if index is not None:
+                index.close()
+    if not found:
+        return None
+    return packs.build_pack(profile.manifest, found)
 
 
 def _human(n: int) -> str:
@@ -187,8 +229,10 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
                     found = await published_profile(client, args.ref, manifest)
                     if found is None:
                         raise CLIError(f"no profile for {manifest} (neither under {args.root} nor in the registry)")
-                    profile, art = found
-                    source = f"registry {art}"
+                    profile = found.profile
+                    source = f"registry {found.source}"
+                    if found.pack is not None:
+                        source += f" (pack {found.pack.digest}, {_human(found.pack.size)})"
             except ProfileError as exc:
                 raise CLIError(f"profile rejected: {exc}") from None
         summary = profile.summary()

@@ -1,19 +1,22 @@
 """Finding an image's profile: the daemon's root first, then the image's registry.
 
 A published profile is a referrer of the image manifest in the image's own repository
-(the same trust rule as published indexes); its one blob is size-capped on download and
-must name exactly this manifest. Whatever is wrong with a profile, the caller gets None
+(the same trust rule as published indexes); its profile blob is size-capped on download and
+must name exactly this manifest. It may carry a pack (``prefetch.pack``) as a second blob:
+only its descriptor is looked at here, the prefetcher streams it. Whatever is wrong with a profile, the caller gets None
 and a ``profile_rejected`` log line: an image starts without a profile, never with a bad one.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snapshotter.log import get_logger
 from snapshotter.prefetch import metrics
+from snapshotter.prefetch import pack as packs
 from snapshotter.prefetch.profile import (
     ARTIFACT_TYPE,
     MAX_PROFILE_BYTES,
@@ -29,8 +32,21 @@ log = get_logger("lazysnap.prefetch")
 CREATED = "org.opencontainers.image.created"
 
 
-async def published_profile(client: Any, ref: str, manifest: str) -> tuple[Profile, str] | None:
-    """The newest profile artifact referring to ``manifest``: (profile, artifact digest) or None.
+@dataclass(slots=True, frozen=True)
+class PackRef:
+    digest: str
+    size: int
+
+
+@dataclass(slots=True, frozen=True)
+class Found:
+    profile: Profile
+    source: str  # "local" | artifact digest
+    pack: PackRef | None = None  # only for a profile fetched from the registry
+
+
+async def published_profile(client: Any, ref: str, manifest: str) -> Found | None:
+    """The newest profile artifact referring to ``manifest`` (profile, artifact, pack) or None.
 
     Raises ``ProfileError`` if the newest artifact is malformed, too large or for another image.
     """
@@ -43,6 +59,7 @@ async def published_profile(client: Any, ref: str, manifest: str) -> tuple[Profi
     try:
         doc = json.loads(body)
         layers = [d for d in doc.get("layers") or [] if d.get("mediaType") == MEDIA_TYPE]
+        pack_layers = [d for d in doc.get("layers") or [] if d.get("mediaType") == packs.MEDIA_TYPE]
         subject = (doc.get("subject") or {}).get("digest")
     except (ValueError, AttributeError) as exc:
         raise ProfileError(f"artifact {art.digest} is not a manifest: {exc}") from None
@@ -54,11 +71,23 @@ async def published_profile(client: Any, ref: str, manifest: str) -> tuple[Profi
     if size > MAX_PROFILE_BYTES:
         raise ProfileError(f"published profile is {size} bytes, over the {MAX_PROFILE_BYTES}-byte limit")
     data = await client.fetch_blob(ref, str(layers[0]["digest"]), MAX_PROFILE_BYTES, purpose="profile")
-    return loads(data, expect_manifest=manifest), art.digest
+    pack = None
+    if len(pack_layers) == 1:
+        try:
+            pack = PackRef(str(pack_layers[0]["digest"]), int(pack_layers[0]["size"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("pack_rejected", image=ref, manifest=manifest, reason="bad descriptor")
+    return Found(loads(data, expect_manifest=manifest), art.digest, pack)
 
 
 async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Profile | None:
     """Local profile, else the published one (cached locally); None if none is usable."""
+    found = await find(root, client, ref, manifest, registry=registry)
+    return None if found is None else found.profile
+
+
+async def find(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Found | None:
+    """:func:`find_profile`, also saying where the profile came from and its pack."""
     try:
         p = await asyncio.to_thread(load, root, manifest)
     except (ProfileError, OSError) as exc:
@@ -69,7 +98,7 @@ async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, regi
         metrics.PROFILE_LOOKUPS.labels("local").inc()
         log.info("profile_found", source="local", manifest=manifest, chunks=p.chunks, bytes=p.bytes,
                  recordings=p.recordings)
-        return p
+        return Found(p, "local")
     if not registry or client is None:
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         return None
@@ -89,12 +118,12 @@ async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, regi
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         log.info("profile_not_found", image=ref, manifest=manifest)
         return None
-    p, art = found
+    p, art = found.profile, found.source
     metrics.PROFILE_LOOKUPS.labels("registry").inc()
     log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art, chunks=p.chunks,
-             bytes=p.bytes, recordings=p.recordings)
+             bytes=p.bytes, recordings=p.recordings, pack_bytes=found.pack.size if found.pack else 0)
     try:
         await asyncio.to_thread(save, root, p)
     except (OSError, ProfileError) as exc:
         log.warning("profile_cache_failed", manifest=manifest, error=str(exc))
-    return p
+    return found

@@ -6,9 +6,11 @@ also returns the access hook for its ``LayerData``) and a layer released
 (``layer_released``). Everything runs on the provider's event loop.
 
 On ``image_started``: background work pauses, start-up windows open (hit/miss metrics),
-the profile is looked up (local, then registry) and, layer by layer as each one becomes
-ready, its profile chunks are fetched at PREFETCH priority in first-access order, a few
-batches at a time (each batch becomes one or a few checkpoint-span requests). Then the
+the profile is looked up (local, then registry). A published profile's pack, if any, is
+streamed first (``pack.py``: chunks arrive in first-access order over all layers, each
+verified against its layer's index). Then, layer by layer as each one becomes ready, the
+profile chunks still missing are fetched at PREFETCH priority in first-access order, a
+few batches at a time (each batch becomes one or a few checkpoint-span requests). Then the
 pause lifts and every layer of the image is filled at BACKGROUND priority and verified.
 """
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any, Protocol
 
 from snapshotter.fetch import FetchError, Priority
 from snapshotter.log import get_logger
+from snapshotter.native import sha256
 from snapshotter.prefetch import background, metrics
-from snapshotter.prefetch.lookup import find_profile
+from snapshotter.prefetch.lookup import Found, find
+from snapshotter.prefetch.pack import PackChunk, PackError, PackReader
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, merge, save
 from snapshotter.prefetch.recorder import AccessRecorder
@@ -120,10 +124,12 @@ class ProfileManager:
                         log.warning("prefetch_skipped", image=ref, reason="resolve_failed", error=str(exc)[:300])
                 if manifest is not None:
                     try:
-                        profile = await find_profile(self.root, self.host.client, ref, manifest,
-                                                     registry=opts.registry_lookup)
-                        if profile is not None:
-                            await self._prefetch(ref, profile, layers)
+                        found = await find(self.root, self.host.client, ref, manifest,
+                                           registry=opts.registry_lookup)
+                        if found is not None:
+                            if found.pack is not None and opts.pack:
+                                await self._prefetch_pack(ref, found, layers)
+                            await self._prefetch(ref, found.profile, layers)
                     except Exception as exc:  # noqa: BLE001 - a prefetch problem never fails a start
                         log.warning("prefetch_failed", image=ref, manifest=manifest,
                                     error=f"{type(exc).__name__}: {exc}"[:300])
@@ -151,6 +157,44 @@ class ProfileManager:
         metrics.PREFETCH_SECONDS.observe(seconds)
         log.info("prefetch_done", image=ref, manifest=profile.manifest, layers=len(wanted), chunks=profile.chunks,
                  fetched_chunks=fetched, fetched_bytes=nbytes, seconds=round(seconds, 3))
+
+    async def _prefetch_pack(self, ref: str, found: Found, layers: list[str]) -> None:
+        """Stream the profile's pack; chunks are stored as they arrive, each verified.
+        Any problem ends the pack early (logged); the span prefetch then fetches the rest."""
+        pack = found.pack
+        assert pack is not None
+        limit = self.options.max_pack_bytes
+        t0 = time.monotonic()
+        counts = {"stored": 0, "already_local": 0, "rejected": 0}
+        try:
+            if pack.size > limit:
+                raise PackError(f"pack of {pack.size} bytes is over the {limit}-byte limit")
+            reader = PackReader(found.profile.manifest, layers, max_bytes=limit)
+            async for block in self.host.client.stream_blob(ref, pack.digest, purpose="prefetch"):
+                by_layer: dict[str, list[tuple[PackChunk, bytes]]] = {}
+                for item in await asyncio.to_thread(reader.feed, block):
+                    by_layer.setdefault(item[0].layer, []).append(item)
+                for digest, items in by_layer.items():
+                    layer = await self._wait_layer(digest)
+                    if layer is None:
+                        counts["rejected"] += len(items)
+                        continue
+                    for state, n in (await asyncio.to_thread(_store_pack_chunks, self.store,
+                                                             layer.fetcher.codec, items)).items():
+                        counts[state] += n
+            reader.finish()
+            result = "done"
+        except PackError as exc:
+            result = "rejected"
+            log.warning("pack_rejected", image=ref, pack=pack.digest, reason=str(exc)[:300])
+        except Exception as exc:  # noqa: BLE001 - the span prefetch that follows covers what is missing
+            result = "failed"
+            log.warning("pack_failed", image=ref, pack=pack.digest, error=f"{type(exc).__name__}: {exc}"[:300])
+        metrics.PACKS.labels(result).inc()
+        for state, n in counts.items():
+            metrics.PACK_CHUNKS.labels(state).inc(n)
+        log.info("pack_done", image=ref, pack=pack.digest, result=result, bytes=pack.size,
+                 seconds=round(time.monotonic() - t0, 3), **counts)
 
     async def _prefetch_layer(self, lp: Any, window: asyncio.Semaphore) -> tuple[int, int]:
         layer = await self._wait_layer(lp.digest)
@@ -299,6 +343,25 @@ class ProfileManager:
     def profile_bytes(self, manifest: str) -> bytes | None:
         p = load(self.root, manifest)
         return None if p is None else dumps(p)
+
+
+def _store_pack_chunks(store: Any, codec: Any, items: list[tuple[PackChunk, bytes]]) -> dict[str, int]:
+    """Store the pack chunks whose bytes hash to what this node's index says (worker thread:
+    SHA-256 and file writes; ``codec.digest`` fills a dict cache, atomic under the GIL)."""
+    counts = {"stored": 0, "already_local": 0, "rejected": 0}
+    for c, data in items:
+        if not 0 <= c.chunk < codec.chunk_count:
+            counts["rejected"] += 1
+            continue
+        digest = codec.digest(c.chunk)
+        if store.has(digest):
+            counts["already_local"] += 1
+        elif sha256(data) != digest:
+            counts["rejected"] += 1
+        else:
+            store.put(digest, data, verified=True)
+            counts["stored"] += 1
+    return counts
 
 
 def span_batches(codec: Any, accesses: Sequence[Any]) -> list[list[Any]]:

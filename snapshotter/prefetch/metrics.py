@@ -26,3 +26,7 @@ LAYERS_COMPLETE = Counter("lazysnap_layers_complete", "Layers made fully local a
                           "(verified/failed)", ["result"], registry=REGISTRY)
 RECORDED_CHUNKS = Counter("lazysnap_recorded_chunks", "Chunk first-accesses recorded into profiles",
                           registry=REGISTRY)
+PACK_CHUNKS = Counter("lazysnap_pack_chunks", "Chunks of a profile pack by outcome (stored/already_local/"
+                      "rejected: wrong size or SHA-256 for this node's index)", ["state"], registry=REGISTRY)
+PACKS = Counter("lazysnap_packs", "Profile packs streamed at an image's start, by result (done/rejected/failed)",
+                ["result"], registry=REGISTRY)

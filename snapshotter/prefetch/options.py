@@ -16,7 +16,10 @@ class PrefetchOptions:
     ``pause_after_start_s`` after its prefetch, and until reads of starting images have been
     quiet for ``idle_before_background_s``. ``startup_window_s``: how long after the
     first Prepare reads count as start-up reads (metrics). ``registry_lookup``: look for a
-    published profile when there is no local one.
+    published profile when there is no local one. ``pack``: when the published profile
+    carries a pack of its chunks (``lazysnap profile push``), stream that one blob first
+    (each chunk verified against the layer index) instead of decoding every chunk from its
+    layer's checkpoint; at most ``max_pack_bytes`` uncompressed.
     """
 
     prefetch: bool = True
@@ -29,10 +32,12 @@ class PrefetchOptions:
     idle_before_background_s: float = 3.0
     startup_window_s: float = 120.0
     registry_lookup: bool = True
+    pack: bool = True
+    max_pack_bytes: int = 8 << 30
 
     def validate(self) -> PrefetchOptions:
-        if self.prefetch_window < 1 or self.background_concurrency < 1 or self.batch_bytes < 1:
-            raise ValueError("prefetch_window, background_concurrency and batch_bytes must be >= 1")
+        if min(self.prefetch_window, self.background_concurrency, self.batch_bytes, self.max_pack_bytes) < 1:
+            raise ValueError("prefetch_window, background_concurrency, batch_bytes and max_pack_bytes must be >= 1")
         if min(self.background_bytes_per_s, self.pause_after_start_s, self.startup_window_s,
                self.idle_before_background_s) < 0:
             raise ValueError("background_bytes_per_s, pause_after_start_s, startup_window_s must be >= 0")
