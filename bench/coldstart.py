@@ -40,7 +40,7 @@ from harness.images import PushedImage
 from harness.registry import Registry, start_registry
 
 BENCH = Path(__file__).resolve().parent
-VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
+VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm", "lazysnap-local"]
 NO_PROFILE_CONFIG = "[prefetch]\nprefetch = false\nregistry_lookup = false\n"
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
 
@@ -117,6 +117,8 @@ class Sample:
     total_bytes: int
     # lazysnap's own count of compressed bytes fetched during the run, by purpose
     fetched: dict[str, int] = field(default_factory=dict)
+    rss_mb: float = 0.0  # the daemon's peak RSS after the run
+    local_share: float | None = None  # chunks already local at their first start-up read
 
     @property
     def total(self) -> float:
@@ -155,11 +157,12 @@ class Bench:
         self._published: str | None = None  # "" = tried and failed
         self._floor: Node | None = None
         self.notes: list[str] = []
+        self.extra_config = ""  # TOML appended to every lazysnap node's config (--lazysnap-config)
 
     def _node(self, tag: str, *, lazy: bool, config: str = "") -> Node:
         self._seq += 1
         return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy, keep=self.keep,
-                    lazysnap_config=config)
+                    lazysnap_config=config + self.extra_config)
 
     def _check(self, output: str) -> None:
         if self.image.expected not in output:
@@ -180,7 +183,13 @@ class Bench:
         after = node.daemon.fetched_by_purpose() if node.daemon else {}
         self._check(run.output)
         fetched = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
-        return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched)
+        rss, share = 0.0, None
+        if node.daemon is not None:
+            rss = node.daemon.peak_rss_mb()
+            reads = node.daemon.startup_reads()
+            if sum(reads.values()):
+                share = reads.get("hit", 0) / sum(reads.values())
+        return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched, rss, share)
 
     def _settle(self, quiet: float = 5.0, limit: float = 600.0) -> None:
         """Wait until the registry link has been idle for ``quiet`` s (background fetch done)."""
@@ -282,6 +291,25 @@ class Bench:
             self._settle()
             return self._measure(node, lazy=True)
 
+    def lazysnap_local(self, i: int) -> Sample:
+        """The FUSE path alone: a second start on a lazysnap node that holds every chunk the
+        start reads (page cache dropped), to set against ``floor`` (the same from ext4)."""
+        self._require_lazysnap()
+        with self._node("lazysnap-local", lazy=True, config=NO_PROFILE_CONFIG) as node:
+            node.pull(self.ref, lazy=True)
+            self._check(node.run(self.ref, lazy=True, name=f"first{self._seq}").output)
+            self._settle(quiet=2.0)
+            drop_caches()
+            self.proxy.reset()
+            assert node.daemon is not None
+            before = node.daemon.fuse_requests()
+            run = node.run(self.ref, lazy=True, name=f"again{self._seq}")
+            self._check(run.output)
+            after = node.daemon.fuse_requests()
+            log("fuse_requests", variant="lazysnap-local",
+                **{op: n - before.get(op, 0) for op, n in sorted(after.items()) if n - before.get(op, 0)})
+            return Sample(0.0, run.seconds, 0, self.proxy.downstream_bytes)
+
     def run_variant(self, variant: str) -> Outcome:
         fn: Callable[[int], Sample] = getattr(self, variant.replace("-", "_"))
         out = Outcome(variant)
@@ -327,12 +355,16 @@ def machine_info() -> str:
 def table(outcomes: list[Outcome], image: BenchImage) -> str:
     base = next((o for o in outcomes if o.variant == "overlayfs" and o.samples), None)
     rows = ["| variant | pull s | run s | total s (median) | total min–max | vs overlayfs | "
-            "registry MB before exit | of which on-demand / prefetch / background | runs |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "registry MB before exit | of which on-demand / prefetch / background | start-up reads local | "
+            "daemon peak RSS MB | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         if not o.samples:
-            rows.append(f"| {o.variant} | — | — | — | — | — | — | — | skipped: {o.skipped} |")
+            rows.append(f"| {o.variant} | — | — | — | — | — | — | — | — | — | skipped: {o.skipped} |")
             continue
+        mid = o.median_sample()
+        local = "—" if mid.local_share is None else f"{100 * mid.local_share:.0f} %"
+        rss = f"{mid.rss_mb:.0f}" if mid.rss_mb else "—"
         purposes = "—"
         if any(s.fetched for s in o.samples):
             m = o.median_sample().fetched
@@ -341,7 +373,8 @@ def table(outcomes: list[Outcome], image: BenchImage) -> str:
         speed = f"{base.median('total') / o.median('total'):.1f}×" if base else "—"
         mb = "—" if o.variant == "floor" else f"{o.median('total_bytes') / 1e6:.1f}"
         rows.append(f"| {o.variant} | {o.median('pull'):.2f} | {o.median('run'):.2f} | "
-                    f"{o.median('total'):.2f} | {lo:.2f}–{hi:.2f} | {speed} | {mb} | {purposes} | {len(o.samples)} |")
+                    f"{o.median('total'):.2f} | {lo:.2f}–{hi:.2f} | {speed} | {mb} | {purposes} | {local} | {rss} | "
+                    f"{len(o.samples)} |")
     return "\n".join(rows)
 
 
@@ -435,6 +468,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="print the table only")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default bench/out/…)")
+    ap.add_argument("--lazysnap-config", type=Path, default=None,
+                    help="TOML appended to every lazysnap node's config (e.g. a [lazy] table), to measure knobs")
     ap.add_argument("--keep", action="store_true",
                     help="keep the scratch dir: registry, every node's containerd/lazysnap state and logs")
     args = ap.parse_args(argv)
@@ -468,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         image = PREPARE[args.image](reg, args)
         proxy = ByteProxy(reg.host, rate=args.rate_bps)
         bench = Bench(image, proxy, workdir / "nodes", args.runs, keep=args.keep)
+        if args.lazysnap_config is not None:
+            bench.extra_config = "\n" + args.lazysnap_config.read_text()
         outcomes = [bench.run_variant(v) for v in args.variants]
         notes = bench.notes
     finally:

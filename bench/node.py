@@ -64,14 +64,15 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
 # Checkpoint span of published indexes: 1 MiB spans cut what one miss or one profile
 # entry fetches (cold start 6.5 -> 5.5 s on the inference image) at the price of a larger
 # index (1.8 % instead of 0.7-1.2 % of the blob), so publishers of lazily served images set it.
-PUBLISH_SPAN = 1 << 20
+PUBLISH_SPAN = int(os.environ.get("LAZYSNAP_BENCH_SPAN", 1 << 20))
+PUBLISH_CHUNK = int(os.environ.get("LAZYSNAP_BENCH_CHUNK", 1 << 20))
 
 
 def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) -> str:
     """``lazysnap index REF --push``: what an image publisher runs once after pushing, so
     nodes find each layer's index in the registry instead of streaming the layer to build
     it. Returns the command's summary line."""
-    argv = [*lazysnap_argv(), "index", ref, "--push", "--span", str(PUBLISH_SPAN),
+    argv = [*lazysnap_argv(), "index", ref, "--push", "--span", str(PUBLISH_SPAN), "--chunk-size", str(PUBLISH_CHUNK),
             "--root", str(root), "--hosts-dir", str(hosts_dir)]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -128,12 +129,34 @@ class LazysnapDaemon:
 
     def fetched_by_purpose(self) -> dict[str, int]:
         """``lazysnap_registry_bytes_fetched`` per purpose (on_demand/prefetch/background)."""
+        return self._by_label("lazysnap_registry_bytes_fetched_total", "purpose")
+
+    def peak_rss_mb(self) -> float:
+        """The daemon's peak resident memory so far (VmHWM), MB; 0 if it is not running."""
+        if self._proc is None:
+            return 0.0
+        try:
+            for line in Path(f"/proc/{self._proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def startup_reads(self) -> dict[str, int]:
+        """``lazysnap_startup_chunk_reads``: first reads of chunks while an image starts, hit/miss."""
+        return self._by_label("lazysnap_startup_chunk_reads_total", "result")
+
+    def fuse_requests(self) -> dict[str, int]:
+        """``lazysnap_fuse_requests`` per FUSE operation (lookup, getxattr, read, ...)."""
+        return self._by_label("lazysnap_fuse_requests_total", "op")
+
+    def _by_label(self, metric: str, label: str) -> dict[str, int]:
         out: dict[str, int] = {}
         for line in self.metrics().splitlines():
-            if line.startswith("lazysnap_registry_bytes_fetched_total{"):
+            if line.startswith(metric + "{"):
                 labels, _, value = line.rpartition(" ")
-                purpose = labels.partition('purpose="')[2].partition('"')[0]
-                out[purpose] = int(float(value))
+                out[labels.partition(f'{label}="')[2].partition('"')[0]] = int(float(value))
         return out
 
     def log_tail(self, n: int = 15) -> str:
@@ -229,6 +252,8 @@ class Node:
     def close(self) -> None:
         """Stop containerd then lazysnap (containerd holds mounts on lazysnap's FUSE);
         remove the node's files unless ``keep``."""
+        if self.keep and self.daemon is not None:  # for a look at fetch latencies, FUSE requests, ...
+            (self.workdir / "lazysnap-metrics.txt").write_text(self.daemon.metrics())
         if self.containerd is not None:
             self.containerd.stop()
             self.containerd = None

@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ import tempfile
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -403,3 +404,27 @@ class LazysnapThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def lazysnap_node(workdir: Path, *, config: str = "") -> Iterator[tuple[LazysnapDaemon, Containerd]]:
+    """A lazysnap daemon (``config``: TOML for its ``--config``, "" for the defaults) and a
+    private containerd using it as the ``lazysnap`` proxy snapshotter. On exit containerd
+    stops first (it holds mounts on lazysnap's FUSE), then lazysnap; mounts under
+    ``workdir`` are undone even when a test failed."""
+    daemon = cd = None
+    args: list[str] = []
+    if config:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "lazysnap.toml").write_text(config)
+        args = ["--config", str(workdir / "lazysnap.toml")]
+    try:
+        daemon = start_lazysnap(workdir / "daemon", root=workdir / "root", extra_args=args)
+        cd = start_containerd(workdir / "ctrd", proxy_plugins={"lazysnap": daemon.address})
+        yield daemon, cd
+    finally:
+        if cd is not None:
+            cd.stop()
+        if daemon is not None:
+            daemon.stop()
+        unmount_under(workdir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.containerd import Containerd, LazysnapDaemon, start_containerd, start_lazysnap, unmount_under
+from harness.containerd import Containerd, LazysnapDaemon, lazysnap_node
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Proxy, start_proxy
 from harness.registry import Registry, start_registry
@@ -80,23 +80,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 @pytest.fixture
 def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[LazysnapDaemon, Containerd]]:
     """A lazysnap daemon (default config unless ``request.param`` gives ``[prefetch]`` keys) + containerd."""
-    daemon = cd = None
     fetch = getattr(request, "param", {})
-    args: list[str] = []
-    if fetch:
-        cfg = tmp_path / "lazysnap.toml"
-        cfg.write_text("[prefetch]\n" + "".join(f"{k} = {str(v).lower()}\n" for k, v in fetch.items()))
-        args = ["--config", str(cfg)]
-    try:
-        daemon = start_lazysnap(tmp_path / "daemon", root=tmp_path / "root", extra_args=args)
-        cd = start_containerd(tmp_path / "ctrd", proxy_plugins={"lazysnap": daemon.address})
-        yield daemon, cd
-    finally:
-        if cd is not None:
-            cd.stop()
-        if daemon is not None:
-            daemon.stop()
-        unmount_under(tmp_path)
+    config = "[prefetch]\n" + "".join(f"{k} = {str(v).lower()}\n" for k, v in fetch.items()) if fetch else ""
+    with lazysnap_node(tmp_path, config=config) as pair:
+        yield pair
 
 
 def _wait_reconnected(cd: Containerd, timeout: float = 30) -> None:

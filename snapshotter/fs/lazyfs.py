@@ -17,12 +17,14 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 
 from snapshotter.fs.data import LayerData
+from snapshotter.fs.metrics import OPS
 from snapshotter.fs.tree import LayerTree, Node
 from snapshotter.log import get_logger
 
@@ -200,6 +202,7 @@ class LazyFS(pyfuse3.Operations):
 
     # -- metadata operations ------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        OPS["lookup"].inc()
         if parent_inode == ROOT:
             if name == b"..":
                 return self._root_attrs()
@@ -229,21 +232,24 @@ class LazyFS(pyfuse3.Operations):
         return self._attrs(layer, child)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        OPS["getattr"].inc()
         if inode == ROOT:
             return self._root_attrs()
         layer, node = self._resolve(inode)
         return self._attrs(layer, node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        OPS["readlink"].inc()
         _, node = self._resolve(inode)
         if not stat.S_ISLNK(node.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inodes live as long as their layer is registered
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        OPS["opendir"].inc()
         if inode != ROOT:
             _, node = self._resolve(inode)
             if node.children is None:
@@ -251,10 +257,11 @@ class LazyFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        OPS["readdir"].inc()
         if fh == ROOT:
             items = sorted(self._layers.items())
-            for i, (name, layer) in enumerate(items[start_id:], start_id + 1):
-                if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(layer, layer.tree.root), i):
+            for i, (dirname, layer) in enumerate(items[start_id:], start_id + 1):
+                if not pyfuse3.readdir_reply(token, dirname.encode(), self._attrs(layer, layer.tree.root), i):
                     return
             return
         layer, node = self._resolve(fh)
@@ -270,6 +277,7 @@ class LazyFS(pyfuse3.Operations):
         return None
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        OPS["statfs"].inc()
         s = pyfuse3.StatvfsData()
         s.f_bsize = 4096
         s.f_frsize = 4096
@@ -284,6 +292,7 @@ class LazyFS(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        OPS["getxattr"].inc()
         if inode == ROOT:
             raise pyfuse3.FUSEError(errno.ENODATA)
         _, node = self._resolve(inode)
@@ -293,6 +302,7 @@ class LazyFS(pyfuse3.Operations):
         return value
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        OPS["listxattr"].inc()
         if inode == ROOT:
             return []
         _, node = self._resolve(inode)
@@ -303,6 +313,7 @@ class LazyFS(pyfuse3.Operations):
 
     # -- data ----------------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        OPS["open"].inc()
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         _, node = self._resolve(inode)
@@ -311,6 +322,7 @@ class LazyFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        OPS["read"].inc()
         layer, node = self._resolve(fh)
         if node.entry is None:
             return b""

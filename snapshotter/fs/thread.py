@@ -44,8 +44,18 @@ class FuseThread:
     def stop(self) -> None:
         try:
             self.run(self.fs.stop, timeout=30)
+            self.run(self._cancel_rest, timeout=30)
         finally:
             self._stop_loop()
+
+    @staticmethod
+    async def _cancel_rest() -> None:
+        """Cancel what still runs on the loop (e.g. a fetcher's read-ahead) and let it unwind,
+        so no task is destroyed pending when the loop goes."""
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
