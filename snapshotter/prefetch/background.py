@@ -92,8 +92,15 @@ def mark_complete(root: Path, digest: str, how: str) -> None:
     write_atomic(marker_path(root, digest), json.dumps(record).encode())
 
 
-async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, concurrency: int) -> bool:
-    """Fetch every missing chunk of ``layer`` at BACKGROUND priority; True if none is missing after."""
+async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, concurrency: int,
+                     slots: asyncio.Semaphore | None = None) -> bool:
+    """Fetch every missing chunk of ``layer`` at BACKGROUND priority; True if none is missing after.
+
+    ``slots`` bounds the spans in flight over every layer being filled (each holds its
+    compressed range and up to 16 MiB decoded): per-layer workers alone let the fill of a
+    three-layer image take the daemon past 360 MB RSS.
+    """
+    slots = slots or asyncio.Semaphore(concurrency)
     lf = layer.fetcher
     codec = lf.codec
     label = layer.digest
@@ -128,7 +135,8 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
                 if still:
                     metrics.BACKGROUND_BYTES.inc(end - start)
                     try:
-                        await lf.ensure(still, Priority.BACKGROUND)
+                        async with slots:
+                            await lf.ensure(still, Priority.BACKGROUND)
                     except FetchError as exc:
                         log.warning("background_span_failed", layer=label, range=f"{start}-{end}", error=str(exc))
                         continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from snapshotter.fetch import FetchError, Priority
+from snapshotter.fetch import metrics as fetch_metrics
 from snapshotter.log import get_logger
 from snapshotter.native import sha256
 from snapshotter.prefetch import background, metrics
@@ -60,6 +61,8 @@ class ProfileManager:
         self.recorder = AccessRecorder(store.has)
         self.pause = background.Pause(lambda: self.recorder.last_startup_read, self.options.idle_before_background_s)
         self.bucket = background.TokenBucket(self.options.background_bytes_per_s)
+        # spans in flight for background fill, daemon-wide (each holds up to ~40 MB)
+        self.background_slots = asyncio.Semaphore(self.options.background_concurrency)
         self._ready: dict[str, asyncio.Event] = {}
         self._images: dict[str, asyncio.Task[None]] = {}
         self._fills: dict[str, asyncio.Task[None]] = {}
@@ -171,6 +174,7 @@ class ProfileManager:
                 raise PackError(f"pack of {pack.size} bytes is over the {limit}-byte limit")
             reader = PackReader(found.profile.manifest, layers, max_bytes=limit)
             async for block in self.host.client.stream_blob(ref, pack.digest, purpose="prefetch"):
+                fetch_metrics.REGISTRY_BYTES.labels(Priority.PREFETCH.purpose).inc(len(block))
                 by_layer: dict[str, list[tuple[PackChunk, bytes]]] = {}
                 for item in await asyncio.to_thread(reader.feed, block):
                     by_layer.setdefault(item[0].layer, []).append(item)
@@ -248,7 +252,7 @@ class ProfileManager:
         try:
             await self.pause.wait()
             ok = await background.fill_layer(layer, self.store, self.bucket, self.pause,
-                                             self.options.background_concurrency)
+                                             self.options.background_concurrency, self.background_slots)
             if not ok:
                 return
             if self.is_complete(digest) and layer.verified:
