@@ -176,9 +176,12 @@ def same_content(a: IndexFile, b: Any) -> str | None:
         x, y = a.chunk(i), b.chunk(i) if hasattr(b, "chunk") else b.chunks[i]
         if (x.uncompressed_offset, x.length, x.digest) != (y.uncompressed_offset, y.length, y.digest):
             return f"chunk {i} differs"
-    ea = sorted(a.entries(), key=lambda e: e.path)
-    eb = sorted(b.entries() if callable(getattr(b, "entries", None)) else b.entries, key=lambda e: e.path)
-    if ea != eb:
-        diff = next((x.path for x, y in zip(ea, eb) if x != y), "count")
-        return f"entries differ at {diff}"
+    # a's entries are streamed from its index and checked against b's by path, so only one
+    # side is ever materialised (this runs for every layer that becomes fully local)
+    eb = {e.path: e for e in (b.entries() if callable(getattr(b, "entries", None)) else b.entries)}
+    for x in a.entries():
+        if eb.pop(x.path, None) != x:
+            return f"entries differ at {x.path}"
+    if eb:
+        return f"entries differ at {min(eb)}"
     return None
