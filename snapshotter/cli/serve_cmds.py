@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import signal
 
 from snapshotter.cli import CLIError
@@ -12,6 +13,7 @@ from snapshotter.service.errors import SnapshotError
 from snapshotter.service.provider import LayerProvider
 
 log = get_logger("lazysnap.serve")
+SHUTDOWN_DEADLINE_S = 15.0  # SIGTERM to exit, at most (systemd and the tests wait longer)
 
 
 def _provider(cfg: Config) -> LayerProvider:
@@ -49,6 +51,10 @@ async def _serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutdown", reason="signal")
+    # A shutdown stuck somewhere (a thread that never returns) must not leave a zombie
+    # daemon holding the socket: after this long, every thread's stack goes to stderr and
+    # the process exits (status 1), so the hang is both bounded and diagnosable.
+    faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE_S, exit=True)
     await service.stop(grace=10.0)
     if metrics_server is not None:
         metrics_server.stop()
@@ -83,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(cfg.log_level)
     _limit_malloc_arenas()
     try:
-        asyncio.run(_serve(cfg))
+        asyncio.run(_serve(cfg))  # the shutdown deadline stays armed through interpreter exit
     except OSError as exc:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # e.g. a malformed metrics address
