@@ -123,12 +123,12 @@ class IndexCodec:
         assert cks is not None
         out: set[int] = set(chunk_ids)
         for c in chunk_ids:
-            start, end = self._by_id[c], self._ends[c]
+            start, end = self._starts[c], self._ends[c]
             lo, hi = self._reach(start, end)
             if end - start < self.info.chunk_size:  # a small file's only (or last) chunk
                 e = bisect.bisect_left(cks, end)
                 hi = cks[e] if e < len(cks) else float("inf")
-            out.update(self._wholly_in(lo, hi))
+            out.update(self._starting_in(lo, hi, whole=True))
         return sorted(out)
 
     def readahead_chunks(self, chunk_ids: Sequence[int]) -> list[int]:
@@ -140,19 +140,12 @@ class IndexCodec:
         if self.info.format.value == "tar" or not chunk_ids:
             return []
         self._layout()
-        cks, offs = self._ck_offsets, self._offsets
-        assert cks is not None and offs is not None
-        end = max(self._ends[c] for c in chunk_ids)
-        e = bisect.bisect_left(cks, end)
+        cks = self._ck_offsets
+        assert cks is not None
+        e = bisect.bisect_left(cks, max(self._ends[c] for c in chunk_ids))
         if e >= len(cks):
             return []
-        lo, hi = cks[e], cks[e + 1] if e + 1 < len(cks) else float("inf")
-        out = []
-        i = bisect.bisect_left(offs, lo)
-        while i < self._count and offs[i] < hi:
-            out.append(self._order[i])
-            i += 1
-        return out
+        return self._starting_in(cks[e], cks[e + 1] if e + 1 < len(cks) else float("inf"))
 
     def _reach(self, start: int, end: int) -> tuple[float, float]:
         """For uncompressed bytes [start, end): the checkpoint decoding starts at and where
@@ -168,26 +161,28 @@ class IndexCodec:
             hi = min(hi, marks[m])
         return lo, hi
 
-    def _wholly_in(self, lo: float, hi: float) -> list[int]:
+    def _starting_in(self, lo: float, hi: float, *, whole: bool = False) -> list[int]:
+        """Chunks starting in [lo, hi), in layer order; with ``whole``, only those also ending by ``hi``."""
         offs = self._offsets
         assert offs is not None
         out = []
         i = bisect.bisect_left(offs, lo)
         while i < self._count and offs[i] < hi:
             cid = self._order[i]
-            if self._ends[cid] <= hi:
+            if not whole or self._ends[cid] <= hi:
                 out.append(cid)
             i += 1
         return out
 
     def _layout(self) -> None:
-        """Chunk, checkpoint and end-mark offsets in layer order, built on first use."""
+        """Chunk, checkpoint and end-mark offsets, built on first use (one bulk unpack of the
+        chunk table: this runs on the filesystem's loop at a layer's first miss)."""
         if self._offsets is None:
-            pairs = sorted((self.index.chunk(i).uncompressed_offset, i) for i in range(self._count))
-            self._order = [i for _, i in pairs]
-            self._ends = {i: o + self.index.chunk(i).length for o, i in pairs}
-            self._by_id = {i: o for o, i in pairs}
+            starts, lengths = self.index.chunk_extents()
+            self._starts = starts  # chunk id -> uncompressed offset
+            self._ends = [o + n for o, n in zip(starts, lengths)]
+            self._order = sorted(range(self._count), key=starts.__getitem__)
             self._ck_offsets = list(self.index.checkpoint_offsets()[0])
             marks = getattr(self.index, "mark_offsets", None)
             self._mark_offsets = list(marks()[0]) if marks is not None else []
-            self._offsets = [o for o, _ in pairs]
+            self._offsets = [starts[i] for i in self._order]

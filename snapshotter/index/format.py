@@ -31,7 +31,7 @@ Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 :func:`serialize_index`, :class:`IndexFile` (``open``, ``from_bytes``, ``info``,
 ``lookup``, ``find``, ``lookup_child``, ``child_range``, ``children``, ``entry_at``,
 ``inode``, ``path_of``, ``entries``, ``entry_count``, ``chunk``, ``chunk_count``,
-``chunks_of``, ``chunk_range``, ``chunk_digests``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``, ``mark_offsets``,
+``chunks_of``, ``chunk_range``, ``chunk_digests``, ``chunk_extents``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``, ``mark_offsets``,
 ``index_bytes``, ``close``).
 """
 from __future__ import annotations
@@ -396,9 +396,11 @@ class IndexFile:
 
     def entry_at(self, n: int) -> Entry:
         """The entry stored in record ``n`` (0 is the root)."""
-        rec = self._rec(n)
-        blk = self._block(n // BLOCK_RECORDS)
-        return self._entry(n, rec, blk, self._records_in(n // BLOCK_RECORDS) * ENTRY.size)
+        if not 0 <= n < self.entry_count:
+            raise self._bad(f"entry record {n} out of range")
+        b, i = divmod(n, BLOCK_RECORDS)
+        blk = self._block(b)
+        return self._entry(n, ENTRY.unpack_from(blk, i * ENTRY.size), blk, self._records_in(b) * ENTRY.size)
 
     def _records_in(self, b: int) -> int:
         return min(BLOCK_RECORDS, self.entry_count - b * BLOCK_RECORDS)
@@ -550,8 +552,16 @@ class IndexFile:
 
     def chunk_digests(self) -> list[bytes]:
         """Every chunk's SHA-256 in chunk order (one bulk unpack: pinning a layer's chunks)."""
-        table = self._mv[self._chk_off:self._chk_off + CHUNK.size * self.chunk_count]
-        return [digest for _off, _len, digest in CHUNK.iter_unpack(table)]
+        return [digest for _off, _len, digest in self._chunk_records()]
+
+    def chunk_extents(self) -> tuple[list[int], list[int]]:
+        """(uncompressed offsets, lengths) of every chunk in chunk order, in one bulk unpack:
+        the fetcher lays a layer out from them at its first miss, on the filesystem's loop."""
+        records = list(self._chunk_records())
+        return [r[0] for r in records], [r[1] for r in records]
+
+    def _chunk_records(self) -> Iterator[tuple[int, int, bytes]]:
+        return CHUNK.iter_unpack(self._mv[self._chk_off:self._chk_off + CHUNK.size * self.chunk_count])
 
     def chunk_range(self, entry: Entry) -> range:
         return range(entry.first_chunk, entry.first_chunk + entry.chunk_count)

@@ -80,14 +80,8 @@ async def published_profile(client: Any, ref: str, manifest: str) -> Found | Non
     return Found(loads(data, expect_manifest=manifest), art.digest, pack)
 
 
-async def find_profile(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Profile | None:
-    """Local profile, else the published one (cached locally); None if none is usable."""
-    found = await find(root, client, ref, manifest, registry=registry)
-    return None if found is None else found.profile
-
-
 async def find(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Found | None:
-    """:func:`find_profile`, also saying where the profile came from and its pack."""
+    """Local profile, else the published one (cached locally) with its pack; None if none is usable."""
     try:
         p = await asyncio.to_thread(load, root, manifest)
     except (ProfileError, OSError) as exc:
