@@ -8,8 +8,8 @@ SAN_DIR := .work/sanitize
 # working (an in-place copy would rewrite the mapped file under it).
 build:
 	$(PY) setup.py -q build_ext --build-lib build/core --build-temp build/core-tmp
-	cp build/core/snapshotter/_core*.so snapshotter/.core.so.tmp
-	mv snapshotter/.core.so.tmp $$(ls build/core/snapshotter/_core*.so | sed 's|build/core/||')
+	for so in build/core/snapshotter/_*.so; do \
+	  cp $$so snapshotter/.ext.so.tmp && mv snapshotter/.ext.so.tmp $${so#build/core/}; done
 
 test-native: build
 	$(PY) -m pytest tests/test_native*.py -q

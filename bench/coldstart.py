@@ -42,6 +42,9 @@ from harness.registry import Registry, start_registry
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm", "lazysnap-local"]
 NO_PROFILE_CONFIG = "[prefetch]\nprefetch = false\nregistry_lookup = false\n"
+# lazysnap-local: the second start must measure the FUSE path alone, not a background fill
+# still running beside it (the first start's reads and read-ahead already hold its chunks)
+LOCAL_CONFIG = NO_PROFILE_CONFIG + "background = false\n"
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
 
 
@@ -295,7 +298,7 @@ class Bench:
         """The FUSE path alone: a second start on a lazysnap node that holds every chunk the
         start reads (page cache dropped), to set against ``floor`` (the same from ext4)."""
         self._require_lazysnap()
-        with self._node("lazysnap-local", lazy=True, config=NO_PROFILE_CONFIG) as node:
+        with self._node("lazysnap-local", lazy=True, config=LOCAL_CONFIG) as node:
             node.pull(self.ref, lazy=True)
             self._check(node.run(self.ref, lazy=True, name=f"first{self._seq}").output)
             self._settle(quiet=2.0)

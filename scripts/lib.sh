@@ -11,7 +11,7 @@ LAZYSNAP_APT_PACKAGES=(
   # daemons and tools the tests and the demo run for real
   containerd runc docker-registry umoci skopeo stargz-snapshotter fuse3 busybox-static
   debootstrap apache2-utils ca-certificates
-  # the C core (ISA-L, zlib, zstd, libcrypto) and pyfuse3's build
+  # the C core (ISA-L, zlib, zstd, libcrypto) and the C FUSE filesystem (libfuse 3)
   gcc make pkg-config libfuse3-dev libisal-dev libzstd-dev zlib1g-dev libssl-dev
   python3 python3-venv python3-dev
 )
@@ -46,7 +46,7 @@ ensure_system_packages() {
 
 # A stamp of everything the venv's contents depend on: the project metadata and the C core.
 _lazysnap_venv_stamp() {
-  cat pyproject.toml setup.py native/*.c native/*.h 2>/dev/null | sha256sum | cut -d' ' -f1
+  cat pyproject.toml setup.py native/*.c native/*.h native/fuse/*.c native/fuse/*.h 2>/dev/null | sha256sum | cut -d" " -f1
 }
 
 ensure_venv() {
@@ -57,7 +57,7 @@ ensure_venv() {
     "$py" -m venv .venv
   fi
   if [ "$(cat .venv/.lazysnap-stamp 2>/dev/null)" != "$stamp" ] \
-      || ! .venv/bin/python -c 'import snapshotter._core' 2>/dev/null; then
+      || ! .venv/bin/python -c 'import snapshotter._core, snapshotter._fuse' 2>/dev/null; then
     _lazysnap_log "lazysnap: installing the package into .venv (builds the C core; log .venv/install.log)"
     if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel \
            && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,ecr]'; } \

@@ -36,7 +36,8 @@ class IndexView(Protocol):
 
 
 READAHEAD_CHUNKS = 2  # chunk files hinted ahead of a sequential reader (measured: bench/fuse_reads.py)
-AccessHook = Callable[[Entry, int, int, Sequence[int]], None]
+# (entry, offset, size, chunk ids, monotonic time of the read or None for "now")
+AccessHook = Callable[[Entry, int, int, Sequence[int], "float | None"], None]
 
 
 class LayerData:
@@ -77,14 +78,25 @@ class LayerData:
                 break
         return bytes(out)
 
+    def chunk_ids(self, e: Entry, off: int, size: int) -> list[int]:
+        """Chunk ids under stored bytes [off, off+size) of a file (size > 0)."""
+        cs = self.chunk_size
+        last = min((off + size - 1) // cs, e.chunk_count - 1)
+        return [e.first_chunk + k for k in range(off // cs, last + 1)]
+
+    def note_access(self, e: Entry, off: int, size: int, at: float) -> None:
+        """A read the C filesystem answered from local chunks (at = its monotonic time)."""
+        if self.on_access is not None and size > 0 and off < e.size and e.chunk_count:
+            size = min(size, e.size - off)
+            self.on_access(e, off, size, self.chunk_ids(e, off, size), at)
+
     async def _read_stored(self, e: Entry, off: int, size: int) -> bytes:
         cs = self.chunk_size
         first = off // cs
-        last = (off + size - 1) // cs
-        last = min(last, e.chunk_count - 1)
-        ids = [e.first_chunk + k for k in range(first, last + 1)]
+        last = min((off + size - 1) // cs, e.chunk_count - 1)
+        ids = self.chunk_ids(e, off, size)
         if self.on_access is not None:
-            self.on_access(e, off, size, ids)
+            self.on_access(e, off, size, ids, None)
         for attempt in range(4):
             parts: list[bytes] = []
             missing: list[int] = []
@@ -96,7 +108,7 @@ class LayerData:
                 n = min(end, c_lo + cs) - pos
                 digest = self.index.chunk(cid).digest
                 data = self.store.read_cached(digest, lo, n)
-                if data is False:
+                if isinstance(data, bool):  # False: the read would block
                     data = await asyncio.to_thread(self.store.read, digest, lo, n)
                 if data is None:
                     missing.append(cid)

@@ -1,12 +1,61 @@
-"""Prometheus metrics of the FUSE filesystem (daemon registry)."""
+"""Prometheus metrics of the FUSE filesystem (daemon registry).
+
+The C workers count requests themselves (no Python per request); this collector reads
+their counters at scrape time.
+"""
 from __future__ import annotations
 
-from prometheus_client import Counter
+from collections import Counter
+from collections.abc import Callable, Iterator
 
-from snapshotter.store.metrics import REGISTRY
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-FUSE_REQUESTS = Counter("lazysnap_fuse_requests", "FUSE requests answered, by operation: every one is a round "
-                        "trip through the kernel and the daemon, so their number is the FUSE path's cost",
-                        ["op"], registry=REGISTRY)
-OPS = {op: FUSE_REQUESTS.labels(op) for op in
-       ("lookup", "getattr", "readlink", "opendir", "readdir", "statfs", "getxattr", "listxattr", "open", "read")}
+from snapshotter.store.metrics import CACHE_HITS, REGISTRY
+
+OPS = ("lookup", "getattr", "readlink", "opendir", "readdir", "statfs", "getxattr", "listxattr", "open", "read")
+READ_PATHS = {"read_local": "local", "read_forwarded": "daemon"}
+
+
+class FuseCounters(Collector):
+    """Sums the counters of every mounted session plus those of sessions already closed."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, Callable[[], dict[str, int]]] = {}
+        self._closed: Counter[str] = Counter()
+
+    def attach(self, key: int, counters: Callable[[], dict[str, int]]) -> None:
+        self._live[key] = counters
+
+    def detach(self, key: int, final: dict[str, int]) -> None:
+        self._live.pop(key, None)
+        self._closed.update(final)
+
+    def totals(self) -> Counter[str]:
+        out = Counter(self._closed)
+        for counters in list(self._live.values()):
+            out.update(counters())
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        totals = self.totals()
+        requests = CounterMetricFamily(
+            "lazysnap_fuse_requests", "FUSE requests answered, by operation: every one is a round trip "
+            "through the kernel and the daemon, so their number is the FUSE path's cost", labels=["op"])
+        for op in OPS:
+            requests.add_metric([op], totals[op])
+        yield requests
+        reads = CounterMetricFamily(
+            "lazysnap_fuse_reads", "FUSE reads by who answered: the C workers from verified local chunks, "
+            "or the daemon's loop (a fetch, a sparse file, a quarantined layer)", labels=["path"])
+        for key, path in READ_PATHS.items():
+            reads.add_metric([path], totals[key])
+        yield reads
+        yield CounterMetricFamily("lazysnap_fuse_access_records_dropped",
+                                  "Reads the recorder never saw because the daemon fell behind",
+                                  value=totals["access_dropped"])
+
+
+FUSE = FuseCounters()
+REGISTRY.register(FUSE)
+__all__ = ["CACHE_HITS", "FUSE", "OPS"]

@@ -52,7 +52,7 @@ class FuseThread:
     async def _cancel_rest() -> None:
         """Cancel what still runs on the loop (e.g. a fetcher's read-ahead) and let it unwind,
         so no task is destroyed pending when the loop goes."""
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not _is_pyfuse3(t)]
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
@@ -67,9 +67,3 @@ class FuseThread:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def _is_pyfuse3(task: asyncio.Task[object]) -> bool:
-    """pyfuse3's own request workers wind down after ``terminate``; cancelling them leaves
-    their fd-readiness callbacks setting results on cancelled futures."""
-    code = getattr(task.get_coro(), "cr_code", None)
-    return code is not None and "pyfuse3" in code.co_filename

@@ -28,6 +28,8 @@ class LazyOptions:
     ``local-only`` (never use published indexes; build locally).
     ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
     the blob on disk and serve reads from it instead of fetching ranges again.
+    ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
+    in the page cache waits for the disk on one of them, so a few let readahead overlap.
     ``verify_complete_layers``: when every chunk of a lazily read layer is local, stream
     the blob once more in the background, check its digest and that it indexes to the
     same entries/chunks; a mismatch quarantines the index and fails reads loudly.
@@ -49,12 +51,15 @@ class LazyOptions:
     max_index_bytes: int = 512 << 20
     read_ahead_kb: int = 1024
     readahead_spans: bool = True
+    fuse_threads: int = 8
 
     def validate(self) -> LazyOptions:
         if self.index_trust not in TRUST_MODES:
             raise ValueError(f"index_trust must be one of {', '.join(TRUST_MODES)}, got {self.index_trust!r}")
         if self.fsync not in ("none", "file", "full"):
             raise ValueError(f"fsync must be none|file|full, got {self.fsync!r}")
+        if not 1 <= self.fuse_threads <= 16:
+            raise ValueError(f"fuse_threads must be 1..16, got {self.fuse_threads}")
         if self.fetch_deadline_s <= 0 or self.max_concurrency < 1:
             raise ValueError("fetch_deadline_s must be > 0 and max_concurrency >= 1")
         return self

@@ -80,7 +80,8 @@ class LazyLayerProvider:
         self.fetcher = Fetcher(self.store, FetchOptions(max_concurrency=self.options.max_concurrency,
                                                         deadline_s=self.options.fetch_deadline_s,
                                                         readahead_spans=self.options.readahead_spans))
-        self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb)
+        self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb,
+                         threads=self.options.fuse_threads)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
@@ -423,6 +424,7 @@ class LazyLayerProvider:
 
     def quarantine(self, layer: ProvidedLayer, reason: str) -> None:
         layer.data.failed = reason
+        self.fs.quarantine(_dirname(layer.digest), reason)
         layer.fetcher.quarantine(reason)
         indexes.quarantine(self.root, layer.digest, reason)
 

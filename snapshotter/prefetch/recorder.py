@@ -22,7 +22,7 @@ from snapshotter.prefetch.profile import ChunkAccess, LayerProfile, Profile
 
 log = get_logger("lazysnap.prefetch")
 
-Hook = Callable[[Any, int, int, Sequence[int]], None]
+Hook = Callable[[Any, int, int, Sequence[int], "float | None"], None]
 
 
 @dataclass(slots=True)
@@ -68,12 +68,12 @@ class AccessRecorder:
         """The ``on_access`` callback of one layer's ``LayerData``."""
         by_layer, windows = self._by_layer, self._windows
 
-        def on_access(entry: Any, off: int, size: int, ids: Sequence[int]) -> None:
+        def on_access(entry: Any, off: int, size: int, ids: Sequence[int], at: float | None = None) -> None:
             recs = by_layer.get(layer_digest)
             win = windows.get(layer_digest)
             if recs is None and win is None:
                 return
-            now = time.monotonic()
+            now = time.monotonic() if at is None else at
             if recs:
                 for rec in recs:
                     seen = rec.seen.setdefault(layer_digest, {})

@@ -23,7 +23,7 @@ import hashlib
 import itertools
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,6 +78,8 @@ class ChunkStore:
         self._pin_count: collections.Counter[bytes] = collections.Counter()
         self._dirs: set[str] = set()  # fan-out directories known to exist
         self._staged: dict[bytes, bytes] = {}  # verified bytes on their way to disk (see stage)
+        # mirrors of _verified (the C filesystem serves only verified chunks), under _lock
+        self._watchers: list[tuple[Callable[[bytes], None], Callable[[bytes], None]]] = []
         self.dedup_hits = 0
         self.evictions = 0
         self.corrupt = 0
@@ -216,7 +218,7 @@ class ChunkStore:
                 self._total += len(data)
             else:
                 self.dedup_hits += 1
-            self._verified.add(digest)
+            self._mark_verified(digest)
             metrics.STORED_BYTES.set(self._total)
         if raced:
             metrics.DEDUP_HITS.inc()
@@ -317,7 +319,7 @@ class ChunkStore:
             off += len(block)
         if h.digest() == digest:
             with self._lock:
-                self._verified.add(digest)
+                self._mark_verified(digest)
             return True
         log.error("chunk_corrupt", digest=digest.hex(), path=self.path_of(digest), action="drop_and_refetch")
         metrics.CORRUPT.inc()
@@ -456,7 +458,7 @@ class ChunkStore:
                 self._total -= size
             for digest in victims:
                 del self._lru[digest]
-                self._verified.discard(digest)
+                self._unmark_verified(digest)
                 fd = self._fds.pop(digest, None)
                 if fd is not None:
                     self._retire(fd)
@@ -479,7 +481,7 @@ class ChunkStore:
             size = self._lru.pop(digest, None)
             if size is not None:
                 self._total -= size
-            self._verified.discard(digest)
+            self._unmark_verified(digest)
             fd = self._fds.pop(digest, None)
             if fd is not None:
                 self._retire(fd)
@@ -487,6 +489,32 @@ class ChunkStore:
             os.unlink(self.path_of(digest))
         except FileNotFoundError:
             pass
+
+    # -- verified set and its watchers (called with _lock held) ---------------------------
+    def _mark_verified(self, digest: bytes) -> None:
+        if digest not in self._verified:
+            self._verified.add(digest)
+            for added, _ in self._watchers:
+                added(digest)
+
+    def _unmark_verified(self, digest: bytes) -> None:
+        if digest in self._verified:
+            self._verified.discard(digest)
+            for _, dropped in self._watchers:
+                dropped(digest)
+
+    def watch_verified(self, added: Callable[[bytes], None], dropped: Callable[[bytes], None]) -> None:
+        """Mirror the set of chunks this process has verified on disk: ``added`` gets the
+        current set at once (digests joined), then each new one; ``dropped`` each one that
+        leaves (evicted, found damaged). Callbacks run under the store's lock: keep them short."""
+        with self._lock:
+            self._watchers.append((added, dropped))
+            if self._verified:
+                added(b"".join(self._verified))
+
+    def unwatch_verified(self, added: Callable[[bytes], None]) -> None:
+        with self._lock:
+            self._watchers = [w for w in self._watchers if w[0] != added]
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,379 @@
+/* snapshotter._fuse: Python handle of the C FUSE filesystem (fastfs.c).
+ *
+ * Every call that may wait (mount, unmount, joining workers, the table write lock, replies
+ * to the kernel) releases the GIL.  The C workers never touch Python objects. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <unistd.h>
+
+#include "fastfs.h"
+
+typedef struct {
+    PyObject_HEAD
+    lzfs *fs;
+    int busy; /* calls that released the GIL and still use fs (changed under the GIL only) */
+} SessionObject;
+
+/* Around a call that releases the GIL: close() from another thread waits for it. */
+#define ENTER(self) ((self)->busy++)
+#define LEAVE(self) ((self)->busy--)
+
+static PyObject *os_error(int neg_errno, const char *msg)
+{
+    PyObject *args = Py_BuildValue("(is)", -neg_errno, msg && *msg ? msg : strerror(-neg_errno));
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static lzfs *live(SessionObject *self)
+{
+    if (!self->fs)
+        PyErr_SetString(PyExc_ValueError, "FUSE session is closed");
+    return self->fs;
+}
+
+static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"mountpoint", "options", "threads", NULL};
+    const char *mountpoint, *options = "";
+    int threads = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|si:Session", kwlist, &mountpoint, &options, &threads))
+        return -1;
+    if (self->fs) {
+        PyErr_SetString(PyExc_RuntimeError, "Session already initialised");
+        return -1;
+    }
+    const char *msg = "";
+    lzfs *fs;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_new(&fs, mountpoint, options, threads, &msg);
+    Py_END_ALLOW_THREADS
+    if (r) {
+        os_error(r, msg);
+        return -1;
+    }
+    self->fs = fs;
+    return 0;
+}
+
+static void close_session(SessionObject *self)
+{
+    lzfs *fs = self->fs;
+    self->fs = NULL; /* no new call starts */
+    if (!fs)
+        return;
+    while (self->busy > 0) { /* let calls on other threads that hold fs finish first */
+        Py_BEGIN_ALLOW_THREADS
+        usleep(1000);
+        Py_END_ALLOW_THREADS
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lzfs_close(fs);
+    Py_END_ALLOW_THREADS
+}
+
+static void Session_dealloc(SessionObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    close_session(self); /* busy is 0 here: a call in progress holds a reference */
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *Session_start(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    int r = lzfs_start(fs);
+    if (r)
+        return os_error(r, "cannot start the FUSE workers");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_close(SessionObject *self, PyObject *unused)
+{
+    close_session(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_initialized(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    return fs ? PyBool_FromLong(lzfs_initialized(fs)) : NULL;
+}
+
+static PyObject *Session_fileno(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    return fs ? PyLong_FromLong(lzfs_notify_fd(fs)) : NULL;
+}
+
+static PyObject *Session_add_layer(SessionObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"slot", "name", "tree", "digests", "chunks_dir", "chunk_size", NULL};
+    unsigned int slot;
+    const char *name, *chunks_dir;
+    Py_ssize_t name_len;
+    Py_buffer tree, digests;
+    unsigned long long chunk_size;
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Is#y*y*sK:add_layer", kwlist, &slot, &name, &name_len, &tree,
+                                     &digests, &chunks_dir, &chunk_size))
+        return NULL;
+    if (digests.len % 32) {
+        PyBuffer_Release(&tree);
+        PyBuffer_Release(&digests);
+        PyErr_SetString(PyExc_ValueError, "digests must be 32 bytes per chunk");
+        return NULL;
+    }
+    const char *msg = "";
+    int r;
+    ENTER(self);
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_add_layer(fs, slot, name, (size_t)name_len, tree.buf, (size_t)tree.len, digests.buf,
+                       (uint64_t)digests.len / 32, chunks_dir, chunk_size, &msg);
+    Py_END_ALLOW_THREADS
+    LEAVE(self);
+    PyBuffer_Release(&tree);
+    PyBuffer_Release(&digests);
+    if (r == -EINVAL || r == -EEXIST) {
+        PyErr_SetString(PyExc_ValueError, msg);
+        return NULL;
+    }
+    if (r)
+        return os_error(r, msg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_remove_layer(SessionObject *self, PyObject *arg)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    int r;
+    ENTER(self);
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_remove_layer(fs, (uint32_t)slot);
+    Py_END_ALLOW_THREADS
+    LEAVE(self);
+    return PyBool_FromLong(r == 0);
+}
+
+static PyObject *Session_set_failed(SessionObject *self, PyObject *arg)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(lzfs_set_failed(fs, (uint32_t)slot) == 0);
+}
+
+static PyObject *Session_invalidate_entry(SessionObject *self, PyObject *arg)
+{
+    lzfs *fs = live(self);
+    char *name;
+    Py_ssize_t len;
+    if (!fs || PyBytes_AsStringAndSize(arg, &name, &len) < 0)
+        return NULL;
+    int r;
+    ENTER(self);
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_inval_root_entry(fs, name, (size_t)len);
+    Py_END_ALLOW_THREADS
+    LEAVE(self);
+    if (r)
+        return os_error(r < 0 ? r : -EIO, "cannot invalidate the entry");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_mark_verified(SessionObject *self, PyObject *arg)
+{
+    lzfs *fs = live(self);
+    Py_buffer b;
+    if (!fs || PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (b.len % 32) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "digests must be 32 bytes each");
+        return NULL;
+    }
+    int r = lzfs_mark_verified(fs, b.buf, (size_t)b.len / 32);
+    PyBuffer_Release(&b);
+    if (r)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_forget_verified(SessionObject *self, PyObject *arg)
+{
+    lzfs *fs = live(self);
+    Py_buffer b;
+    if (!fs || PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (b.len != 32) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "a digest is 32 bytes");
+        return NULL;
+    }
+    lzfs_forget_verified(fs, b.buf);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_take(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    lzfs_miss *m;
+    lzfs_access *a;
+    size_t nm, na;
+    if (lzfs_take(fs, &m, &nm, &a, &na))
+        return PyErr_NoMemory();
+    PyObject *misses = PyList_New((Py_ssize_t)nm), *acc = PyList_New((Py_ssize_t)na), *res = NULL;
+    if (!misses || !acc)
+        goto done;
+    for (size_t i = 0; i < nm; i++) {
+        PyObject *t = Py_BuildValue("(KKKI)", (unsigned long long)m[i].token, (unsigned long long)m[i].ino,
+                                    (unsigned long long)m[i].off, m[i].size);
+        if (!t)
+            goto done; /* the tokens stay in flight: close() fails them with EIO */
+        PyList_SET_ITEM(misses, (Py_ssize_t)i, t);
+    }
+    for (size_t i = 0; i < na; i++) {
+        PyObject *t = Py_BuildValue("(KKIK)", (unsigned long long)a[i].ino, (unsigned long long)a[i].off, a[i].size,
+                                    (unsigned long long)a[i].t_ns);
+        if (!t)
+            goto done;
+        PyList_SET_ITEM(acc, (Py_ssize_t)i, t);
+    }
+    res = PyTuple_Pack(2, misses, acc);
+done:
+    free(m);
+    free(a);
+    Py_XDECREF(misses);
+    Py_XDECREF(acc);
+    return res;
+}
+
+static PyObject *Session_reply_data(SessionObject *self, PyObject *args)
+{
+    lzfs *fs = live(self);
+    unsigned long long token;
+    Py_buffer b;
+    if (!fs || !PyArg_ParseTuple(args, "Ky*:reply_data", &token, &b))
+        return NULL;
+    int r;
+    ENTER(self);
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_reply_data(fs, token, b.buf, (size_t)b.len);
+    Py_END_ALLOW_THREADS
+    LEAVE(self);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(r == 0);
+}
+
+static PyObject *Session_reply_error(SessionObject *self, PyObject *args)
+{
+    lzfs *fs = live(self);
+    unsigned long long token;
+    int err;
+    if (!fs || !PyArg_ParseTuple(args, "Ki:reply_error", &token, &err))
+        return NULL;
+    int r;
+    ENTER(self);
+    Py_BEGIN_ALLOW_THREADS
+    r = lzfs_reply_error(fs, token, err);
+    Py_END_ALLOW_THREADS
+    LEAVE(self);
+    return PyBool_FromLong(r == 0);
+}
+
+static PyObject *Session_counters(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    uint64_t c[LZC_N];
+    lzfs_counters(fs, c);
+    PyObject *d = PyDict_New();
+    for (int i = 0; d && i < LZC_N; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(c[i]);
+        if (!v || PyDict_SetItemString(d, lzfs_counter_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(d);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyMethodDef Session_methods[] = {
+    {"start", (PyCFunction)Session_start, METH_NOARGS, "start the worker threads"},
+    {"close", (PyCFunction)Session_close, METH_NOARGS, "stop workers, fail pending reads (EIO), unmount"},
+    {"initialized", (PyCFunction)Session_initialized, METH_NOARGS, "True once the kernel's INIT was answered"},
+    {"fileno", (PyCFunction)Session_fileno, METH_NOARGS, "eventfd, readable when take() has something"},
+    {"add_layer", (PyCFunction)(void (*)(void))Session_add_layer, METH_VARARGS | METH_KEYWORDS,
+     "add_layer(slot, name, tree, digests, chunks_dir, chunk_size)"},
+    {"remove_layer", (PyCFunction)Session_remove_layer, METH_O, "remove_layer(slot) -> bool"},
+    {"set_failed", (PyCFunction)Session_set_failed, METH_O, "set_failed(slot): every read goes to Python"},
+    {"invalidate_entry", (PyCFunction)Session_invalidate_entry, METH_O, "forget a top-level name in the kernel"},
+    {"mark_verified", (PyCFunction)Session_mark_verified, METH_O, "mark_verified(digests: 32*n bytes)"},
+    {"forget_verified", (PyCFunction)Session_forget_verified, METH_O, "forget_verified(digest)"},
+    {"take", (PyCFunction)Session_take, METH_NOARGS,
+     "take() -> ([(token, ino, off, size)], [(ino, off, size, t_ns)])"},
+    {"reply_data", (PyCFunction)Session_reply_data, METH_VARARGS, "reply_data(token, data) -> bool"},
+    {"reply_error", (PyCFunction)Session_reply_error, METH_VARARGS, "reply_error(token, errno) -> bool"},
+    {"counters", (PyCFunction)Session_counters, METH_NOARGS, "counters() -> {name: int}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Session_slots[] = {
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Session_init},
+    {Py_tp_dealloc, Session_dealloc},
+    {Py_tp_methods, Session_methods},
+    {Py_tp_doc, "Session(mountpoint, options='', threads=2): a mounted FUSE filesystem answered in C"},
+    {0, NULL},
+};
+
+static PyType_Spec Session_spec = {
+    "snapshotter._fuse.Session", sizeof(SessionObject), 0, Py_TPFLAGS_DEFAULT, Session_slots,
+};
+
+static int fuse_exec(PyObject *m)
+{
+    PyObject *t = PyType_FromModuleAndSpec(m, &Session_spec, NULL);
+    if (!t || PyModule_AddObjectRef(m, "Session", t)) {
+        Py_XDECREF(t);
+        return -1;
+    }
+    Py_DECREF(t);
+    return PyModule_AddIntConstant(m, "TREE_MAGIC", LZT_MAGIC) || PyModule_AddIntConstant(m, "NODE_PYDATA", LZT_NODE_PYDATA);
+}
+
+static PyModuleDef_Slot fuse_slots[] = {
+    {Py_mod_exec, fuse_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef fuse_module = {
+    PyModuleDef_HEAD_INIT, "_fuse", "lazysnap's FUSE filesystem: the hit path in C.", 0, NULL, fuse_slots,
+    NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fuse(void) { return PyModuleDef_Init(&fuse_module); }
