@@ -216,6 +216,7 @@ def test_remove_layer_under_concurrent_reads(fs) -> None:
     session.mark_verified(b"".join(index.chunk_digests()))
     stop = time.monotonic() + 0.6
     wrong: list[str] = []
+    removed = False
 
     def reader(name: str) -> int:
         n = 0
@@ -227,7 +228,9 @@ def test_remove_layer_under_concurrent_reads(fs) -> None:
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # make the next read reach us
                 data = os.pread(fd, len(FILES[name]) + 1, 0)
-                if data != FILES[name]:
+                # the kernel splits the read: once the layer is gone, the rest fails and
+                # the read comes back short, but every byte it did return must be right
+                if data != FILES[name][:len(data)] or (len(data) < len(FILES[name]) and not removed):
                     wrong.append(name)
                 n += 1
             except OSError:
@@ -240,6 +243,7 @@ def test_remove_layer_under_concurrent_reads(fs) -> None:
         futures = [pool.submit(reader, name) for name in list(FILES)[:4]]
         time.sleep(0.3)
         t0 = time.monotonic()
+        removed = True  # from here on a read may come back short
         assert session.remove_layer(1) is True
         assert time.monotonic() - t0 < 5
         reads = sum(f.result(10) for f in futures)

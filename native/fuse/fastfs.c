@@ -445,6 +445,18 @@ static const lzt_node *node_of(layer_t *l, fuse_ino_t ino)
     return local > 0 && local < l->n_nodes ? &l->nodes[local] : NULL;
 }
 
+/* The node of a layer inode with the table read-locked, or NULL (lock released). */
+static const lzt_node *lock_node(lzfs *fs, fuse_ino_t ino, layer_t **layer)
+{
+    pthread_rwlock_rdlock(&fs->table_lock);
+    layer_t *l = ino == FUSE_ROOT_ID ? NULL : layer_of(fs, ino);
+    const lzt_node *n = l ? node_of(l, ino) : NULL;
+    if (!n)
+        pthread_rwlock_unlock(&fs->table_lock);
+    *layer = l;
+    return n;
+}
+
 static void node_stat(struct stat *st, fuse_ino_t ino, const lzt_node *n)
 {
     memset(st, 0, sizeof *st);
@@ -610,15 +622,14 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     struct stat st;
     double timeout = IMMUTABLE_TIMEOUT;
     count(fs, LZC_GETATTR);
-    pthread_rwlock_rdlock(&fs->table_lock);
     if (ino == FUSE_ROOT_ID) {
+        pthread_rwlock_rdlock(&fs->table_lock);
         root_stat(fs, &st);
         timeout = ROOT_TIMEOUT;
     } else {
-        layer_t *l = layer_of(fs, ino);
-        const lzt_node *n = l ? node_of(l, ino) : NULL;
+        layer_t *l;
+        const lzt_node *n = lock_node(fs, ino, &l);
         if (!n) {
-            pthread_rwlock_unlock(&fs->table_lock);
             fuse_reply_err(req, ENOENT);
             return;
         }
@@ -632,12 +643,15 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino)
 {
     lzfs *fs = fuse_req_userdata(req);
     count(fs, LZC_READLINK);
-    pthread_rwlock_rdlock(&fs->table_lock);
-    layer_t *l = layer_of(fs, ino);
-    const lzt_node *n = l ? node_of(l, ino) : NULL;
-    if (!n || !S_ISLNK(n->mode)) {
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
+    if (!n) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (!S_ISLNK(n->mode)) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, n ? EINVAL : ENOENT);
+        fuse_reply_err(req, EINVAL);
         return;
     }
     char *target = strndup(l->strings + n->target_off, n->target_len);
@@ -655,11 +669,11 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     lzfs *fs = fuse_req_userdata(req);
     count(fs, LZC_OPENDIR);
     if (ino != FUSE_ROOT_ID) {
-        pthread_rwlock_rdlock(&fs->table_lock);
-        layer_t *l = layer_of(fs, ino);
-        const lzt_node *n = l ? node_of(l, ino) : NULL;
+        layer_t *l;
+        const lzt_node *n = lock_node(fs, ino, &l);
         int err = !n ? ENOENT : !S_ISDIR(n->mode) ? ENOTDIR : 0;
-        pthread_rwlock_unlock(&fs->table_lock);
+        if (n)
+            pthread_rwlock_unlock(&fs->table_lock);
         if (err) {
             fuse_reply_err(req, err);
             return;
@@ -778,16 +792,10 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
 {
     lzfs *fs = fuse_req_userdata(req);
     count(fs, LZC_GETXATTR);
-    if (ino == FUSE_ROOT_ID) {
-        fuse_reply_err(req, ENODATA);
-        return;
-    }
-    pthread_rwlock_rdlock(&fs->table_lock);
-    layer_t *l = layer_of(fs, ino);
-    const lzt_node *n = l ? node_of(l, ino) : NULL;
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
     if (!n) {
-        pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, ENOENT);
+        fuse_reply_err(req, ino == FUSE_ROOT_ID ? ENODATA : ENOENT);
         return;
     }
     size_t len = strlen(name);
@@ -830,11 +838,9 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
             fuse_reply_buf(req, NULL, 0);
         return;
     }
-    pthread_rwlock_rdlock(&fs->table_lock);
-    layer_t *l = layer_of(fs, ino);
-    const lzt_node *n = l ? node_of(l, ino) : NULL;
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
     if (!n) {
-        pthread_rwlock_unlock(&fs->table_lock);
         fuse_reply_err(req, ENOENT);
         return;
     }
@@ -879,11 +885,11 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         fuse_reply_err(req, EROFS);
         return;
     }
-    pthread_rwlock_rdlock(&fs->table_lock);
-    layer_t *l = ino == FUSE_ROOT_ID ? NULL : layer_of(fs, ino);
-    const lzt_node *n = l ? node_of(l, ino) : NULL;
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
     int err = !n ? ENOENT : !S_ISREG(n->mode) ? EINVAL : 0;
-    pthread_rwlock_unlock(&fs->table_lock);
+    if (n)
+        pthread_rwlock_unlock(&fs->table_lock);
     if (err) {
         fuse_reply_err(req, err);
         return;
@@ -980,19 +986,19 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off_, str
     lzfs *fs = fuse_req_userdata(req);
     uint64_t off = (uint64_t)off_;
     count(fs, LZC_READ);
-    pthread_rwlock_rdlock(&fs->table_lock);
-    layer_t *l = ino == FUSE_ROOT_ID ? NULL : layer_of(fs, ino);
-    const lzt_node *n = l ? node_of(l, ino) : NULL;
-    if (!n || !S_ISREG(n->mode) || atomic_load(&l->failed)) {
-        int err = !n ? ENOENT : !S_ISREG(n->mode) ? EINVAL : 0;
-        pthread_rwlock_unlock(&fs->table_lock);
-        if (err) {
-            fuse_reply_err(req, err);
-        } else {
-            forward(fs, req, ino, off, size); /* Python answers with the quarantine reason logged */
-        }
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
+    if (!n) {
+        fuse_reply_err(req, ENOENT);
         return;
     }
+    if (!S_ISREG(n->mode)) {
+        pthread_rwlock_unlock(&fs->table_lock);
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if (atomic_load(&l->failed))
+        goto to_python; /* Python answers EIO and logs the quarantine reason */
     if (off >= n->size || size == 0) {
         pthread_rwlock_unlock(&fs->table_lock);
         fuse_reply_buf(req, NULL, 0);
