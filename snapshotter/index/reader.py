@@ -35,7 +35,7 @@ from snapshotter.index.errors import (
     TruncatedLayerError,
 )
 from snapshotter.index.format import IndexFile
-from snapshotter.index.model import Entry, EntryType, LayerFormat
+from snapshotter.index.model import Chunk, Entry, EntryType, LayerFormat
 
 TAR_COALESCE_GAP = 64 << 10  # merge chunk reads separated by less than this
 # Cap on one merged plan's uncompressed output: with its compressed range and the chunk
@@ -68,10 +68,25 @@ def _decompress_range(fmt: str, kind: int, bits: int, window: bytes, data: bytes
     return pyscan.decompress_range(fmt, kind, bits, window, data, skip, length)
 
 
-def _sha256(buf: bytes) -> bytes:
+def _first_bad(out: bytes, base: int, chunks: list[Chunk]) -> int | None:
+    """Index of the first chunk whose bytes in ``out`` (starting at tar offset ``base``) are
+    missing or do not hash to its digest, else None.
+
+    One C call for the whole span: hashing chunk by chunk released and re-took the GIL
+    per chunk, and a span of small files holds hundreds of chunks; on a busy daemon each
+    re-take can wait a switch interval."""
+    for i, c in enumerate(chunks):
+        if c.uncompressed_offset < base or c.uncompressed_offset - base + c.length > len(out):
+            return i
     if _NATIVE is not None:
-        return _NATIVE.sha256(buf)
-    return hashlib.sha256(buf).digest()
+        records = b"".join(_NATIVE.CHUNK_RECORD.pack(c.uncompressed_offset, c.length, c.digest) for c in chunks)
+        bad = _NATIVE.verify_chunks(out, base, records)
+        return None if bad < 0 else bad
+    for i, c in enumerate(chunks):
+        start = c.uncompressed_offset - base
+        if hashlib.sha256(out[start:start + c.length]).digest() != c.digest:
+            return i
+    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -203,15 +218,14 @@ def decode_span(index: IndexFile, plan: SpanPlan, compressed: bytes) -> dict[int
         if len(out) != plan.length:
             raise TruncatedLayerError(f"layer {info.blob_digest}: span from checkpoint {plan.checkpoint} "
                                       f"decoded to {len(out)} of {plan.length} bytes")
+    chunks = [index.chunk(cid) for cid in plan.chunk_ids]
+    bad = _first_bad(out, plan.u_start, chunks)
+    if bad is not None:
+        raise ChunkVerificationError(plan.chunk_ids[bad], info.blob_digest)
     result: dict[int, bytes] = {}
-    mv = memoryview(out)
-    for cid in plan.chunk_ids:
-        c = index.chunk(cid)
+    for cid, c in zip(plan.chunk_ids, chunks):
         start = c.uncompressed_offset - plan.u_start
-        piece = bytes(mv[start:start + c.length])
-        if len(piece) != c.length or _sha256(piece) != c.digest:
-            raise ChunkVerificationError(cid, info.blob_digest)
-        result[cid] = piece
+        result[cid] = out[start:start + c.length]
     return result
 
 
