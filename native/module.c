@@ -6,6 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "chunkfiles.h"
 #include "range.h"
 #include "scanner.h"
 
@@ -495,6 +496,67 @@ done:
     return res;
 }
 
+static PyObject *core_write_chunks(PyObject *module, PyObject *args)
+{
+    const char *dir, *tmp, *tag;
+    PyObject *items;
+    int policy;
+    if (!PyArg_ParseTuple(args, "sssOi:write_chunks", &dir, &tmp, &tag, &items, &policy))
+        return NULL;
+    if (policy < LZ_FSYNC_NONE || policy > LZ_FSYNC_FULL) {
+        PyErr_SetString(PyExc_ValueError, "fsync policy must be 0, 1 or 2");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(items, "items must be a sequence of (digest, data)");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
+    Py_buffer *bufs = PyMem_Calloc(n ? (size_t)n : 1, sizeof *bufs);
+    const uint8_t **dig = PyMem_Calloc(n ? (size_t)n : 1, sizeof *dig), **dat = PyMem_Calloc(n ? (size_t)n : 1, sizeof *dat);
+    size_t *len = PyMem_Calloc(n ? (size_t)n : 1, sizeof *len);
+    int *status = PyMem_Calloc(n ? (size_t)n : 1, sizeof *status);
+    PyObject *res = NULL;
+    if (!bufs || !dig || !dat || !len || !status) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, got), *d;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2 || !PyBytes_Check(d = PyTuple_GET_ITEM(it, 0)) ||
+            PyBytes_GET_SIZE(d) != 32) {
+            PyErr_SetString(PyExc_ValueError, "each item must be (32-byte digest, data)");
+            goto done;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(it, 1), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        dig[got] = (const uint8_t *)PyBytes_AS_STRING(d);
+        dat[got] = bufs[got].buf;
+        len[got] = (size_t)bufs[got].len;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lz_write_chunks(dir, tmp, tag, (size_t)n, dig, dat, len, policy, status);
+    Py_END_ALLOW_THREADS
+    res = PyList_New(n);
+    for (Py_ssize_t i = 0; res && i < n; i++) {
+        PyObject *v = PyLong_FromLong(status[i]);
+        if (!v) {
+            Py_CLEAR(res);
+            break;
+        }
+        PyList_SET_ITEM(res, i, v);
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs);
+    PyMem_Free(dig);
+    PyMem_Free(dat);
+    PyMem_Free(len);
+    PyMem_Free(status);
+    Py_DECREF(seq);
+    return res;
+}
+
 static PyObject *core_zlib_block_boundaries(PyObject *module, PyObject *arg)
 {
     Py_buffer b;
@@ -532,6 +594,8 @@ static PyMethodDef core_methods[] = {
     {"sha256", core_sha256, METH_O, "sha256(buffer) -> 32 bytes"},
     {"verify_chunks", core_verify_chunks, METH_VARARGS,
      "verify_chunks(data, data_offset, records) -> index of the first bad record or -1"},
+    {"write_chunks", core_write_chunks, METH_VARARGS,
+     "write_chunks(dir, tmp, tag, [(digest, data)], fsync) -> [1 written | 0 present | -errno]"},
     {"zlib_block_boundaries", core_zlib_block_boundaries, METH_O,
      "zlib_block_boundaries(gzip_bytes) -> [bit offsets of deflate block boundaries] (tests)"},
     {NULL, NULL, 0, NULL},

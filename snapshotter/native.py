@@ -152,6 +152,14 @@ def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return _core.sha256(data)
 
 
+def write_chunks(chunks_dir: str, tmp_dir: str, tag: str,
+                 items: list[tuple[bytes, bytes | bytearray | memoryview]], fsync: int) -> list[int]:
+    """Write chunk files ``<chunks_dir>/<hex[:2]>/<hex[2:]>`` via ``tmp_dir`` + rename, all in
+    one call with the GIL released (fsync: 0 none, 1 each file, 2 files and directories).
+    Per item: 1 written, 0 already present, or -errno."""
+    return _core.write_chunks(chunks_dir, tmp_dir, tag, items, fsync)
+
+
 def verify_chunks(data: bytes | bytearray | memoryview, data_offset: int,
                   records: bytes | bytearray | memoryview) -> int:
     """Check packed chunk records against ``data`` (uncompressed bytes starting at

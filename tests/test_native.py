@@ -590,3 +590,25 @@ def test_unknown_format_is_named() -> None:
 
     with pytest.raises(native.CorruptLayerError, match="unknown layer format"):
         scan(bz2.compress(random.Random(1).randbytes(5000)), random.Random(0))
+
+
+def test_write_chunks_statuses_and_bad_arguments(tmp_path) -> None:
+    import errno
+
+    from snapshotter import native as _native
+
+    tmp = tmp_path / ".tmp"
+    tmp.mkdir()
+    items = [(hashlib.sha256(x).digest(), x) for x in (b"a" * 100, b"", b"c" * 70000)]
+    assert _native.write_chunks(str(tmp_path), str(tmp), "t", items, 2) == [1, 1, 1]
+    for d, x in items:
+        assert (tmp_path / d.hex()[:2] / d.hex()[2:]).read_bytes() == x
+    assert _native.write_chunks(str(tmp_path), str(tmp), "t", items, 0) == [0, 0, 0]
+    assert _native.write_chunks(str(tmp_path / "no" / "dir"), str(tmp), "t", items[:1], 0) == [-errno.ENOENT]
+    assert not list(tmp.iterdir())
+    with pytest.raises(ValueError):
+        _native.write_chunks(str(tmp_path), str(tmp), "t", [(b"short", b"x")], 0)
+    with pytest.raises(ValueError):
+        _native.write_chunks(str(tmp_path), str(tmp), "t", items, 3)
+    with pytest.raises(TypeError):
+        _native.write_chunks(str(tmp_path), str(tmp), "t", [(items[0][0], 5)], 0)

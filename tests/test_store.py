@@ -212,3 +212,49 @@ def test_staged_chunks_are_served_until_written(tmp_path: Path) -> None:
     e, _ = _chunk(901)
     store.unstage([e])  # unknown digest: no error
     assert not store.has(e) and store.read(e) is None
+
+
+def test_put_many_batch_dedup_and_watchers(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    added: list[bytes] = []
+    store.watch_verified(added.append, lambda d: None)
+    chunks = [_chunk(i, 4096 + i) for i in range(20)]
+    assert store.put(*chunks[0]) is True
+    added.clear()
+    assert store.put_many(chunks + [chunks[3]]) == 19  # one stored before, one twice in the batch
+    for d, data in chunks:
+        assert (tmp_path / "chunks" / d.hex()[:2] / d.hex()[2:]).read_bytes() == data
+        assert store.read_cached(d, 0, 10) == data[:10]  # verified: no re-check
+    assert set(b"".join(added)[i:i + 32] for i in range(0, 32 * 19, 32)) == {d for d, _ in chunks[1:]}
+    st = store.stats()
+    assert st.chunks == 20 and st.bytes == sum(len(b) for _, b in chunks) and st.dedup_hits == 2
+    assert not list((tmp_path / "chunks" / ".tmp").iterdir())
+
+
+def test_put_many_does_not_trust_a_file_from_before(tmp_path: Path) -> None:
+    """A chunk file already on disk (another process, a crash) is adopted, not vouched for:
+    its first read checks it, so a torn one is dropped instead of served."""
+    d, data = _chunk(7)
+    path = tmp_path / "chunks" / d.hex()[:2] / d.hex()[2:]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data[:100])  # torn
+    store = ChunkStore(tmp_path)
+    store._lru.pop(d, None)  # as if written by another process after this one scanned
+    assert store.put_many([(d, data)]) == 0
+    assert store.read(d) is None  # checked on first read: wrong size/digest, dropped
+    assert store.put_many([(d, data)]) == 1 and store.read(d) == data
+
+
+def test_put_many_reports_write_errors_after_storing_the_rest(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    good = _chunk(1)
+    bad = _chunk(2)
+    sub = tmp_path / "chunks" / bad[0].hex()[:2]
+    if good[0].hex()[:2] == bad[0].hex()[:2]:
+        pytest.skip("digests share a fan-out directory")
+    sub.write_bytes(b"not a directory")  # the fan-out dir cannot be created
+    with pytest.raises(OSError, match="cannot store chunk"):
+        store.put_many([bad, good])
+    assert store.read(good[0]) == good[1] and store.stats().chunks == 1
+    assert not store.known(bad[0])
+    assert not list((tmp_path / "chunks" / ".tmp").iterdir())
