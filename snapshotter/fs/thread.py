@@ -1,8 +1,9 @@
 """Run the daemon filesystem on its own event loop in a thread.
 
-The daemon runs ``LazyFS`` on its main loop; tools that need to touch the mount with
-blocking calls from the same process (benchmarks, tests, a debug mount command) must
-not block the loop that answers FUSE, so they run it here instead.
+The daemon runs ``LazyFS`` on the layer provider's loop thread. The C workers answer most
+requests, but a read that needs a fetch is answered by that loop: tools that touch the
+mount with blocking calls from the same process (benchmarks, tests) must not block it,
+so they run the filesystem here instead.
 """
 from __future__ import annotations
 
