@@ -1,5 +1,5 @@
 # Types of the C FUSE filesystem (native/fuse/module.c).
-from collections.abc import Buffer
+Buffer = bytes | bytearray | memoryview
 
 TREE_MAGIC: int
 NODE_PYDATA: int

@@ -7,7 +7,7 @@ The C side does the byte work with the GIL released; this module only names thin
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
@@ -153,7 +153,7 @@ def sha256(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def write_chunks(chunks_dir: str, tmp_dir: str, tag: str,
-                 items: list[tuple[bytes, bytes | bytearray | memoryview]], fsync: int) -> list[int]:
+                 items: Sequence[tuple[bytes, bytes | bytearray | memoryview]], fsync: int) -> list[int]:
     """Write chunk files ``<chunks_dir>/<hex[:2]>/<hex[2:]>`` via ``tmp_dir`` + rename, all in
     one call with the GIL released (fsync: 0 none, 1 each file, 2 files and directories).
     Per item: 1 written, 0 already present, or -errno."""

@@ -65,6 +65,7 @@ MAGIC = b"LZSNAPIX"
 VERSION = 3
 BLOCK_RECORDS = 256
 _BLOCK_CACHE = 512  # decompressed entry blocks kept per open index (≈ 8 MB max)
+_BULK_BLOCKS = 64  # entry blocks decompressed per call when walking all entries (~1 MB)
 _CHECKSUM_AT = 16  # the u64 checksum covers every byte of the file except itself
 
 
@@ -84,6 +85,9 @@ _FLAG_EXTRA = 1
 _FORMATS = [LayerFormat.TAR, LayerFormat.GZIP, LayerFormat.ZSTD]
 _ENTRY_TYPES = tuple(EntryType)  # by value: 0..6, looked up per entry without the enum call
 assert all(t.value == i for i, t in enumerate(_ENTRY_TYPES))
+_REG, _DIR, _SYMLINK = EntryType.REG, EntryType.DIR, EntryType.SYMLINK
+_REG_CODE, _DIR_CODE, _SYMLINK_CODE = int(_REG), int(_DIR), int(_SYMLINK)
+_FAST_CODES = frozenset((_REG_CODE, _DIR_CODE, _SYMLINK_CODE))  # decoded inline by ``entries``
 _SECTIONS = ("entries", "blockidx", "extras", "chunks", "checkpoints", "windows", "marks")
 
 
@@ -359,6 +363,29 @@ class IndexFile:
                 self._blocks.popitem(last=False)
         return blk
 
+    def _blocks_from(self, first: int, count: int) -> list[bytes]:
+        """Decompressed entry blocks ``first``.. (up to ``count``) in one zstd call.
+
+        Why: each decompression releases the GIL, and in the daemon, where layer trees
+        are built in several threads at once, taking it back costs up to a switch
+        interval (5 ms) per block. ``entries`` walks every block once per layer build.
+        Any problem falls back to ``_block``, block by block, for its exact error.
+        """
+        last = min(len(self._block_offsets) - 1, first + count)
+        offs = self._block_offsets
+        try:
+            if not all(offs[b] <= offs[b + 1] <= len(self._ent) for b in range(first, last)):
+                raise ValueError("block out of range")
+            frames = [self._ent[offs[b]:offs[b + 1]] for b in range(first, last)]
+            dctx = zstandard.ZstdDecompressor()  # one per call: a context is not thread-safe
+            out = [seg.tobytes() for seg in dctx.multi_decompress_to_buffer(frames)]
+        except (ValueError, zstandard.ZstdError):
+            return [self._block(b) for b in range(first, last)]
+        for b, blk in zip(range(first, last), out):
+            if len(blk) < self._records_in(b) * ENTRY.size:
+                raise self._bad(f"entry block {b} is short")
+        return out
+
     def _rec(self, n: int) -> tuple[int, ...]:
         if not 0 <= n < self.entry_count:
             raise self._bad(f"entry record {n} out of range")
@@ -536,11 +563,43 @@ class IndexFile:
         layer's tree at its first Prepare iterates every entry of the index.
         """
         n = 0
-        for blk_no in range(len(self._block_offsets) - 1):
-            blk = self._block(blk_no)
+        dir_paths = self._dir_paths
+        n_chunks = self.chunk_count
+        n_blocks = len(self._block_offsets) - 1
+        batch: list[bytes] = []
+        for blk_no in range(n_blocks):
+            if not batch:
+                batch = self._blocks_from(blk_no, _BULK_BLOCKS)[::-1]
+            blk = batch.pop()
             base = self._records_in(blk_no) * ENTRY.size
+            size_blk = len(blk)
             for rec in ENTRY.iter_unpack(memoryview(blk)[:base]):
-                yield self._entry(n, rec, blk, base)
+                # the common records (files, directories, symlinks without extras) inline,
+                # with the same checks as ``_entry``; everything else goes through it
+                (parent, noff, nlen, etype, flags, mode, uid, gid, size, mtime, doff, a, b, _x) = rec
+                ppath = dir_paths.get(parent)
+                start = base + noff
+                if (flags or etype not in _FAST_CODES or not 0 < n or parent >= n or ppath is None
+                        or start + nlen > size_blk):
+                    yield self._entry(n, rec, blk, base)
+                    n += 1
+                    continue
+                name = blk[start:start + nlen].decode("utf-8", "surrogateescape")
+                path = f"{ppath}/{name}" if ppath else name
+                if etype == _REG_CODE:
+                    if a + b > n_chunks:
+                        raise self._bad(f"entry {n} chunk range out of bounds")
+                    # positional: Entry(path, type, mode, uid, gid, size, mtime_ns, linkname,
+                    # devmajor, devminor, xattrs, data_offset, first_chunk, chunk_count, sparse)
+                    yield Entry(path, _REG, mode, uid, gid, size, mtime, "", 0, 0, {}, doff, a, b, None)
+                elif etype == _DIR_CODE:
+                    dir_paths[n] = path
+                    yield Entry(path, _DIR, mode, uid, gid, size, mtime, "", 0, 0, {}, doff, 0, 0, None)
+                elif etype == _SYMLINK_CODE:
+                    if base + a + b > size_blk:
+                        raise self._bad("string reference out of range")
+                    link = blk[base + a:base + a + b].decode("utf-8", "surrogateescape")
+                    yield Entry(path, _SYMLINK, mode, uid, gid, size, mtime, link, 0, 0, {}, doff, 0, 0, None)
                 n += 1
 
     # -- chunks and checkpoints ------------------------------------------------------
