@@ -109,8 +109,13 @@ class LazyFS:
         log.info("fuse_unmounted", mountpoint=self.mountpoint)
 
     # -- layers ---------------------------------------------------------------------------------
-    def add_layer(self, name: str, tree: LayerTree, data: LayerData) -> Path:
-        """Expose a layer as ``<mnt>/<name>``; returns that directory."""
+    def add_layer(self, name: str, tree: LayerTree, data: LayerData, *, compiled: bytes | None = None,
+                  digests: bytes | None = None) -> Path:
+        """Expose a layer as ``<mnt>/<name>``; returns that directory.
+
+        ``compiled`` (``compile_tree(tree)``) and ``digests`` (every chunk's SHA-256, joined)
+        may be made beforehand in a worker thread: for a 23k-entry layer they cost tens of
+        milliseconds that would otherwise hold the loop serving reads."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"bad layer directory name {name!r}")
         if name in self._layers:
@@ -119,7 +124,8 @@ class LazyFS:
         self._watch(data.store)
         slot = self._next_slot
         self._next_slot += 1
-        session.add_layer(slot, name, compile_tree(tree), _digests(data), str(data.store.chunks_dir),
+        session.add_layer(slot, name, compiled if compiled is not None else compile_tree(tree),
+                          digests if digests is not None else _digests(data), str(data.store.chunks_dir),
                           data.chunk_size)
         layer = MountedLayer(name, slot, tree, data)
         self._layers[name] = layer

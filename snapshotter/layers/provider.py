@@ -31,6 +31,7 @@ from typing import Any
 from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fs import LayerData, LayerTree, LazyFS
+from snapshotter.fs.compiled import compile_tree
 from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile
@@ -363,11 +364,11 @@ class LazyLayerProvider:
         blob_source: Any = (FileBlobSource(local_blob) if local_blob is not None
                             else RegistryBlobSource(self.client, ref, digest))
         lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
-        tree = await asyncio.to_thread(LayerTree.build, idx.entries())
+        tree, compiled = await asyncio.to_thread(_build_tree, idx)
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
-        path = self.fs.add_layer(_dirname(digest), tree, data)
+        path = self.fs.add_layer(_dirname(digest), tree, data, compiled=compiled, digests=b"".join(digests))
         layer = ProvidedLayer(digest, ref, idx, lf, data, path, source, verified)
         if not verified and self.options.verify_complete_layers:
             lf.on_complete = lambda: self._schedule_verify(layer)
@@ -430,6 +431,12 @@ class LazyLayerProvider:
 
     def _blob_path(self, digest: str) -> Path:
         return self.blobs_dir / digest.replace(":", "-")
+
+
+def _build_tree(idx: IndexFile) -> tuple[LayerTree, bytes]:
+    """Worker thread: the layer's tree and its compiled form for the C filesystem."""
+    tree = LayerTree.build(idx.entries())
+    return tree, compile_tree(tree)
 
 
 def _dirname(digest: str) -> str:

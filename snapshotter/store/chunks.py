@@ -471,18 +471,25 @@ class ChunkStore:
         """Keep a layer's chunks (present or future) out of eviction until ``unpin``."""
         ds = frozenset(digests)
         with self._lock:
-            old = self._pins.pop(layer, frozenset())
-            self._pin_count.subtract(old)
+            self._unpin_locked(layer)
             self._pins[layer] = ds
             self._pin_count.update(ds)
-            self._pin_count += collections.Counter()  # drop zero counts
 
     def unpin(self, layer: str) -> None:
         with self._lock:
-            old = self._pins.pop(layer, frozenset())
-            self._pin_count.subtract(old)
-            self._pin_count += collections.Counter()
+            self._unpin_locked(layer)
         self._evict_if_needed()
+
+    def _unpin_locked(self, layer: str) -> None:
+        """Drop a layer's pins, removing the counts that reach zero (no whole-counter copy:
+        pinning runs on the provider's loop, once per layer with tens of thousands of chunks)."""
+        counts = self._pin_count
+        for d in self._pins.pop(layer, frozenset()):
+            n = counts[d] - 1
+            if n > 0:
+                counts[d] = n
+            else:
+                del counts[d]
 
     def is_pinned(self, digest: bytes) -> bool:
         with self._lock:
