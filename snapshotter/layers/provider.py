@@ -89,6 +89,10 @@ class LazyLayerProvider:
         self._images: dict[str, _Image] = {}
         self._sem = asyncio.Semaphore(self.options.layer_parallel)
         self._verify_one = asyncio.Semaphore(1)  # completeness checks run one at a time (memory)
+        # trees are built one at a time, in the order layers were started (an image's order):
+        # the builds are Python (one GIL), so running them side by side only made the bottom
+        # layer, which containerd prepares first, wait for the others
+        self._build_one = asyncio.Lock()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._thread: threading.Thread | None = None
@@ -364,7 +368,8 @@ class LazyLayerProvider:
         blob_source: Any = (FileBlobSource(local_blob) if local_blob is not None
                             else RegistryBlobSource(self.client, ref, digest))
         lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
-        tree, compiled = await asyncio.to_thread(_build_tree, idx)
+        async with self._build_one:
+            tree, compiled = await asyncio.to_thread(_build_tree, idx)
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
