@@ -15,9 +15,15 @@ typedef struct {
     int busy; /* calls that released the GIL and still use fs (changed under the GIL only) */
 } SessionObject;
 
-/* Around a call that releases the GIL: close() from another thread waits for it. */
-#define ENTER(self) ((self)->busy++)
-#define LEAVE(self) ((self)->busy--)
+/* Run stmt with the GIL released; close() from another thread waits for it to finish. */
+#define UNLOCKED(self, stmt)                                                                       \
+    do {                                                                                           \
+        (self)->busy++;                                                                            \
+        Py_BEGIN_ALLOW_THREADS                                                                     \
+        stmt;                                                                                      \
+        Py_END_ALLOW_THREADS                                                                       \
+        (self)->busy--;                                                                            \
+    } while (0)
 
 static PyObject *os_error(int neg_errno, const char *msg)
 {
@@ -34,6 +40,19 @@ static lzfs *live(SessionObject *self)
     if (!self->fs)
         PyErr_SetString(PyExc_ValueError, "FUSE session is closed");
     return self->fs;
+}
+
+static int slot_arg(PyObject *arg, uint32_t *slot)
+{
+    unsigned long v = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return -1;
+    if (v > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "layer slot out of range");
+        return -1;
+    }
+    *slot = (uint32_t)v;
+    return 0;
 }
 
 static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
@@ -136,12 +155,8 @@ static PyObject *Session_add_layer(SessionObject *self, PyObject *args, PyObject
     }
     const char *msg = "";
     int r;
-    ENTER(self);
-    Py_BEGIN_ALLOW_THREADS
-    r = lzfs_add_layer(fs, slot, name, (size_t)name_len, tree.buf, (size_t)tree.len, digests.buf,
-                       (uint64_t)digests.len / 32, chunks_dir, chunk_size, &msg);
-    Py_END_ALLOW_THREADS
-    LEAVE(self);
+    UNLOCKED(self, r = lzfs_add_layer(fs, slot, name, (size_t)name_len, tree.buf, (size_t)tree.len, digests.buf,
+                       (uint64_t)digests.len / 32, chunks_dir, chunk_size, &msg));
     PyBuffer_Release(&tree);
     PyBuffer_Release(&digests);
     if (r == -EINVAL || r == -EEXIST) {
@@ -158,15 +173,11 @@ static PyObject *Session_remove_layer(SessionObject *self, PyObject *arg)
     lzfs *fs = live(self);
     if (!fs)
         return NULL;
-    unsigned long slot = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
+    uint32_t slot;
+    if (slot_arg(arg, &slot) < 0)
         return NULL;
     int r;
-    ENTER(self);
-    Py_BEGIN_ALLOW_THREADS
-    r = lzfs_remove_layer(fs, (uint32_t)slot);
-    Py_END_ALLOW_THREADS
-    LEAVE(self);
+    UNLOCKED(self, r = lzfs_remove_layer(fs, slot));
     return PyBool_FromLong(r == 0);
 }
 
@@ -175,10 +186,10 @@ static PyObject *Session_set_failed(SessionObject *self, PyObject *arg)
     lzfs *fs = live(self);
     if (!fs)
         return NULL;
-    unsigned long slot = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
+    uint32_t slot;
+    if (slot_arg(arg, &slot) < 0)
         return NULL;
-    return PyBool_FromLong(lzfs_set_failed(fs, (uint32_t)slot) == 0);
+    return PyBool_FromLong(lzfs_set_failed(fs, slot) == 0);
 }
 
 static PyObject *Session_invalidate_entry(SessionObject *self, PyObject *arg)
@@ -189,11 +200,7 @@ static PyObject *Session_invalidate_entry(SessionObject *self, PyObject *arg)
     if (!fs || PyBytes_AsStringAndSize(arg, &name, &len) < 0)
         return NULL;
     int r;
-    ENTER(self);
-    Py_BEGIN_ALLOW_THREADS
-    r = lzfs_inval_root_entry(fs, name, (size_t)len);
-    Py_END_ALLOW_THREADS
-    LEAVE(self);
+    UNLOCKED(self, r = lzfs_inval_root_entry(fs, name, (size_t)len));
     if (r)
         return os_error(r < 0 ? r : -EIO, "cannot invalidate the entry");
     Py_RETURN_NONE;
@@ -277,11 +284,7 @@ static PyObject *Session_reply_data(SessionObject *self, PyObject *args)
     if (!fs || !PyArg_ParseTuple(args, "Ky*:reply_data", &token, &b))
         return NULL;
     int r;
-    ENTER(self);
-    Py_BEGIN_ALLOW_THREADS
-    r = lzfs_reply_data(fs, token, b.buf, (size_t)b.len);
-    Py_END_ALLOW_THREADS
-    LEAVE(self);
+    UNLOCKED(self, r = lzfs_reply_data(fs, token, b.buf, (size_t)b.len));
     PyBuffer_Release(&b);
     return PyBool_FromLong(r == 0);
 }
@@ -294,11 +297,7 @@ static PyObject *Session_reply_error(SessionObject *self, PyObject *args)
     if (!fs || !PyArg_ParseTuple(args, "Ki:reply_error", &token, &err))
         return NULL;
     int r;
-    ENTER(self);
-    Py_BEGIN_ALLOW_THREADS
-    r = lzfs_reply_error(fs, token, err);
-    Py_END_ALLOW_THREADS
-    LEAVE(self);
+    UNLOCKED(self, r = lzfs_reply_error(fs, token, err));
     return PyBool_FromLong(r == 0);
 }
 
