@@ -258,3 +258,17 @@ def test_put_many_reports_write_errors_after_storing_the_rest(tmp_path: Path) ->
     assert store.read(good[0]) == good[1] and store.stats().chunks == 1
     assert not store.known(bad[0])
     assert not list((tmp_path / "chunks" / ".tmp").iterdir())
+
+
+def test_a_vanished_chunk_is_unmarked_and_marked_again_when_stored(tmp_path: Path) -> None:
+    """Watchers (the C filesystem) must learn a chunk back after it vanished and was refetched."""
+    store = ChunkStore(tmp_path)
+    marks: list[str] = []
+    store.watch_verified(lambda d: marks.append("+"), lambda d: marks.append("-"))
+    d, data = _chunk(9)
+    store.put(d, data)
+    store.close()  # no cached fd: the next read opens the file
+    os.unlink(store.path_of(d))
+    assert store.read(d) is None
+    assert store.put(d, data) is True and store.read(d) == data
+    assert marks == ["+", "-", "+"]

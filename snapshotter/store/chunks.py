@@ -314,6 +314,9 @@ class ChunkStore:
             with self._lock:
                 if digest in self._lru:
                     self._total -= self._lru.pop(digest)
+                # gone (removed behind our back): no longer verified on disk, so a refetch
+                # marks it again and the watchers (the C filesystem) learn it back
+                self._unmark_verified(digest)
             return None
         if digest not in self._verified and not self._verify_fd(digest, fd):
             os.close(fd)
