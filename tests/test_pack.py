@@ -3,7 +3,6 @@ wrong is an error naming the problem (or, for a chunk's bytes, a rejected chunk)
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -20,7 +19,7 @@ from snapshotter.fetch.sources import IndexCodec
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile, write_index
 from snapshotter.index.reader import FileRangeSource, LayerReader
-from snapshotter.prefetch.manager import _store_pack_chunks
+from snapshotter.prefetch.manager import _store_pack_batch
 from snapshotter.prefetch.pack import MAGIC, SCHEMA, PackError, PackReader, build_pack
 from snapshotter.store import ChunkStore
 
@@ -34,7 +33,8 @@ def _read_all(blob: bytes, cuts: list[int], layers: tuple[str, ...] = (L1, L2), 
     got = []
     pos = 0
     for cut in [*sorted(c % (len(blob) + 1) for c in cuts), len(blob)]:
-        got += [(c.layer, c.chunk, data) for c, data in r.feed(blob[pos:max(pos, cut)])]
+        batch = r.take(blob[pos:max(pos, cut)])
+        got += [(c.layer, c.chunk, bytes(batch.data(i))) for i, c in enumerate(batch.chunks)]
         pos = max(pos, cut)
     r.finish()
     return got
@@ -108,15 +108,13 @@ def test_only_chunks_matching_the_index_are_stored(tmp_path: Path) -> None:
     items = [(0, good[0]), (1, bytes(tampered)), (2, good[3]), (idx.chunk_count + 5, good[4]), (4, good[4])]
     blob, _ = build_pack(M, [(L1, c, data) for c, data in items])
     store = ChunkStore(tmp_path / "root")
-    counts = {"stored": 0, "already_local": 0, "rejected": 0}
-    for c, data in PackReader(M, [L1], max_bytes=1 << 30).feed(blob):
-        for k, v in _store_pack_chunks(store, codec, [(c, data)]).items():
-            counts[k] += v
+    batch = PackReader(M, [L1], max_bytes=1 << 30).take(blob)
+    counts = _store_pack_batch(store, {L1: codec}, batch, range(len(batch.chunks)))
     assert counts == {"stored": 2, "already_local": 0, "rejected": 3}
     for c in range(idx.chunk_count):
         data = store.read(codec.digest(c))
         assert data is None if c not in (0, 4) else data == good[c]
     # a second pass finds them local
-    assert _store_pack_chunks(store, codec, [(PackReader(M, [L1], max_bytes=1 << 30).feed(blob)[0][0], good[0])]) \
+    assert _store_pack_batch(store, {L1: codec}, PackReader(M, [L1], max_bytes=1 << 30).take(blob), [0]) \
         == {"stored": 0, "already_local": 1, "rejected": 0}
     idx.close()

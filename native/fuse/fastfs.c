@@ -276,7 +276,7 @@ static int in_strings(const layer_t *l, uint32_t off, uint32_t len)
 
 /* Every offset and index in the blob is checked once here, so the request paths can trust
  * them. */
-static int layer_check(layer_t *l, size_t blob_len, const char **msg)
+static int layer_check(layer_t *l, const char **msg)
 {
     for (uint32_t i = 1; i < l->n_nodes; i++) {
         const lzt_node *n = &l->nodes[i];
@@ -307,7 +307,6 @@ static int layer_check(layer_t *l, size_t blob_len, const char **msg)
             return -EINVAL;
         }
     }
-    (void)blob_len;
     return 0;
 }
 
@@ -363,7 +362,7 @@ int lzfs_add_layer(lzfs *fs, uint32_t slot, const char *name, size_t name_len, c
     l->n_chunks = n_chunks;
     l->chunk_size = chunk_size;
     l->slot = slot;
-    int r = layer_check(l, tree_len, msg);
+    int r = layer_check(l, msg);
     if (r) {
         layer_free(l);
         return r;
@@ -455,6 +454,19 @@ static const lzt_node *lock_node(lzfs *fs, fuse_ino_t ino, layer_t **layer)
         pthread_rwlock_unlock(&fs->table_lock);
     *layer = l;
     return n;
+}
+
+/* lock_node for an inode that must be of file type `kind`: answers the request itself
+ * (ENOENT, or `wrong` for another type) and returns NULL when it is not. */
+static const lzt_node *lock_kind(fuse_req_t req, lzfs *fs, fuse_ino_t ino, mode_t kind, int wrong, layer_t **layer)
+{
+    const lzt_node *n = lock_node(fs, ino, layer);
+    if (n && (n->mode & S_IFMT) == kind)
+        return n;
+    if (n)
+        pthread_rwlock_unlock(&fs->table_lock);
+    fuse_reply_err(req, n ? wrong : ENOENT);
+    return NULL;
 }
 
 static void node_stat(struct stat *st, fuse_ino_t ino, const lzt_node *n)
@@ -644,16 +656,9 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino)
     lzfs *fs = fuse_req_userdata(req);
     count(fs, LZC_READLINK);
     layer_t *l;
-    const lzt_node *n = lock_node(fs, ino, &l);
-    if (!n) {
-        fuse_reply_err(req, ENOENT);
+    const lzt_node *n = lock_kind(req, fs, ino, S_IFLNK, EINVAL, &l);
+    if (!n)
         return;
-    }
-    if (!S_ISLNK(n->mode)) {
-        pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, EINVAL);
-        return;
-    }
     char *target = strndup(l->strings + n->target_off, n->target_len);
     pthread_rwlock_unlock(&fs->table_lock);
     if (!target) {
@@ -670,14 +675,9 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     count(fs, LZC_OPENDIR);
     if (ino != FUSE_ROOT_ID) {
         layer_t *l;
-        const lzt_node *n = lock_node(fs, ino, &l);
-        int err = !n ? ENOENT : !S_ISDIR(n->mode) ? ENOTDIR : 0;
-        if (n)
-            pthread_rwlock_unlock(&fs->table_lock);
-        if (err) {
-            fuse_reply_err(req, err);
+        if (!lock_kind(req, fs, ino, S_IFDIR, ENOTDIR, &l))
             return;
-        }
+        pthread_rwlock_unlock(&fs->table_lock);
         fi->cache_readdir = 1; /* the kernel keeps the listing: it never changes */
         fi->keep_cache = 1;
     }
@@ -886,14 +886,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         return;
     }
     layer_t *l;
-    const lzt_node *n = lock_node(fs, ino, &l);
-    int err = !n ? ENOENT : !S_ISREG(n->mode) ? EINVAL : 0;
-    if (n)
-        pthread_rwlock_unlock(&fs->table_lock);
-    if (err) {
-        fuse_reply_err(req, err);
+    if (!lock_kind(req, fs, ino, S_IFREG, EINVAL, &l))
         return;
-    }
+    pthread_rwlock_unlock(&fs->table_lock);
     fi->fh = ino;
     fi->keep_cache = 1; /* page cache survives close/open: the file never changes */
     fuse_reply_open(req, fi);
@@ -987,16 +982,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off_, str
     uint64_t off = (uint64_t)off_;
     count(fs, LZC_READ);
     layer_t *l;
-    const lzt_node *n = lock_node(fs, ino, &l);
-    if (!n) {
-        fuse_reply_err(req, ENOENT);
+    const lzt_node *n = lock_kind(req, fs, ino, S_IFREG, EINVAL, &l);
+    if (!n)
         return;
-    }
-    if (!S_ISREG(n->mode)) {
-        pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, EINVAL);
-        return;
-    }
     if (atomic_load(&l->failed))
         goto to_python; /* Python answers EIO and logs the quarantine reason */
     if (off >= n->size || size == 0) {

@@ -206,17 +206,25 @@ static PyObject *Session_invalidate_entry(SessionObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* A buffer of n >= 1 SHA-256 digests (32 bytes each); release it after use. */
+static int digests_arg(PyObject *arg, Py_buffer *b)
+{
+    if (PyObject_GetBuffer(arg, b, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (b->len == 0 || b->len % 32) {
+        PyBuffer_Release(b);
+        PyErr_SetString(PyExc_ValueError, "digests must be 32 bytes each");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *Session_mark_verified(SessionObject *self, PyObject *arg)
 {
     lzfs *fs = live(self);
     Py_buffer b;
-    if (!fs || PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+    if (!fs || digests_arg(arg, &b) < 0)
         return NULL;
-    if (b.len % 32) {
-        PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "digests must be 32 bytes each");
-        return NULL;
-    }
     int r = lzfs_mark_verified(fs, b.buf, (size_t)b.len / 32);
     PyBuffer_Release(&b);
     if (r)
@@ -228,14 +236,10 @@ static PyObject *Session_forget_verified(SessionObject *self, PyObject *arg)
 {
     lzfs *fs = live(self);
     Py_buffer b;
-    if (!fs || PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+    if (!fs || digests_arg(arg, &b) < 0)
         return NULL;
-    if (b.len != 32) {
-        PyBuffer_Release(&b);
-        PyErr_SetString(PyExc_ValueError, "a digest is 32 bytes");
-        return NULL;
-    }
-    lzfs_forget_verified(fs, b.buf);
+    for (Py_ssize_t i = 0; i < b.len; i += 32)
+        lzfs_forget_verified(fs, (const uint8_t *)b.buf + i);
     PyBuffer_Release(&b);
     Py_RETURN_NONE;
 }
@@ -332,7 +336,7 @@ static PyMethodDef Session_methods[] = {
     {"set_failed", (PyCFunction)Session_set_failed, METH_O, "set_failed(slot): every read goes to Python"},
     {"invalidate_entry", (PyCFunction)Session_invalidate_entry, METH_O, "forget a top-level name in the kernel"},
     {"mark_verified", (PyCFunction)Session_mark_verified, METH_O, "mark_verified(digests: 32*n bytes)"},
-    {"forget_verified", (PyCFunction)Session_forget_verified, METH_O, "forget_verified(digest)"},
+    {"forget_verified", (PyCFunction)Session_forget_verified, METH_O, "forget_verified(digests: 32*n bytes)"},
     {"take", (PyCFunction)Session_take, METH_NOARGS,
      "take() -> ([(token, ino, off, size)], [(ino, off, size, t_ns)])"},
     {"reply_data", (PyCFunction)Session_reply_data, METH_VARARGS, "reply_data(token, data) -> bool"},

@@ -11,11 +11,10 @@ from __future__ import annotations
 import stat
 import struct
 
+from snapshotter._fuse import NODE_PYDATA, TREE_MAGIC
 from snapshotter.fs.tree import LayerTree
 
-MAGIC = 0x31545A4C  # "LZT1"
 VERSION = 1
-NODE_PYDATA = 1  # a regular file whose bytes only Python produces (sparse)
 HEADER = struct.Struct("<6IQ")
 NODE = struct.Struct("<QqQQ14I")
 CHILD = struct.Struct("<3I")
@@ -66,5 +65,5 @@ def compile_tree(tree: LayerTree) -> bytes:
                   node.mode & _U32, node.uid & _U32, node.gid & _U32, min(node.nlink, _U32),
                   node.parent, child_start, len(node.children or ()), xattr_start, len(node.xattrs),
                   target_off, len(node.target), chunk_count, flags, 0)
-    header = HEADER.pack(MAGIC, VERSION, len(nodes), n_children, n_xattrs, 0, len(strings))
+    header = HEADER.pack(TREE_MAGIC, VERSION, len(nodes), n_children, n_xattrs, 0, len(strings))
     return b"".join((header, node_buf, children, xattrs, strings))

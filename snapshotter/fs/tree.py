@@ -1,8 +1,9 @@
 """The directory tree of one layer as overlayfs must see it, built once from index entries.
 
 Why a tree of our own instead of asking the index per call: FUSE lookups, getattr and
-readdir are the hot metadata path (``find | stat`` of 38k files); a dict per directory
-answers them without touching the index. The tree also applies the OCI → overlayfs
+readdir are the hot metadata path (``find | stat`` of 38k files). The C filesystem answers
+them from this tree compiled to one blob (``fs/compiled.py``); Python keeps it to map an
+inode to its tar entry when a read needs a fetch. The tree applies the OCI → overlayfs
 conventions exactly like containerd's overlay applier:
 - ``.wh.<name>``      → a character device 0/0 named ``<name>`` (mode 0, owner from tar);
 - ``.wh..wh..opq``    → the directory gets ``trusted.overlay.opaque=y``, marker hidden;
@@ -73,21 +74,11 @@ class LayerTree:
         self.by_path: dict[str, int] = {"": 1}
         self.total_size = 0
         self.files = 0
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def _new(self, node: Node) -> Node:
         node.local = len(self.nodes)
         self.nodes.append(node)
         return node
-
-    def listing(self, local: int) -> list[tuple[bytes, int]]:
-        """(name, inode) of a directory, cached: readdir is called once per ~30 entries."""
-        items = self._listings.get(local)
-        if items is None:
-            node = self.nodes[local]
-            assert node is not None and node.children is not None
-            items = self._listings[local] = list(node.children.items())
-        return items
 
     def node(self, local: int) -> Node | None:
         if 0 < local < len(self.nodes):

@@ -27,7 +27,7 @@ from snapshotter.log import get_logger
 from snapshotter.native import CHUNK_RECORD, verify_chunks
 from snapshotter.prefetch import background, metrics
 from snapshotter.prefetch.lookup import Found, find
-from snapshotter.prefetch.pack import PackBatch, PackChunk, PackError, PackReader
+from snapshotter.prefetch.pack import PackBatch, PackError, PackReader
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, merge, save
 from snapshotter.prefetch.recorder import AccessRecorder
@@ -412,15 +412,6 @@ class ProfileManager:
     def profile_bytes(self, manifest: str) -> bytes | None:
         p = load(self.root, manifest)
         return None if p is None else dumps(p)
-
-
-def _store_pack_chunks(store: Any, codec: Any, items: list[tuple[PackChunk, bytes]]) -> dict[str, int]:
-    """Store the pack chunks whose bytes hash to what this node's index says (one layer)."""
-    # a chunk's layout comes from its data: one whose size is not its table size simply
-    # does not match its digest
-    batch = PackBatch([data for _, data in items], [PackChunk(c.layer, c.chunk, len(data)) for c, data in items],
-                      [(i, 0) for i in range(len(items))])
-    return _store_pack_batch(store, {c.layer: codec for c, _ in items}, batch, range(len(items)))
 
 
 def _decode(reader: PackReader, blocks: list[bytes]) -> PackBatch:

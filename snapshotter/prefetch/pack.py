@@ -114,11 +114,6 @@ class PackReader:
     def done(self) -> bool:
         return self._table is not None and self._next == len(self._table)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[PackChunk, bytes]]:
-        """``take``, as one ``(chunk, bytes)`` pair per finished chunk."""
-        batch = self.take(data)
-        return [(c, bytes(batch.data(i))) for i, c in enumerate(batch.chunks)]
-
     def take(self, data: bytes | bytearray | memoryview) -> PackBatch:
         if self._dobj.eof:  # the pack is one zstd frame: nothing may follow it
             if data:

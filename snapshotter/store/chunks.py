@@ -78,7 +78,6 @@ class ChunkStore:
         self._to_close: list[int] = []
         self._pins: dict[str, frozenset[bytes]] = {}
         self._pin_count: collections.Counter[bytes] = collections.Counter()
-        self._dirs: set[str] = set()  # fan-out directories known to exist
         self._staged: dict[bytes, bytes] = {}  # verified bytes on their way to disk (see stage)
         # mirrors of _verified (the C filesystem serves only verified chunks), under _lock
         self._watchers: list[tuple[Callable[[bytes], None], Callable[[bytes], None]]] = []
@@ -179,60 +178,14 @@ class ChunkStore:
         """
         if not verified and hashlib.sha256(data).digest() != digest:
             raise ChunkCorrupt(f"chunk data does not match sha256:{digest.hex()}")
-        with self._lock:
-            present = digest in self._lru
-        if present or self._on_disk(digest):
-            with self._lock:
-                self.dedup_hits += 1
-            metrics.DEDUP_HITS.inc()
-            return False
-        h = digest.hex()
-        sub = f"{self._chunks_s}/{h[:2]}"
-        final = f"{sub}/{h[2:]}"
-        if h[:2] not in self._dirs:
-            os.makedirs(sub, exist_ok=True)
-            self._dirs.add(h[:2])
-        tmp = f"{self._tmp_s}/{h}.{os.getpid()}.{threading.get_ident()}.{next(_counter)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if self.fsync != "none":
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.rename(tmp, final)  # atomic: readers see nothing or the whole chunk
-        if self.fsync == "full":
-            dfd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        with self._lock:
-            raced = digest in self._lru  # another writer stored it meanwhile: same bytes
-            if not raced:
-                self._lru[digest] = len(data)
-                self._total += len(data)
-            else:
-                self.dedup_hits += 1
-            self._mark_verified(digest)
-            metrics.STORED_BYTES.set(self._total)
-        if raced:
-            metrics.DEDUP_HITS.inc()
-            return False
-        self._evict_if_needed()
-        return True
+        return self.put_many([(digest, data)]) == 1
 
     def put_many(self, items: list[tuple[bytes, bytes | memoryview]]) -> int:
-        """Store chunks whose SHA-256 the caller has just checked, in one batch; returns how
-        many were new. Same protocol and outcome as ``put(..., verified=True)`` per chunk,
-        but the files are written by one C call with the GIL released (a decoded span of
-        small files holds hundreds of chunks; five syscalls each, each re-taking the GIL,
+        """Store chunks whose SHA-256 the caller has just checked; returns how many were new.
+
+        The one write path of the store (``put`` is a batch of one): each file is written to
+        ``.tmp`` and renamed into place by one C call with the GIL released (a decoded span
+        of small files holds hundreds of chunks; five syscalls each, each re-taking the GIL,
         cost more than the decode on a busy daemon). Raises OSError for the first chunk
         that could not be written, after recording the others."""
         with self._lock:
