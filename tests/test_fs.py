@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,13 +163,27 @@ def test_second_read_is_answered_in_c_and_counted(mounted) -> None:
     verified on disk, a read that misses the page cache is answered by the C workers."""
     from snapshotter.store.metrics import REGISTRY
 
-    _, d, ft, _, _ = mounted
-
     def sample(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
+    _, d, ft, store, lf = mounted
     path = d / "data/big.bin"
+    entry = next(e for e in lf.codec.index.entries() if e.path == "data/big.bin")
+    wanted = {lf.codec.digest(entry.first_chunk + k) for k in range(entry.chunk_count)}
+    written: set[bytes] = set()
+    done = threading.Event()
+
+    def added(joined: bytes) -> None:  # runs under the store's lock
+        written.update(joined[i:i + 32] for i in range(0, len(joined), 32))
+        if wanted <= written:
+            done.set()
+
+    store.watch_verified(added, lambda _d: None)
     first = path.read_bytes()
+    # the first read was answered from the fetched span in memory; its chunk files are
+    # written (and only then offered to the C side) just after
+    assert done.wait(10)
+    store.unwatch_verified(added)
     before = ft.fs.counters()
     local_before = sample("lazysnap_fuse_reads_total", path="local")
     with open(path, "rb") as f:
