@@ -4,6 +4,9 @@ Buffer = bytes | bytearray | memoryview
 TREE_MAGIC: int
 NODE_PYDATA: int
 
+def build_tree(blocks: list[bytes], records_per_block: int, entry_count: int, extras: Buffer,
+               chunk_count: int) -> tuple[bytes, int, int]: ...
+
 class Session:
     def __init__(self, mountpoint: str, options: str = ..., threads: int = ...) -> None: ...
     def start(self) -> None: ...

@@ -11,12 +11,16 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import struct
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapshotter.fs.compiled import HEADER, NODE, build_compiled, compile_tree
 from snapshotter.fs.tree import OPAQUE_MARKER, OPAQUE_XATTR, WHITEOUT_PREFIX, LayerTree, Node
+from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.format import IndexFile, write_index
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import Chunk, Entry, EntryType, LayerFormat, LayerInfo
@@ -240,3 +244,171 @@ def test_entries_match_entry_at(tmp_path: Path) -> None:
     assert got == want
     assert sorted(got, key=lambda x: x.path) == sorted(e, key=lambda x: x.path)
     assert all(type(x.type) is EntryType for x in got)
+
+
+# -- the C builder (native/fuse/treebuild.c) against LayerTree + compile_tree ---------------------
+
+_REAL = ["a", "b", "ü", "caf\udce9", "lib", "x.so"]  # the last but two: a non-UTF-8 byte, kept
+_GONE = ["old", "stale"]  # whiteout targets that no real entry uses
+
+
+def _masked(blob: bytes) -> bytes:
+    """The blob without the node field only the C builder fills (a file's record + 1)."""
+    out = bytearray(blob)
+    for local in range(HEADER.unpack_from(out)[2]):
+        struct.pack_into("<I", out, HEADER.size + (local + 1) * NODE.size - 4, 0)
+    return bytes(out)
+
+
+def _reference(idx: IndexFile) -> tuple[bytes, LayerTree]:
+    tree = LayerTree.build(idx.entries())
+    return compile_tree(tree), tree
+
+
+@st.composite
+def _layer(draw: st.DrawFn) -> tuple[list[Entry], bool]:
+    """A valid index's entries, and whether the C builder must leave it to Python."""
+    entries = [Entry(path="", type=EntryType.DIR, mode=draw(st.integers(0, 0o7777)), uid=1, gid=2, size=0,
+                     mtime_ns=draw(st.integers(-5, 5)), xattrs=draw(st.sampled_from([{}, {"user.r": b"1"}])))]
+    dirs = [""]
+    names: dict[str, set[str]] = {"": set()}
+    data: list[str] = []
+    odd = False  # a whiteout beside its name, or entries under a whiteout or opaque marker
+    for _ in range(draw(st.integers(0, 30))):
+        parent = draw(st.sampled_from(dirs))
+        kind = draw(st.sampled_from(["reg", "reg", "dir", "dir", "sym", "dev", "fifo", "wh", "opq", "link"]))
+        if kind == "wh":
+            name = ".wh." + draw(st.sampled_from(_GONE + _REAL[:1]))
+        elif kind == "opq":
+            name = OPAQUE_MARKER
+        else:
+            name = draw(st.sampled_from(_REAL))
+        if name in names[parent] or (kind == "link" and not data):
+            continue
+        names[parent].add(name)
+        path = f"{parent}/{name}" if parent else name
+        if name.startswith(WHITEOUT_PREFIX) and name[4:] in names[parent] or (
+                not name.startswith(WHITEOUT_PREFIX) and WHITEOUT_PREFIX + name in names[parent]):
+            odd = True
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split("/")):
+            odd = True
+        x = draw(st.sampled_from([{}, {}, {"user.k": b"v"}, {"trusted.overlay.opaque": b"y", "user.x": b""},
+                                  {"security.capability": b"\x01\x02", "user.a": b"b"}]))
+        common = dict(path=path, mode=draw(st.integers(0, 0o7777)), uid=draw(st.integers(0, 3)),
+                      gid=draw(st.integers(0, 3)), mtime_ns=draw(st.integers(0, 10**18)), xattrs=x)
+        if kind in ("dir",) or (kind in ("wh", "opq") and draw(st.booleans())):
+            entries.append(Entry(type=EntryType.DIR, size=0, **common))  # type: ignore[arg-type]
+            if not name.startswith(WHITEOUT_PREFIX):
+                dirs.append(path)
+                names[path] = set()
+        elif kind == "sym":
+            entries.append(Entry(type=EntryType.SYMLINK, size=0, linkname=draw(st.sampled_from(["", "a", "../x/ü"])),
+                                 **common))  # type: ignore[arg-type]
+            data.append(path)
+        elif kind == "dev":
+            entries.append(Entry(type=draw(st.sampled_from([EntryType.CHAR, EntryType.BLOCK])), size=0,
+                                 devmajor=draw(st.integers(0, 4095)), devminor=draw(st.integers(0, 1 << 20)),
+                                 **common))  # type: ignore[arg-type]
+            data.append(path)
+        elif kind == "fifo":
+            entries.append(Entry(type=EntryType.FIFO, size=0, **common))  # type: ignore[arg-type]
+            data.append(path)
+        elif kind == "link":
+            target = draw(st.sampled_from(data))
+            if target.rpartition("/")[2].startswith(WHITEOUT_PREFIX):
+                odd = True
+            entries.append(Entry(type=EntryType.HARDLINK, size=0, linkname=target, **common))  # type: ignore[arg-type]
+        else:
+            first = draw(st.integers(0, 6))
+            sparse = draw(st.sampled_from([None, None, (), ((0, 10), (100, 5))]))
+            entries.append(Entry(type=EntryType.REG, size=draw(st.integers(0, 4 * 4096)), first_chunk=first,
+                                 chunk_count=draw(st.integers(0, 8 - first)), sparse=sparse,
+                                 **common))  # type: ignore[arg-type]
+            data.append(path)
+    return entries, odd
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layer())
+def test_c_builder_matches_layertree(tmp_path_factory, layer: tuple[list[Entry], bool]) -> None:
+    entries, odd = layer
+    path = tmp_path_factory.mktemp("idx") / "l.idx"
+    write_index(path, _index(entries, 8))
+    with IndexFile.open(path) as idx:
+        want, tree = _reference(idx)
+        try:
+            got = build_compiled(idx)
+        except NotImplementedError:
+            assert odd, "declined a layer it should build"
+            return
+        assert not odd, "built a layer it should leave to LayerTree"
+        assert _masked(got.blob) == want
+        assert (got.files, got.total_size, got.inodes) == (tree.files, tree.total_size, tree.inodes)
+        for local in range(1, tree.inodes + 1):
+            assert got.entry(local) == tree.entry(local)
+
+
+def _corrupted_blocks(idx: IndexFile, blocks: list[bytes]) -> None:
+    """Make ``idx`` read these decompressed entry blocks (both builders read through these)."""
+    idx._blocks_from = lambda first, count: blocks[first:first + count]  # type: ignore[method-assign]
+    idx._block = lambda b: blocks[b]  # type: ignore[method-assign]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layer(), st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6))
+def test_c_builder_on_corrupt_records(tmp_path_factory, layer: tuple[list[Entry], bool],
+                                      flips: list[tuple[int, int]]) -> None:
+    """Whatever a damaged index holds, the C builder either refuses it (as Python does) or
+    builds exactly what LayerTree builds from the same records: never a third tree."""
+    path = tmp_path_factory.mktemp("idx") / "l.idx"
+    write_index(path, _index(layer[0], 8))
+    with IndexFile.open(path) as idx:
+        blocks = [bytearray(b) for b in idx.entry_blocks()]
+        for pos, value in flips:
+            blk = blocks[pos % len(blocks)]
+            blk[pos % len(blk)] = value
+        _corrupted_blocks(idx, [bytes(b) for b in blocks])
+        try:
+            got = build_compiled(idx)
+        except NotImplementedError:
+            return
+        except IndexFormatError:
+            with pytest.raises(IndexFormatError):
+                _reference(idx)
+            return
+        want, tree = _reference(idx)
+        assert _masked(got.blob) == want
+        assert (got.files, got.total_size) == (tree.files, tree.total_size)
+
+
+def test_c_builder_takes_a_rich_layer_and_finds_entries(tmp_path: Path) -> None:
+    """Every kind the daemon meets in real images is built in C, not left to Python."""
+    e = [Entry(path="", type=EntryType.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=1),
+         Entry(path="etc", type=EntryType.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=2,
+               xattrs={"trusted.overlay.opaque": b"y", "user.t": b"1"}),
+         Entry(path="etc/.wh..wh..opq", type=EntryType.REG, mode=0, uid=0, gid=0, size=0, mtime_ns=0),
+         Entry(path="etc/.wh.passwd-", type=EntryType.REG, mode=0, uid=5, gid=6, size=0, mtime_ns=3),
+         Entry(path="etc/hosts", type=EntryType.REG, mode=0o644, uid=0, gid=0, size=10, mtime_ns=4,
+               first_chunk=0, chunk_count=1),
+         Entry(path="etc/hosts.link", type=EntryType.HARDLINK, mode=0o644, uid=0, gid=0, size=0, mtime_ns=4,
+               linkname="etc/hosts"),
+         Entry(path="etc/sparse", type=EntryType.REG, mode=0o600, uid=0, gid=0, size=9000, mtime_ns=4,
+               first_chunk=1, chunk_count=1, sparse=((0, 10), (8990, 10))),
+         Entry(path="lib", type=EntryType.SYMLINK, mode=0o777, uid=0, gid=0, size=0, mtime_ns=5,
+               linkname="usr/lib"),
+         Entry(path="dev", type=EntryType.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=6),
+         Entry(path="dev/null", type=EntryType.CHAR, mode=0o666, uid=0, gid=0, size=0, mtime_ns=6,
+               devmajor=1, devminor=3),
+         Entry(path="dev/fifo", type=EntryType.FIFO, mode=0o600, uid=0, gid=0, size=0, mtime_ns=6)]
+    write_index(tmp_path / "r.idx", _index(e, 2))
+    with IndexFile.open(tmp_path / "r.idx") as idx:
+        got = build_compiled(idx)
+        want, tree = _reference(idx)
+        assert _masked(got.blob) == want
+        assert got.blob != want  # the entry field is filled
+        assert got.files == 2 and got.total_size == 9010
+        hosts = tree.by_path["etc/hosts"]
+        assert tree.by_path["etc/hosts.link"] == hosts
+        assert got.entry(hosts).path == "etc/hosts"  # type: ignore[union-attr]
+        assert got.entry(tree.by_path["etc/sparse"]).sparse == ((0, 10), (8990, 10))  # type: ignore[union-attr]
+        assert got.entry(tree.by_path["lib"]) is None and got.entry(0) is None and got.entry(10**6) is None

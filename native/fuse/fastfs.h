@@ -12,7 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Layer tree blob (built by snapshotter/fs/compiled.py; little-endian, fixed records). */
+/* Layer tree blob (built by treebuild.c, or snapshotter/fs/compiled.py from a Python tree;
+ * little-endian, fixed records). */
 #define LZT_MAGIC 0x31545a4cu /* "LZT1" */
 #define LZT_NODE_PYDATA 1u    /* a regular file whose bytes only Python produces (sparse) */
 
@@ -24,7 +25,8 @@ typedef struct {
     uint32_t mode, uid, gid, nlink;
     uint32_t parent, child_start, child_count, xattr_start;
     uint32_t xattr_count, target_off, target_len, chunk_count;
-    uint32_t flags, pad;
+    uint32_t flags;
+    uint32_t record; /* a regular file's index record + 1 (treebuild.c; for Python only) */
 } lzt_node;
 
 typedef struct {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "fastfs.h"
+#include "treebuild.h"
 
 typedef struct {
     PyObject_HEAD
@@ -358,6 +359,70 @@ static PyType_Spec Session_spec = {
     "snapshotter._fuse.Session", sizeof(SessionObject), 0, Py_TPFLAGS_DEFAULT, Session_slots,
 };
 
+/* build_tree(blocks, records_per_block, entry_count, extras, chunk_count)
+ *   -> (blob, files, total_size); ValueError: a malformed index; NotImplementedError: a
+ *   layer only Python's LayerTree builds (the reason as its message). */
+static PyObject *build_tree(PyObject *mod, PyObject *args)
+{
+    PyObject *list;
+    unsigned int rpb, count;
+    unsigned long long chunks;
+    Py_buffer extras;
+    if (!PyArg_ParseTuple(args, "O!IIy*K:build_tree", &PyList_Type, &list, &rpb, &count, &extras, &chunks))
+        return NULL;
+    PyObject *blocks = PyList_AsTuple(list); /* our own reference: the list may change meanwhile */
+    Py_ssize_t nb = blocks ? PyTuple_GET_SIZE(blocks) : 0;
+    const uint8_t **ptrs = PyMem_Calloc(nb ? (size_t)nb : 1, sizeof *ptrs);
+    size_t *lens = PyMem_Calloc(nb ? (size_t)nb : 1, sizeof *lens);
+    PyObject *result = NULL;
+    if (!blocks || !ptrs || !lens) {
+        if (blocks)
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        PyObject *blk = PyTuple_GET_ITEM(blocks, i);
+        if (!PyBytes_Check(blk)) {
+            PyErr_SetString(PyExc_TypeError, "entry blocks must be bytes");
+            goto done;
+        }
+        ptrs[i] = (const uint8_t *)PyBytes_AS_STRING(blk);
+        lens[i] = (size_t)PyBytes_GET_SIZE(blk);
+    }
+    lzt_source src = {.blocks = ptrs, .block_lens = lens, .n_blocks = (size_t)nb, .records_per_block = rpb,
+                      .entry_count = count, .extras = extras.buf, .extras_len = (size_t)extras.len,
+                      .chunk_count = chunks};
+    lzt_built out;
+    const char *msg = "";
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = lzt_build(&src, &out, &msg);
+    Py_END_ALLOW_THREADS
+    if (r == -EINVAL)
+        PyErr_SetString(PyExc_ValueError, msg);
+    else if (r == -ENOTSUP)
+        PyErr_SetString(PyExc_NotImplementedError, msg);
+    else if (r)
+        os_error(r, msg);
+    else {
+        result = Py_BuildValue("(y#KK)", (const char *)out.blob, (Py_ssize_t)out.len,
+                               (unsigned long long)out.files, (unsigned long long)out.total_size);
+        free(out.blob);
+    }
+done:
+    PyMem_Free(ptrs);
+    PyMem_Free(lens);
+    Py_XDECREF(blocks);
+    PyBuffer_Release(&extras);
+    return result;
+}
+
+static PyMethodDef fuse_functions[] = {
+    {"build_tree", build_tree, METH_VARARGS,
+     "build_tree(blocks, records_per_block, entry_count, extras, chunk_count) -> (blob, files, total_size)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static int fuse_exec(PyObject *m)
 {
     PyObject *t = PyType_FromModuleAndSpec(m, &Session_spec, NULL);
@@ -375,7 +440,7 @@ static PyModuleDef_Slot fuse_slots[] = {
 };
 
 static struct PyModuleDef fuse_module = {
-    PyModuleDef_HEAD_INIT, "_fuse", "lazysnap's FUSE filesystem: the hit path in C.", 0, NULL, fuse_slots,
+    PyModuleDef_HEAD_INIT, "_fuse", "lazysnap's FUSE filesystem: the hit path in C.", 0, fuse_functions, fuse_slots,
     NULL, NULL, NULL,
 };
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import metrics
-from snapshotter.fs.compiled import compile_tree
+from snapshotter.fs.compiled import CompiledTree, compile_tree
 from snapshotter.fs.data import LayerData
 from snapshotter.fs.tree import LayerTree
 from snapshotter.log import get_logger
@@ -42,7 +42,7 @@ INIT_TIMEOUT_S = 10.0
 class MountedLayer:
     name: str
     slot: int
-    tree: LayerTree
+    tree: LayerTree | CompiledTree  # Python's view: which entry holds a file's data
     data: LayerData
 
 
@@ -109,7 +109,7 @@ class LazyFS:
         log.info("fuse_unmounted", mountpoint=self.mountpoint)
 
     # -- layers ---------------------------------------------------------------------------------
-    def add_layer(self, name: str, tree: LayerTree, data: LayerData, *, compiled: bytes | None = None,
+    def add_layer(self, name: str, tree: LayerTree | CompiledTree, data: LayerData, *, compiled: bytes | None = None,
                   digests: bytes | None = None) -> Path:
         """Expose a layer as ``<mnt>/<name>``; returns that directory.
 
@@ -124,7 +124,9 @@ class LazyFS:
         self._watch(data.store)
         slot = self._next_slot
         self._next_slot += 1
-        session.add_layer(slot, name, compiled if compiled is not None else compile_tree(tree),
+        if compiled is None:
+            compiled = tree.blob if isinstance(tree, CompiledTree) else compile_tree(tree)
+        session.add_layer(slot, name, compiled,
                           digests if digests is not None else _digests(data), str(data.store.chunks_dir),
                           data.chunk_size)
         layer = MountedLayer(name, slot, tree, data)
@@ -132,7 +134,7 @@ class LazyFS:
         self._slots[slot] = layer
         if data.failed is not None:
             session.set_failed(slot)
-        log.info("layer_registered", layer=name, slot=slot, inodes=len(tree.nodes) - 1, files=tree.files)
+        log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files)
         return self.mountpoint / name
 
     async def remove_layer(self, name: str) -> None:
@@ -202,18 +204,17 @@ class LazyFS:
     async def _serve(self, session: _fuse.Session, token: int, ino: int, off: int, size: int) -> None:
         """A read the C side could not answer from verified local chunks."""
         layer = self._slots.get(ino >> _SLOT_SHIFT)
-        node = layer.tree.node(ino & _LOCAL_MASK) if layer is not None else None
-        if layer is None or node is None:
+        entry = layer.tree.entry(ino & _LOCAL_MASK) if layer is not None else None
+        if layer is None or entry is None:  # C forwards reads of regular files only
             session.reply_error(token, errno.ENOENT)
             return
         try:
-            data = b"" if node.entry is None else await layer.data.read(node.entry, off, size)
+            data = await layer.data.read(entry, off, size)
         except asyncio.CancelledError:
             session.reply_error(token, errno.EIO)
             raise
         except OSError as exc:
-            log.error("read_failed", layer=layer.name, path=node.entry.path if node.entry else "",
-                      off=off, size=size, error=exc)
+            log.error("read_failed", layer=layer.name, path=entry.path, off=off, size=size, error=exc)
             session.reply_error(token, exc.errno or errno.EIO)
             return
         except Exception as exc:  # noqa: BLE001 - a reader must get an answer, never hang
@@ -227,9 +228,9 @@ class LazyFS:
             layer = self._slots.get(ino >> _SLOT_SHIFT)
             if layer is None or layer.data.on_access is None:
                 continue
-            node = layer.tree.node(ino & _LOCAL_MASK)
-            if node is not None and node.entry is not None:
-                layer.data.note_access(node.entry, off, size, t_ns / 1e9)
+            entry = layer.tree.entry(ino & _LOCAL_MASK)
+            if entry is not None:
+                layer.data.note_access(entry, off, size, t_ns / 1e9)
 
     def _count_hits(self, session: _fuse.Session) -> None:
         hits = session.counters()["chunk_hits"]

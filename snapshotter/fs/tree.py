@@ -85,6 +85,15 @@ class LayerTree:
             return self.nodes[local]
         return None
 
+    def entry(self, local: int) -> Entry | None:
+        """The entry holding the data of regular file ``local`` (as ``CompiledTree.entry``)."""
+        node = self.node(local)
+        return None if node is None else node.entry
+
+    @property
+    def inodes(self) -> int:
+        return len(self.nodes) - 1
+
     # -- building ---------------------------------------------------------------------------
     # Runs once per layer at its first Prepare, over every entry (45k for the inference image,
     # on the pull's critical path and holding the GIL): the common case (a file, symlink,

@@ -30,9 +30,10 @@ is a stable inode for FUSE (``inode(rec)``): hard links share their target's.
 Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 :func:`serialize_index`, :class:`IndexFile` (``open``, ``from_bytes``, ``info``,
 ``lookup``, ``find``, ``lookup_child``, ``child_range``, ``children``, ``entry_at``,
-``inode``, ``path_of``, ``entries``, ``entry_count``, ``chunk``, ``chunk_count``,
-``chunks_of``, ``chunk_range``, ``chunk_digests``, ``chunk_extents``, ``checkpoint``, ``checkpoints``, ``checkpoint_count``, ``mark_offsets``,
-``index_bytes``, ``close``).
+``inode``, ``path_of``, ``entries``, ``entry_blocks``, ``extras_section``,
+``entry_count``, ``chunk``, ``chunk_count``, ``chunks_of``, ``chunk_range``,
+``chunk_digests``, ``chunk_extents``, ``checkpoint``, ``checkpoints``,
+``checkpoint_count``, ``mark_offsets``, ``index_bytes``, ``close``).
 """
 from __future__ import annotations
 
@@ -555,6 +556,19 @@ class IndexFile:
         if n is None:
             return []
         return [self.entry_at(c) for c in self.child_range(n)]
+
+    def entry_blocks(self) -> list[bytes]:
+        """Every decompressed entry block, in order (records, then the block's strings):
+        what the C tree builder reads (``fs/compiled.py``)."""
+        n_blocks = len(self._block_offsets) - 1
+        out: list[bytes] = []
+        while len(out) < n_blocks:
+            out += self._blocks_from(len(out), _BULK_BLOCKS)
+        return out
+
+    def extras_section(self) -> memoryview:
+        """The raw extras section (xattrs, sparse maps) that records point into."""
+        return self._ext
 
     def entries(self) -> Iterator[Entry]:
         """Every entry in record order (root first, then breadth-first by directory).

@@ -31,7 +31,7 @@ from typing import Any
 from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fs import LayerData, LayerTree, LazyFS
-from snapshotter.fs.compiled import compile_tree
+from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile
@@ -369,7 +369,7 @@ class LazyLayerProvider:
                             else RegistryBlobSource(self.client, ref, digest))
         lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
         async with self._build_one:
-            tree, compiled = await asyncio.to_thread(_build_tree, idx)
+            tree, compiled = await asyncio.to_thread(_build_tree, idx, digest)
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
@@ -438,8 +438,14 @@ class LazyLayerProvider:
         return self.blobs_dir / digest.replace(":", "-")
 
 
-def _build_tree(idx: IndexFile) -> tuple[LayerTree, bytes]:
-    """Worker thread: the layer's tree and its compiled form for the C filesystem."""
+def _build_tree(idx: IndexFile, digest: str) -> tuple[CompiledTree | LayerTree, bytes]:
+    """Worker thread: the layer's tree for the C filesystem, built in C from the index, or
+    by Python's LayerTree for the rare layer the C builder leaves to it (logged)."""
+    try:
+        compiled = build_compiled(idx)
+        return compiled, compiled.blob
+    except NotImplementedError as exc:
+        log.info("layer_tree_python", layer=digest, reason=str(exc))
     tree = LayerTree.build(idx.entries())
     return tree, compile_tree(tree)
 
