@@ -9,10 +9,11 @@
 #include "chunkfiles.h"
 #include "range.h"
 #include "scanner.h"
+#include "zstream.h"
 
 typedef struct {
     PyObject *LayerError, *CorruptLayerError, *TruncatedLayerError;
-    PyObject *ScannerType;
+    PyObject *ScannerType, *ZstdStreamType;
 } core_state;
 
 static inline core_state *get_state(PyObject *module) { return PyModule_GetState(module); }
@@ -390,6 +391,94 @@ static PyType_Spec Scanner_spec = {
     Py_TPFLAGS_DEFAULT, Scanner_slots,
 };
 
+/* ---------------- ZstdStream ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    lz_zstream *z;
+    int busy; /* a call released the GIL and still uses z (checked and set under the GIL) */
+} ZstdStreamObject;
+
+static PyObject *ZstdStream_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (!PyArg_ParseTuple(args, ":ZstdStream") || (kw && PyDict_Size(kw))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "ZstdStream() takes no arguments");
+        return NULL;
+    }
+    ZstdStreamObject *self = (ZstdStreamObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->z = lz_zstream_new();
+    if (!self->z) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static void ZstdStream_dealloc(ZstdStreamObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    lz_zstream_free(self->z);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *ZstdStream_decompress(ZstdStreamObject *self, PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t max_output;
+    if (!PyArg_ParseTuple(args, "y*n:decompress", &in, &max_output))
+        return NULL;
+    if (max_output < 0 || self->busy) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(self->busy ? PyExc_RuntimeError : PyExc_ValueError,
+                        self->busy ? "ZstdStream is in use by another thread" : "max_output must be >= 0");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, max_output);
+    if (!out) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    size_t used = 0, made = 0;
+    int eof = 0, rc;
+    lz_err err = {0};
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lz_zstream_decode(self->z, in.buf, (size_t)in.len, (uint8_t *)PyBytes_AS_STRING(out), (size_t)max_output,
+                           &used, &made, &eof, &err);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    PyBuffer_Release(&in);
+    if (rc) {
+        Py_DECREF(out);
+        return raise_err(PyType_GetModuleState(Py_TYPE(self)), &err);
+    }
+    if ((size_t)max_output != made && _PyBytes_Resize(&out, (Py_ssize_t)made))
+        return NULL;
+    return Py_BuildValue("(NnO)", out, (Py_ssize_t)used, eof ? Py_True : Py_False);
+}
+
+static PyMethodDef ZstdStream_methods[] = {
+    {"decompress", (PyCFunction)ZstdStream_decompress, METH_VARARGS,
+     "decompress(data, max_output) -> (output, bytes of data consumed, frame ended)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot ZstdStream_slots[] = {
+    {Py_tp_new, ZstdStream_new},
+    {Py_tp_dealloc, ZstdStream_dealloc},
+    {Py_tp_methods, ZstdStream_methods},
+    {Py_tp_doc, "ZstdStream(): one zstd frame decoded in calls that each produce at most max_output bytes."},
+    {0, NULL},
+};
+
+static PyType_Spec ZstdStream_spec = {
+    "snapshotter._core.ZstdStream", sizeof(ZstdStreamObject), 0, Py_TPFLAGS_DEFAULT, ZstdStream_slots,
+};
+
 /* ---------------- functions ---------------- */
 
 static PyObject *core_decompress_range(PyObject *module, PyObject *args)
@@ -608,6 +697,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->CorruptLayerError);
     Py_VISIT(st->TruncatedLayerError);
     Py_VISIT(st->ScannerType);
+    Py_VISIT(st->ZstdStreamType);
     return 0;
 }
 
@@ -618,6 +708,7 @@ static int core_clear(PyObject *m)
     Py_CLEAR(st->CorruptLayerError);
     Py_CLEAR(st->TruncatedLayerError);
     Py_CLEAR(st->ScannerType);
+    Py_CLEAR(st->ZstdStreamType);
     return 0;
 }
 
@@ -643,6 +734,9 @@ static int core_exec(PyObject *m)
         return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
     if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))
+        return -1;
+    st->ZstdStreamType = PyType_FromModuleAndSpec(m, &ZstdStream_spec, NULL);
+    if (!st->ZstdStreamType || PyModule_AddObjectRef(m, "ZstdStream", st->ZstdStreamType))
         return -1;
     return 0;
 }

@@ -16,6 +16,10 @@ from snapshotter import _core
 LayerError = _core.LayerError  # base class, subclass of ValueError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
 TruncatedLayerError = _core.TruncatedLayerError  # input ended inside a stream/entry
+#: One zstd frame decoded in calls ``decompress(data, max_output) -> (output, consumed,
+#: frame ended)`` that each produce at most ``max_output`` bytes (GIL released; one thread
+#: at a time). Corrupt input raises CorruptLayerError.
+ZstdStream = _core.ZstdStream
 
 DEFAULT_SPAN_SIZE = 4 << 20
 DEFAULT_CHUNK_SIZE = 1 << 20

@@ -612,3 +612,46 @@ def test_write_chunks_statuses_and_bad_arguments(tmp_path) -> None:
         _native.write_chunks(str(tmp_path), str(tmp), "t", items, 3)
     with pytest.raises(TypeError):
         _native.write_chunks(str(tmp_path), str(tmp), "t", [(items[0][0], 5)], 0)
+
+
+# -- ZstdStream: bounded zstd stream decoding (native/zstream.c) ------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=300_000) | st.builds(lambda n: bytes(n), st.integers(0, 3 << 20)),
+       feeds=st.lists(st.integers(1, 70_000), min_size=1, max_size=12),
+       caps=st.lists(st.integers(0, 1 << 20), min_size=1, max_size=8),
+       tail=st.binary(max_size=20))
+def test_zstd_stream_any_feed_and_output_bound(data: bytes, feeds: list[int], caps: list[int], tail: bytes) -> None:
+    """Whatever the input pieces and output caps: the same bytes as zstd, never more than the
+    cap per call, the frame's end reported, and what follows it left unconsumed."""
+    frame = zstandard.ZstdCompressor(level=3).compress(data)
+    z = native.ZstdStream()
+    src = frame + tail
+    out = bytearray()
+    pos = fed = i = 0
+    eof = False
+    while not eof:
+        fed = min(len(src), fed + feeds[i % len(feeds)])
+        cap = caps[i % len(caps)] or 1
+        i += 1
+        got, used, eof = z.decompress(src[pos:fed], cap)
+        assert len(got) <= cap and 0 <= used <= fed - pos
+        out += got
+        pos += used
+        assert i < 100_000
+    assert bytes(out) == data
+    assert pos <= len(frame) and src[pos:].endswith(tail)
+    assert z.decompress(src[pos:], 1 << 20) == (b"", 0, True)  # nothing after the frame is read
+
+
+def test_zstd_stream_corrupt_input_is_an_error() -> None:
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(random.Random(1).randbytes(100_000)))
+    frame[len(frame) // 2] ^= 0xFF
+    z = native.ZstdStream()
+    with pytest.raises(native.CorruptLayerError, match="zstd"):
+        while True:
+            out, used, eof = z.decompress(bytes(frame), 1 << 16)
+            frame = frame[used:]
+            assert not eof
+    with pytest.raises(ValueError):
+        native.ZstdStream().decompress(b"", -1)

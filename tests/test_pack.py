@@ -8,6 +8,7 @@ import json
 import random
 import struct
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile, write_index
 from snapshotter.index.reader import FileRangeSource, LayerReader
 from snapshotter.prefetch.manager import _store_pack_batch
-from snapshotter.prefetch.pack import MAGIC, SCHEMA, PackError, PackReader, build_pack
+from snapshotter.prefetch.pack import (MAGIC, MAX_CHUNK_BYTES, SCHEMA, STEP_BYTES, PackError, PackReader,
+                                       build_pack)
 from snapshotter.store import ChunkStore
 
 M = "sha256:" + "ab" * 32
@@ -34,7 +36,11 @@ def _read_all(blob: bytes, cuts: list[int], layers: tuple[str, ...] = (L1, L2), 
     pos = 0
     for cut in [*sorted(c % (len(blob) + 1) for c in cuts), len(blob)]:
         batch = r.take(blob[pos:max(pos, cut)])
-        got += [(c.layer, c.chunk, bytes(batch.data(i))) for i, c in enumerate(batch.chunks)]
+        while True:
+            got += [(c.layer, c.chunk, bytes(batch.data(i))) for i, c in enumerate(batch.chunks)]
+            if not r.backlog:
+                break
+            batch = r.take(b"")
         pos = max(pos, cut)
     r.finish()
     return got
@@ -79,6 +85,51 @@ def test_bytes_after_the_pack_are_an_error() -> None:
     blob, _ = build_pack(M, [(L1, 0, b"x" * 100)])
     with pytest.raises(PackError, match="after the end of the pack"):
         _read_all(blob + b"\0", [len(blob)])
+
+
+def test_a_very_compressible_pack_is_decoded_in_bounded_steps() -> None:
+    """Zeros compress ~10,000:1: fed whole, the pack comes out one bounded step per take."""
+    chunks = [(L1, i, bytes(MAX_CHUNK_BYTES)) for i in range(3)] + [(L2, 9, b"tail")]
+    blob, _ = build_pack(M, chunks)
+    assert len(blob) < 100_000
+    r = PackReader(M, (L1, L2), max_bytes=1 << 30)
+    got: list[tuple[str, int, bool]] = []
+    batch = r.take(blob)
+    steps = 1
+    while True:
+        assert sum(len(b) for b in batch.buffers) <= STEP_BYTES + MAX_CHUNK_BYTES  # what one step holds
+        got += [(c.layer, c.chunk, batch.data(i) == chunks[len(got) + i][2]) for i, c in enumerate(batch.chunks)]
+        if not r.backlog:
+            break
+        batch = r.take(b"")
+        steps += 1
+    r.finish()
+    assert got == [(layer, c, True) for layer, c, _ in chunks]
+    assert steps >= 3 * MAX_CHUNK_BYTES // STEP_BYTES
+
+
+def test_a_decompression_bomb_is_refused_within_one_step() -> None:
+    """A pack claiming little but expanding to gigabytes fails at its limit, having held at
+    most one step of output: not the whole expansion of what arrived in one call."""
+    head = json.dumps({"schema": SCHEMA, "manifest": M, "layers": [L1], "chunks": [[0, 0, 1 << 20]]}).encode()
+    cctx = zstandard.ZstdCompressor(level=19)
+    comp = cctx.compressobj()
+    bomb = comp.compress(MAGIC + struct.pack("<I", len(head)) + head)
+    for _ in range(32):  # 2 GiB of zeros, ~200 KB compressed
+        bomb += comp.compress(bytes(64 << 20))
+    bomb += comp.flush()
+    assert len(bomb) < 1 << 20
+    r = PackReader(M, [L1], max_bytes=1 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackError, match="more than the .* bytes its table lists"):
+            while True:
+                r.take(bomb if r.out_bytes == 0 else b"")
+                assert r.backlog
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * STEP_BYTES
 
 
 def test_truncated_pack_is_an_error() -> None:

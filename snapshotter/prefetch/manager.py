@@ -209,9 +209,15 @@ class ProfileManager:
                 if not data:
                     continue
                 batch = await asyncio.to_thread(_decode, reader, data)
-                if storing is not None:
-                    await storing
-                storing = loop.create_task(self._store_pack(batch, counts))
+                while True:
+                    if storing is not None:
+                        await storing
+                    storing = loop.create_task(self._store_pack(batch, counts))
+                    if not reader.backlog:
+                        break
+                    # a very compressible stretch: decode it step by step, each one stored
+                    # before the next is made, so memory stays bounded
+                    batch = await asyncio.to_thread(reader.take, b"")
             if storing is not None:
                 await storing
             await receiver  # the stream's own errors (digest mismatch, network) come first
@@ -416,7 +422,8 @@ class ProfileManager:
 
 def _decode(reader: PackReader, blocks: list[bytes]) -> PackBatch:
     """Worker thread: the chunks completed by ``blocks``, decoded block by block (joining
-    the blocks first cost a copy of the whole pack)."""
+    the blocks first cost a copy of the whole pack); at most ``STEP_BYTES`` per block, the
+    rest left as the reader's backlog."""
     batch = reader.take(blocks[0])
     for block in blocks[1:]:
         more = reader.take(block)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import zstandard
 
+from snapshotter import native
+
 MEDIA_TYPE = "application/vnd.lazysnap.profile.pack.v1+zstd"
 SCHEMA = "lazysnap.pack.v1"
 MAGIC = b"LZPACK1\n"
@@ -34,6 +36,10 @@ MAX_TABLE_BYTES = 16 << 20  # ~800k chunks; bounds what a hostile table costs to
 MAX_CHUNK_BYTES = 64 << 20
 LEVEL = 6  # zstd level: packs are built once, read by every node
 WRITE_SIZE = 4 << 20  # decoder output step (the GIL is released once per step; 16 MiB was slower)
+# Most output one ``PackReader.take`` produces; input beyond it waits as backlog. A zstd
+# block of a few bytes can stand for 128 KiB, so without a bound a hostile pack of a few
+# megabytes would be decoded into gigabytes by one call, before any size check.
+STEP_BYTES = 4 * WRITE_SIZE
 
 
 class PackError(ValueError):
@@ -86,25 +92,27 @@ class PackBatch:
 
 
 class PackReader:
-    """Incremental decoder: ``take`` (or ``feed``) compressed bytes as they arrive, get finished chunks.
+    """Incremental decoder: ``take`` compressed bytes as they arrive, get finished chunks.
 
-    CPU-bound (zstd decode, GIL released by python-zstandard): callers on an event loop
-    run it in a worker thread, one call at a time, with as much input per call as has
-    arrived (each GIL release costs up to a switch interval when other threads run Python).
+    CPU-bound (zstd decode in C with the GIL released): callers on an event loop run it in
+    a worker thread, one call at a time, with as much input per call as has arrived (each
+    GIL release costs up to a switch interval when other threads run Python). Each call
+    produces at most ``STEP_BYTES``; while ``backlog`` is set, ``take(b"")`` goes on.
     """
 
     def __init__(self, manifest: str, layers: Iterable[str], *, max_bytes: int) -> None:
         self.manifest = manifest
         self.layers = set(layers)
         self.max_bytes = max_bytes
-        # 4 MiB output steps: the 128 KiB default meant ~1,700 GIL round trips per 200 MB,
-        # each up to a switch interval (5 ms) while other threads run Python
-        self._dobj = zstandard.ZstdDecompressor().decompressobj(write_size=WRITE_SIZE)
+        self._z = native.ZstdStream()
+        self._rest = b""  # input a take() left undecoded (it stopped at STEP_BYTES of output)
+        self._eof = False
         self._buf = bytearray()
         self._table: list[PackChunk] | None = None
         self._next = 0
         self.out_bytes = 0
         self.total_bytes = 0  # of chunk data, from the table
+        self._expected = 0  # bytes of the uncompressed stream, once the table is known
 
     @property
     def chunks(self) -> list[PackChunk]:
@@ -114,23 +122,59 @@ class PackReader:
     def done(self) -> bool:
         return self._table is not None and self._next == len(self._table)
 
+    @property
+    def backlog(self) -> bool:
+        """The last ``take`` stopped at ``STEP_BYTES`` of output with input left: ``take(b"")``
+        decodes the next step (a very compressible pack)."""
+        return bool(self._rest)
+
     def take(self, data: bytes | bytearray | memoryview) -> PackBatch:
-        if self._dobj.eof:  # the pack is one zstd frame: nothing may follow it
-            if data:
-                raise PackError(f"{len(data)} byte(s) after the end of the pack")
-            return _empty()
-        try:
-            plain = self._dobj.decompress(data)
-        except zstandard.ZstdError as exc:
-            raise PackError(f"pack does not decompress: {exc}") from None
-        self.out_bytes += len(plain)
-        if self.out_bytes > self.max_bytes:
-            raise PackError(f"pack is larger than the {self.max_bytes}-byte limit")
+        """The chunks completed by ``data`` (and any backlog), at most ``STEP_BYTES`` of output."""
+        if data and self._eof:
+            raise PackError(f"{len(data)} byte(s) after the end of the pack")
+        src: bytes | bytearray | memoryview = self._rest + bytes(data) if self._rest else data
+        self._rest = b""
         batch = _empty()
+        pos = made = 0
+        view = memoryview(src)
+        try:
+            # each call yields at most WRITE_SIZE bytes (4 MiB steps: the 128 KiB default
+            # meant ~1,700 GIL round trips per 200 MB); the size limit is checked per step
+            while made < STEP_BYTES and not self._eof:
+                cap = min(WRITE_SIZE, STEP_BYTES - made)
+                try:
+                    plain, used, self._eof = self._z.decompress(view[pos:], cap)
+                except native.LayerError as exc:
+                    raise PackError(f"pack does not decompress: {exc}") from None
+                pos += used
+                if not plain:
+                    break  # the decoder wants more input
+                hungry = len(plain) < cap  # it stopped short of the cap: it wants more input
+                made += len(plain)
+                self.out_bytes += len(plain)
+                if self.out_bytes > self.max_bytes:
+                    raise PackError(f"pack is larger than the {self.max_bytes}-byte limit")
+                if self._table is not None and self.out_bytes > self._expected:
+                    raise PackError(f"pack holds more than the {self._expected} bytes its table lists")
+                self._consume(plain, batch)
+                if hungry:
+                    break
+            if not data and src and pos == 0 and made == 0:
+                raise PackError("pack decoder makes no progress")  # never loop on a backlog
+            if pos < len(src):
+                if self._eof:
+                    raise PackError(f"{len(src) - pos} byte(s) after the end of the pack")
+                self._rest = bytes(view[pos:])
+        finally:
+            view.release()
+        return batch
+
+    def _consume(self, plain: bytes, batch: PackBatch) -> None:
+        """Add the chunks ``plain`` (the decoder's next output) completes to ``batch``."""
         if self._table is None:
             self._buf += plain
             if not self._parse_table():
-                return batch
+                return
             plain = b""  # now in _buf, after the table
         assert self._table is not None
         table = self._table
@@ -151,7 +195,6 @@ class PackReader:
                 self._buf = bytearray(memoryview(plain)[pos:])
         elif pos < len(plain):
             self._buf += memoryview(plain)[pos:]
-        return batch
 
     def _carve(self, buf: bytes | bytearray, pos: int, batch: PackBatch) -> int:
         """Add the table's next chunks that lie whole in ``buf`` from ``pos``; returns the end."""
@@ -169,6 +212,8 @@ class PackReader:
 
     def finish(self) -> None:
         """The stream ended: every chunk the table lists must have arrived, nothing more."""
+        if self._rest:
+            raise PackError("pack finished with input not decoded (take(b\"\") until no backlog)")
         if self._table is None:
             raise PackError("pack ends inside its table")
         if self._next < len(self._table) or self._buf:
@@ -209,6 +254,7 @@ class PackReader:
             raise PackError(f"pack names layer(s) not in the image: {', '.join(sorted(stray))[:200]}")
         self._table = table
         self.total_bytes = sum(c.size for c in table)
+        self._expected = head + n + self.total_bytes  # the whole stream: nothing may follow
         if self.total_bytes + head + n > self.max_bytes:
             raise PackError(f"pack of {self.total_bytes} bytes is over the {self.max_bytes}-byte limit")
         del self._buf[:head + n]
