@@ -73,3 +73,35 @@ def test_coldstart_demo_image_writes_results(tmp_path: Path) -> None:
     charts = list((tmp_path / "charts").glob("coldstart-demo-*.png"))
     assert len(charts) == 1 and charts[0].read_bytes().startswith(b"\x89PNG")
     assert not (tmp_path / "work" / "nodes").exists()  # nodes cleaned up
+
+
+def test_fetch_floor_replays_reads_against_an_index(tmp_path: Path) -> None:
+    """bench.fetch_floor: reading every chunk needs (about) the whole blob, one chunk much
+    less, and denser checkpoints never need more data."""
+    import random
+    import tarfile
+
+    from bench.fetch_floor import GRID, layer_floor, merged_length
+    from snapshotter.index.builder import index_file
+    from snapshotter.index.format import IndexFile, write_index
+
+    assert merged_length([(5, 9), (0, 3), (2, 4), (9, 10)]) == 9
+    buf = io.BytesIO()
+    rng = random.Random(3)
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(40):
+            data = rng.randbytes(30_000) + bytes(30_000)
+            ti = tarfile.TarInfo(f"f{i}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    blob = tmp_path / "l.gz"
+    blob.write_bytes(gzip.compress(buf.getvalue()))
+    write_index(tmp_path / "l.idx", index_file(str(blob), span=64 << 10, chunk_size=16 << 10))
+    with IndexFile.open(tmp_path / "l.idx") as idx:
+        size = idx.info.compressed_size
+        every, grids = layer_floor(idx, list(range(idx.chunk_count)))
+        assert 0.9 * size <= every <= size
+        one, one_grids = layer_floor(idx, [idx.chunk_count // 2])
+        assert 0 < one < size / 5
+        data = [one_grids[g][0] for g in sorted(GRID)]
+        assert data == sorted(data) and all(used == 1 for _, used in one_grids.values())
