@@ -9,6 +9,7 @@ decoding) against ``entry_at`` record by record on indexes with every entry kind
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import stat
 import struct
@@ -412,3 +413,24 @@ def test_c_builder_takes_a_rich_layer_and_finds_entries(tmp_path: Path) -> None:
         assert got.entry(hosts).path == "etc/hosts"  # type: ignore[union-attr]
         assert got.entry(tree.by_path["etc/sparse"]).sparse == ((0, 10), (8990, 10))  # type: ignore[union-attr]
         assert got.entry(tree.by_path["lib"]) is None and got.entry(0) is None and got.entry(10**6) is None
+
+
+def test_provider_falls_back_to_layertree_for_a_declined_layer(tmp_path: Path, caplog) -> None:
+    """A whiteout beside the name it hides (legal in a tar, odd in a layer): the daemon
+    builds that layer with LayerTree, logs why, and serves the same blob format."""
+    from snapshotter.layers.provider import _build_tree
+
+    caplog.set_level(logging.INFO)
+    e = [Entry(path="", type=EntryType.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=1),
+         Entry(path=".wh.a", type=EntryType.REG, mode=0, uid=0, gid=0, size=0, mtime_ns=1),
+         Entry(path="a", type=EntryType.REG, mode=0o644, uid=0, gid=0, size=3, mtime_ns=1, first_chunk=0,
+               chunk_count=1)]
+    write_index(tmp_path / "w.idx", _index(e, 1))
+    with IndexFile.open(tmp_path / "w.idx") as idx:
+        with pytest.raises(NotImplementedError, match="twice"):
+            build_compiled(idx)
+        tree, blob = _build_tree(idx, "sha256:" + "cd" * 32)
+        assert isinstance(tree, LayerTree) and blob == compile_tree(tree)
+        assert set(tree.root.children or ()) == {b"a"}  # the later entry wins, as in containerd's applier
+    logged = [r for r in caplog.records if r.getMessage() == "layer_tree_python"]
+    assert logged and "twice" in str(logged[0].fields["reason"])  # type: ignore[attr-defined]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -314,4 +313,11 @@ def _norm(path: str) -> str:
     return "" if path == "." else path
 
 
-_makedev = os.makedev
+def _makedev(major: int, minor: int) -> int:
+    """glibc's ``makedev`` for any u32 pair, as the C tree builder computes it.
+
+    ``os.makedev`` takes C ints and raises OverflowError past 2**31 - 1, which a PAX
+    header (or a damaged index) can carry; the index stores u32."""
+    major &= 0xFFFFFFFF
+    minor &= 0xFFFFFFFF
+    return ((major & 0xFFFFF000) << 32) | ((major & 0xFFF) << 8) | ((minor & 0xFFFFFF00) << 12) | (minor & 0xFF)
