@@ -120,7 +120,8 @@ class Sample:
     total_bytes: int
     # lazysnap's own count of compressed bytes fetched during the run, by purpose
     fetched: dict[str, int] = field(default_factory=dict)
-    rss_mb: float = 0.0  # the daemon's peak RSS after the run
+    rss_mb: float = 0.0  # the daemon's peak RSS during the measured pull + run
+    node_rss_mb: float = 0.0  # its peak over the node's whole life (earlier images' work included)
     local_share: float | None = None  # chunks already local at their first start-up read
 
     @property
@@ -173,6 +174,10 @@ class Bench:
 
     def _measure(self, node: Node, *, lazy: bool) -> Sample:
         before = node.daemon.fetched_by_purpose() if node.daemon else {}
+        earlier_rss = 0.0
+        if node.daemon is not None:
+            earlier_rss = node.daemon.peak_rss_mb()
+            node.daemon.reset_peak_rss()  # the peak of this start, not of what the node did before
         drop_caches()
         self.proxy.reset()
         pull = node.pull(self.ref, lazy=lazy)
@@ -192,7 +197,7 @@ class Bench:
             reads = node.daemon.startup_reads()
             if sum(reads.values()):
                 share = reads.get("hit", 0) / sum(reads.values())
-        return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched, rss, share)
+        return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched, rss, max(rss, earlier_rss), share)
 
     def _settle(self, quiet: float = 5.0, limit: float = 600.0) -> None:
         """Wait until the registry link has been idle for ``quiet`` s (background fetch done)."""
@@ -359,7 +364,7 @@ def table(outcomes: list[Outcome], image: BenchImage) -> str:
     base = next((o for o in outcomes if o.variant == "overlayfs" and o.samples), None)
     rows = ["| variant | pull s | run s | total s (median) | total min–max | vs overlayfs | "
             "registry MB before exit | of which on-demand / prefetch / background | start-up reads local | "
-            "daemon peak RSS MB | runs |",
+            "daemon peak RSS MB: start (node life) | runs |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         if not o.samples:
@@ -367,7 +372,9 @@ def table(outcomes: list[Outcome], image: BenchImage) -> str:
             continue
         mid = o.median_sample()
         local = "—" if mid.local_share is None else f"{100 * mid.local_share:.0f} %"
-        rss = f"{mid.rss_mb:.0f}" if mid.rss_mb else "—"
+        rss = "—"
+        if mid.rss_mb:
+            rss = f"{mid.rss_mb:.0f}" + (f" ({mid.node_rss_mb:.0f})" if mid.node_rss_mb > mid.rss_mb + 0.5 else "")
         purposes = "—"
         if any(s.fetched for s in o.samples):
             m = o.median_sample().fetched

@@ -131,8 +131,19 @@ class LazysnapDaemon:
         """``lazysnap_registry_bytes_fetched`` per purpose (on_demand/prefetch/background)."""
         return self._by_label("lazysnap_registry_bytes_fetched_total", "purpose")
 
+    def reset_peak_rss(self) -> None:
+        """Start the daemon's peak RSS (VmHWM) afresh from its current RSS (Linux clear_refs 5),
+        so ``peak_rss_mb`` covers only what follows (one measured start, not a previous
+        image's background fill and completeness check)."""
+        if self._proc is not None:
+            try:
+                Path(f"/proc/{self._proc.pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+
     def peak_rss_mb(self) -> float:
-        """The daemon's peak resident memory so far (VmHWM), MB; 0 if it is not running."""
+        """The daemon's peak resident memory since it started or ``reset_peak_rss``, MB; 0 if
+        it is not running."""
         if self._proc is None:
             return 0.0
         try:

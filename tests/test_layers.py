@@ -309,3 +309,42 @@ def test_shared_content_is_fetched_once(tmp_path: Path) -> None:
         loop.stop()
         proxy.stop()
         reg.stop()
+
+
+def test_same_content_pairs_records_and_names_the_first_difference(tmp_path: Path) -> None:
+    """The completeness check's comparison streams both indexes in their canonical record
+    order; any change to an entry, a chunk or the set of paths is reported."""
+    from snapshotter.index.format import IndexFile, write_index
+
+    tar = tmp_path / "l.tar"
+    make_layer_tar(tar)
+    (tmp_path / "l.gz").write_bytes(gzip.compress(tar.read_bytes(), 6))
+    honest = index_file(str(tmp_path / "l.gz"), span=64 << 10, chunk_size=64 << 10)
+
+    def variant(name: str, change: Callable[[list], list]) -> IndexFile:  # type: ignore[type-arg]
+        idx = dataclasses.replace(honest, entries=change(list(honest.entries)))
+        write_index(tmp_path / name, idx)
+        return IndexFile.open(tmp_path / name)
+
+    a = variant("a.idx", lambda e: e)
+    b = variant("b.idx", lambda e: list(reversed(e)))  # the same content, listed otherwise
+    assert indexes.same_content(a, b) is None
+    moved = variant("c.idx", lambda e: [dataclasses.replace(x, mtime_ns=x.mtime_ns + 1) if x.path == "etc/hostname"
+                                         else x for x in e])
+    assert indexes.same_content(a, moved) == "entries differ at etc/hostname"
+    fewer = variant("d.idx", lambda e: [x for x in e if x.path != "etc/hostname"])
+    assert indexes.same_content(a, fewer) == f"entry count {a.entry_count} != {a.entry_count - 1}"
+    chunks = list(honest.chunks)
+    chunks[1] = dataclasses.replace(chunks[1], digest=bytes(32))
+    write_index(tmp_path / "e.idx", dataclasses.replace(honest, chunks=chunks))
+    assert indexes.same_content(a, IndexFile.open(tmp_path / "e.idx")) == "chunk 1 differs"
+
+
+def test_reindex_in_a_child_process_reports_a_bad_blob(tmp_path: Path) -> None:
+    from snapshotter.index.errors import IndexBuildError
+    from snapshotter.layers.provider import _index_elsewhere
+
+    (tmp_path / "blob").write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(5000))  # gzip magic, then garbage
+    with pytest.raises(IndexBuildError, match="re-indexing the blob failed"):
+        asyncio.run(_index_elsewhere(tmp_path / "blob", tmp_path / "out.idx", 1 << 20, 1 << 20))
+    assert not (tmp_path / "out.idx").exists()

@@ -91,8 +91,8 @@ class IndexCodec:
             d = self._digests[chunk_id] = self.index.chunk(chunk_id).digest
         return d
 
-    def plan(self, chunk_ids: Sequence[int]) -> list[Any]:
-        return reader.plan_chunks(self.index, list(chunk_ids))
+    def plan(self, chunk_ids: Sequence[int], max_bytes: int = reader.MAX_PLAN_BYTES) -> list[Any]:
+        return reader.plan_chunks(self.index, list(chunk_ids), max_plan_bytes=max_bytes)
 
     def span_range(self, plan: Any) -> tuple[int, int]:
         return int(plan.c_start), int(plan.c_end)

@@ -164,24 +164,24 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
     return IndexFile.open(path)
 
 
-def same_content(a: IndexFile, b: Any) -> str | None:
-    """None if two indexes of one blob describe the same files and chunks, else what differs."""
+def same_content(a: IndexFile, b: IndexFile) -> str | None:
+    """None if two indexes of one blob describe the same files and chunks, else what differs.
+
+    Streams both: records are in a canonical order (breadth-first, children sorted by name
+    bytes; ``serialize_index``), so indexes of the same content pair up record by record
+    and the first pair that differs names the difference. Nothing is materialised: this
+    runs for every layer that becomes fully local."""
     if a.info.uncompressed_size != b.info.uncompressed_size:
         return f"uncompressed size {a.info.uncompressed_size} != {b.info.uncompressed_size}"
-    ca = a.chunk_count
-    cb = b.chunk_count if hasattr(b, "chunk_count") else len(b.chunks)
-    if ca != cb:
-        return f"chunk count {ca} != {cb}"
-    for i in range(ca):
-        x, y = a.chunk(i), b.chunk(i) if hasattr(b, "chunk") else b.chunks[i]
+    if a.chunk_count != b.chunk_count:
+        return f"chunk count {a.chunk_count} != {b.chunk_count}"
+    for i in range(a.chunk_count):
+        x, y = a.chunk(i), b.chunk(i)
         if (x.uncompressed_offset, x.length, x.digest) != (y.uncompressed_offset, y.length, y.digest):
             return f"chunk {i} differs"
-    # a's entries are streamed from its index and checked against b's by path, so only one
-    # side is ever materialised (this runs for every layer that becomes fully local)
-    eb = {e.path: e for e in (b.entries() if callable(getattr(b, "entries", None)) else b.entries)}
-    for x in a.entries():
-        if eb.pop(x.path, None) != x:
-            return f"entries differ at {x.path}"
-    if eb:
-        return f"entries differ at {min(eb)}"
+    if a.entry_count != b.entry_count:
+        return f"entry count {a.entry_count} != {b.entry_count}"
+    for x, y in zip(a.entries(), b.entries()):
+        if x != y:
+            return f"entries differ at {min(x.path, y.path)}"
     return None

@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from snapshotter.fs import LayerData, LayerTree, LazyFS
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
+from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile
 from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
@@ -405,22 +407,27 @@ class LazyLayerProvider:
         """Stream the blob once (digest checked), re-index it and compare with the index in use.
 
         A mismatch means the index lied about this blob: quarantine it and fail reads.
-        One layer at a time: re-indexing holds the rebuilt index in memory (~100 MB for the
-        inference image's big layer), and three at once took the daemon past 360 MB RSS.
+        The re-index runs in a child process (``lazysnap index``): in the daemon it held
+        ~50 MB for the inference image's big layer, which glibc kept resident afterwards,
+        and ran Python under the GIL the filesystem's loop needs. One layer at a time.
         """
         async with self._verify_one:
             return await self._verify_now(layer)
 
     async def _verify_now(self, layer: ProvidedLayer) -> bool:
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            blob = Path(tmp) / "blob"
+            blob, out = Path(tmp) / "blob", Path(tmp) / "rebuilt.idx"
             with open(blob, "wb") as f:
                 async for block in self.client.stream_blob(layer.ref, layer.digest, purpose="verify"):
                     await asyncio.to_thread(f.write, block)
-            rebuilt = await asyncio.to_thread(index_file, str(blob), span=layer.index.info.span_size,
-                                              chunk_size=layer.index.info.chunk_size)
-        problem = None if rebuilt.info.blob_digest == layer.digest else "blob digest differs"
-        problem = problem or await asyncio.to_thread(indexes.same_content, layer.index, rebuilt)
+            await _index_elsewhere(blob, out, layer.index.info.span_size, layer.index.info.chunk_size)
+            blob.unlink()
+            rebuilt = await asyncio.to_thread(IndexFile.open, out)
+            try:
+                problem = None if rebuilt.info.blob_digest == layer.digest else "blob digest differs"
+                problem = problem or await asyncio.to_thread(indexes.same_content, layer.index, rebuilt)
+            finally:
+                rebuilt.close()
         if problem is not None:
             self.quarantine(layer, problem)
             return False
@@ -436,6 +443,24 @@ class LazyLayerProvider:
 
     def _blob_path(self, digest: str) -> Path:
         return self.blobs_dir / digest.replace(":", "-")
+
+
+async def _index_elsewhere(blob: Path, out: Path, span: int, chunk_size: int) -> None:
+    """``lazysnap index BLOB -o OUT`` in a child process (killed if we are cancelled)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapshotter", "index", str(blob), "-o", str(out), "--span", str(span),
+        "--chunk-size", str(chunk_size), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise IndexBuildError(f"re-indexing the blob failed (exit {proc.returncode}): "
+                              f"{err.decode(errors='replace').strip()[-300:]}")
 
 
 def _build_tree(idx: IndexFile, digest: str) -> tuple[CompiledTree | LayerTree, bytes]:

@@ -23,6 +23,11 @@ from snapshotter.prefetch import metrics
 
 log = get_logger("lazysnap.prefetch")
 
+# Uncompressed bytes one background span may decode (on-demand plans go to 16 MiB): a plan
+# in flight holds ~2.5x this, and the fill runs beside starting containers. With 16 MiB
+# plans, filling the previous image version took a node to ~300 MB RSS.
+FILL_PLAN_BYTES = 4 << 20
+
 
 class TokenBucket:
     """At most ``rate`` bytes per second on average (0: unlimited), bursts of one second.
@@ -116,7 +121,7 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
         await pause.wait()
         await lf.ensure(missing, Priority.BACKGROUND)
     else:
-        plans = await asyncio.to_thread(codec.plan, missing)
+        plans = await asyncio.to_thread(codec.plan, missing, FILL_PLAN_BYTES)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         for p in plans:
             queue.put_nowait(p)
