@@ -638,7 +638,7 @@ def test_zstd_stream_any_feed_and_output_bound(data: bytes, feeds: list[int], ca
         assert len(got) <= cap and 0 <= used <= fed - pos
         out += got
         pos += used
-        assert i < 100_000
+        assert i <= 2 * (len(src) + len(data)) + 2  # every call consumes or produces something
     assert bytes(out) == data
     assert pos <= len(frame) and src[pos:].endswith(tail)
     assert z.decompress(src[pos:], 1 << 20) == (b"", 0, True)  # nothing after the frame is read
