@@ -17,6 +17,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -164,7 +165,8 @@ class Proxy:
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()
 
     def signed_url(self, name: str, digest: str) -> str:
-        expires = int(time.time() + self.signed_url_ttl)
+        # rounded up, as S3 does: the URL stays valid for at least the TTL
+        expires = math.ceil(time.time() + self.signed_url_ttl)
         sig = self._sign(name, digest, expires)
         return f"{self.storage_url}/s/{quote(name, safe='/')}/{digest}?X-Expires={expires}&X-Signature={sig}"
 

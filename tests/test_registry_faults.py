@@ -148,7 +148,7 @@ async def test_redirect_to_expiring_signed_urls(tmp_path: Path, caplog: pytest.L
     secret = "redirect-secret-pw"
     data = os.urandom(1 << 20)
     with start_registry(tmp_path / "reg", htpasswd=("dave", secret)) as reg, \
-            start_proxy(reg.url, redirect_blobs=True, signed_url_ttl=1.0,
+            start_proxy(reg.url, redirect_blobs=True, signed_url_ttl=2.0,
                         upstream_auth=("dave", secret)) as px:
         ref = f"{px.host}/t/redir:v1"
         auth = {"auths": {px.host: {"auth": base64.b64encode(f"dave:{secret}".encode()).decode()}}}
@@ -163,7 +163,7 @@ async def test_redirect_to_expiring_signed_urls(tmp_path: Path, caplog: pytest.L
             # cached storage URL: no new redirect while it is valid
             assert await c.read_range(ref, dg, 8192, 9000) == data[8192:9000]
             assert c.stats.redirects == redirects + 1
-            await asyncio.sleep(1.2)  # the signed URL expires (the behaviour under test)
+            await asyncio.sleep(3.1)  # past the (whole-second, rounded-up) expiry: the behaviour under test
             assert await c.read_range(ref, dg, 500_000, 600_000) == data[500_000:600_000]
             assert px.stats.storage_expired == 1
             assert c.stats.redirects == redirects + 2
