@@ -233,7 +233,9 @@ class Bench:
             except (NodeError, subprocess.SubprocessError) as exc:
                 raise Skip(str(exc)) from None
             m = re.search(r"index_bytes=(\d+)", summary)
+            w = re.search(r"windows_bytes=(\d+)", summary)
             size = f", {int(m.group(1)) / 1e6:.1f} MB of indexes" if m else ""
+            size += f" (+ {int(w.group(1)) / 1e6:.1f} MB of windows apart, fetched where used)" if w else ""
             self.notes.append(f"`lazysnap index --push …/{ref.rsplit('/', 1)[-1]}`: "
                               f"{time.monotonic() - t:.1f} s{size}")
             log("published", ref=ref, seconds=f"{time.monotonic() - t:.1f}")

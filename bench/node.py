@@ -64,7 +64,7 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
 # Checkpoint span of published indexes: 1 MiB spans cut what one miss or one profile
 # entry fetches (cold start 6.5 -> 5.5 s on the inference image) at the price of a larger
 # index (1.8 % instead of 0.7-1.2 % of the blob), so publishers of lazily served images set it.
-PUBLISH_SPAN = int(os.environ.get("LAZYSNAP_BENCH_SPAN", 1 << 20))
+PUBLISH_SPAN = os.environ.get("LAZYSNAP_BENCH_SPAN")  # default: what `lazysnap index --push` picks
 PUBLISH_CHUNK = int(os.environ.get("LAZYSNAP_BENCH_CHUNK", 1 << 20))
 
 
@@ -72,8 +72,12 @@ def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) 
     """``lazysnap index REF --push``: what an image publisher runs once after pushing, so
     nodes find each layer's index in the registry instead of streaming the layer to build
     it. Returns the command's summary line."""
-    argv = [*lazysnap_argv(), "index", ref, "--push", "--span", str(PUBLISH_SPAN), "--chunk-size", str(PUBLISH_CHUNK),
+    argv = [*lazysnap_argv(), "index", ref, "--push", "--chunk-size", str(PUBLISH_CHUNK),
             "--root", str(root), "--hosts-dir", str(hosts_dir)]
+    if PUBLISH_SPAN:
+        argv += ["--span", PUBLISH_SPAN]
+    if os.environ.get("LAZYSNAP_BENCH_WINDOWS_APART"):  # measure windows apart against inline
+        argv.append("--windows-apart")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise NodeError(f"lazysnap index --push failed: {(r.stderr or r.stdout).strip()[-500:]}")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.index.errors import IndexFormatError, LayerIndexError
-from snapshotter.index.format import IndexFile, serialize_index, write_index
+from snapshotter.index.format import IndexFile, serialize_index, serialize_split, write_index
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
     Checkpoint,
@@ -189,17 +189,19 @@ def _sample_index() -> bytes:
 
 
 _SAMPLE = _sample_index()
+_SAMPLE_APART = serialize_split(IndexFile.from_bytes(_SAMPLE).to_layer_index())[0]
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
-def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, int]]) -> None:
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       st.sampled_from([_SAMPLE, _SAMPLE_APART]))
+def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, int]], sample: bytes) -> None:
     """An index from a registry may be crafted: reading it raises IndexFormatError or
     yields values, never another exception (IndexError, struct.error, UnicodeError...)."""
     from snapshotter.index.reader import chunks_for_range, plan_chunks
 
     try:
-        f = IndexFile.from_bytes(_resealed(_SAMPLE, flips))
+        f = IndexFile.from_bytes(_resealed(sample, flips))
         for e in f.entries():
             f.lookup(e.path)
             f.children(e.path)
@@ -209,6 +211,100 @@ def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, 
             if e.type == EntryType.REG:
                 ids = chunks_for_range(f, e, 0, None) if e.size < 1 << 30 else []
                 plan_chunks(f, ids)
-        f.checkpoints()
+        if f.windows_apart:
+            f.windows_size()
+            f.windows_digest
+            for i in range(f.checkpoint_count):
+                f.window_local(i)
+        else:
+            f.checkpoints()
     except LayerIndexError:  # IndexFormatError, or a read-planning error naming the problem
         pass
+
+
+# -- windows apart (what `lazysnap index --push` publishes) -------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer_indexes(), st.data())
+def test_windows_apart_round_trip(index: LayerIndex, data: st.DataObject) -> None:
+    """The index without its windows reads like the whole one; a window is served only from
+    an attached copy whose bytes match its digest, however little of the copy is filled."""
+    import hashlib
+    import tempfile
+
+    from snapshotter.index.errors import WindowMissingError
+
+    head, blob = serialize_split(index)
+    f = IndexFile.from_bytes(head)
+    whole = IndexFile.from_bytes(serialize_index(index))
+    assert f.windows_apart and not whole.windows_apart
+    assert f.windows_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert f.windows_size() == len(blob)
+    assert list(f.entries()) == list(whole.entries())
+    assert f.chunk_digests() == whole.chunk_digests()
+    assert f.checkpoint_offsets() == whole.checkpoint_offsets() and f.mark_offsets() == whole.mark_offsets()
+    with_window = [i for i, c in enumerate(index.checkpoints) if c.window]
+    for i, c in enumerate(index.checkpoints):
+        if c.window:
+            with pytest.raises(WindowMissingError):
+                f.checkpoint(i)
+        else:
+            assert f.checkpoint(i) == c
+    filled = data.draw(st.sets(st.sampled_from(with_window)) if with_window else st.just(set()))
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / "w"
+        with open(copy, "wb") as out:
+            out.truncate(len(blob))
+            for i in filled:
+                off, n, digest = f.window_extent(i)
+                assert hashlib.sha256(blob[off:off + n]).digest() == digest
+                out.seek(off)
+                out.write(blob[off:off + n])
+        f.attach_windows(copy)
+        for i, c in enumerate(index.checkpoints):
+            # identical windows share bytes in the blob: filling one fills its twins
+            if not c.window or i in filled or f.window_local(i):
+                assert f.window_local(i) and f.checkpoint(i) == c
+            else:
+                with pytest.raises(WindowMissingError):
+                    f.checkpoint(i)
+        f.close()
+
+
+def test_windows_apart_damage_is_a_clear_error(tmp_path: Path) -> None:
+    """A flag a version-3 reader never wrote, a wrong-sized digest section, a crafted window
+    extent, or a window copy with one wrong byte: each fails as an index error."""
+    import struct
+
+    from snapshotter.index.errors import WindowMissingError
+    from snapshotter.index.format import CHECKPOINT, _CHECKSUM_AT, _checksum
+
+    head, blob = serialize_split(_tiny_windowed())
+    v3 = bytearray(head)
+    v3[8:10] = (3).to_bytes(2, "little")
+    v3[_CHECKSUM_AT:_CHECKSUM_AT + 8] = _checksum(v3).to_bytes(8, "little")
+    with pytest.raises(IndexFormatError, match="flags"):
+        IndexFile.from_bytes(bytes(v3))
+    f = IndexFile.from_bytes(head)
+    rec = f._ck_off + CHECKPOINT.size  # the second checkpoint: the one with a window
+    crafted = bytearray(head)
+    struct.pack_into("<Q", crafted, rec + 24, 1 << 60)
+    crafted[_CHECKSUM_AT:_CHECKSUM_AT + 8] = _checksum(crafted).to_bytes(8, "little")
+    with pytest.raises(IndexFormatError, match="implausible"):
+        IndexFile.from_bytes(bytes(crafted)).windows_size()
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 1
+    (tmp_path / "w").write_bytes(bytes(bad))
+    f.attach_windows(tmp_path / "w")
+    assert not f.window_local(1)
+    with pytest.raises(WindowMissingError):
+        f.checkpoint(1)
+    (tmp_path / "w").write_bytes(blob)
+    assert f.window_local(1) and f.checkpoint(1).window == b"w" * 900
+    f.close()
+
+
+def _tiny_windowed() -> LayerIndex:
+    info = LayerInfo(LayerFormat.GZIP, 10_000, 20_000, "sha256:" + "ef" * 32, None, 512, 4096, False)
+    root = Entry("", EntryType.DIR, 0o755, 0, 0, 0, 0)
+    cks = [Checkpoint(CheckpointKind.STREAM_START, 0, 0), Checkpoint(CheckpointKind.DEFLATE, 4000, 9000, 3, b"w" * 900)]
+    return LayerIndex(info, [root], [], cks)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -109,7 +110,7 @@ class Env:
         return self.loop.run(lambda: p.provide(self.request(i)))
 
     def push_index(self, root: Path) -> None:
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", self.ref, "--push", "--root", str(root), "--span", str(1 << 20),
+        subprocess.run([sys.executable, "-m", "snapshotter", "index", self.ref, "--push", "--windows-apart", "--root", str(root), "--span", str(1 << 20),
                         "--hosts-dir", str(self.tmp / "nohosts")], check=True, cwd=REPO,
                        capture_output=True, timeout=120)
 
@@ -167,6 +168,11 @@ def test_published_index_makes_layers_lazy(env: Env, tmp_path: Path) -> None:
     _check_tree(d0, env.tars[0])
     # fully read: the completeness check streams the blob once and verifies the index
     layer = p.layer(env.layers[0])
+    # scheduled once the last span's chunks are written, which is just after its readers
+    # were answered (from memory)
+    deadline = time.monotonic() + 30
+    while layer.verify_task is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert layer.verify_task is not None
     assert env.loop.run(lambda: p.wait_verified(env.layers[0], 60)) is True
     # lazily read once (+ span overlap) + the verification stream + the small layer
@@ -218,7 +224,10 @@ def test_pinned_trust_mode(env: Env, tmp_path: Path) -> None:
     p = env.provider(tmp_path / "a", index_trust="pinned")
     env.provide(p, 0)
     assert p.layer(env.layers[0]).source == "built"  # published but not pinned
-    pinned_blob = indexes.index_path(tmp_path / "publisher", env.layers[0]).read_bytes()
+    # what --push published: the index with its windows apart (deterministic from the local one)
+    from snapshotter.cli.remote_cmds import _split
+
+    pinned_blob = _split(indexes.index_path(tmp_path / "publisher", env.layers[0]).read_bytes())[0]
     import hashlib
 
     pin = {env.layers[0]: "sha256:" + hashlib.sha256(pinned_blob).hexdigest()}

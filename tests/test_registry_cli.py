@@ -69,6 +69,35 @@ def test_index_push_then_cat_uses_published_index(image, tmp_path: Path) -> None
     assert 0 < stats["bytes_by_purpose"]["index"] < img.layer_sizes[0]
 
 
+def test_index_push_windows_apart_then_cat(tmp_path: Path) -> None:
+    """Windows published apart: the node fetches the small index, then only the windows of
+    the checkpoints its reads decode from. (An image of its own: with two index artifacts
+    of one manifest, which one a node picks is not this test's business.)"""
+    with start_registry(tmp_path / "reg") as reg:
+        img = build_image(tmp_path, [LayerSpec.files({"/data/big": BIG})], cmd=None,
+                          ref=f"{reg.host}/lazysnap/apart:v1")
+        _apart_then_cat(img, tmp_path)
+
+
+def _apart_then_cat(img, tmp_path: Path) -> None:
+    out = lazysnap("index", img.ref, "--push", "--windows-apart", "--root", str(tmp_path / "r1"))
+    summary = out.stdout.decode().strip().splitlines()[-1]
+    assert "pushed=sha256:" in summary and "windows_bytes=" in summary
+    windows_total = int(summary.rsplit("windows_bytes=", 1)[1].split()[0])
+    assert windows_total > 0
+    res = lazysnap("cat", img.ref, "/data/big", "--offset", str(3 << 20), "--length", "5000",
+                   "--stats", "--root", str(tmp_path / "r2"))
+    assert res.stdout == BIG[3 << 20:(3 << 20) + 5000]
+    stats = json.loads(res.stderr.decode().strip().splitlines()[-1])
+    assert set(stats["index_sources"].values()) == {"referrer"}
+    assert stats["bytes_by_purpose"]["range"] < (1 << 20)  # from a checkpoint <= 256 KiB before it
+    assert "layer" not in stats["bytes_by_purpose"]
+    # the index heads plus one window, not every window
+    assert 0 < stats["bytes_by_purpose"]["index"] < windows_total
+    assert lazysnap("index", img.ref, "--windows-apart", "--root", str(tmp_path / "r1"),
+                    check=False).returncode == 2  # only meaningful when publishing
+
+
 @pytest.mark.parametrize("path,expected", [
     ("/etc/a", b"a from layer 2\n"),          # top-most layer wins
     ("/dir/z", b"z\n"),

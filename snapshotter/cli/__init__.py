@@ -47,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="LAYER|REF", help="local gzip/zstd/tar layer, or an image reference")
     p.add_argument("-o", "--output", help="index file to write (local layer)")
     p.add_argument("--diff-id", action="store_true", help="also compute the uncompressed diff ID")
-    p.add_argument("--span", type=int, default=4 << 20, help="compressed bytes between checkpoints")
+    p.add_argument("--span", type=int, default=None,
+                   help="compressed bytes between checkpoints (default 4 MiB; 256 KiB with --windows-apart)")
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="maximum chunk size")
     p.add_argument("--push", action="store_true", help="publish the indexes as an OCI artifact (REF)")
+    p.add_argument("--windows-apart", action="store_true",
+                   help="with --push: publish each index's checkpoint windows as a blob of their own, "
+                        "fetched by range only where a read decodes (fewer registry bytes, one more "
+                        "request per decoded span; see bench/RESULTS.md)")
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_index"))
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 from snapshotter.cli import CLIError
-from snapshotter.index.builder import clean_path, index_file
+from snapshotter.index.builder import DEFAULT_SPAN, clean_path, index_file
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
 from snapshotter.index.format import IndexFile, write_index
 from snapshotter.index.model import Entry, EntryType
@@ -57,7 +57,14 @@ def _open_index(path: str) -> Iterator[IndexFile]:
         index.close()
 
 
+APART_SPAN = 256 << 10  # checkpoints of an index published with its windows apart (64 bytes each up front)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    if args.span is None:
+        args.span = APART_SPAN if args.windows_apart else DEFAULT_SPAN
+    if args.windows_apart and not args.push:
+        raise CLIError("--windows-apart publishes: it needs --push", status=2)
     if os.path.isdir(args.source):
         raise CLIError(f"{args.source} is a directory, not a layer file")
     if not os.path.isfile(args.source):

@@ -29,7 +29,9 @@ from snapshotter.index.builder import (
     index_stream,
 )
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
-from snapshotter.index.format import IndexFile, serialize_index
+from snapshotter.fetch.sources import RegistryBlobSource
+from snapshotter.fetch.windows import WindowCache, windows_path
+from snapshotter.index.format import IndexFile, serialize_index, serialize_split
 from snapshotter.index.model import Entry, EntryType
 from snapshotter.index.reader import (
     assemble_range,
@@ -37,7 +39,13 @@ from snapshotter.index.reader import (
     decode_span,
     plan_chunks,
 )
-from snapshotter.layers.indexes import index_path
+from snapshotter.layers.indexes import (
+    INDEX_ARTIFACT,
+    INDEX_LAYER_MEDIA,
+    LAYER_ANNOTATION,
+    WINDOWS_LAYER_MEDIA,
+    index_path,
+)
 from snapshotter.log import configure
 from snapshotter.registry import (
     Descriptor,
@@ -47,9 +55,6 @@ from snapshotter.registry import (
     ResolvedImage,
 )
 
-INDEX_ARTIFACT = "application/vnd.lazysnap.index.v1"
-INDEX_LAYER_MEDIA = "application/vnd.lazysnap.index.layer.v1"
-LAYER_ANNOTATION = "io.lazysnap.layer.digest"
 MAX_INDEX_BLOB = 512 << 20
 LAYER_PARALLEL = 3
 CAT_WINDOW = 8 << 20
@@ -125,10 +130,21 @@ async def _index(args: argparse.Namespace) -> int:
                 return data
 
         datas = await asyncio.gather(*(one(layer) for layer in image.layers))
-        pushed = ""
+        pushed = windows = ""
         if args.push:
-            blobs = [(INDEX_LAYER_MEDIA, data, {LAYER_ANNOTATION: layer.digest})
-                     for layer, data in zip(image.layers, datas)]
+            blobs = []
+            for layer, data in zip(image.layers, datas):
+                if not args.windows_apart:
+                    blobs.append((INDEX_LAYER_MEDIA, data, {LAYER_ANNOTATION: layer.digest}))
+                    continue
+                head, apart = await asyncio.to_thread(_split, data)
+                blobs.append((INDEX_LAYER_MEDIA, head, {LAYER_ANNOTATION: layer.digest}))
+                if apart:
+                    blobs.append((WINDOWS_LAYER_MEDIA, apart, {LAYER_ANNOTATION: layer.digest}))
+            # what a node fetches at its first Prepare: the indexes, not their windows
+            datas = [b for media, b, _ in blobs if media == INDEX_LAYER_MEDIA]
+            if args.windows_apart:
+                windows = f" windows_bytes={sum(len(b) for media, b, _ in blobs if media == WINDOWS_LAYER_MEDIA)}"
             art = await client.push_artifact(args.source, subject=image.manifest_descriptor,
                                              artifact_type=INDEX_ARTIFACT, blobs=blobs,
                                              annotations={"org.opencontainers.image.created":
@@ -136,8 +152,17 @@ async def _index(args: argparse.Namespace) -> int:
             pushed = f" pushed={art.digest}"
         print(f"indexed {image.reference} manifest={image.manifest_digest} layers={len(image.layers)} "
               f"index_bytes={sum(len(d) for d in datas)} registry_bytes={client.stats.registry_bytes} "
-              f"seconds={time.monotonic() - started:.2f}{pushed}")
+              f"seconds={time.monotonic() - started:.2f}{pushed}{windows}")
     return 0
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    """An index file's bytes as (index, windows blob) with the windows apart."""
+    idx = IndexFile.from_bytes(data)
+    try:
+        return serialize_split(idx.to_layer_index())
+    finally:
+        idx.close()
 
 
 def index_ref(args: argparse.Namespace) -> int:
@@ -198,7 +223,7 @@ class _Image:
                 for d in json.loads(body).get("layers") or []:
                     desc = Descriptor.from_dict(d)
                     layer = desc.annotations.get(LAYER_ANNOTATION)
-                    if layer in wanted and layer not in self._published:
+                    if layer in wanted and layer not in self._published and desc.media_type == INDEX_LAYER_MEDIA:
                         self._published[layer] = desc
         return self._published
 
@@ -278,18 +303,31 @@ async def _read_file(client: RegistryClient, ref: str, layer: Descriptor, idx: I
     end = entry.size if length is None else min(entry.size, offset + length)
     pos = offset
     written = 0
-    while pos < end:
-        n = min(CAT_WINDOW, end - pos)
-        ids = chunks_for_range(idx, entry, pos, n)
-        plans = plan_chunks(idx, ids)
-        datas = await client.read_ranges(ref, layer.digest, [(p.c_start, p.c_end) for p in plans])
-        chunks: dict[int, bytes] = {}
-        for plan, data in zip(plans, datas):
-            chunks.update(await asyncio.to_thread(decode_span, idx, plan, data))
-        piece = assemble_range(idx, entry, pos, n, chunks)
-        out.write(piece)  # type: ignore[attr-defined]
-        written += len(piece)
-        pos += n
+    windows = None
+    if idx.windows_apart:
+        assert idx.windows_digest is not None
+        windows = WindowCache(idx, windows_path(Path(idx.source)),
+                              RegistryBlobSource(client, ref, idx.windows_digest, purpose="index"))
+    try:
+        while pos < end:
+            n = min(CAT_WINDOW, end - pos)
+            ids = chunks_for_range(idx, entry, pos, n)
+            plans = plan_chunks(idx, ids)
+            fetch = client.read_ranges(ref, layer.digest, [(p.c_start, p.c_end) for p in plans])
+            if windows is not None:
+                datas, _ = await asyncio.gather(fetch, windows.ensure(p.checkpoint for p in plans))
+            else:
+                datas = await fetch
+            chunks: dict[int, bytes] = {}
+            for plan, data in zip(plans, datas):
+                chunks.update(await asyncio.to_thread(decode_span, idx, plan, data))
+            piece = assemble_range(idx, entry, pos, n, chunks)
+            out.write(piece)  # type: ignore[attr-defined]
+            written += len(piece)
+            pos += n
+    finally:
+        if windows is not None:
+            windows.close()
     return written
 
 

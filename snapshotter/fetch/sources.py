@@ -69,8 +69,9 @@ class BytesBlobSource:
 class IndexCodec:
     """``snapshotter.index.reader`` bound to one index: the ``SpanCodec`` of the fetcher."""
 
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Any, windows: Any = None) -> None:
         self.index = index
+        self.windows = windows  # a WindowCache when the index's windows are apart
         self.info: LayerInfo = index.info
         n = getattr(index, "chunk_count", None)
         self._count = int(n) if n is not None else len(index.chunks)
@@ -93,6 +94,15 @@ class IndexCodec:
 
     def plan(self, chunk_ids: Sequence[int], max_bytes: int = reader.MAX_PLAN_BYTES) -> list[Any]:
         return reader.plan_chunks(self.index, list(chunk_ids), max_plan_bytes=max_bytes)
+
+    def close(self) -> None:
+        if self.windows is not None:
+            self.windows.close()
+
+    async def prepare(self, plan: Any, on_bytes: Any = None) -> None:
+        """Make the plan's checkpoint window local (apart windows only; a no-op otherwise)."""
+        if self.windows is not None and plan.checkpoint >= 0:
+            await self.windows.ensure((plan.checkpoint,), on_bytes)
 
     def span_range(self, plan: Any) -> tuple[int, int]:
         return int(plan.c_start), int(plan.c_end)

@@ -36,6 +36,11 @@ class UnknownFormatError(LayerDataError):
     """The blob is neither gzip, zstd nor tar."""
 
 
+class WindowMissingError(LayerIndexError):
+    """A checkpoint's window is published apart from the index and is not local (or does not
+    match its digest) yet: fetch it (``fetch.windows.WindowCache``) before decoding there."""
+
+
 class ChunkVerificationError(LayerIndexError):
     """Decoded bytes do not match the chunk's SHA-256: never returned to a reader."""
 

@@ -18,6 +18,18 @@ Layout (all integers little-endian)::
              that ends before a mark's uncompressed offset needs no compressed byte past
              its compressed offset, so it fetches less than a whole span
 
+Windows apart (version 4, header flag 1; what ``lazysnap index --push --windows-apart``
+publishes): the
+zlib-compressed windows go to a blob of their own and the ``windows`` section holds the
+SHA-256 of that blob followed by one SHA-256 per checkpoint (zeros where a checkpoint has
+no window); checkpoint records then give offsets into the windows blob. A node fetches the
+index once and a window only when a read first decodes from its checkpoint, by range,
+checked against the digest here (:meth:`IndexFile.attach_windows`). Why: a checkpoint costs
+~13 KB of window, so checkpoints every 256 KiB would quadruple an index fetched whole at
+the first Prepare; apart, dense checkpoints cost 64 bytes each up front and a miss decodes
+from a checkpoint ~4x closer to the bytes it wants, for one more range request per decoded
+span (the trade is measured in bench/RESULTS.md).
+
 Why this shape: opening costs one checksum pass (xxh3 runs at ~10 GB/s) and no parsing,
 so a 500k-entry index opens in milliseconds; ``lookup`` walks path components with one
 binary search per directory (O(depth · log fanout)), decompressing only the few record
@@ -33,10 +45,13 @@ Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 ``inode``, ``path_of``, ``entries``, ``entry_blocks``, ``extras_section``,
 ``entry_count``, ``chunk``, ``chunk_count``, ``chunks_of``, ``chunk_range``,
 ``chunk_digests``, ``chunk_extents``, ``checkpoint``, ``checkpoints``,
-``checkpoint_count``, ``mark_offsets``, ``index_bytes``, ``close``).
+``checkpoint_count``, ``mark_offsets``, ``index_bytes``, ``close``; windows apart:
+:func:`serialize_split`, ``windows_apart``, ``windows_digest``, ``window_extent``,
+``windows_size``, ``attach_windows``, ``window_local``).
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -50,7 +65,7 @@ import xxhash
 import zstandard
 
 from snapshotter.fsutil import write_atomic
-from snapshotter.index.errors import IndexFormatError
+from snapshotter.index.errors import IndexFormatError, WindowMissingError
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
     Checkpoint,
@@ -63,7 +78,11 @@ from snapshotter.index.model import (
 )
 
 MAGIC = b"LZSNAPIX"
-VERSION = 3
+VERSION = 4
+_READABLE = (3, 4)  # version 3 is version 4 without the windows-apart flag
+_FLAG_WINDOWS_APART = 1
+_NO_WINDOW = bytes(32)
+MAX_PACKED_WINDOW = 64 << 10  # zlib of a 32 KiB window never comes near this
 BLOCK_RECORDS = 256
 _BLOCK_CACHE = 512  # decompressed entry blocks kept per open index (≈ 8 MB max)
 _BULK_BLOCKS = 64  # entry blocks decompressed per call when walking all entries (~1 MB)
@@ -109,7 +128,16 @@ def _encode_extra(entry: Entry) -> bytes:
 
 
 def serialize_index(index: LayerIndex) -> bytes:
-    """The index file's bytes (what :func:`write_index` writes, or a registry stores)."""
+    """The index file's bytes, windows included (what :func:`write_index` writes)."""
+    return _serialize(index, apart=False)[0]
+
+
+def serialize_split(index: LayerIndex) -> tuple[bytes, bytes]:
+    """(index bytes, windows blob): the index with its windows apart (what ``--push`` publishes)."""
+    return _serialize(index, apart=True)
+
+
+def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
     by_path = {e.path: e for e in index.entries}
     if "" not in by_path or by_path[""].type != EntryType.DIR:
         raise ValueError("index has no root directory entry")
@@ -200,7 +228,16 @@ def serialize_index(index: LayerIndex) -> bytes:
 
     blockidx = struct.pack(f"<{len(block_offsets)}Q", *block_offsets)
     marks = b"".join(MARK.pack(u, c) for u, c in index.marks)
-    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), bytes(windows), marks]
+    apart_blob = b""
+    win_section = bytes(windows)
+    if apart:
+        apart_blob = win_section
+        digests = [hashlib.sha256(apart_blob).digest()]
+        for rec in CHECKPOINT.iter_unpack(ck_recs):
+            clen, woff = rec[3], rec[6]
+            digests.append(hashlib.sha256(apart_blob[woff:woff + clen]).digest() if clen else _NO_WINDOW)
+        win_section = b"".join(digests)
+    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), win_section, marks]
     offsets: list[int] = []
     pos = HEADER.size
     for s in sections:
@@ -208,7 +245,8 @@ def serialize_index(index: LayerIndex) -> bytes:
         pos += len(s)
     info = index.info
     diff = bytes.fromhex(info.diff_id.split(":", 1)[1]) if info.diff_id else bytes(32)
-    header = HEADER.pack(MAGIC, VERSION, HEADER.size, 0, 0, pos, _FORMATS.index(info.format),
+    header = HEADER.pack(MAGIC, VERSION, HEADER.size, _FLAG_WINDOWS_APART if apart else 0, 0, pos,
+                         _FORMATS.index(info.format),
                          int(info.sequential_only), int(info.diff_id is not None), 0, info.chunk_size,
                          info.span_size, info.compressed_size, info.uncompressed_size,
                          bytes.fromhex(info.blob_digest.split(":", 1)[1]), diff, len(order),
@@ -217,7 +255,7 @@ def serialize_index(index: LayerIndex) -> bytes:
     for s in sections:
         body += s
     struct.pack_into("<Q", body, _CHECKSUM_AT, _checksum(body))
-    return bytes(body)
+    return bytes(body), apart_blob
 
 
 def write_index(dest: str | os.PathLike[str] | BinaryIO, index: LayerIndex) -> int:
@@ -275,11 +313,11 @@ class IndexFile:
                 raise IndexFormatError(f"{self.source} is not a lazysnap index (bad magic)")
             raise IndexFormatError(f"index {self.source} is truncated ({size} bytes)")
         h = HEADER.unpack_from(self._mv, 0)
-        (magic, version, hsize, _flags, checksum, file_size, fmt, seq, has_diff, _pad, chunk_size, span,
+        (magic, version, hsize, flags, checksum, file_size, fmt, seq, has_diff, _pad, chunk_size, span,
          csize, usize, blob, diff, n_ent, n_chunk, n_ck, n_reg, *offs) = h
         if magic != MAGIC:
             raise IndexFormatError(f"{self.source} is not a lazysnap index (bad magic)")
-        if version != VERSION or hsize != HEADER.size:
+        if version not in _READABLE or hsize != HEADER.size:
             raise IndexFormatError(f"index {self.source} has unsupported version {version}")
         if file_size > size:
             raise IndexFormatError(f"index {self.source} is truncated ({size} of {file_size} bytes)")
@@ -307,6 +345,11 @@ class IndexFile:
         for name, rec, count in (("chunks", CHUNK, n_chunk), ("checkpoints", CHECKPOINT, n_ck)):
             if sec[name][1] != rec.size * count:
                 raise self._bad(f"section {name} has the wrong size")
+        if flags & ~_FLAG_WINDOWS_APART or (flags and version < 4):
+            raise self._bad(f"unknown header flags {flags:#x}")
+        self.windows_apart = bool(flags & _FLAG_WINDOWS_APART)
+        if self.windows_apart and sec["windows"][1] != 32 * (n_ck + 1):
+            raise self._bad("section windows has the wrong size")
         if sec["marks"][1] % MARK.size:
             raise self._bad("section marks has the wrong size")
         if n_ent < 1:
@@ -318,6 +361,7 @@ class IndexFile:
         self._chk_off = sec["chunks"][0]
         self._ck_off = sec["checkpoints"][0]
         self._win = self._mv[sec["windows"][0]:sum(sec["windows"])]
+        self._win_fd = -1  # the local copy of an apart windows blob (attach_windows)
         self._ck_u: list[int] | None = None
         self._ck_c: list[int] | None = None
         self._marks_at, self.mark_count = sec["marks"][0], sec["marks"][1] // MARK.size
@@ -326,6 +370,9 @@ class IndexFile:
 
     def close(self) -> None:
         self._ent = self._ext = self._win = memoryview(b"")
+        if getattr(self, "_win_fd", -1) >= 0:
+            os.close(self._win_fd)
+            self._win_fd = -1
         self._blocks = OrderedDict()
         self._mv.release()
         if isinstance(self._buf, mmap.mmap):
@@ -648,10 +695,14 @@ class IndexFile:
         kind, bits, _pad, clen, coff, uoff, woff = CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)
         window = b""
         if clen:
-            if woff + clen > len(self._win):
+            if self.windows_apart:
+                packed: bytes | memoryview = self._apart_window(i, woff, clen)
+            elif woff + clen > len(self._win):
                 raise self._bad(f"checkpoint {i} window out of range")
+            else:
+                packed = self._win[woff:woff + clen]
             try:
-                window = zlib.decompress(self._win[woff:woff + clen])
+                window = zlib.decompress(packed)
             except zlib.error:
                 raise self._bad(f"checkpoint {i} window does not decompress") from None
         try:
@@ -659,6 +710,56 @@ class IndexFile:
         except ValueError:
             raise self._bad(f"checkpoint {i} has unknown kind {kind}") from None
         return Checkpoint(k, coff, uoff, bits, window)
+
+    # -- windows apart -----------------------------------------------------------------
+    @property
+    def windows_digest(self) -> str | None:
+        """The digest of the windows blob, for an index with its windows apart."""
+        return "sha256:" + bytes(self._win[:32]).hex() if self.windows_apart else None
+
+    def window_extent(self, i: int) -> tuple[int, int, bytes]:
+        """(offset, length, SHA-256) of checkpoint ``i``'s window in the windows blob; length 0
+        when the checkpoint needs none (stream, member and frame starts)."""
+        if not 0 <= i < self.checkpoint_count:
+            raise IndexError(f"checkpoint {i} out of range")
+        rec = CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)
+        off, n = rec[6], rec[3]
+        if self.windows_apart and (n > MAX_PACKED_WINDOW or off > MAX_PACKED_WINDOW * self.checkpoint_count):
+            # a crafted extent must not make a node create a huge sparse file or read past it
+            raise self._bad(f"checkpoint {i} window extent {off}+{n} is implausible")
+        digest = bytes(self._win[32 * (i + 1):32 * (i + 2)]) if self.windows_apart else b""
+        return off, n, digest
+
+    def windows_size(self) -> int:
+        """Bytes of the windows blob (or section): where the last window ends."""
+        size = 0
+        for i in range(self.checkpoint_count):
+            off, n, _ = self.window_extent(i)
+            size = max(size, off + n)
+        return size
+
+    def attach_windows(self, path: str | os.PathLike[str]) -> None:
+        """Read apart windows from ``path``: a local copy of the windows blob that may be
+        partly filled (a sparse file); a window is used only if it matches its digest."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if self._win_fd >= 0:
+            os.close(self._win_fd)
+        self._win_fd = fd
+
+    def window_local(self, i: int) -> bool:
+        """True if checkpoint ``i`` needs no window or its window is local and intact."""
+        off, n, digest = self.window_extent(i)
+        if n == 0 or not self.windows_apart:
+            return True
+        return self._win_fd >= 0 and hashlib.sha256(os.pread(self._win_fd, n, off)).digest() == digest
+
+    def _apart_window(self, i: int, off: int, n: int) -> bytes:
+        if self._win_fd < 0:
+            raise WindowMissingError(f"index {self.source}: checkpoint {i} window is apart and no copy is attached")
+        data = os.pread(self._win_fd, n, off)
+        if hashlib.sha256(data).digest() != self._win[32 * (i + 1):32 * (i + 2)]:
+            raise WindowMissingError(f"index {self.source}: checkpoint {i} window is not local yet")
+        return data
 
     def checkpoints(self) -> list[Checkpoint]:
         return [self.checkpoint(i) for i in range(self.checkpoint_count)]

@@ -32,6 +32,7 @@ log = get_logger("lazysnap.layers")
 
 INDEX_ARTIFACT = "application/vnd.lazysnap.index.v1"
 INDEX_LAYER_MEDIA = "application/vnd.lazysnap.index.layer.v1"
+WINDOWS_LAYER_MEDIA = "application/vnd.lazysnap.index.windows.v1"  # an index's windows, apart
 LAYER_ANNOTATION = "io.lazysnap.layer.digest"
 
 INDEX_SOURCES = Counter("lazysnap_layer_index_sources", "Where layer indexes came from (local/referrer/built/whole)",
@@ -69,6 +70,8 @@ def quarantine(root: Path, digest: str, reason: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.replace(src, dst)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src.with_name(src.name + ".win"))  # its apart windows, if any
     log.error("index_quarantined", layer=digest, reason=reason, moved_to=str(dst))
 
 
@@ -93,7 +96,7 @@ async def published_indexes(client: Any, ref: str, manifest_digest: str | None) 
         for d in json.loads(body).get("layers") or []:
             desc = Descriptor.from_dict(d)
             layer = desc.annotations.get(LAYER_ANNOTATION)
-            if layer:
+            if layer and desc.media_type == INDEX_LAYER_MEDIA:  # not the windows blobs beside them
                 blobs[layer] = desc
         return PublishedIndexes(blobs, art.digest)
     return PublishedIndexes({}, None)

@@ -31,6 +31,7 @@ from typing import Any
 
 from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
+from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fs import LayerData, LayerTree, LazyFS
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import write_atomic
@@ -369,7 +370,12 @@ class LazyLayerProvider:
                      note="no random access (e.g. single-frame zstd): first read streams the layer from the start")
         blob_source: Any = (FileBlobSource(local_blob) if local_blob is not None
                             else RegistryBlobSource(self.client, ref, digest))
-        lf = self.fetcher.layer(digest, IndexCodec(idx), blob_source, sequential_only=info.sequential_only)
+        windows = None
+        if idx.windows_apart:  # published with --push: windows come from their own blob, by range
+            windows = await asyncio.to_thread(
+                WindowCache, idx, windows_path(indexes.index_path(self.root, digest)),
+                RegistryBlobSource(self.client, ref, idx.windows_digest, purpose="index"))
+        lf = self.fetcher.layer(digest, IndexCodec(idx, windows), blob_source, sequential_only=info.sequential_only)
         async with self._build_one:
             tree, compiled = await asyncio.to_thread(_build_tree, idx, digest)
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
