@@ -124,6 +124,8 @@ class Registry:
             "  accesslog:",
             "    disabled: false",
             "storage:",
+            "  cache:",  # as Debian's packaged config.yml: blob descriptors from memory, not stat()s
+            "    blobdescriptor: inmemory",
             "  filesystem:",
             f"    rootdirectory: {self.storage}",
             "  delete:",
