@@ -64,7 +64,10 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
 # Checkpoint span of published indexes: 1 MiB spans cut what one miss or one profile
 # entry fetches (cold start 6.5 -> 5.5 s on the inference image) at the price of a larger
 # index (1.8 % instead of 0.7-1.2 % of the blob), so publishers of lazily served images set it.
-PUBLISH_SPAN = os.environ.get("LAZYSNAP_BENCH_SPAN")  # default: what `lazysnap index --push` picks
+# With the windows apart (LAZYSNAP_BENCH_WINDOWS_APART=1) a checkpoint costs 64 bytes up front, so
+# the CLI's 256 KiB default for --windows-apart applies instead (figures in bench/RESULTS.md).
+PUBLISH_WINDOWS_APART = bool(os.environ.get("LAZYSNAP_BENCH_WINDOWS_APART"))
+PUBLISH_SPAN = os.environ.get("LAZYSNAP_BENCH_SPAN") or (None if PUBLISH_WINDOWS_APART else str(1 << 20))
 PUBLISH_CHUNK = int(os.environ.get("LAZYSNAP_BENCH_CHUNK", 1 << 20))
 
 
@@ -76,7 +79,7 @@ def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) 
             "--root", str(root), "--hosts-dir", str(hosts_dir)]
     if PUBLISH_SPAN:
         argv += ["--span", PUBLISH_SPAN]
-    if os.environ.get("LAZYSNAP_BENCH_WINDOWS_APART"):  # measure windows apart against inline
+    if PUBLISH_WINDOWS_APART:
         argv.append("--windows-apart")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:

@@ -65,6 +65,11 @@ def _open(layer: tuple[Path, Path, Path, bytes], root: Path) -> tuple[IndexFile,
     return IndexFile.open(root / "x.idx"), root / "x.idx"
 
 
+def _with_window(idx: IndexFile) -> list[int]:
+    """Checkpoints that need a window (not stream or member starts)."""
+    return [c for c in range(idx.checkpoint_count) if idx.window_extent(c)[1]]
+
+
 def test_reads_fetch_only_the_windows_they_decode_from(layer, tmp_path: Path) -> None:
     blob, _, win_blob, raw = layer
     idx, path = _open(layer, tmp_path / "node")
@@ -100,7 +105,7 @@ def test_concurrent_asks_share_one_fetch_and_survive_a_restart(layer, tmp_path: 
     _, _, win_blob, _ = layer
     idx, path = _open(layer, tmp_path / "node")
     source = CountingSource(win_blob)
-    wanted = [c for c in range(idx.checkpoint_count) if idx.window_extent(c)[1]][2:6]
+    wanted = _with_window(idx)[2:6]
 
     async def main() -> None:
         wc = WindowCache(idx, windows_path(path), source)
@@ -130,7 +135,7 @@ def test_a_corrupt_window_is_refused_and_never_stored(layer, tmp_path: Path) -> 
     idx, path = _open(layer, tmp_path / "node")
     source = CountingSource(win_blob)
     source.corrupt = True
-    c = [c for c in range(idx.checkpoint_count) if idx.window_extent(c)[1]][3]
+    c = _with_window(idx)[3]
 
     async def main() -> None:
         wc = WindowCache(idx, windows_path(path), source)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.cli import CLIError
+from snapshotter.fetch.sources import RegistryBlobSource
+from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import (
     DEFAULT_CHUNK,
@@ -29,8 +31,6 @@ from snapshotter.index.builder import (
     index_stream,
 )
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
-from snapshotter.fetch.sources import RegistryBlobSource
-from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.index.format import IndexFile, serialize_index, serialize_split
 from snapshotter.index.model import Entry, EntryType
 from snapshotter.index.reader import (

@@ -79,7 +79,7 @@ class FetchOptions:
     whole_spans: bool = True  # decode every chunk of a fetched checkpoint span
     fail_fast_s: float = 1.0  # after a deadline failure, re-asks for the same chunks fail at once
     compressed_cache_bytes: int = 32 << 20  # recent ranges: a later miss from the same checkpoint fetches only the rest
-    readahead_spans: bool = True  # an on-demand miss also fetches the next span (background priority)
+    readahead_spans: bool = False  # an on-demand miss also fetches the next span (background priority)
 
 
 class PriorityGate:
@@ -472,7 +472,8 @@ class LayerFetcher:
 
     async def _read_with_window(self, plan: Any, start: int, end: int, priority: Priority) -> bytes:
         """The span's range and, for an index with its windows apart, its checkpoint's
-        window: two requests in flight at once, so the window adds bytes but no round trip."""
+        window: two requests in flight at once, so a missing window costs its bytes and one
+        more request, not a serial round trip."""
         prepare = getattr(self.codec, "prepare", None)
         if prepare is None:
             return await self._read_compressed(start, end, priority)

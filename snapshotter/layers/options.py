@@ -12,12 +12,13 @@ class LazyOptions:
 
     ``small_layer_bytes``: layers up to this compressed size are fetched whole at Prepare.
     Default 4 MiB: a few spans; the first misses in a layer that small fetch most of it
-    anyway (each miss also reads the next span ahead), so laziness would only add round trips.
+    anyway, so laziness would only add round trips.
     ``readahead_spans``: an on-demand miss also fetches the next checkpoint span at
-    background priority (a package's files are adjacent in the tar): fewer serial misses
-    for more registry bytes; switch off where bytes matter more than time (figures in
-    bench/RESULTS.md). A miss itself fetches from the checkpoint before the chunk up to
-    the index's end mark after it, not to the next checkpoint.
+    background priority (a package's files are adjacent in the tar). Off: measured on the
+    inference image with no profile (bench/RESULTS.md, 2026-11-27), it saved no time
+    (6.3 s with it, 6.5 s without, medians of 3) and cost 50 MB (212 against 163 MB). A
+    miss itself fetches from the checkpoint before the chunk up to the index's end mark
+    after it; a miss on a small file takes the rest of its span (``IndexCodec.span_mates``).
     ``span_size`` (layers indexed here): 1 MiB, measured on the inference image
     (python3 -c 'import torch', every layer lazy, no profile): 4 MiB spans 271 MB fetched,
     index 4.1 MB; 1 MiB spans 172 MB fetched, cold start ~20 % shorter, index 9.0 MB (1.8 %
@@ -50,7 +51,7 @@ class LazyOptions:
     chunk_size: int = 1 << 20
     max_index_bytes: int = 512 << 20
     read_ahead_kb: int = 1024
-    readahead_spans: bool = True
+    readahead_spans: bool = False
     fuse_threads: int = 8
 
     def validate(self) -> LazyOptions:

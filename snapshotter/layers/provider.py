@@ -371,7 +371,7 @@ class LazyLayerProvider:
         blob_source: Any = (FileBlobSource(local_blob) if local_blob is not None
                             else RegistryBlobSource(self.client, ref, digest))
         windows = None
-        if idx.windows_apart:  # published with --push: windows come from their own blob, by range
+        if idx.windows_apart:  # published with --windows-apart: windows come from their own blob, by range
             windows = await asyncio.to_thread(
                 WindowCache, idx, windows_path(indexes.index_path(self.root, digest)),
                 RegistryBlobSource(self.client, ref, idx.windows_digest, purpose="index"))
