@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from snapshotter.fetch.scheduler import _consume  # marks a future's failure as seen
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.log import get_logger
 
@@ -109,8 +110,8 @@ class WindowCache:
 
     def _ranges(self, checkpoints: list[int]) -> list[tuple[int, int, list[int]]]:
         spans: list[tuple[int, int, list[int]]] = []
-        for c in sorted(checkpoints, key=lambda c: self.index.window_extent(c)[0]):
-            off, n, _ = self.index.window_extent(c)
+        extents = sorted((self.index.window_extent(c)[:2], c) for c in checkpoints)
+        for (off, n), c in extents:
             if spans and off - spans[-1][1] <= MERGE_GAP:
                 lo, hi, members = spans[-1]
                 spans[-1] = (lo, max(hi, off + n), members + [c])
@@ -129,8 +130,3 @@ class WindowCache:
             raise IndexFormatError(f"layer {self.index.info.blob_digest}: windows closed")
         os.pwrite(self._fd, piece, off)
         self._have.add(checkpoint)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()

@@ -19,8 +19,7 @@ Layout (all integers little-endian)::
              its compressed offset, so it fetches less than a whole span
 
 Windows apart (version 4, header flag 1; what ``lazysnap index --push --windows-apart``
-publishes): the
-zlib-compressed windows go to a blob of their own and the ``windows`` section holds the
+publishes): the zlib-compressed windows go to a blob of their own and the ``windows`` section holds the
 SHA-256 of that blob followed by one SHA-256 per checkpoint (zeros where a checkpoint has
 no window); checkpoint records then give offsets into the windows blob. A node fetches the
 index once and a window only when a read first decodes from its checkpoint, by range,
