@@ -61,13 +61,11 @@ def write_hosts(hosts_dir: Path, host: str) -> Path:
     return hosts_dir
 
 
-# Checkpoint span of published indexes: 1 MiB spans cut what one miss or one profile
-# entry fetches (cold start 6.5 -> 5.5 s on the inference image) at the price of a larger
-# index (1.8 % instead of 0.7-1.2 % of the blob), so publishers of lazily served images set it.
-# With the windows apart (LAZYSNAP_BENCH_WINDOWS_APART=1) a checkpoint costs 64 bytes up front, so
-# the CLI's 256 KiB default for --windows-apart applies instead (figures in bench/RESULTS.md).
+# Published indexes use the CLI's --push default (256 KiB checkpoint spacing, sparse windows
+# inline) unless LAZYSNAP_BENCH_SPAN says otherwise; LAZYSNAP_BENCH_WINDOWS_APART=1 publishes
+# the windows as a blob of their own (trade-offs in bench/RESULTS.md).
 PUBLISH_WINDOWS_APART = bool(os.environ.get("LAZYSNAP_BENCH_WINDOWS_APART"))
-PUBLISH_SPAN = os.environ.get("LAZYSNAP_BENCH_SPAN") or (None if PUBLISH_WINDOWS_APART else str(1 << 20))
+PUBLISH_SPAN = os.environ.get("LAZYSNAP_BENCH_SPAN")
 PUBLISH_CHUNK = int(os.environ.get("LAZYSNAP_BENCH_CHUNK", 1 << 20))
 
 

@@ -79,5 +79,6 @@ static inline void lz_buf_free(lz_buf *b)
 }
 
 #define LZ_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define LZ_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 #endif

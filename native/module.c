@@ -9,6 +9,7 @@
 #include "chunkfiles.h"
 #include "range.h"
 #include "scanner.h"
+#include "window_refs.h"
 #include "zstream.h"
 
 typedef struct {
@@ -70,12 +71,12 @@ typedef struct {
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
-                             "simd", NULL};
+                             "simd", "sparse_windows", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
-    int diff = 0, threaded = 1, simd = 1;
+    int diff = 0, threaded = 1, simd = 1, sparse = 1;
     PyObject *fmt_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpp:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded, &simd))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOppp:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd, &sparse))
         return -1;
     if (span < 1024 || chunk < 1 || chunk > (1ull << 40)) {
         PyErr_SetString(PyExc_ValueError, "span_size must be >= 1024 and chunk_size in 1..2**40");
@@ -91,7 +92,7 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     lz_err err = {0};
     scanner_t *sc;
     Py_BEGIN_ALLOW_THREADS
-    sc = scanner_new(span, chunk, diff, fmt, threaded, simd, &err);
+    sc = scanner_new(span, chunk, diff, fmt, threaded, simd, sparse, &err);
     Py_END_ALLOW_THREADS
     if (!sc) {
         raise_err(get_state(self->module), &err);
@@ -382,7 +383,7 @@ static PyType_Slot Scanner_slots[] = {
     {Py_tp_dealloc, Scanner_dealloc},
     {Py_tp_methods, Scanner_methods},
     {Py_tp_doc, "Scanner(span_size=4<<20, chunk_size=1<<20, diff_id=False, format=None, "
-                "hash_thread=True): one-pass streaming layer indexer."},
+                "hash_thread=True, simd=True, sparse_windows=True): one-pass streaming layer indexer."},
     {0, NULL},
 };
 
@@ -677,6 +678,36 @@ static PyObject *core_zlib_block_boundaries(PyObject *module, PyObject *arg)
     return res;
 }
 
+static PyObject *core_window_refs(PyObject *module, PyObject *args)
+{
+    Py_buffer b;
+    int bits;
+    Py_ssize_t wlen;
+    if (!PyArg_ParseTuple(args, "y*in:window_refs", &b, &bits, &wlen))
+        return NULL;
+    if (wlen < 0 || wlen > (Py_ssize_t)LZ_HIST || bits < 0 || bits > 7) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "window length must be 0..32768 and bits 0..7");
+        return NULL;
+    }
+    PyObject *used = PyBytes_FromStringAndSize(NULL, wlen);
+    if (!used) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    uint8_t *u = (uint8_t *)PyBytes_AS_STRING(used);
+    memset(u, 0, (size_t)wlen);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lz_window_refs(b.buf, (size_t)b.len, bits, (size_t)wlen, u);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (rc == LZ_REFS_OK)
+        return used;
+    Py_DECREF(used);
+    return PyUnicode_FromString(rc == LZ_REFS_SHORT ? "short" : "invalid");
+}
+
 static PyMethodDef core_methods[] = {
     {"decompress_range", core_decompress_range, METH_VARARGS,
      "decompress_range(format, kind, bits, window, data, skip, length) -> bytes"},
@@ -687,6 +718,8 @@ static PyMethodDef core_methods[] = {
      "write_chunks(dir, tmp, tag, [(digest, data)], fsync) -> [1 written | 0 present | -errno]"},
     {"zlib_block_boundaries", core_zlib_block_boundaries, METH_O,
      "zlib_block_boundaries(gzip_bytes) -> [bit offsets of deflate block boundaries] (tests)"},
+    {"window_refs", core_window_refs, METH_VARARGS,
+     "window_refs(deflate, bits, wlen) -> bytes (1 per window byte referenced) | 'short' | 'invalid' (tests)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 /* gzip decoding for the scanner: ISA-L inflate, members, deflate-block checkpoints. */
 #include "scanner_int.h"
+#include "window_refs.h"
 
 #define GZ_HUNT_SLICE 32            /* input slice while looking for a block boundary */
 #define GZ_HUNT_AVAIL (160u << 10)  /* output room that 32 input bytes cannot overflow */
@@ -117,7 +118,7 @@ static int gz_step(scanner_t *sc, const uint8_t **pp, size_t *pn)
     return 0;
 }
 
-int lz_gz_feed(scanner_t *sc, const uint8_t *p, size_t n)
+static int gz_feed_all(scanner_t *sc, const uint8_t *p, size_t n)
 {
     while (n > 0) {
         if (sc->gz_phase == GZ_BETWEEN) {
@@ -150,6 +151,95 @@ int lz_gz_feed(scanner_t *sc, const uint8_t *p, size_t n)
     return 0;
 }
 
+/* ---------------- sparse windows (window_refs.h) ---------------- */
+
+/* Compressed bytes after a checkpoint that always hold its next 32 KiB of output: at
+ * worst 9 bits per literal plus block headers.  Fewer only at the end of the stream. */
+#define SP_NEED (64u << 10)
+/* Input kept behind the decoder: a checkpoint's header may start in bytes ISA-L took in
+ * an earlier feed (its header buffer and bit buffer hold a few hundred bytes). */
+#define SP_TAIL (4u << 10)
+
+/* Zero the window bytes of `c` that nothing in `in` refers to.  A walk that cannot
+ * finish (input too short, or a stream ISA-L accepts and window_refs.c does not) leaves
+ * the window whole: never smaller than decoding needs. */
+static int sparse_window(lz_checkpoint *c, const uint8_t *in, size_t n)
+{
+    uint8_t *used = calloc(c->wlen ? c->wlen : 1, 1);
+    if (!used)
+        return -1;
+    if (lz_window_refs(in, n, c->bits, c->wlen, used) == LZ_REFS_OK)
+        for (size_t i = 0; i < c->wlen; i++)
+            if (!used[i])
+                c->window[i] = 0;
+    free(used);
+    return 0;
+}
+
+/* After the decoder took p[0, n) at compressed offset `start` (sp_in holds the input
+ * from sp_base up to `start`): make sparse the window of every pending checkpoint that
+ * now has SP_NEED bytes after it (every one at the end of the stream), then keep only
+ * the input the others still need, at most SP_NEED bytes. */
+static int sparse_step(scanner_t *sc, const uint8_t *p, size_t n, uint64_t start, int at_end)
+{
+    if (!sc->sparse)
+        return 0;
+    uint64_t end = start + n;
+    size_t have = 0;  /* bytes of p appended to sp_in */
+    lz_checkpoint *cps = (lz_checkpoint *)sc->cps.p;
+    size_t ncp = sc->cps.len / sizeof *cps;
+    for (; sc->sp_next < ncp; sc->sp_next++) {
+        lz_checkpoint *c = &cps[sc->sp_next];
+        if (c->kind != CK_DEFLATE || c->coff < sc->sp_base)
+            continue;  /* no window, or (never expected) its input is gone: kept whole */
+        if (end - c->coff < SP_NEED && !at_end)
+            break;
+        size_t len = (size_t)LZ_MIN((uint64_t)SP_NEED, end - c->coff);
+        const uint8_t *src;
+        if (c->coff >= start) {
+            src = p + (c->coff - start);
+        } else {
+            size_t want = (size_t)(c->coff + len - start);
+            if (want > have) {
+                if (lz_buf_append(&sc->sp_in, p + have, want - have))
+                    return lz_nomem(&sc->err);
+                have = want;
+            }
+            src = sc->sp_in.p + (c->coff - sc->sp_base);
+        }
+        if (sparse_window(c, src, len))
+            return lz_nomem(&sc->err);
+    }
+    uint64_t keep = end > SP_TAIL ? end - SP_TAIL : 0;
+    for (size_t i = sc->sp_next; i < ncp; i++)
+        if (cps[i].kind == CK_DEFLATE) {
+            keep = LZ_MIN(keep, cps[i].coff);
+            break;
+        }
+    keep = LZ_MAX(keep, sc->sp_base);
+    if (keep >= start + have) {
+        sc->sp_in.len = 0;
+        if (lz_buf_append(&sc->sp_in, p + (keep - start), (size_t)(end - keep)))
+            return lz_nomem(&sc->err);
+    } else {
+        size_t drop = (size_t)(keep - sc->sp_base);
+        memmove(sc->sp_in.p, sc->sp_in.p + drop, sc->sp_in.len - drop);
+        sc->sp_in.len -= drop;
+        if (lz_buf_append(&sc->sp_in, p + have, n - have))
+            return lz_nomem(&sc->err);
+    }
+    sc->sp_base = keep;
+    return 0;
+}
+
+int lz_gz_feed(scanner_t *sc, const uint8_t *p, size_t n)
+{
+    uint64_t start = sc->dec_in;
+    if (gz_feed_all(sc, p, n))
+        return -1;
+    return sparse_step(sc, p, n, start, 0);
+}
+
 int lz_gz_finish(scanner_t *sc)
 {
     /* Drain output ISA-L still holds, then the member must be complete. */
@@ -166,5 +256,5 @@ int lz_gz_finish(scanner_t *sc)
         return lz_fail(&sc->err, LZ_TRUNCATED,
                        "gzip stream ends at offset %llu inside the member starting at %llu",
                        (unsigned long long)sc->dec_in, (unsigned long long)sc->member_start);
-    return 0;
+    return sparse_step(sc, (const uint8_t *)"", 0, sc->dec_in, 1);
 }

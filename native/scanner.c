@@ -152,7 +152,7 @@ static int plain_feed(scanner_t *sc, const uint8_t *p, size_t n)
 /* ---------------- pipeline ---------------- */
 
 scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, int format,
-                       int threaded, int simd, lz_err *err)
+                       int threaded, int simd, int sparse, lz_err *err)
 {
     scanner_t *sc = calloc(1, sizeof *sc);
     if (!sc) {
@@ -161,6 +161,7 @@ scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, i
     }
     sc->span_size = span_size;
     sc->threaded = threaded;
+    sc->sparse = sparse;
     sc->format = format;
     if (tar_init(&sc->tar, chunk_size, want_diff, simd) ||
         lz_mh_new(&sc->tar.mh, &sc->blob_slot))
@@ -227,6 +228,7 @@ void scanner_free(scanner_t *sc)
         free(c[i].window);
     lz_buf_free(&sc->cps);
     lz_buf_free(&sc->marks);
+    lz_buf_free(&sc->sp_in);
     free(sc->isal);
     if (sc->zd)
         ZSTD_freeDCtx(sc->zd);

@@ -39,6 +39,7 @@ typedef struct {
     /* configuration */
     uint64_t span_size;
     int threaded;
+    int sparse;              /* zero the window bytes nothing after a checkpoint uses */
     /* input */
     int format;
     uint8_t magic[4];
@@ -74,6 +75,11 @@ typedef struct {
     struct inflate_state *isal;
     int gz_phase, gz_hunting, gz_zero_tail;
     uint64_t member_start, next_cp, hunt_base, gz_target, members;
+    /* sparse windows (scan_gzip.c): compressed input kept from sp_base until every
+     * checkpoint from cps index sp_next on has had its window's references found */
+    lz_buf sp_in;
+    uint64_t sp_base;
+    size_t sp_next;
     /* zstd */
     ZSTD_DCtx *zd;
     int z_in_frame, z_cp_pending;
@@ -84,10 +90,11 @@ typedef struct {
     lz_err err;
 } scanner_t;
 
-/* format: FMT_UNKNOWN to detect from magic bytes; simd: allow AVX-512 batched SHA-256.
- * Returns NULL on out of memory. */
+/* format: FMT_UNKNOWN to detect from magic bytes; simd: allow AVX-512 batched SHA-256;
+ * sparse: DEFLATE checkpoint windows keep only the bytes later data refers to
+ * (window_refs.h).  Returns NULL on out of memory. */
 scanner_t *scanner_new(uint64_t span_size, uint64_t chunk_size, int want_diff, int format,
-                       int threaded, int simd, lz_err *err);
+                       int threaded, int simd, int sparse, lz_err *err);
 int scanner_feed(scanner_t *sc, const uint8_t *p, size_t n);
 /* Flushes, joins the hash thread, checks the end of stream; digests are written out. */
 int scanner_finish(scanner_t *sc, uint8_t blob[32], uint8_t diff[32]);

@@ -98,17 +98,21 @@ class Scanner:
     cores. Without it, the one thread queues the SHA-256 of every chunk of a 16 MiB
     output block (and of the fed compressed bytes) and hashes them 16 at a time in
     AVX-512 lanes where the CPU has them (``simd=False`` forces one at a time; tests
-    compare the two). Separate scanners are independent and may run in separate threads.
+    compare the two). ``sparse_windows`` zeroes the bytes of each gzip checkpoint's
+    window that the data after it never refers to (``native/window_refs.h``): decoding
+    is unchanged and the packed windows get several times smaller. Separate scanners are
+    independent and may run in separate threads.
     """
 
     __slots__ = ("_core",)
 
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
-                 format: str | None = None, hash_thread: bool = True, simd: bool = True) -> None:
+                 format: str | None = None, hash_thread: bool = True, simd: bool = True,
+                 sparse_windows: bool = True) -> None:
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
                                    diff_id=diff_id, format=format, hash_thread=hash_thread,
-                                   simd=simd)
+                                   simd=simd, sparse_windows=sparse_windows)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)
@@ -128,10 +132,10 @@ class Scanner:
 def scan_stream(stream: BinaryIO, *, span_size: int = DEFAULT_SPAN_SIZE,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
                 format: str | None = None, hash_thread: bool = True,
-                read_size: int = 4 << 20) -> ScanResult:
+                read_size: int = 4 << 20, sparse_windows: bool = True) -> ScanResult:
     """Scan a whole layer from a binary stream (file, pipe, HTTP body wrapper)."""
     scanner = Scanner(span_size=span_size, chunk_size=chunk_size, diff_id=diff_id,
-                      format=format, hash_thread=hash_thread)
+                      format=format, hash_thread=hash_thread, sparse_windows=sparse_windows)
     buf = bytearray(read_size)
     view = memoryview(buf)
     while True:
@@ -150,6 +154,14 @@ def decompress_range(format: str, kind: int, bits: int, window: bytes,
     TruncatedLayerError if ``data`` ends too early, CorruptLayerError on bad data.
     """
     return _core.decompress_range(format, kind, bits, window, data, skip, length)
+
+
+def window_refs(deflate: bytes | bytearray | memoryview, bits: int, wlen: int) -> bytes | str:
+    """Which bytes of a ``wlen``-byte window the deflate data starting at bit ``bits``
+    refers to in its next 32 KiB of output: one byte per window byte (1 = referenced), or
+    ``"short"`` / ``"invalid"`` when the walk cannot finish (the scanner then keeps the
+    whole window). What ``Scanner(sparse_windows=True)`` runs per gzip checkpoint."""
+    return _core.window_refs(deflate, bits, wlen)
 
 
 def sha256(data: bytes | bytearray | memoryview) -> bytes:

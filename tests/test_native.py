@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import tarfile
 import threading
 import zlib
@@ -214,7 +215,8 @@ def check_entries(res: native.ScanResult, raw: bytes, chunk_size: int) -> None:
     assert next_chunk == len(chunks)
 
 
-def check_checkpoints(res: native.ScanResult, blob: bytes, raw: bytes, rnd: random.Random) -> None:
+def check_checkpoints(res: native.ScanResult, blob: bytes, raw: bytes, rnd: random.Random,
+                      sparse: bool = True) -> None:
     cps = res.checkpoints
     assert cps[0].kind == CheckpointKind.STREAM_START and cps[0].compressed_offset == 0
     assert [c.uncompressed_offset for c in cps] == sorted(c.uncompressed_offset for c in cps)
@@ -223,7 +225,13 @@ def check_checkpoints(res: native.ScanResult, blob: bytes, raw: bytes, rnd: rand
         for c in cps:
             if c.kind == CheckpointKind.DEFLATE:
                 assert c.compressed_offset * 8 + c.bits in boundaries  # zlib agrees: a block boundary
-                assert c.window == raw[max(0, c.uncompressed_offset - 32768):c.uncompressed_offset]
+                want = raw[max(0, c.uncompressed_offset - 32768):c.uncompressed_offset]
+                assert len(c.window) == len(want)
+                if sparse:  # bytes nothing refers to are zeroed; the resumes below prove the rest do
+                    for m in re.finditer(rb"[^\x00]+", c.window):
+                        assert want[m.start():m.end()] == m.group()
+                else:
+                    assert c.window == want
             else:
                 assert c.kind in (CheckpointKind.STREAM_START, CheckpointKind.GZIP_MEMBER)
                 assert blob[c.compressed_offset:c.compressed_offset + 2] == b"\x1f\x8b"
@@ -265,17 +273,18 @@ def test_scan_matches_tarfile(data: st.DataObject, fmt: int, how: str, seed: int
     blob = compress(raw, how, rnd)
     span = rnd.choice([4096, 8192, 16384, 65536])
     chunk_size = rnd.choice([4096, 65536, 1 << 20])
+    sparse = rnd.random() < 0.7
     res = scan(blob, rnd, span_size=span, chunk_size=chunk_size, diff_id=True,
-               hash_thread=rnd.random() < 0.5)
+               hash_thread=rnd.random() < 0.5, sparse_windows=sparse)
     assert res.format == ("gzip" if how.startswith("gzip") else "zstd" if how.startswith("zstd") else "tar")
     assert res.compressed_size == len(blob) and res.uncompressed_size == len(raw)
     assert res.blob_digest == hashlib.sha256(blob).digest()
     assert res.diff_id == hashlib.sha256(raw).digest()
     check_entries(res, raw, chunk_size)
-    check_checkpoints(res, blob, raw, rnd)
+    check_checkpoints(res, blob, raw, rnd, sparse)
     # other slice sizes and the other threading mode give the same result
     again = scan(blob, random.Random(seed + 1), span_size=span, chunk_size=chunk_size,
-                 diff_id=False, hash_thread=not rnd.random() < 0.5)
+                 diff_id=False, hash_thread=not rnd.random() < 0.5, sparse_windows=sparse)
     assert again.entries == res.entries and again.chunks == res.chunks
     assert again.checkpoints == res.checkpoints and again.diff_id is None
 

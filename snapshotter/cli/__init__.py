@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="index file to write (local layer)")
     p.add_argument("--diff-id", action="store_true", help="also compute the uncompressed diff ID")
     p.add_argument("--span", type=int, default=None,
-                   help="compressed bytes between checkpoints (default 4 MiB; 256 KiB with --windows-apart)")
+                   help="compressed bytes between checkpoints (default 4 MiB; 256 KiB with --push)")
     p.add_argument("--chunk-size", type=int, default=1 << 20, help="maximum chunk size")
     p.add_argument("--push", action="store_true", help="publish the indexes as an OCI artifact (REF)")
     p.add_argument("--windows-apart", action="store_true",

@@ -57,12 +57,16 @@ def _open_index(path: str) -> Iterator[IndexFile]:
         index.close()
 
 
-APART_SPAN = 256 << 10  # checkpoints of an index published with its windows apart (64 bytes each up front)
+# Checkpoint spacing of a published index (--push): it serves lazy pulls, where a miss
+# fetches from the checkpoint before it, so dense checkpoints cut the bytes per miss. With
+# sparse windows a checkpoint costs ~2 KB packed inline (64 bytes up front when apart), so
+# 256 KiB keeps the index near 1.3 % of the blob (bench/RESULTS.md, 2026-11-27).
+PUBLISH_SPAN = 256 << 10
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     if args.span is None:
-        args.span = APART_SPAN if args.windows_apart else DEFAULT_SPAN
+        args.span = PUBLISH_SPAN if args.push else DEFAULT_SPAN
     if args.windows_apart and not args.push:
         raise CLIError("--windows-apart publishes: it needs --push", status=2)
     if os.path.isdir(args.source):
