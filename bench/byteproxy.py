@@ -99,6 +99,11 @@ class ByteProxy:
                 client.close()
                 continue
             server.settimeout(None)
+            # Relay each write at once, as a router or load balancer does: with Nagle on, a
+            # response's last small segment waited for the client's delayed ACK, adding
+            # ~40 ms to about one ranged read in twenty (seen in lazysnap's fetch timings).
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self.connections += 1
                 self._open.update((client, server))

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.byteproxy import ByteProxy, parse_rate
-from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has, publish_index, write_hosts
+from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has, publish_index, quiesce, write_hosts
 from harness.images import PushedImage
 from harness.registry import Registry, start_registry
 
@@ -152,9 +152,10 @@ class Bench:
     """Runs the variants against one registry behind one counting (and shaping) proxy."""
 
     def __init__(self, image: BenchImage, proxy: ByteProxy, workdir: Path, runs: int,
-                 keep: bool = False) -> None:
+                 keep: bool = False, settle_s: float = 30.0) -> None:
         self.image, self.proxy, self.workdir, self.runs = image, proxy, workdir, runs
         self.keep = keep
+        self.settle_s = settle_s
         self.ref = image.via(image.target, proxy.host)
         self.prev_ref = image.via(image.previous, proxy.host) if image.previous else None
         self._seq = 0
@@ -178,7 +179,7 @@ class Bench:
         if node.daemon is not None:
             earlier_rss = node.daemon.peak_rss_mb()
             node.daemon.reset_peak_rss()  # the peak of this start, not of what the node did before
-        drop_caches()
+        self._cold()
         self.proxy.reset()
         pull = node.pull(self.ref, lazy=lazy)
         pull_bytes = self.proxy.downstream_bytes
@@ -198,6 +199,13 @@ class Bench:
             if sum(reads.values()):
                 share = reads.get("hit", 0) / sum(reads.values())
         return Sample(pull.seconds, run.seconds, pull_bytes, total_bytes, fetched, rss, max(rss, earlier_rss), share)
+
+    def _cold(self) -> None:
+        """Page cache dropped and the machine quiet before a measured run."""
+        drop_caches()
+        busy = quiesce(limit=self.settle_s)
+        if busy >= 0.25:
+            log("not_quiet", cpu_busy=f"{busy:.2f}")
 
     def _settle(self, quiet: float = 5.0, limit: float = 600.0) -> None:
         """Wait until the registry link has been idle for ``quiet`` s (background fetch done)."""
@@ -260,7 +268,7 @@ class Bench:
             self._floor.pull(self.ref, lazy=False)
         node = self._floor
         try:
-            drop_caches()
+            self._cold()
             run = node.run(self.ref, lazy=False, name=f"floor{i}")
             self._check(run.output)
         except BaseException:
@@ -309,7 +317,7 @@ class Bench:
             node.pull(self.ref, lazy=True)
             self._check(node.run(self.ref, lazy=True, name=f"first{self._seq}").output)
             self._settle(quiet=2.0)
-            drop_caches()
+            self._cold()
             self.proxy.reset()
             assert node.daemon is not None
             before = node.daemon.fuse_requests()
@@ -320,24 +328,34 @@ class Bench:
                 **{op: n - before.get(op, 0) for op, n in sorted(after.items()) if n - before.get(op, 0)})
             return Sample(0.0, run.seconds, 0, self.proxy.downstream_bytes)
 
-    def run_variant(self, variant: str) -> Outcome:
+    def run_rounds(self, variants: list[str]) -> list[Outcome]:
+        """Run i of every variant, then run i + 1 of every variant: a slow minute on this
+        shared machine lands on all variants alike, not on whichever was running then."""
+        outcomes = {v: Outcome(v) for v in variants}
+        try:
+            for i in range(self.runs):
+                for variant in variants:
+                    if not outcomes[variant].skipped:
+                        self._sample(variant, i, outcomes[variant])
+        finally:
+            self._close_floor()
+        return list(outcomes.values())
+
+    def _sample(self, variant: str, i: int, out: Outcome) -> None:
         fn: Callable[[int], Sample] = getattr(self, variant.replace("-", "_"))
-        out = Outcome(variant)
-        for i in range(self.runs):
-            try:
-                s = fn(i)
-            except Skip as exc:
-                out.skipped = str(exc)
-                log("skip", variant=variant, reason=shlex.quote(str(exc)))
-                return out
-            except (NodeError, subprocess.SubprocessError, RuntimeError) as exc:
-                out.skipped = f"failed: {str(exc).splitlines()[0][:300]}"
-                log("fail", variant=variant, run=i, error=shlex.quote(str(exc)[:500]))
-                return out
-            out.samples.append(s)
-            log("sample", variant=variant, run=i, pull=f"{s.pull:.2f}", run_s=f"{s.run:.2f}",
-                total=f"{s.total:.2f}", mb=f"{s.total_bytes / 1e6:.1f}")
-        return out
+        try:
+            s = fn(i)
+        except Skip as exc:
+            out.skipped = str(exc)
+            log("skip", variant=variant, reason=shlex.quote(str(exc)))
+            return
+        except (NodeError, subprocess.SubprocessError, RuntimeError) as exc:
+            out.skipped = f"failed: {str(exc).splitlines()[0][:300]}"
+            log("fail", variant=variant, run=i, error=shlex.quote(str(exc)[:500]))
+            return
+        out.samples.append(s)
+        log("sample", variant=variant, run=i, pull=f"{s.pull:.2f}", run_s=f"{s.run:.2f}",
+            total=f"{s.total:.2f}", mb=f"{s.total_bytes / 1e6:.1f}")
 
 
 # ------------------------------------------------------------------ reporting
@@ -477,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hot", type=float, default=0.05, help="synthetic: fraction of bytes read at start")
     ap.add_argument("--seed", type=int, default=1, help="synthetic: data seed")
     ap.add_argument("--layers", type=int, default=4, help="synthetic: layer count")
+    ap.add_argument("--settle-s", type=float, default=30.0,
+                    help="before each measured run, wait up to this long for the CPUs to be <25 %% busy")
     ap.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     ap.add_argument("--no-results", action="store_true", help="print the table only")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch dir (default bench/out/…)")
@@ -514,10 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         log("prepare", image=args.image)
         image = PREPARE[args.image](reg, args)
         proxy = ByteProxy(reg.host, rate=args.rate_bps)
-        bench = Bench(image, proxy, workdir / "nodes", args.runs, keep=args.keep)
+        bench = Bench(image, proxy, workdir / "nodes", args.runs, keep=args.keep, settle_s=args.settle_s)
         if args.lazysnap_config is not None:
             bench.extra_config = "\n" + args.lazysnap_config.read_text()
-        outcomes = [bench.run_variant(v) for v in args.variants]
+        outcomes = bench.run_rounds(args.variants)
         notes = bench.notes
     finally:
         if proxy is not None:

@@ -93,24 +93,36 @@ class Timing:
 
 def median_time(fn: Callable[[], object], runs: int) -> tuple[Timing, object]:
     """Wall and CPU medians: the machine is shared, so CPU time is the steadier figure."""
-    walls, cpus, bounds, last = [], [], [], None
+    return paired_times([fn], runs)[0]
+
+
+def paired_times(fns: list[Callable[[], object]], runs: int) -> list[tuple[Timing, object]]:
+    """Medians of ``runs`` timings of each function, taken in turns (a, b, a, b, ...) after
+    one untimed call of each: two pipelines compared this way see the same machine (the
+    first block of runs after another program was measurably slower in one-after-another
+    timing)."""
+    samples: list[tuple[list[float], list[float], list[float]]] = [([], [], []) for _ in fns]
+    last: list[object] = [fn() for fn in fns]
     for _ in range(runs):
-        r0, c0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
-        t = time.perf_counter()
-        last = fn()
-        walls.append(time.perf_counter() - t)
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = time.process_time() - c0 + (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-        cpus.append(cpu)
-        th = getattr(last, "hash_thread_cpu_ns", 0) / 1e9
-        bounds.append(max(cpu - th, th) if th else cpu)
-    return Timing(statistics.median(walls), statistics.median(cpus), statistics.median(bounds)), last
+        for k, fn in enumerate(fns):
+            r0, c0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+            t = time.perf_counter()
+            last[k] = fn()
+            walls, cpus, bounds = samples[k]
+            walls.append(time.perf_counter() - t)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = time.process_time() - c0 + (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+            cpus.append(cpu)
+            th = getattr(last[k], "hash_thread_cpu_ns", 0) / 1e9
+            bounds.append(max(cpu - th, th) if th else cpu)
+    return [(Timing(statistics.median(w), statistics.median(c), statistics.median(b)), r)
+            for (w, c, b), r in zip(samples, last)]
 
 
-def scan_file(path: Path, hash_thread: bool, span: int = 4 << 20) -> native.ScanResult:
+def scan_file(path: Path, hash_thread: bool, span: int = 4 << 20, sparse: bool = True) -> native.ScanResult:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         view = memoryview(m)
-        sc = native.Scanner(span_size=span, hash_thread=hash_thread)
+        sc = native.Scanner(span_size=span, hash_thread=hash_thread, sparse_windows=sparse)
         try:
             for i in range(0, len(m), FEED):
                 sc.feed(view[i:i + FEED])
@@ -303,8 +315,7 @@ def main() -> None:
         p = paths[fmt]
         cli = ["gzip", "-dc", str(p)] if fmt == "gzip" else ["zstd", "-qdc", str(p)]
         t_cli, _ = median_time(lambda: cli_decompress(cli), args.runs)
-        t1, res = median_time(lambda: scan_file(p, False), args.runs)
-        t2, _ = median_time(lambda: scan_file(p, True), args.runs)
+        (t1, res), (t2, _) = paired_times([lambda: scan_file(p, False), lambda: scan_file(p, True)], args.runs)
         assert isinstance(res, native.ScanResult)
         row(fmt, f"`{' '.join(cli[:2])} >/dev/null`", t_cli)
         row(fmt, "Scanner, 1 thread", t1, t_cli)
@@ -316,6 +327,20 @@ def main() -> None:
         rows.append((fmt, f"index size, % of blob ({len(res.checkpoints)} checkpoints, "
                           f"{res.chunk_count} chunks, {len(res.entries)} entries)", f"{pct:.2f} %", "", ""))
         notes.append(f"{fmt} index size: {how}")
+        if fmt == "gzip":  # what sparse windows cost the scan and save the index
+            span = 256 << 10
+            (t_4, _), (tw, _), (t_s, dense), (t_w, dense_w) = paired_times(
+                [lambda: scan_file(p, False), lambda: scan_file(p, False, sparse=False),
+                 lambda: scan_file(p, False, span), lambda: scan_file(p, False, span, sparse=False)], args.runs)
+            row(fmt, "Scanner, 1 thread (again, in turns with the three below)", t_4, t_cli)
+            row(fmt, "Scanner, 1 thread, whole windows (`sparse_windows=False`)", tw, t_cli)
+            row(fmt, "Scanner, 1 thread, 256 KiB spans (the `--push` default)", t_s, t_cli)
+            row(fmt, "Scanner, 1 thread, 256 KiB spans, whole windows", t_w, t_cli)
+            assert isinstance(dense, native.ScanResult) and isinstance(dense_w, native.ScanResult)
+            rows.append((fmt, f"index size at 256 KiB spans, % of blob ({len(dense.checkpoints)} checkpoints): "
+                              "sparse / whole windows",
+                         f"{index_size(dense, p.stat().st_size)[0]:.2f} % / "
+                         f"{index_size(dense_w, p.stat().st_size)[0]:.2f} %", "", ""))
         lat = read_latency(p, res, args.reads)
         rows.append((fmt, "4 KiB read at a random offset of a random file: median / p90 ms",
                      f"{lat.median_ms:.1f} / {lat.p90_ms:.1f}", "", ""))

@@ -52,6 +52,29 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def _cpu_busy_idle() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, idle
+
+
+def quiesce(busy_below: float = 0.25, window: float = 1.0, limit: float = 30.0) -> float:
+    """Wait until the machine's CPUs were less than ``busy_below`` busy over ``window``
+    seconds (what the previous run left behind: exiting daemons, writeback, the kernel
+    freeing a dropped page cache), at most ``limit`` s; returns the last busy share. A
+    measured run then starts on a quiet machine whatever ran before it."""
+    deadline = time.monotonic() + limit
+    share = 1.0
+    while time.monotonic() < deadline:
+        b0, i0 = _cpu_busy_idle()
+        time.sleep(window)
+        b1, i1 = _cpu_busy_idle()
+        share = (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
+        if share < busy_below:
+            break
+    return share
+
+
 def write_hosts(hosts_dir: Path, host: str) -> Path:
     """hosts.toml declaring ``host`` a plain-HTTP registry (pull + resolve)."""
     d = hosts_dir / host

@@ -13,23 +13,41 @@
 
 typedef struct {
     const uint8_t *p;
-    uint64_t pos, end;  /* bit positions */
+    size_t n, next;   /* input, its length, the next byte to load */
+    uint64_t buf;     /* bits loaded and not yet taken, least significant first */
+    int cnt;          /* how many */
 } bitrd;
 
-/* k (0..16) bits, least significant first; -1 past the end of the input */
-static int32_t take(bitrd *b, int k)
+static inline void refill(bitrd *b)
 {
-    if (b->end - b->pos < (uint64_t)k)
-        return -1;
-    uint32_t v = 0;
-    for (int i = 0; i < k; i++, b->pos++)
-        v |= (uint32_t)((b->p[b->pos >> 3] >> (b->pos & 7)) & 1) << i;
-    return (int32_t)v;
+    while (b->cnt <= 56 && b->next < b->n) {
+        b->buf |= (uint64_t)b->p[b->next++] << b->cnt;
+        b->cnt += 8;
+    }
 }
+
+/* k (0..16) bits, least significant first; -1 past the end of the input */
+static inline int32_t take(bitrd *b, int k)
+{
+    if (b->cnt < k) {
+        refill(b);
+        if (b->cnt < k)
+            return -1;
+    }
+    int32_t v = (int32_t)(b->buf & ((1u << k) - 1));
+    b->buf >>= k;
+    b->cnt -= k;
+    return v;
+}
+
+#define FASTBITS 10  /* codes up to this long are looked up in one step */
 
 typedef struct {
     uint16_t count[MAXBITS + 1];  /* codes of each length */
     uint16_t symbol[288];         /* symbols ordered by code */
+    /* indexed by the next FASTBITS input bits: (length << 9) | symbol of the code they
+     * start with, or 0 when that code is longer (then decoded bit by bit) */
+    uint16_t fast[1u << FASTBITS];
 } huff;
 
 /* Canonical code from code lengths; over-subscribed sets are invalid, incomplete ones
@@ -52,18 +70,44 @@ static int build(huff *h, const uint8_t *len, int n)
     for (int s = 0; s < n; s++)
         if (len[s])
             h->symbol[offs[len[s]]++] = (uint16_t)s;
+    /* codes are assigned in (length, symbol) order and sent most significant bit first */
+    memset(h->fast, 0, sizeof h->fast);
+    unsigned code = 0, idx = 0;
+    for (unsigned l = 1; l <= FASTBITS; l++, code <<= 1)
+        for (unsigned k = 0; k < h->count[l]; k++, code++) {
+            unsigned rev = 0;
+            for (unsigned i = 0; i < l; i++)
+                rev |= ((code >> i) & 1u) << (l - 1 - i);
+            uint16_t e = (uint16_t)((l << 9) | h->symbol[idx++]);
+            for (unsigned i = rev; i < (1u << FASTBITS); i += 1u << l)
+                h->fast[i] = e;
+        }
     return 0;
 }
 
 /* the next symbol: -1 out of input, -2 no such code */
 static int decode(bitrd *b, const huff *h)
 {
+    if (b->cnt < FASTBITS)
+        refill(b);
+    if (b->cnt >= FASTBITS) {
+        uint16_t e = h->fast[b->buf & ((1u << FASTBITS) - 1)];
+        if (e) {
+            b->buf >>= e >> 9;
+            b->cnt -= e >> 9;
+            return e & 511;
+        }
+    }
     int code = 0, first = 0, index = 0;
     for (int l = 1; l <= MAXBITS; l++) {
-        int32_t bit = take(b, 1);
-        if (bit < 0)
-            return -1;
-        code |= bit;
+        if (b->cnt == 0) {
+            refill(b);
+            if (b->cnt == 0)
+                return -1;
+        }
+        code |= (int)(b->buf & 1);
+        b->buf >>= 1;
+        b->cnt--;
         int count = h->count[l];
         if (code - first < count)
             return h->symbol[index + code - first];
@@ -202,25 +246,30 @@ static void fixed_tables(huff *lit, huff *dist)
 
 int lz_window_refs(const uint8_t *in, size_t n, int bits, size_t wlen, uint8_t *used)
 {
-    bitrd b = {in, (uint64_t)bits, (uint64_t)n * 8};
+    bitrd b = {in, n, 0, 0, 0};
     uint64_t out = 0;
-    if (bits < 0 || bits > 7 || b.pos > b.end)
+    if (bits < 0 || bits > 7)
         return LZ_REFS_INVALID;
+    if (take(&b, bits) < 0)
+        return LZ_REFS_SHORT;
     for (;;) {
         int32_t final = take(&b, 1), type = take(&b, 2);
         if (final < 0 || type < 0)
             return LZ_REFS_SHORT;
         int r;
         if (type == 0) {
-            b.pos = (b.pos + 7) & ~(uint64_t)7;
+            take(&b, b.cnt % 8);  /* to the byte boundary */
             int32_t len = take(&b, 16), nlen = take(&b, 16);
             if (len < 0 || nlen < 0)
                 return LZ_REFS_SHORT;
             if ((len ^ 0xffff) != nlen)
                 return LZ_REFS_INVALID;
-            if (b.end - b.pos < (uint64_t)len * 8)
+            size_t at = b.next - (size_t)(b.cnt / 8);  /* the first stored byte */
+            if (n - at < (size_t)len)
                 return out + (uint64_t)len >= REFS_OUT ? LZ_REFS_OK : LZ_REFS_SHORT;
-            b.pos += (uint64_t)len * 8;
+            b.next = at + (size_t)len;
+            b.buf = 0;
+            b.cnt = 0;
             out += (uint64_t)len;
             r = LZ_REFS_OK;
         } else if (type == 1 || type == 2) {

@@ -58,7 +58,7 @@ def test_synthetic_spec_rejects_bad_values(kw: dict[str, float]) -> None:
 def test_coldstart_demo_image_writes_results(tmp_path: Path) -> None:
     from bench.coldstart import main
     results = tmp_path / "RESULTS.md"
-    rc = main(["--image", "demo", "--variants", "overlayfs,floor", "--runs", "2",
+    rc = main(["--image", "demo", "--variants", "overlayfs,floor", "--runs", "2", "--settle-s", "3",
                "--results", str(results), "--workdir", str(tmp_path / "work")])
     assert rc == 0
     text = results.read_text()

@@ -13,7 +13,9 @@ Layout (all integers little-endian)::
     extras   per-entry xattrs and sparse maps (deduplicated), referenced by offset
     chunks   fixed 44-byte records: uncompressed offset, length, SHA-256
     checkpoints  fixed 32-byte records; windows zlib-compressed in the next section
-    windows
+    windows  a gzip checkpoint's 32 KiB window with the bytes nothing after it copies from
+             zeroed (the scanner's sparse windows, native/window_refs.h): ~10 % of a window
+             is used in layer data, so a packed window is ~2 KB instead of ~13 KB
     marks    16-byte end marks (uncompressed offset, compressed offset), ascending: a read
              that ends before a mark's uncompressed offset needs no compressed byte past
              its compressed offset, so it fetches less than a whole span
@@ -23,11 +25,10 @@ publishes): the zlib-compressed windows go to a blob of their own and the ``wind
 SHA-256 of that blob followed by one SHA-256 per checkpoint (zeros where a checkpoint has
 no window); checkpoint records then give offsets into the windows blob. A node fetches the
 index once and a window only when a read first decodes from its checkpoint, by range,
-checked against the digest here (:meth:`IndexFile.attach_windows`). Why: a checkpoint costs
-~13 KB of window, so checkpoints every 256 KiB would quadruple an index fetched whole at
-the first Prepare; apart, dense checkpoints cost 64 bytes each up front and a miss decodes
-from a checkpoint ~4x closer to the bytes it wants, for one more range request per decoded
-span (the trade is measured in bench/RESULTS.md).
+checked against the digest here (:meth:`IndexFile.attach_windows`). Why: apart, a
+checkpoint costs 64 bytes up front instead of its packed window (~2 KB sparse, ~13 KB
+whole), for one more range request per decoded span; with sparse windows inline indexes
+at 256 KiB spacing are small enough that this rarely pays (bench/RESULTS.md).
 
 Why this shape: opening costs one checksum pass (xxh3 runs at ~10 GB/s) and no parsing,
 so a 500k-entry index opens in milliseconds; ``lookup`` walks path components with one
@@ -35,7 +36,7 @@ binary search per directory (O(depth · log fanout)), decompressing only the few
 blocks it touches (LRU-cached, ~20 µs each); ``child_range`` gives FUSE readdir a
 contiguous run of records. Block compression cuts the entry table ~5×, which keeps a
 file-dense layer's index near 1.2 % of the blob; chunk digests (32 random bytes each)
-and checkpoint windows (zlib, ≈ 13 KB per span) make up most of the rest. The record number
+and checkpoint windows (zlib of sparse windows, ≈ 2 KB per span) make up most of the rest. The record number
 is a stable inode for FUSE (``inode(rec)``): hard links share their target's.
 
 Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
