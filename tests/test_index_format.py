@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.index.errors import IndexFormatError, LayerIndexError
@@ -195,6 +195,7 @@ _SAMPLE_APART = serialize_split(IndexFile.from_bytes(_SAMPLE).to_layer_index())[
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        st.sampled_from([_SAMPLE, _SAMPLE_APART]))
+@example([(236, 224)], _SAMPLE_APART)  # a zstd frame header claiming petabytes: MemoryError (CI, 2026-11-27)
 def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, int]], sample: bytes) -> None:
     """An index from a registry may be crafted: reading it raises IndexFormatError or
     yields values, never another exception (IndexError, struct.error, UnicodeError...)."""
@@ -220,6 +221,16 @@ def test_hostile_index_with_valid_checksum_fails_cleanly(flips: list[tuple[int, 
             f.checkpoints()
     except LayerIndexError:  # IndexFormatError, or a read-planning error naming the problem
         pass
+
+
+def test_a_window_that_inflates_past_32_kib_is_refused() -> None:
+    """A crafted index's window may be a zlib bomb: decoding stops at 32 KiB and names it."""
+    idx = IndexFile.from_bytes(_SAMPLE).to_layer_index()
+    big = Checkpoint(CheckpointKind.DEFLATE, 4000, 9000, 3, bytes(40_000))
+    bad = IndexFile.from_bytes(serialize_index(LayerIndex(idx.info, idx.entries, idx.chunks,
+                                                          [idx.checkpoints[0], big])))
+    with pytest.raises(IndexFormatError, match="at most 32 KiB"):
+        bad.checkpoint(1)
 
 
 # -- windows apart (what `lazysnap index --push` publishes) -------------------------------------

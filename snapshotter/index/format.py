@@ -97,6 +97,9 @@ def _checksum(buf: bytes | bytearray | memoryview) -> int:
     return h.intdigest()
 HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII14Q")
 ENTRY = struct.Struct("<IIHBBHIIQqQIII")
+# the most an entry block can hold: its records, each with a name and a link target that
+# the tar parser caps at 1 MiB each (native/tar.c MAX_EXT_SIZE)
+MAX_ENTRY_BLOCK = BLOCK_RECORDS * (ENTRY.size + (2 << 20))
 CHUNK = struct.Struct("<QI32s")
 CHECKPOINT = struct.Struct("<BBHIQQQ")
 MARK = struct.Struct("<QQ")
@@ -399,6 +402,7 @@ class IndexFile:
         nrec = min(BLOCK_RECORDS, self.entry_count - b * BLOCK_RECORDS)
         if not lo <= hi <= len(self._ent):
             raise self._bad(f"entry block {b} out of range")
+        self._frame_fits(b, self._ent[lo:hi])
         try:
             blk = zstandard.ZstdDecompressor().decompress(self._ent[lo:hi])
         except zstandard.ZstdError:
@@ -410,6 +414,16 @@ class IndexFile:
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
         return blk
+
+    def _frame_fits(self, b: int, frame: bytes | memoryview) -> None:
+        """A hostile frame header can claim petabytes, and zstd allocates what the header
+        says before it decodes anything: refuse a block larger than any the builder writes."""
+        try:
+            size = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError:
+            raise self._bad(f"entry block {b} does not decompress") from None
+        if size > MAX_ENTRY_BLOCK:
+            raise self._bad(f"entry block {b} claims {size} bytes")
 
     def _blocks_from(self, first: int, count: int) -> list[bytes]:
         """Decompressed entry blocks ``first``.. (up to ``count``) in one zstd call.
@@ -425,6 +439,8 @@ class IndexFile:
             if not all(offs[b] <= offs[b + 1] <= len(self._ent) for b in range(first, last)):
                 raise ValueError("block out of range")
             frames = [self._ent[offs[b]:offs[b + 1]] for b in range(first, last)]
+            for b, frame in zip(range(first, last), frames):
+                self._frame_fits(b, frame)
             dctx = zstandard.ZstdDecompressor()  # one per call: a context is not thread-safe
             out = [seg.tobytes() for seg in dctx.multi_decompress_to_buffer(frames)]
         except (ValueError, zstandard.ZstdError):
@@ -701,10 +717,13 @@ class IndexFile:
                 raise self._bad(f"checkpoint {i} window out of range")
             else:
                 packed = self._win[woff:woff + clen]
-            try:
-                window = zlib.decompress(packed)
+            try:  # at most 32 KiB out: a crafted window must not inflate into gigabytes
+                d = zlib.decompressobj()
+                window = d.decompress(packed, (32 << 10) + 1)
             except zlib.error:
                 raise self._bad(f"checkpoint {i} window does not decompress") from None
+            if len(window) > 32 << 10 or not d.eof:
+                raise self._bad(f"checkpoint {i} window is not a whole zlib stream of at most 32 KiB")
         try:
             k = CheckpointKind(kind)
         except ValueError:
