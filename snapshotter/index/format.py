@@ -36,8 +36,9 @@ binary search per directory (O(depth · log fanout)), decompressing only the few
 blocks it touches (LRU-cached, ~20 µs each); ``child_range`` gives FUSE readdir a
 contiguous run of records. Block compression cuts the entry table ~5×, which keeps a
 file-dense layer's index near 1.2 % of the blob; chunk digests (32 random bytes each)
-and checkpoint windows (zlib of sparse windows, ≈ 2 KB per span) make up most of the rest. The record number
-is a stable inode for FUSE (``inode(rec)``): hard links share their target's.
+and checkpoint windows (zlib of sparse windows, ≈ 2 KB per span) make up most of the
+rest. The record number is a stable inode for FUSE (``inode(rec)``): hard links share
+their target's.
 
 Public API (used by fs/ and fetch/; keep stable): :func:`write_index`,
 :func:`serialize_index`, :class:`IndexFile` (``open``, ``from_bytes``, ``info``,
