@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from snapshotter import _core
+from snapshotter.index.model import WINDOW_SIZE  # noqa: F401 - re-exported
 
 LayerError = _core.LayerError  # base class, subclass of ValueError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
@@ -23,7 +24,6 @@ ZstdStream = _core.ZstdStream
 
 DEFAULT_SPAN_SIZE = 4 << 20
 DEFAULT_CHUNK_SIZE = 1 << 20
-WINDOW_SIZE = 32 << 10
 
 #: One packed chunk record: uncompressed offset in the tar stream, length, SHA-256.
 CHUNK_RECORD = struct.Struct("<QQ32s")

@@ -74,6 +74,7 @@ from snapshotter.index.model import (
     Chunk,
     Entry,
     EntryType,
+    WINDOW_SIZE,
     LayerFormat,
     LayerInfo,
 )
@@ -720,10 +721,10 @@ class IndexFile:
                 packed = self._win[woff:woff + clen]
             try:  # at most 32 KiB out: a crafted window must not inflate into gigabytes
                 d = zlib.decompressobj()
-                window = d.decompress(packed, (32 << 10) + 1)
+                window = d.decompress(packed, WINDOW_SIZE + 1)
             except zlib.error:
                 raise self._bad(f"checkpoint {i} window does not decompress") from None
-            if len(window) > 32 << 10 or not d.eof:
+            if len(window) > WINDOW_SIZE or not d.eof:
                 raise self._bad(f"checkpoint {i} window is not a whole zlib stream of at most 32 KiB")
         try:
             k = CheckpointKind(kind)

@@ -70,6 +70,9 @@ class Chunk:
     digest: bytes  # 32-byte SHA-256 of the chunk's bytes
 
 
+WINDOW_SIZE = 32 << 10  # deflate's history: the most a DEFLATE checkpoint's window holds
+
+
 class CheckpointKind(enum.IntEnum):
     STREAM_START = 0  # offset 0 of the blob; nothing to prime
     DEFLATE = 1  # inside a deflate stream at a block boundary: prime bits + window
