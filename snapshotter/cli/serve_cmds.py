@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import os
 import signal
 
 from snapshotter.cli import CLIError
@@ -80,6 +81,18 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     mallopt(m_arena_max, arenas)
 
 
+def _log_start() -> None:
+    """The daemon's first log line says which build runs (also ``lazysnap_build_info``)."""
+    import platform
+
+    from snapshotter import metrics
+    from snapshotter.version import package_version
+
+    version, python = package_version(), platform.python_version()
+    metrics.BUILD_INFO.labels(version=version, python=python).set(1)
+    log.info("lazysnap_start", version=version, python=python, pid=os.getpid())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, root=args.root, address=args.address, hosts_dir=args.hosts_dir,
@@ -87,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     configure(cfg.log_level)
+    _log_start()
     _limit_malloc_arenas()
     try:
         asyncio.run(_serve(cfg))  # the shutdown deadline stays armed through interpreter exit

@@ -30,6 +30,7 @@ from snapshotter.log import get_logger
 from snapshotter.service.convert import info_from_pb, info_to_pb, mounts_to_pb
 from snapshotter.service.errors import SnapshotError, Unavailable
 from snapshotter.service.snapshotter import Snapshotter
+from snapshotter.version import METADATA_KEY, package_version
 
 __all__ = ["SnapshotsServicer", "SnapshotService", "SERVICE_NAME", "LIST_BATCH"]
 
@@ -179,6 +180,25 @@ def _prepare_socket(address: str) -> None:
             probe.close()
 
 
+class VersionedHealth(health_aio.HealthServicer):
+    """grpc.health.v1 whose every answer carries the daemon's version as initial metadata
+    (``lazysnap-version``): a probe tells which build a node runs without another call."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__()
+        self._version_md = ((METADATA_KEY, version),)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await context.send_initial_metadata(self._version_md)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        await context.send_initial_metadata(self._version_md)
+        await super().Watch(request, context)
+
+
 class SnapshotService:
     """The daemon's server: start, probe health periodically, stop gracefully."""
 
@@ -186,7 +206,7 @@ class SnapshotService:
         self.snapshotter = snapshotter
         self.address = address
         self.probe_interval = probe_interval
-        self.health = health_aio.HealthServicer()
+        self.health = VersionedHealth(package_version())
         self._server: grpc.aio.Server | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
