@@ -22,6 +22,7 @@ from typing import Any
 
 from snapshotter.cli import CLIError
 from snapshotter.cli.remote_cmds import _config, _run
+from snapshotter.cli.units import human_bytes as _human
 from snapshotter.prefetch import pack as packs
 
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -201,15 +202,6 @@ def _build_pack(root: Path, profile: Any) -> tuple[bytes, int] | None:
     if not found:
         return None
     return packs.build_pack(profile.manifest, found)
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
