@@ -166,7 +166,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         return Empty()
 
 
-def _prepare_socket(address: str) -> None:
+def prepare_socket(address: str) -> None:
     """Parent dir 0700 if we create it; refuse a live socket; remove a stale one."""
     path = Path(address)
     if not path.parent.exists():
@@ -230,7 +230,7 @@ class SnapshotService:
         self._root_lock: int | None = None
 
     async def start(self) -> None:
-        _prepare_socket(self.address)
+        prepare_socket(self.address)
         self._root_lock = hold_root(self.snapshotter.root)
         self.errors.install()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
