@@ -13,6 +13,8 @@ if SANITIZE:
     cflags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                "-fno-sanitize-recover=undefined"]
     ldflags += ["-fsanitize=address,undefined"]
+# what `lazysnap version --json` reports about this build (native/buildinfo.c)
+build_macros = [("LAZYSNAP_CFLAGS", '"' + " ".join(cflags) + '"'), ("LAZYSNAP_SANITIZE", "1" if SANITIZE else "0")]
 
 core = Extension(
     "snapshotter._core",
@@ -20,6 +22,7 @@ core = Extension(
     depends=sorted(os.path.join("native", f) for f in os.listdir("native") if f.endswith(".h")),
     include_dirs=["native"],
     libraries=["isal", "z", "zstd", "crypto"],
+    define_macros=build_macros,
     extra_compile_args=cflags,
     extra_link_args=ldflags,
 )

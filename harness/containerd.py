@@ -2,7 +2,9 @@
 
 Every instance gets its own root, state, gRPC and ttrpc sockets, opt dir and runc root, so
 several can run next to each other and next to a system containerd. The CRI plugin is
-disabled (no kubelet here); snapshotters are wired in as ``[proxy_plugins.<name>]``.
+disabled unless ``cri_snapshotter`` names the snapshotter it should use (the tests' CRI
+client then talks to ``address``, as kubelet would); snapshotters are wired in as
+``[proxy_plugins.<name>]``.
 
 Usage::
 
@@ -69,12 +71,13 @@ class Containerd:
     """A running private containerd; ``stop()`` kills it and every shim it started."""
 
     def __init__(self, workdir: Path, *, proxy_plugins: dict[str, str] | None = None,
-                 hosts_dir: Path | None = None) -> None:
+                 hosts_dir: Path | None = None, cri_snapshotter: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.root = self.workdir / "containerd-root"
         self.state = self.workdir / "containerd-state"
         self.hosts_dir = Path(hosts_dir) if hosts_dir is not None else None
         self.proxy_plugins = dict(proxy_plugins or {})
+        self.cri_snapshotter = cri_snapshotter
         self._sockdir = _short_dir("ctrd-")
         self.address = str(self._sockdir / "containerd.sock")
         self.ttrpc_address = str(self._sockdir / "containerd.sock.ttrpc")
@@ -90,7 +93,7 @@ class Containerd:
             "version = 2",
             f'root = "{self.root}"',
             f'state = "{self.state}"',
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            "" if self.cri_snapshotter else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
             "",
             "[grpc]",
             f'  address = "{self.address}"',
@@ -111,6 +114,15 @@ class Containerd:
             f'  path = "{self.root / "opt"}"',
             "",
         ]
+        if self.cri_snapshotter:
+            cri = '[plugins."io.containerd.grpc.v1.cri"'
+            lines += [f"{cri}]", '  stream_server_address = "127.0.0.1"', '  stream_server_port = "0"',
+                      f"{cri}.containerd]", f'  snapshotter = "{self.cri_snapshotter}"',
+                      "  disable_snapshot_annotations = false",
+                      f"{cri}.cni]", f'  bin_dir = "{self.root / "cni-bin"}"', f'  conf_dir = "{self.root / "cni-conf"}"']
+            if self.hosts_dir is not None:
+                lines += [f"{cri}.registry]", f'  config_path = "{self.hosts_dir}"']
+            lines.append("")
         for name, address in sorted(self.proxy_plugins.items()):
             lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{address}"', ""]
         return "\n".join(lines)
@@ -229,9 +241,9 @@ class Containerd:
 
 
 def start_containerd(workdir: Path, *, proxy_plugins: dict[str, str] | None = None,
-                     hosts_dir: Path | None = None) -> Containerd:
+                     hosts_dir: Path | None = None, cri_snapshotter: str | None = None) -> Containerd:
     """Start a private containerd under ``workdir``; the caller must ``stop()`` it."""
-    cd = Containerd(workdir, proxy_plugins=proxy_plugins, hosts_dir=hosts_dir)
+    cd = Containerd(workdir, proxy_plugins=proxy_plugins, hosts_dir=hosts_dir, cri_snapshotter=cri_snapshotter)
     cd.start()
     return cd
 
@@ -272,13 +284,14 @@ class LazysnapDaemon:
     """``lazysnap serve`` as a subprocess (the real CLI), restartable on the same root."""
 
     def __init__(self, workdir: Path, *, root: Path | None = None, extra_args: Sequence[str] = (),
-                 metrics: bool = True) -> None:
+                 metrics: bool = True, env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.root = Path(root) if root is not None else self.workdir / "lazysnap-root"
         self._sockdir = _short_dir("lzs-")
         self.address = str(self._sockdir / "run" / "lazysnap.sock")
         self.metrics_port = _free_port() if metrics else None
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self.log_path = self.workdir / "lazysnap.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -297,7 +310,7 @@ class LazysnapDaemon:
         if self.metrics_port:
             argv += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
         repo = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env}
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           cwd=repo, env=env, start_new_session=True)

@@ -6,6 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "buildinfo.h"
 #include "chunkfiles.h"
 #include "range.h"
 #include "scanner.h"
@@ -708,7 +709,18 @@ static PyObject *core_window_refs(PyObject *module, PyObject *args)
     return PyUnicode_FromString(rc == LZ_REFS_SHORT ? "short" : "invalid");
 }
 
+static PyObject *core_build_info(PyObject *self, PyObject *unused)
+{
+    lz_build_info bi;
+    lz_get_build_info(&bi);
+    return Py_BuildValue("{s:s,s:s,s:O,s:{s:s,s:s,s:s,s:s}}", "compiler", bi.compiler, "cflags", bi.cflags,
+                         "sanitize", bi.sanitize ? Py_True : Py_False, "libraries", "zlib", bi.zlib,
+                         "zstd", bi.zstd, "openssl", bi.openssl, "isal", bi.isal);
+}
+
 static PyMethodDef core_methods[] = {
+    {"build_info", core_build_info, METH_NOARGS,
+     "build_info() -> {compiler, cflags, sanitize, libraries: {zlib, zstd, openssl, isal}}"},
     {"decompress_range", core_decompress_range, METH_VARARGS,
      "decompress_range(format, kind, bits, window, data, skip, length) -> bytes"},
     {"sha256", core_sha256, METH_O, "sha256(buffer) -> 32 bytes"},

@@ -31,11 +31,13 @@ from typing import Any
 from snapshotter.layers.options import LazyOptions
 from snapshotter.prefetch.options import PrefetchOptions
 
-__all__ = ["Config", "ConfigError", "RegistryConfig", "RemoteConfig", "load_config"]
+__all__ = ["Config", "ConfigError", "CriConfig", "RegistryConfig", "RemoteConfig", "load_config"]
 
 DEFAULT_ROOT = "/var/lib/lazysnap"
 DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+DEFAULT_CRI_ADDRESS = "/run/lazysnap/cri.sock"
+DEFAULT_CONTAINERD_CRI = "/run/containerd/containerd.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -59,6 +61,22 @@ class RemoteConfig:
 
 
 @dataclass(slots=True)
+class CriConfig:
+    """The CRI proxy for kubelet (``snapshotter.cri``): off unless enabled.
+
+    ``address``: the socket kubelet's ``--container-runtime-endpoint`` names;
+    ``containerd_address``: containerd's CRI socket every call is forwarded to;
+    ``credential_ttl_s``: how long a PullImage's credentials are kept (kubelet sends them
+    again with every pull, so an hour covers the pulls and background fills of a start).
+    """
+
+    enabled: bool = False
+    address: str = DEFAULT_CRI_ADDRESS
+    containerd_address: str = DEFAULT_CONTAINERD_CRI
+    credential_ttl_s: float = 3600.0
+
+
+@dataclass(slots=True)
 class Config:
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
@@ -70,6 +88,7 @@ class Config:
     prefetch: PrefetchOptions = field(default_factory=PrefetchOptions)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
 
     @property
     def root_path(self) -> Path:
@@ -84,6 +103,10 @@ class Config:
             raise ConfigError("address must not be empty")
         if self.health_probe_seconds <= 0:
             raise ConfigError("health_probe_seconds must be positive")
+        if self.cri.enabled and (not self.cri.address or not self.cri.containerd_address):
+            raise ConfigError("cri.address and cri.containerd_address must not be empty")
+        if self.cri.credential_ttl_s <= 0:
+            raise ConfigError("cri.credential_ttl_s must be positive")
         try:
             self.lazy.validate()
             self.prefetch.validate()

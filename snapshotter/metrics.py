@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["REGISTRY", "RPC_REQUESTS", "RPC_LATENCY", "REMOTE_FALLBACKS", "REMOTE_SNAPSHOTS",
+__all__ = ["REGISTRY", "BUILD_INFO", "RPC_REQUESTS", "RPC_LATENCY", "REMOTE_FALLBACKS", "REMOTE_SNAPSHOTS",
            "MetricsServer", "start_metrics_server", "parse_host_port"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+BUILD_INFO = Gauge("lazysnap_build_info", "Always 1; the labels say which build the daemon runs",
+                   ["version", "python"], registry=REGISTRY)
 RPC_REQUESTS = Counter("lazysnap_grpc_requests_total", "Snapshots API calls by method and gRPC status code",
                        ["method", "code"], registry=REGISTRY)
 RPC_LATENCY = Histogram("lazysnap_grpc_request_seconds", "Snapshots API call latency by method",

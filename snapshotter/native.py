@@ -194,3 +194,19 @@ def zlib_block_boundaries(deflate_member: bytes | bytearray | memoryview) -> lis
     """Bit positions of every deflate block boundary of a gzip stream, found by zlib
     (``Z_BLOCK``); used by tests to cross-check the ISA-L scanner's checkpoints."""
     return _core.zlib_block_boundaries(deflate_member)
+
+
+@dataclass(slots=True, frozen=True)
+class BuildInfo:
+    """How this C core was built: reported by ``lazysnap version --json``."""
+
+    compiler: str
+    cflags: str
+    sanitize: bool
+    libraries: dict[str, str]  # zlib, zstd, openssl: loaded at run time; isal: its headers
+
+
+def build_info() -> BuildInfo:
+    raw = _core.build_info()
+    return BuildInfo(str(raw["compiler"]), str(raw["cflags"]), bool(raw["sanitize"]),
+                     {str(k): str(v) for k, v in raw["libraries"].items()})

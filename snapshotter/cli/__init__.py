@@ -2,6 +2,8 @@
 
 Command names, flags and output formats are a contract that outside tooling calls.
 Handlers are imported lazily so that ``lazysnap health`` does not pay for FUSE or aiohttp.
+The user-facing text (what lazysnap is, how to start, examples per command) is
+``DESCRIPTION`` and the ``epilog`` of each command.
 """
 from __future__ import annotations
 
@@ -14,6 +16,29 @@ from collections.abc import Callable, Sequence
 DEFAULT_ROOT = "/var/lib/lazysnap"
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
 DEFAULT_ADDRESS = "/run/lazysnap/lazysnap.sock"
+DEFAULT_CRI_ADDRESS = "/run/lazysnap/cri.sock"
+DEFAULT_CONTAINERD_CRI = "/run/containerd/containerd.sock"
+
+DESCRIPTION = """\
+lazysnap starts containers before their images are downloaded. It is a containerd
+snapshotter that indexes ordinary gzip, zstd and tar layers (no image conversion), serves
+each layer through FUSE and fetches only the chunks a container reads, with HTTP Range
+requests to the registry; the rest is filled in the background. To start: run
+`lazysnap serve` as root, declare its socket as the proxy snapshotter "lazysnap" in
+containerd's config.toml (deploy/ has the snippets, a systemd unit and a Kubernetes
+DaemonSet), then pull with `ctr-remote image rpull --snapshotter lazysnap REF` or through
+Kubernetes. `lazysnap index REF --push` publishes an image's indexes so that nodes do not
+have to build them, and `lazysnap status` shows what the daemon is doing."""
+
+EPILOG = """\
+quick start (as root):
+  lazysnap serve --root /var/lib/lazysnap --address /run/lazysnap/lazysnap.sock &
+  lazysnap health --address /run/lazysnap/lazysnap.sock
+  ctr-remote image rpull --snapshotter lazysnap registry.example/app:1
+  ctr run --rm --snapshotter lazysnap registry.example/app:1 demo
+  lazysnap status --address /run/lazysnap/lazysnap.sock
+
+`lazysnap COMMAND --help` shows each command's flags and examples."""
 
 
 class CLIError(Exception):
@@ -39,11 +64,28 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
                    help="containerd hosts.toml directory (mirrors, TLS, plain http)")
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lazysnap", description=__doc__.splitlines()[0])
+    from snapshotter.version import package_version
+
+    parser = argparse.ArgumentParser(prog="lazysnap", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lazysnap {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("index", help="index a local layer file or every layer of a remote image")
+    def command(name: str, help: str, examples: Sequence[str], **kw: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              epilog=_examples(*examples),
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)  # type: ignore[arg-type]
+
+    p = command("index", "index a local layer file or every layer of a remote image", [
+        "lazysnap index layer.tar.gz -o layer.idx          # a local layer",
+        "lazysnap index registry.example/app:1             # every layer, kept in --root",
+        "lazysnap index registry.example/app:1 --push      # publish for every node (OCI artifact)",
+    ])
     p.add_argument("source", metavar="LAYER|REF", help="local gzip/zstd/tar layer, or an image reference")
     p.add_argument("-o", "--output", help="index file to write (local layer)")
     p.add_argument("--diff-id", action="store_true", help="also compute the uncompressed diff ID")
@@ -58,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_index"))
 
-    p = sub.add_parser("inspect", help="summarise an index")
+    p = command("inspect", "summarise an index", [
+        "lazysnap inspect layer.idx", "lazysnap inspect layer.idx --json | jq .chunks"])
     p.add_argument("index", metavar="INDEX")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_handler("layer_cmds", "cmd_inspect"))
 
-    p = sub.add_parser("cat", help="print one file: `cat INDEX LAYER PATH` or `cat REF PATH`")
+    p = command("cat", "print one file: `cat INDEX LAYER PATH` or `cat REF PATH`", [
+        "lazysnap cat layer.idx layer.tar.gz etc/os-release",
+        "lazysnap cat registry.example/app:1 /etc/os-release --stats",
+    ])
     p.add_argument("operands", nargs="+", metavar="INDEX LAYER PATH | REF PATH")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--length", type=int, default=None)
@@ -71,27 +117,70 @@ def build_parser() -> argparse.ArgumentParser:
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_cat"))
 
-    p = sub.add_parser("ls", help="list index entries like `tar -tv`")
+    p = command("ls", "list index entries like `tar -tv`", ["lazysnap ls layer.idx", "lazysnap ls layer.idx usr/bin"])
     p.add_argument("index", metavar="INDEX")
     p.add_argument("path", metavar="PATH", nargs="?", default="")
     p.set_defaults(func=_handler("layer_cmds", "cmd_ls"))
 
-    p = sub.add_parser("serve", help="run the snapshotter daemon")
+    p = command("serve", "run the snapshotter daemon", [
+        "lazysnap serve --root /var/lib/lazysnap --address /run/lazysnap/lazysnap.sock",
+        "lazysnap serve --config /etc/lazysnap/config.toml --metrics-address 127.0.0.1:9102",
+        "lazysnap serve --cri-proxy --cri-address /run/lazysnap/cri.sock \\",
+        "    --containerd-cri /run/containerd/containerd.sock   # Kubernetes: kubelet talks to lazysnap",
+    ])
     p.add_argument("--root", default=None, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--address", default=None, help=f"gRPC unix socket (default {DEFAULT_ADDRESS})")
     p.add_argument("--config", default=None, help="TOML config file; flags override it")
     p.add_argument("--hosts-dir", default=None, help=f"hosts.toml directory (default {DEFAULT_HOSTS_DIR})")
     p.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus metrics")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--cri-proxy", action="store_true", default=None,
+                   help="also serve a CRI v1 proxy for kubelet that forwards to containerd and keeps "
+                        "each PullImage's registry credentials in memory (see deploy/kubernetes)")
+    p.add_argument("--cri-address", default=None,
+                   help=f"the CRI proxy's unix socket, kubelet's --container-runtime-endpoint "
+                        f"(default {DEFAULT_CRI_ADDRESS})")
+    p.add_argument("--containerd-cri", default=None,
+                   help=f"containerd's CRI socket the proxy forwards to (default {DEFAULT_CONTAINERD_CRI})")
     p.set_defaults(func=_handler("serve_cmds", "cmd_serve"))
 
-    p = sub.add_parser("health", help="exit 0 when the daemon reports SERVING")
+    p = command("health", "exit 0 when the daemon reports SERVING", [
+        "lazysnap health --address /run/lazysnap/lazysnap.sock && echo up"])
     p.add_argument("--address", default=DEFAULT_ADDRESS)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=_handler("serve_cmds", "cmd_health"))
 
-    p = sub.add_parser("record", help="run an image and record its start-up profile",
-                       usage="lazysnap record REF [options] [-- CMD ...]")
+    p = command("status", "what the daemon serves: images, layers, fill progress, fallbacks, store", [
+        "lazysnap status",
+        "lazysnap status --json | jq '.images[].layers[] | {digest, bytes_local, bytes_total}'",
+    ])
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="lazysnap daemon socket")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (schema: docs/status-json.md)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_handler("status_cmds", "cmd_status"))
+
+    p = command("prune", "show (default) or reclaim (--apply) store space no snapshot uses", [
+        "lazysnap prune                      # what the running daemon would reclaim",
+        "lazysnap prune --apply              # reclaim it",
+        "lazysnap prune --root /var/lib/lazysnap --apply   # daemon stopped: work on the store directly",
+    ])
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="lazysnap daemon socket")
+    p.add_argument("--root", default=os.environ.get("LAZYSNAP_ROOT", DEFAULT_ROOT),
+                   help="state directory, used when no daemon answers on --address")
+    p.add_argument("--apply", action="store_true", help="delete the unreferenced chunks (default: dry run)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_handler("prune_cmds", "cmd_prune"))
+
+    p = command("version", "print the version, the Python and the C core's build", [
+        "lazysnap version", "lazysnap version --json | jq .core.libraries"])
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=_handler("version_cmds", "cmd_version"))
+
+    p = command("record", "run an image and record its start-up profile", [
+        "lazysnap record registry.example/app:1 -- python3 -c 'import torch'",
+        "lazysnap record registry.example/app:1 --timeout 30   # the image's own command",
+    ], usage="lazysnap record REF [options] [-- CMD ...]")
     p.add_argument("ref", metavar="REF")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="lazysnap daemon socket")
     p.add_argument("--containerd", default="/run/containerd/containerd.sock",
@@ -102,15 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(cmd=[], takes_command=True)  # `-- CMD …`: split off in main()
     p.set_defaults(func=_handler("profile_cmds", "cmd_record"))
 
-    p = sub.add_parser("profile", help="share and show start-up profiles")
+    p = command("profile", "share and show start-up profiles", [
+        "lazysnap profile push registry.example/app:1", "lazysnap profile show registry.example/app:1 --json"])
     psub = p.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
-    pp = psub.add_parser("push", help="publish the profile as an OCI artifact of the image")
+    pp = psub.add_parser("push", help="publish the profile as an OCI artifact of the image",
+                         epilog=_examples("lazysnap profile push registry.example/app:1",
+                                          "lazysnap profile push registry.example/app:1 --no-pack"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("ref", metavar="REF")
     pp.add_argument("--no-pack", dest="pack", action="store_false",
                     help="publish the profile only, not the pack of its chunks from this node's store")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_push"))
-    pp = psub.add_parser("show", help="summarise the profile of an image")
+    pp = psub.add_parser("show", help="summarise the profile of an image",
+                         epilog=_examples("lazysnap profile show registry.example/app:1"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("ref", metavar="REF")
     pp.add_argument("--json", action="store_true")
     _remote_flags(pp)

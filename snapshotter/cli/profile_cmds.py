@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.cli import CLIError
+from snapshotter.cli.progress import progress
 from snapshotter.cli.remote_cmds import _config, _run
+from snapshotter.cli.units import human_bytes as _human
 from snapshotter.prefetch import pack as packs
 
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -94,9 +96,12 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise CLIError("--timeout must be positive")
     resolved = _run_resolve(args)
     layers = [d.digest for d in resolved.layers]
+    shown = progress("record", steps=3, unit="steps")
     r = subprocess.run(_pull_argv(args), capture_output=True, text=True, check=False)
     if r.returncode != 0:
+        shown.close()
         raise CLIError(f"pull failed: {(r.stderr.strip() or r.stdout.strip()).splitlines()[-1:]}")
+    shown.step(f"pulled {args.ref} ({len(layers)} layers, lazily)")
     channel, stub = _control(args.address)
     with channel:
         try:
@@ -104,11 +109,14 @@ def cmd_record(args: argparse.Namespace) -> int:
                                                                    manifest_digest=resolved.manifest_digest,
                                                                    layer_digests=layers), timeout=30)
         except grpc.RpcError as exc:
+            shown.close()
             raise _rpc_error(exc, args.address) from None
         status: int | None = -1
         try:
             status = _run_container(args, cmd)
+            shown.step("container finished" if status is not None else "container stopped at --timeout")
         finally:
+            shown.close()
             try:
                 stopped = stub.StopRecording(pb.StopRecordingRequest(recording_id=started.recording_id,
                                                                      discard=status == -1), timeout=60)
@@ -155,13 +163,20 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
             created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             blobs: list[tuple[str, bytes]] = [(MEDIA_TYPE, dumps(profile))]
             packed = None
-            if args.pack:
-                packed = await asyncio.to_thread(_build_pack, Path(args.root), profile)
-                if packed is not None:
-                    blobs.append((packs.MEDIA_TYPE, packed[0]))
-            desc = await client.push_artifact(args.ref, subject=resolved.manifest_descriptor,
-                                              artifact_type=ARTIFACT_TYPE, blobs=blobs,
-                                              annotations={"org.opencontainers.image.created": created})
+            shown = progress("profile push", steps=2 if args.pack else 1, unit="steps")
+            try:
+                if args.pack:
+                    packed = await asyncio.to_thread(_build_pack, Path(args.root), profile)
+                    if packed is not None:
+                        blobs.append((packs.MEDIA_TYPE, packed[0]))
+                    shown.step(f"pack of {packed[1] if packed else 0} chunks, "
+                               f"{_human(len(packed[0]) if packed else 0)}")
+                desc = await client.push_artifact(args.ref, subject=resolved.manifest_descriptor,
+                                                  artifact_type=ARTIFACT_TYPE, blobs=blobs,
+                                                  annotations={"org.opencontainers.image.created": created})
+                shown.step(f"pushed {_human(sum(len(b) for _, b in blobs))}")
+            finally:
+                shown.close()
             print(f"{desc.digest} profile of {resolved.manifest_digest}: {profile.chunks} chunks, "
                   f"{profile.bytes} bytes, {profile.recordings} recording(s)")
             if packed is not None:
@@ -201,15 +216,6 @@ def _build_pack(root: Path, profile: Any) -> tuple[bytes, int] | None:
     if not found:
         return None
     return packs.build_pack(profile.manifest, found)
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:

@@ -17,10 +17,12 @@ import os
 import posixpath
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.cli import CLIError
+from snapshotter.cli.progress import progress
 from snapshotter.fetch.sources import RegistryBlobSource
 from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fsutil import write_atomic
@@ -99,18 +101,27 @@ def _run(coro: object) -> int:
 # -- index ---------------------------------------------------------------------------
 async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor, root: Path, *,
                             span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
-                            diff_id: bool = False) -> tuple[bytes, bool]:
-    """(index bytes, built?) for one layer: the cached file, else stream and index it."""
+                            diff_id: bool = False, on_bytes: Callable[[int], None] | None = None
+                            ) -> tuple[bytes, bool]:
+    """(index bytes, built?) for one layer: the cached file, else stream and index it
+    (``on_bytes`` hears of each block streamed: the progress display)."""
     path = index_path(root, layer.digest)
     cached = _open_cached(path, layer.digest)
     if cached is not None:
         cached.close()
         return path.read_bytes(), False
-    index = await index_stream(client.stream_blob(ref, layer.digest, purpose="layer"), span=span,
+    stream = client.stream_blob(ref, layer.digest, purpose="layer")
+    index = await index_stream(stream if on_bytes is None else _counted(stream, on_bytes), span=span,
                                chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
     data = await asyncio.to_thread(serialize_index, index)
     write_atomic(path, data)
     return data, True
+
+
+async def _counted(stream: AsyncIterator[bytes], on_bytes: Callable[[int], None]) -> AsyncIterator[bytes]:
+    async for block in stream:
+        on_bytes(len(block))
+        yield block
 
 
 async def _index(args: argparse.Namespace) -> int:
@@ -119,37 +130,47 @@ async def _index(args: argparse.Namespace) -> int:
     async with RegistryClient(_config(args)) as client:
         image = await client.resolve(args.source)
         sem = asyncio.Semaphore(LAYER_PARALLEL)
+        shown = progress("index", steps=len(image.layers) + int(args.push), unit="steps",
+                         total_bytes=sum(layer.size for layer in image.layers))
 
         async def one(layer: Descriptor) -> bytes:
             async with sem:
                 t0 = time.monotonic()
                 data, built = await build_layer_index(client, args.source, layer, root, span=args.span,
-                                                      chunk_size=args.chunk_size, diff_id=args.diff_id)
+                                                      chunk_size=args.chunk_size, diff_id=args.diff_id,
+                                                      on_bytes=shown.advance)
+                if not built:
+                    shown.advance(layer.size)
+                shown.step(f"layer {layer.digest[:19]} {'indexed' if built else 'cached'}")
                 print(f"layer {layer.digest} size={layer.size} index_bytes={len(data)} "
                       f"{'built' if built else 'cached'} seconds={time.monotonic() - t0:.2f}", flush=True)
                 return data
 
-        datas = await asyncio.gather(*(one(layer) for layer in image.layers))
-        pushed = windows = ""
-        if args.push:
-            blobs = []
-            for layer, data in zip(image.layers, datas):
-                if not args.windows_apart:
-                    blobs.append((INDEX_LAYER_MEDIA, data, {LAYER_ANNOTATION: layer.digest}))
-                    continue
-                head, apart = await asyncio.to_thread(_split, data)
-                blobs.append((INDEX_LAYER_MEDIA, head, {LAYER_ANNOTATION: layer.digest}))
-                if apart:
-                    blobs.append((WINDOWS_LAYER_MEDIA, apart, {LAYER_ANNOTATION: layer.digest}))
-            # what a node fetches at its first Prepare: the indexes, not their windows
-            datas = [b for media, b, _ in blobs if media == INDEX_LAYER_MEDIA]
-            if args.windows_apart:
-                windows = f" windows_bytes={sum(len(b) for media, b, _ in blobs if media == WINDOWS_LAYER_MEDIA)}"
-            art = await client.push_artifact(args.source, subject=image.manifest_descriptor,
-                                             artifact_type=INDEX_ARTIFACT, blobs=blobs,
-                                             annotations={"org.opencontainers.image.created":
-                                                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            pushed = f" pushed={art.digest}"
+        try:
+            datas = await asyncio.gather(*(one(layer) for layer in image.layers))
+            pushed = windows = ""
+            if args.push:
+                blobs = []
+                for layer, data in zip(image.layers, datas):
+                    if not args.windows_apart:
+                        blobs.append((INDEX_LAYER_MEDIA, data, {LAYER_ANNOTATION: layer.digest}))
+                        continue
+                    head, apart = await asyncio.to_thread(_split, data)
+                    blobs.append((INDEX_LAYER_MEDIA, head, {LAYER_ANNOTATION: layer.digest}))
+                    if apart:
+                        blobs.append((WINDOWS_LAYER_MEDIA, apart, {LAYER_ANNOTATION: layer.digest}))
+                # what a node fetches at its first Prepare: the indexes, not their windows
+                datas = [b for media, b, _ in blobs if media == INDEX_LAYER_MEDIA]
+                if args.windows_apart:
+                    windows = f" windows_bytes={sum(len(b) for media, b, _ in blobs if media == WINDOWS_LAYER_MEDIA)}"
+                art = await client.push_artifact(args.source, subject=image.manifest_descriptor,
+                                                 artifact_type=INDEX_ARTIFACT, blobs=blobs,
+                                                 annotations={"org.opencontainers.image.created":
+                                                              time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                pushed = f" pushed={art.digest}"
+                shown.step(f"indexes published as {art.digest[:19]}")
+        finally:
+            shown.close()
         print(f"indexed {image.reference} manifest={image.manifest_digest} layers={len(image.layers)} "
               f"index_bytes={sum(len(d) for d in datas)} registry_bytes={client.stats.registry_bytes} "
               f"seconds={time.monotonic() - started:.2f}{pushed}{windows}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import os
 import signal
+from typing import TYPE_CHECKING
 
 from snapshotter.cli import CLIError
 from snapshotter.config import Config, ConfigError, load_config
@@ -12,11 +14,14 @@ from snapshotter.log import configure, get_logger
 from snapshotter.service.errors import SnapshotError
 from snapshotter.service.provider import LayerProvider
 
+if TYPE_CHECKING:
+    from snapshotter.cri import CriCredentials
+
 log = get_logger("lazysnap.serve")
 SHUTDOWN_DEADLINE_S = 15.0  # SIGTERM to exit, at most (systemd and the tests wait longer)
 
 
-def _provider(cfg: Config) -> LayerProvider:
+def _provider(cfg: Config, credentials: CriCredentials | None) -> LayerProvider:
     """The lazy layer provider, unless remote layers are switched off."""
     from snapshotter.layers import build_provider
     from snapshotter.service.provider import NoRemoteProvider
@@ -24,14 +29,22 @@ def _provider(cfg: Config) -> LayerProvider:
     if not cfg.remote.enabled:
         log.info("remote_provider", provider="none", reason="remote.enabled=false")
         return NoRemoteProvider()
-    return build_provider(cfg)
+    return build_provider(cfg, credentials=credentials)
 
 
 async def _serve(cfg: Config) -> None:
     from snapshotter.metrics import start_metrics_server
     from snapshotter.service import SnapshotService, Snapshotter
 
-    snapshotter = Snapshotter(cfg.root_path, _provider(cfg))
+    cri_proxy = None
+    credentials = None
+    if cfg.cri.enabled:
+        from snapshotter.cri import CriCredentials
+        from snapshotter.cri.proxy import CriProxy
+
+        credentials = CriCredentials(cfg.cri.credential_ttl_s)
+        cri_proxy = CriProxy(cfg.cri.address, cfg.cri.containerd_address, credentials)
+    snapshotter = Snapshotter(cfg.root_path, _provider(cfg, credentials))
     await snapshotter.open()
     service = SnapshotService(snapshotter, cfg.address, probe_interval=cfg.health_probe_seconds)
     metrics_server = None
@@ -40,6 +53,8 @@ async def _serve(cfg: Config) -> None:
             metrics_server = start_metrics_server(cfg.metrics_address)
             log.info("metrics", address=f"{cfg.metrics_address.rpartition(':')[0]}:{metrics_server.port}")
         await service.start()
+        if cri_proxy is not None:
+            await cri_proxy.start()
     except BaseException:
         await snapshotter.close()
         if metrics_server is not None:
@@ -55,6 +70,8 @@ async def _serve(cfg: Config) -> None:
     # daemon holding the socket: after this long, every thread's stack goes to stderr and
     # the process exits (status 1), so the hang is both bounded and diagnosable.
     faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE_S, exit=True)
+    if cri_proxy is not None:
+        await cri_proxy.stop(grace=5.0)
     await service.stop(grace=10.0)
     if metrics_server is not None:
         metrics_server.stop()
@@ -80,13 +97,31 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     mallopt(m_arena_max, arenas)
 
 
+def _log_start() -> None:
+    """The daemon's first log line says which build runs (also ``lazysnap_build_info``)."""
+    import platform
+
+    from snapshotter import metrics
+    from snapshotter.version import package_version
+
+    version, python = package_version(), platform.python_version()
+    metrics.BUILD_INFO.labels(version=version, python=python).set(1)
+    log.info("lazysnap_start", version=version, python=python, pid=os.getpid())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, root=args.root, address=args.address, hosts_dir=args.hosts_dir,
                           metrics_address=args.metrics_address, log_level=args.log_level)
+        if args.cri_proxy:
+            cfg.cri.enabled = True
+        cfg.cri.address = args.cri_address or cfg.cri.address
+        cfg.cri.containerd_address = args.containerd_cri or cfg.cri.containerd_address
+        cfg.validate()
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     configure(cfg.log_level)
+    _log_start()
     _limit_malloc_arenas()
     try:
         asyncio.run(_serve(cfg))  # the shutdown deadline stays armed through interpreter exit

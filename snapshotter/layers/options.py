@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 TRUST_MODES = ("same-repository", "pinned", "local-only")
+STORE_POLICIES = ("lru", "drop-unreferenced")
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class LazyOptions:
 
     small_layer_bytes: int = 4 << 20
     store_limit_bytes: int | None = None
+    store_policy: str = "lru"
     fsync: str = "none"
     fetch_deadline_s: float = 30.0
     max_concurrency: int = 8
@@ -57,6 +59,8 @@ class LazyOptions:
     def validate(self) -> LazyOptions:
         if self.index_trust not in TRUST_MODES:
             raise ValueError(f"index_trust must be one of {', '.join(TRUST_MODES)}, got {self.index_trust!r}")
+        if self.store_policy not in STORE_POLICIES:
+            raise ValueError(f"store_policy must be one of {', '.join(STORE_POLICIES)}, got {self.store_policy!r}")
         if self.fsync not in ("none", "file", "full"):
             raise ValueError(f"fsync must be none|file|full, got {self.fsync!r}")
         if not 1 <= self.fuse_threads <= 16:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,10 @@ from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile
 from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
+from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
-from snapshotter.store import ChunkStore
+from snapshotter.store import ChunkStore, PruneResult
 
 log = get_logger("lazysnap.layers")
 
@@ -67,6 +69,7 @@ class ProvidedLayer:
 class _Image:
     ref: str
     manifest_digest: str | None
+    layers: list[str] = field(default_factory=list)
     published: indexes.PublishedIndexes | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -90,6 +93,7 @@ class LazyLayerProvider:
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
         self._images: dict[str, _Image] = {}
+        self._chains: dict[str, tuple[str, str]] = {}  # chain ID → (layer digest, parent chain ID)
         self._sem = asyncio.Semaphore(self.options.layer_parallel)
         self._verify_one = asyncio.Semaphore(1)  # completeness checks run one at a time (memory)
         # trees are built one at a time, in the order layers were started (an image's order):
@@ -201,9 +205,14 @@ class LazyLayerProvider:
     # -- LayerProvider ----------------------------------------------------------------------------
     async def _provide(self, req: RemoteLayerRequest) -> Path:
         await self._start()
+        self._chains[req.chain_id] = (req.layer_digest, req.parent)
         image = self._images.get(req.image_ref)
         if image is None:
-            image = self._images[req.image_ref] = _Image(req.image_ref, req.manifest_digest)
+            # containerd names the layers from this one upward; the ones below come from
+            # the parent chain, prepared for an image before (a shared base layer)
+            image = self._images[req.image_ref] = _Image(
+                req.image_ref, req.manifest_digest, [*self._lower_layers(req.parent),
+                                                     *(list(req.image_layers) or [req.layer_digest])])
             self.profiles.image_started(req.image_ref, req.manifest_digest,
                                         list(req.image_layers) or [req.layer_digest])
         digests = list(req.image_layers) or [req.layer_digest]
@@ -240,6 +249,12 @@ class LazyLayerProvider:
     async def _release(self, layer_digest: str) -> None:
         layer = self._layers.pop(layer_digest, None)
         self._tasks.pop(layer_digest, None)
+        # an image missing a layer is no longer one a container can run from: forget it, so
+        # status stops listing it and a later pull of it starts its prefetch afresh
+        for ref in [ref for ref, img in self._images.items() if layer_digest in img.layers]:
+            del self._images[ref]
+        for chain in [c for c, (d, _) in self._chains.items() if d == layer_digest]:
+            del self._chains[chain]
         if layer is None:
             return
         layer.fetcher.close()
@@ -247,11 +262,74 @@ class LazyLayerProvider:
         if layer.verify_task is not None:
             layer.verify_task.cancel()
         await self.fs.remove_layer(_dirname(layer_digest))
-        self.store.unpin(layer_digest)
+        if self.options.store_policy == "drop-unreferenced":
+            await asyncio.to_thread(self.store.unpin_and_drop, layer_digest)
+        else:
+            self.store.unpin(layer_digest)
         layer.index.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._blob_path(layer_digest))
         log.info("layer_released", layer=layer_digest)
+
+    async def status(self) -> ProviderStatus:
+        """What this provider serves: images, their layers, fill progress, the store."""
+        return await self._hop(self._status())
+
+    async def prune(self, apply: bool) -> PruneResult:
+        """Chunks no provided layer pins: what a prune would reclaim, or reclaim it."""
+        return await asyncio.to_thread(self.store.prune, apply=apply)
+
+    async def _status(self) -> ProviderStatus:
+        images = [ImageStatus(img.ref, img.manifest_digest, list(img.layers)) for img in self._images.values()]
+        named = {d for img in images for d in img.layers}
+        orphans: dict[str, list[str]] = {}  # restored after a restart: grouped by their image ref
+        for digest, layer in self._layers.items():
+            if digest not in named:
+                orphans.setdefault(layer.ref, []).append(digest)
+        images += [ImageStatus(ref, None, digests) for ref, digests in orphans.items()]
+        order = list(dict.fromkeys(d for img in images for d in img.layers))
+        layers = [await self._layer_status(d) for d in order]
+        released = {s.digest for s in layers if s.state == "released"}
+        images = [img for img in images if not released.intersection(img.layers)]
+        usage = await asyncio.to_thread(self.store.usage)
+        return ProviderStatus(images, [s for s in layers if s.state != "released"], usage,
+                              self.options.store_policy)
+
+    async def _layer_status(self, digest: str) -> LayerStatus:
+        layer = self._layers.get(digest)
+        if layer is None:
+            task = self._tasks.get(digest)
+            if task is None:
+                return LayerStatus(digest, "released")
+            if not task.done():
+                return LayerStatus(digest, "preparing")
+            exc = None if task.cancelled() else task.exception()
+            reason = "cancelled" if exc is None else (exc.reason if isinstance(exc, ProviderError) else _reason(exc))
+            return LayerStatus(digest, "failed", reason=reason)
+        idx = layer.index
+        info = idx.info
+        # on this loop, not a thread: a release (same loop) closes the index's mmap; one pass
+        # over a 26k-chunk layer is a few ms, and status calls are rare
+        sizes = idx.chunk_extents()[1]
+        share = self.store.local_share(idx.chunk_digests(), sizes)
+        progress = self.profiles.fill_progress(digest)
+        fill = None if progress is None else FillStatus(
+            progress.state, progress.chunks_done, progress.chunks_total, progress.bytes_fetched,
+            round(progress.rate(time.time()), 1), progress.started, progress.finished)
+        return LayerStatus(digest, "lazy", image_ref=layer.ref, index_source=layer.source, format=info.format.value,
+                           sequential_only=info.sequential_only, verified=layer.verified,
+                           complete=self.profiles.is_complete(digest), quarantined=layer.data.failed,
+                           chunks_total=idx.chunk_count, chunks_local=share.chunks, chunks_verified=share.verified,
+                           bytes_total=sum(sizes), bytes_local=share.bytes, compressed_bytes=info.compressed_size,
+                           registry_bytes=layer.fetcher.bytes_fetched, fill=fill)
+
+    def _lower_layers(self, parent: str) -> list[str]:
+        """Layer digests of the parent chain, bottom first, as far as this daemon saw it."""
+        out: list[str] = []
+        while parent in self._chains and len(out) < 1000:
+            digest, parent = self._chains[parent]
+            out.append(digest)
+        return out[::-1]
 
     # -- per layer ---------------------------------------------------------------------------------
     def layer(self, digest: str) -> ProvidedLayer | None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,27 @@ class Pause:
             await asyncio.sleep(self.idle_s - quiet)
 
 
+@dataclass(slots=True)
+class FillProgress:
+    """How far one layer's background fill is (``lazysnap status``): updated by
+    ``fill_layer`` as spans land. ``state``: waiting (paused behind a start), filling,
+    verifying (all chunks local, the blob being checked), done, incomplete, failed, cancelled."""
+
+    state: str = "waiting"
+    chunks_total: int = 0
+    chunks_done: int = 0
+    bytes_fetched: int = 0  # compressed bytes of the spans fetched
+    started: float | None = None  # time.time() of the first span
+    finished: float | None = None
+
+    def rate(self, now: float) -> float:
+        """Compressed bytes per second since the first span (to the end, once finished)."""
+        if self.started is None:
+            return 0.0
+        elapsed = (self.finished or now) - self.started
+        return self.bytes_fetched / elapsed if elapsed > 0 else 0.0
+
+
 def marker_path(root: Path, digest: str) -> Path:
     return Path(root) / "complete" / digest.replace(":", "-")
 
@@ -98,7 +120,7 @@ def mark_complete(root: Path, digest: str, how: str) -> None:
 
 
 async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, concurrency: int,
-                     slots: asyncio.Semaphore | None = None) -> bool:
+                     slots: asyncio.Semaphore | None = None, progress: FillProgress | None = None) -> bool:
     """Fetch every missing chunk of ``layer`` at BACKGROUND priority; True if none is missing after.
 
     ``slots`` bounds the spans in flight over every layer being filled (each holds its
@@ -106,6 +128,7 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
     three-layer image take the daemon past 360 MB RSS.
     """
     slots = slots or asyncio.Semaphore(concurrency)
+    progress = progress or FillProgress()
     lf = layer.fetcher
     codec = lf.codec
     label = layer.digest
@@ -113,13 +136,17 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
     missing = await asyncio.to_thread(lf.missing_chunks)
     metrics.BACKGROUND_TOTAL.labels(label).set(total)
     metrics.BACKGROUND_LOCAL.labels(label).set(total - len(missing))
+    progress.chunks_total, progress.chunks_done = total, total - len(missing)
     if not missing:
         return True
     log.info("background_fill_start", layer=label, missing=len(missing), chunks=total,
              sequential_only=lf.sequential_only)
     if lf.sequential_only:
         await pause.wait()
+        progress.state, progress.started = "filling", time.time()
+        before = lf.bytes_fetched
         await lf.ensure(missing, Priority.BACKGROUND)
+        progress.bytes_fetched += lf.bytes_fetched - before
     else:
         plans = await asyncio.to_thread(codec.plan, missing, FILL_PLAN_BYTES)
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -139,18 +166,23 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
                 still = [c for c in ids if not store.has(codec.digest(c))]
                 if still:
                     metrics.BACKGROUND_BYTES.inc(end - start)
+                    if progress.started is None:
+                        progress.state, progress.started = "filling", time.time()
                     try:
                         async with slots:
                             await lf.ensure(still, Priority.BACKGROUND)
                     except FetchError as exc:
                         log.warning("background_span_failed", layer=label, range=f"{start}-{end}", error=str(exc))
                         continue
+                    progress.bytes_fetched += end - start
                 done += len(ids)
+                progress.chunks_done = min(done, total)
                 metrics.BACKGROUND_LOCAL.labels(label).set(min(done, total))
 
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     left = await asyncio.to_thread(lf.missing_chunks)
     metrics.BACKGROUND_LOCAL.labels(label).set(total - len(left))
+    progress.chunks_done, progress.finished = total - len(left), time.time()
     if left:
         log.warning("background_fill_incomplete", layer=label, missing=len(left))
         return False

@@ -75,6 +75,7 @@ class ProfileManager:
         self._codecs: dict[str, Any] = {}
         self._images: dict[str, asyncio.Task[None]] = {}
         self._fills: dict[str, asyncio.Task[None]] = {}
+        self._progress: dict[str, background.FillProgress] = {}  # by layer, for status
         self._layer_tasks: dict[str, set[asyncio.Task[Any]]] = {}
 
     # -- provider events ------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class ProfileManager:
         fill = self._fills.pop(digest, None)
         if fill is not None:
             fill.cancel()
+        self._progress.pop(digest, None)
         self._ready.pop(digest, None)
         self._codecs.pop(digest, None)
         for gauge in (metrics.BACKGROUND_LOCAL, metrics.BACKGROUND_TOTAL):
@@ -117,6 +119,10 @@ class ProfileManager:
 
     def is_complete(self, digest: str) -> bool:
         return background.is_complete(self.root, digest)
+
+    def fill_progress(self, digest: str) -> background.FillProgress | None:
+        """The layer's background fill, if one was started in this daemon."""
+        return self._progress.get(digest)
 
     async def close(self) -> None:
         tasks = [*self._images.values(), *self._fills.values(), *(t for s in self._layer_tasks.values() for t in s)]
@@ -315,20 +321,27 @@ class ProfileManager:
         task = self._fills.get(digest)
         if task is not None and not task.done():
             return
-        self._fills[digest] = asyncio.get_running_loop().create_task(self._fill(digest), name=f"fill-{digest[:19]}")
+        progress = self._progress[digest] = background.FillProgress()
+        self._fills[digest] = asyncio.get_running_loop().create_task(self._fill(digest, progress),
+                                                                     name=f"fill-{digest[:19]}")
 
-    async def _fill(self, digest: str) -> None:
+    async def _fill(self, digest: str, progress: background.FillProgress) -> None:
         layer = await self._wait_layer(digest)
         if layer is None:
+            progress.state = "failed"
             return
         try:
             await self.pause.wait()
             ok = await background.fill_layer(layer, self.store, self.bucket, self.pause,
-                                             self.options.background_concurrency, self.background_slots)
+                                             self.options.background_concurrency, self.background_slots,
+                                             progress)
             if not ok:
+                progress.state = "incomplete"
                 return
             if self.is_complete(digest) and layer.verified:
+                progress.state = "done"
                 return
+            progress.state = "verifying"
             if not layer.verified:
                 task = getattr(layer, "verify_task", None)
                 if task is not None:
@@ -338,18 +351,22 @@ class ProfileManager:
             if layer.verified:
                 await asyncio.to_thread(background.mark_complete, self.root, digest, "blob-digest+index")
                 metrics.LAYERS_COMPLETE.labels("verified").inc()
+                progress.state = "done"
                 log.info("layer_complete", layer=digest, verified=True)
             else:
                 metrics.LAYERS_COMPLETE.labels("failed").inc()
+                progress.state = "failed"
                 log.error("layer_complete", layer=digest, verified=False)
             # the fill and the check streamed the whole layer through buffers that glibc
             # would keep: on a node that had filled the previous image version, the next
             # start peaked at 295 MB RSS without this, 241 MB with it
             await asyncio.to_thread(heap.trim)
         except asyncio.CancelledError:
+            progress.state = "cancelled"
             log.info("background_fill_cancelled", layer=digest)
             raise
         except Exception as exc:  # noqa: BLE001 - background work must never take the daemon down
+            progress.state = "failed"
             metrics.LAYERS_COMPLETE.labels("failed").inc()
             log.warning("background_fill_failed", layer=digest, error=f"{type(exc).__name__}: {exc}"[:300])
 

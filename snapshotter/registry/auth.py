@@ -139,6 +139,8 @@ class Authenticator:
             if tok is not None and not force and time.monotonic() < tok.expires:
                 return tok.value
             creds = await self.lookup(host, registry, force)
+            if creds is not None and creds.registry_token:
+                return creds.registry_token  # a bearer token for the registry: no token server
             value, ttl = await self._fetch_token(host, realm, service, scope, creds)
             margin = min(30.0, ttl * 0.1)
             self._tokens[key] = _Token(value, time.monotonic() + max(1.0, ttl - margin))

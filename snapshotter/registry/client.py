@@ -166,14 +166,20 @@ class RegistryClient:
         self.stats.received(purpose, nbytes)
 
     async def _credentials(self, host: str, registry: str, force: bool) -> Credentials | None:
-        """Docker config / helpers first; ECR hosts fall back to GetAuthorizationToken."""
+        """The credential source (kubelet's, through the CRI proxy), then docker config /
+        helpers; ECR hosts fall back to GetAuthorizationToken."""
+        # The upstream server (not a mirror) may also use the registry name's credentials.
+        upstream = self.hosts.endpoints(registry, "pull")[-1].host == host
+        source = self.config.credential_source
+        if source is not None:
+            creds = source.get(host) or (source.get(registry) if upstream and registry != host else None)
+            if creds is not None:
+                return creds
         if force:
             self.docker.forget(host)
         creds = await self.docker.get(host)
         if creds is not None:
             return creds
-        # The upstream server (not a mirror) may also use the registry name's credentials.
-        upstream = self.hosts.endpoints(registry, "pull")[-1].host == host
         if upstream and registry != host:
             creds = await self.docker.get(registry)
             if creds is not None:

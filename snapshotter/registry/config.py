@@ -5,6 +5,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapshotter.registry.credentials import CredentialSource
 from snapshotter.registry.ecr import EcrHost
 
 
@@ -39,6 +40,7 @@ class RegistryConfig:
     ``ecr_hosts``: hosts to treat as ECR beyond ``*.dkr.ecr.*.amazonaws.com``;
     ``ecr_endpoint_url`` overrides the ECR API endpoint for auto-detected hosts.
     ``mirror_cooldown``: seconds a mirror that refused connections is skipped.
+    ``credential_source``: credentials asked before the docker config (the CRI proxy's).
     """
 
     hosts_dir: Path | None = None
@@ -54,3 +56,4 @@ class RegistryConfig:
     ecr_endpoint_url: str | None = None
     mirror_cooldown: float = 5.0
     user_agent: str = "lazysnap/0.1"
+    credential_source: CredentialSource | None = None

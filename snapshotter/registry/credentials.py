@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from snapshotter.registry.errors import ConfigError
@@ -25,11 +25,13 @@ _HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "reg
 
 @dataclass(slots=True, frozen=True)
 class Credentials:
-    """A username with a password, or an OAuth2 refresh token (``identity_token``)."""
+    """A username with a password, an OAuth2 refresh token (``identity_token``), or a
+    bearer token for the registry itself (``registry_token``, from a CRI AuthConfig)."""
 
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -39,6 +41,14 @@ class Credentials:
         return f"Credentials(username={self.username!r}, secret=<redacted>)"
 
     __str__ = __repr__
+
+
+class CredentialSource(Protocol):
+    """Credentials learnt at run time (the CRI proxy's), asked before docker's config."""
+
+    def get(self, host: str) -> Credentials | None:
+        """Credentials for a registry host (``host[:port]``, ``docker.io``), or None."""
+        ...
 
 
 def default_docker_config() -> Path:

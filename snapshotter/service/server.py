@@ -8,6 +8,7 @@ logged as one key=value line with containerd's namespace.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import os
 import re
@@ -26,16 +27,21 @@ from grpc_health.v1.health import aio as health_aio
 from snapshotter import metrics
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.api.lazysnap.v1 import control_pb2_grpc as pb_node
 from snapshotter.log import get_logger
 from snapshotter.service.convert import info_from_pb, info_to_pb, mounts_to_pb
 from snapshotter.service.errors import SnapshotError, Unavailable
+from snapshotter.service.node import NodeServicer
+from snapshotter.service.recent import RecentErrors
 from snapshotter.service.snapshotter import Snapshotter
+from snapshotter.version import METADATA_KEY, package_version
 
-__all__ = ["SnapshotsServicer", "SnapshotService", "SERVICE_NAME", "LIST_BATCH"]
+__all__ = ["SnapshotsServicer", "SnapshotService", "SERVICE_NAME", "LIST_BATCH", "ROOT_LOCK", "hold_root"]
 
 SERVICE_NAME = "containerd.services.snapshots.v1.Snapshots"
 LIST_BATCH = 100
 NAMESPACE_KEY = "containerd-namespace"
+ROOT_LOCK = "daemon.lock"  # under the root: a shared flock held while a daemon serves it
 log = get_logger("lazysnap.service")
 _NS_KEY = re.compile(r"^([^/]+)/\d+/")
 _MUTATING = {"Prepare", "View", "Commit", "Remove", "Update", "Cleanup"}
@@ -160,7 +166,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         return Empty()
 
 
-def _prepare_socket(address: str) -> None:
+def prepare_socket(address: str) -> None:
     """Parent dir 0700 if we create it; refuse a live socket; remove a stale one."""
     path = Path(address)
     if not path.parent.exists():
@@ -179,6 +185,36 @@ def _prepare_socket(address: str) -> None:
             probe.close()
 
 
+def hold_root(root: Path) -> int:
+    """Take a shared lock on ``<root>/daemon.lock`` for the daemon's life (the fd is the lock).
+
+    Shared, so two daemons may overlap on one root during a hand-over; ``lazysnap prune``
+    without a daemon takes it exclusively and so refuses to touch a store a daemon owns.
+    """
+    fd = os.open(root / ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+class VersionedHealth(health_aio.HealthServicer):
+    """grpc.health.v1 whose every answer carries the daemon's version as initial metadata
+    (``lazysnap-version``): a probe tells which build a node runs without another call."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__()
+        self._version_md = ((METADATA_KEY, version),)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await context.send_initial_metadata(self._version_md)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> None:
+        await context.send_initial_metadata(self._version_md)
+        await super().Watch(request, context)
+
+
 class SnapshotService:
     """The daemon's server: start, probe health periodically, stop gracefully."""
 
@@ -186,19 +222,24 @@ class SnapshotService:
         self.snapshotter = snapshotter
         self.address = address
         self.probe_interval = probe_interval
-        self.health = health_aio.HealthServicer()
+        self.health = VersionedHealth(package_version())
         self._server: grpc.aio.Server | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self.errors = RecentErrors()
+        self._root_lock: int | None = None
 
     async def start(self) -> None:
-        _prepare_socket(self.address)
+        prepare_socket(self.address)
+        self._root_lock = hold_root(self.snapshotter.root)
+        self.errors.install()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(self.snapshotter), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         from snapshotter.prefetch.control import add_control  # lazysnap.v1.Control (profiles)
 
         add_control(server, self.snapshotter.provider)
+        pb_node.add_NodeServicer_to_server(NodeServicer(self.snapshotter, self.errors, self.address), server)
         server.add_insecure_port(f"unix:{self.address}")
         old = os.umask(0o117)  # the socket is created 0660 — never world-accessible, even briefly
         try:
@@ -252,4 +293,8 @@ class SnapshotService:
             os.unlink(self.address)
         except FileNotFoundError:
             pass
+        self.errors.uninstall()
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
         log.info("stopped", address=self.address)

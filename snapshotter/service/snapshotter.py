@@ -35,6 +35,7 @@ from snapshotter.service.model import Info, Kind, Layer, Snapshot, Usage
 from snapshotter.service.mounts import Mount, SnapshotPaths, compute_mounts, overlay_index_off
 from snapshotter.service.provider import (LayerProvider, NoRemoteProvider, ProviderError, RemoteLayerRequest,
                                           parse_remote_request)
+from snapshotter.service.recent import Fallbacks
 from snapshotter.service.store import MetaStore, Transaction
 from snapshotter.service.usage import disk_usage
 
@@ -58,6 +59,7 @@ class Snapshotter:
         self._remote_dirs: dict[str, str] = {}  # layer digest → directory the provider serves
         self._remote_broken: dict[str, str] = {}  # layer digest → why it could not be restored
         self._index_off = overlay_index_off()
+        self.fallbacks = Fallbacks()  # the newest remote-layer fallbacks (lazysnap status)
 
     # -- plumbing ----------------------------------------------------------------------
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -247,9 +249,9 @@ class Snapshotter:
                  layer_digest=req.layer_digest, image_ref=req.image_ref, dir=path)
         raise AlreadyExists(f"target snapshot {json.dumps(req.chain_id)}: already exists")
 
-    @staticmethod
-    def _fallback(req: RemoteLayerRequest, reason: str, detail: str, namespace: str) -> None:
+    def _fallback(self, req: RemoteLayerRequest, reason: str, detail: str, namespace: str) -> None:
         metrics.REMOTE_FALLBACKS.labels(reason=reason).inc()
+        self.fallbacks.add(req.image_ref, req.layer_digest, reason, detail)
         log.warning("remote_fallback", namespace=namespace, key=req.key, chain_id=req.chain_id,
                     layer_digest=req.layer_digest, image_ref=req.image_ref, reason=reason, detail=detail)
 

@@ -1,6 +1,6 @@
 """Content-addressed chunk store (a leaf package: imports nothing else of lazysnap)."""
 from __future__ import annotations
 
-from snapshotter.store.chunks import ChunkCorrupt, ChunkStore, FsyncPolicy, StoreStats
+from snapshotter.store.chunks import ChunkCorrupt, ChunkStore, FsyncPolicy, LocalShare, PruneResult, StoreStats, StoreUsage
 
-__all__ = ["ChunkCorrupt", "ChunkStore", "FsyncPolicy", "StoreStats"]
+__all__ = ["ChunkCorrupt", "ChunkStore", "FsyncPolicy", "LocalShare", "PruneResult", "StoreStats", "StoreUsage"]

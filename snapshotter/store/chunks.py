@@ -55,6 +55,42 @@ class StoreStats:
     corrupt: int
 
 
+@dataclass(slots=True, frozen=True)
+class StoreUsage:
+    """What the store holds and why: pinned chunks belong to a layer some snapshot uses
+    (registered in this daemon); the rest is cache that eviction or ``prune`` may reclaim."""
+
+    chunks: int
+    bytes: int
+    pinned_chunks: int
+    pinned_bytes: int
+    evictable_chunks: int
+    evictable_bytes: int
+    pinned_layers: int
+    limit: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class PruneResult:
+    """Chunks no layer pins: deleted when ``applied``, else what a prune would delete."""
+
+    chunks: int
+    bytes: int
+    applied: bool
+    kept_chunks: int
+    kept_bytes: int
+
+
+@dataclass(slots=True, frozen=True)
+class LocalShare:
+    """How much of a set of chunks (one layer's) is in the store: by chunk count, by bytes
+    (each occurrence counted, so a layer reaches exactly 100 %), and verified by this process."""
+
+    chunks: int
+    bytes: int
+    verified: int
+
+
 class ChunkStore:
     """Thread-safe; shared by every layer of the daemon (and safe across processes)."""
 
@@ -466,25 +502,93 @@ class ChunkStore:
                     continue
                 victims.append(digest)
                 self._total -= size
-            for digest in victims:
-                del self._lru[digest]
-                self._unmark_verified(digest)
-                fd = self._fds.pop(digest, None)
-                if fd is not None:
-                    self._retire(fd)
+            self._forget_locked(victims)
             self.evictions += len(victims)
             metrics.STORED_BYTES.set(self._total)
             over = self._total > self.limit
-        for digest in victims:
-            try:
-                os.unlink(self.path_of(digest))
-            except FileNotFoundError:
-                pass
+        self._unlink(victims)
         metrics.EVICTIONS.inc(len(victims))
         if victims:
             log.info("store_evict", chunks=len(victims), bytes_now=self._total, limit=self.limit)
         if over:
             log.warning("store_over_limit", bytes=self._total, limit=self.limit, reason="remaining_chunks_pinned")
+
+    def _forget_locked(self, victims: Iterable[bytes]) -> None:
+        """Take chunks (already subtracted from ``_total``) out of the index, the verified
+        set and the fd cache; the files go in ``_unlink`` after the lock is released."""
+        for digest in victims:
+            del self._lru[digest]
+            self._unmark_verified(digest)
+            fd = self._fds.pop(digest, None)
+            if fd is not None:
+                self._retire(fd)
+
+    def _unlink(self, victims: Iterable[bytes]) -> None:
+        for digest in victims:
+            try:
+                os.unlink(self._spath(digest))
+            except FileNotFoundError:
+                pass
+
+    # -- usage and prune ------------------------------------------------------------------
+    def usage(self) -> StoreUsage:
+        with self._lock:
+            pinned_n = pinned_b = 0
+            counts = self._pin_count
+            for digest, size in self._lru.items():
+                if digest in counts:
+                    pinned_n += 1
+                    pinned_b += size
+            return StoreUsage(len(self._lru), self._total, pinned_n, pinned_b, len(self._lru) - pinned_n,
+                              self._total - pinned_b, len(self._pins), self.limit)
+
+    def local_share(self, digests: Iterable[bytes], sizes: Iterable[int]) -> LocalShare:
+        """How much of these chunks is stored (in-memory index only: no stat per absent chunk)."""
+        n = nbytes = verified = 0
+        with self._lock:
+            lru, staged, ver = self._lru, self._staged, self._verified
+            for digest, size in zip(digests, sizes):
+                if digest in lru or digest in staged:
+                    n += 1
+                    nbytes += size
+                    if digest in ver:
+                        verified += 1
+        return LocalShare(n, nbytes, verified)
+
+    def prune(self, *, apply: bool) -> PruneResult:
+        """Every chunk no layer pins: counted (dry run) or deleted (``apply``)."""
+        with self._lock:
+            victims = [d for d in self._lru if d not in self._pin_count]
+            freed = sum(self._lru[d] for d in victims)
+            if apply:
+                self._total -= freed
+                self._forget_locked(victims)
+                metrics.STORED_BYTES.set(self._total)
+            kept = (len(self._lru) - (0 if apply else len(victims)), self._total - (0 if apply else freed))
+        if apply:
+            self._unlink(victims)
+            if victims:
+                metrics.PRUNED.inc(len(victims))
+                log.info("store_prune", chunks=len(victims), bytes=freed, bytes_now=kept[1])
+        return PruneResult(len(victims), freed, apply, kept[0], kept[1])
+
+    def unpin_and_drop(self, layer: str) -> PruneResult:
+        """``unpin`` a layer and delete its chunks that no other layer pins (the
+        ``drop-unreferenced`` store policy: a removed image leaves the store at once)."""
+        with self._lock:
+            mine = self._pins.get(layer, frozenset())
+            self._unpin_locked(layer)
+            victims = [d for d in mine if d in self._lru and d not in self._pin_count]
+            freed = sum(self._lru[d] for d in victims)
+            self._total -= freed
+            self._forget_locked(victims)
+            metrics.STORED_BYTES.set(self._total)
+            kept = (len(self._lru), self._total)
+        self._unlink(victims)
+        if victims:
+            metrics.PRUNED.inc(len(victims))
+            log.info("store_drop_layer", layer=layer, chunks=len(victims), bytes=freed, bytes_now=kept[1])
+        return PruneResult(len(victims), freed, True, kept[0], kept[1])
 
     def _drop(self, digest: bytes) -> None:
         with self._lock:

@@ -26,3 +26,5 @@ CORRUPT = Counter("lazysnap_chunk_corrupt", "Stored chunk files that failed veri
 EVICTIONS = Counter("lazysnap_chunk_evictions", "Chunks evicted to respect the store size limit",
                     registry=REGISTRY)
 STORED_BYTES = Gauge("lazysnap_chunk_store_bytes", "Bytes held by the chunk store", registry=REGISTRY)
+PRUNED = Counter("lazysnap_chunk_pruned", "Chunks no layer pinned that prune or the drop-unreferenced policy deleted",
+                 registry=REGISTRY)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lazysnap/v1/control.proto\x12\x0blazysnap.v1\"Z\n\x15StartRecordingRequest\x12\x11\n\timage_ref\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\x15\n\rlayer_digests\x18\x03 \x03(\t\"G\n\x16StartRecordingResponse\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\"=\n\x14StopRecordingRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64iscard\x18\x02 \x01(\x08\"T\n\x15StopRecordingResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0csummary_json\x18\x03 \x01(\x0c\",\n\x11GetProfileRequest\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\"9\n\x12GetProfileResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x14\n\x0cprofile_json\x18\x02 \x01(\x0c\x32\x8b\x02\n\x07\x43ontrol\x12Y\n\x0eStartRecording\x12\".lazysnap.v1.StartRecordingRequest\x1a#.lazysnap.v1.StartRecordingResponse\x12V\n\rStopRecording\x12!.lazysnap.v1.StopRecordingRequest\x1a\".lazysnap.v1.StopRecordingResponse\x12M\n\nGetProfile\x12\x1e.lazysnap.v1.GetProfileRequest\x1a\x1f.lazysnap.v1.GetProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lazysnap/v1/control.proto\x12\x0blazysnap.v1\"Z\n\x15StartRecordingRequest\x12\x11\n\timage_ref\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\x15\n\rlayer_digests\x18\x03 \x03(\t\"G\n\x16StartRecordingResponse\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\"=\n\x14StopRecordingRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64iscard\x18\x02 \x01(\x08\"T\n\x15StopRecordingResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0csummary_json\x18\x03 \x01(\x0c\",\n\x11GetProfileRequest\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\"9\n\x12GetProfileResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x14\n\x0cprofile_json\x18\x02 \x01(\x0c\"\x12\n\x10GetStatusRequest\"(\n\x11GetStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\x0c\"\x1d\n\x0cPruneRequest\x12\r\n\x05\x61pply\x18\x01 \x01(\x08\"h\n\rPruneResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x13\n\x0bkept_chunks\x18\x04 \x01(\x03\x12\x12\n\nkept_bytes\x18\x05 \x01(\x03\x32\x8b\x02\n\x07\x43ontrol\x12Y\n\x0eStartRecording\x12\".lazysnap.v1.StartRecordingRequest\x1a#.lazysnap.v1.StartRecordingResponse\x12V\n\rStopRecording\x12!.lazysnap.v1.StopRecordingRequest\x1a\".lazysnap.v1.StopRecordingResponse\x12M\n\nGetProfile\x12\x1e.lazysnap.v1.GetProfileRequest\x1a\x1f.lazysnap.v1.GetProfileResponse2\x92\x01\n\x04Node\x12J\n\tGetStatus\x12\x1d.lazysnap.v1.GetStatusRequest\x1a\x1e.lazysnap.v1.GetStatusResponse\x12>\n\x05Prune\x12\x19.lazysnap.v1.PruneRequest\x1a\x1a.lazysnap.v1.PruneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILEREQUEST']._serialized_end=400
   _globals['_GETPROFILERESPONSE']._serialized_start=402
   _globals['_GETPROFILERESPONSE']._serialized_end=459
-  _globals['_CONTROL']._serialized_start=462
-  _globals['_CONTROL']._serialized_end=729
+  _globals['_GETSTATUSREQUEST']._serialized_start=461
+  _globals['_GETSTATUSREQUEST']._serialized_end=479
+  _globals['_GETSTATUSRESPONSE']._serialized_start=481
+  _globals['_GETSTATUSRESPONSE']._serialized_end=521
+  _globals['_PRUNEREQUEST']._serialized_start=523
+  _globals['_PRUNEREQUEST']._serialized_end=552
+  _globals['_PRUNERESPONSE']._serialized_start=554
+  _globals['_PRUNERESPONSE']._serialized_end=658
+  _globals['_CONTROL']._serialized_start=661
+  _globals['_CONTROL']._serialized_end=928
+  _globals['_NODE']._serialized_start=931
+  _globals['_NODE']._serialized_end=1077
 # @@protoc_insertion_point(module_scope)

@@ -55,3 +55,33 @@ class GetProfileResponse(_message.Message):
     found: bool
     profile_json: bytes
     def __init__(self, found: _Optional[bool] = ..., profile_json: _Optional[bytes] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("status_json",)
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    status_json: bytes
+    def __init__(self, status_json: _Optional[bytes] = ...) -> None: ...
+
+class PruneRequest(_message.Message):
+    __slots__ = ("apply",)
+    APPLY_FIELD_NUMBER: _ClassVar[int]
+    apply: bool
+    def __init__(self, apply: _Optional[bool] = ...) -> None: ...
+
+class PruneResponse(_message.Message):
+    __slots__ = ("applied", "chunks", "bytes", "kept_chunks", "kept_bytes")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    chunks: int
+    bytes: int
+    kept_chunks: int
+    kept_bytes: int
+    def __init__(self, applied: _Optional[bool] = ..., chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., kept_chunks: _Optional[int] = ..., kept_bytes: _Optional[int] = ...) -> None: ...

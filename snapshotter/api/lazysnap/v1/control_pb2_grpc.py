@@ -184,3 +184,124 @@ class Control:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodeStub:
+    """What this node serves and holds: `lazysnap status` and `lazysnap prune`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetStatus = channel.unary_unary(
+                '/lazysnap.v1.Node/GetStatus',
+                request_serializer=lazysnap_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=lazysnap_dot_v1_dot_control__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.Prune = channel.unary_unary(
+                '/lazysnap.v1.Node/Prune',
+                request_serializer=lazysnap_dot_v1_dot_control__pb2.PruneRequest.SerializeToString,
+                response_deserializer=lazysnap_dot_v1_dot_control__pb2.PruneResponse.FromString,
+                _registered_method=True)
+
+
+class NodeServicer:
+    """What this node serves and holds: `lazysnap status` and `lazysnap prune`.
+    """
+
+    def GetStatus(self, request, context):
+        """Images, layers (index source, bytes local, fill progress), fallbacks, recent errors,
+        store usage: one JSON document, schema in docs/status-json.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prune(self, request, context):
+        """Chunks no snapshot's layer uses: count them (dry run) or delete them (apply).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=lazysnap_dot_v1_dot_control__pb2.GetStatusRequest.FromString,
+                    response_serializer=lazysnap_dot_v1_dot_control__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Prune': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prune,
+                    request_deserializer=lazysnap_dot_v1_dot_control__pb2.PruneRequest.FromString,
+                    response_serializer=lazysnap_dot_v1_dot_control__pb2.PruneResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lazysnap.v1.Node', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lazysnap.v1.Node', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Node:
+    """What this node serves and holds: `lazysnap status` and `lazysnap prune`.
+    """
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.v1.Node/GetStatus',
+            lazysnap_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
+            lazysnap_dot_v1_dot_control__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lazysnap.v1.Node/Prune',
+            lazysnap_dot_v1_dot_control__pb2.PruneRequest.SerializeToString,
+            lazysnap_dot_v1_dot_control__pb2.PruneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
