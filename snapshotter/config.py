@@ -154,6 +154,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib decodes before it parses
+            raise ConfigError(f"invalid TOML in {path}: not UTF-8 text (byte {exc.start})") from None
     cfg: Config = _build(Config, data, "")
     for key, value in overrides.items():
         if value is not None:

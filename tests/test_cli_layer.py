@@ -135,6 +135,12 @@ def test_errors_are_one_line(layer: dict, tmp_path: Path) -> None:
     bad.write_bytes(idx.read_bytes()[:-7])
     assert b"truncated" in run("ls", bad, ok=False).stderr
     assert b"cannot open index" in run("inspect", tmp_path / "none.idx", ok=False).stderr
+    # a path is never taken for an image reference; no directory is created unasked
+    assert b"no such file" in run("index", tmp_path / "none.tar.gz", "-o", tmp_path / "n.idx", ok=False).stderr
+    assert b"not a regular file" in run("index", "/dev/null", "-o", tmp_path / "n.idx", ok=False).stderr
+    out = run("index", blob, "-o", tmp_path / "nodir" / "x.idx", ok=False).stderr
+    assert b"does not exist" in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "nodir").exists()
     # unknown, truncated and corrupt layers
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"this is not a layer" * 100)

@@ -40,10 +40,11 @@ def test_example_config_loads_and_flags_override(tmp_path: Path) -> None:
     ("[lazy]\nindex_trust = 'anyone'\n", "index_trust must be one of"),
     ("log_level = 'loud'\n", "log_level must be one of"),
     ("root = \n", "invalid TOML"),
+    (b"root = '/var/lib/\xff'\n", "not UTF-8"),
 ])
-def test_config_errors_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+def test_config_errors_are_one_line(tmp_path: Path, text: str | bytes, message: str) -> None:
     p = tmp_path / "c.toml"
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         load_config(p)
     r = lazysnap("serve", "--config", str(p), "--root", str(tmp_path / "r"), "--address", str(tmp_path / "s"))

@@ -72,9 +72,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     if os.path.isdir(args.source):
         raise CLIError(f"{args.source} is a directory, not a layer file")
     if not os.path.isfile(args.source):
+        # an image reference never starts like a path; anything that does is a local layer
+        if os.path.lexists(args.source):
+            raise CLIError(f"{args.source} is not a regular file (a layer is a gzip, zstd or tar file)")
+        if args.source.startswith(("/", "./", "../", "~")):
+            raise CLIError(f"{args.source}: no such file")
         return _remote("index_ref", args, args.source)
     if not args.output:
         raise CLIError("-o INDEX is required for a local layer", status=2)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"-o {args.output}: directory {out_dir} does not exist")
     if args.span <= 0 or args.chunk_size <= 0 or args.chunk_size > 0xFFFFFFFF:
         raise CLIError("--span and --chunk-size must be positive (chunk size < 4 GiB)", status=2)
     started = time.monotonic()
