@@ -234,6 +234,18 @@ class Containerd:
         """
         return self._run(CTR, args, check, namespace, timeout, input)
 
+    def wait_snapshotter(self, name: str, timeout: float = 30.0) -> None:
+        """Wait until ``name`` answers through containerd: its client to a proxy plugin
+        reconnects with backoff after the plugin restarts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.ctr("snapshots", "--snapshotter", name, "ls", check=False)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ContainerdError(f"containerd did not reconnect to {name}: {r.stderr}")
+            time.sleep(0.2)
+
     def ctr_remote(self, *args: str, check: bool = True, namespace: str = "default",
                    timeout: float = 300.0, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Run stargz-snapshotter's ``ctr-remote`` against this containerd (e.g. ``images rpull``)."""

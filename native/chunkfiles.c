@@ -60,9 +60,9 @@ static int write_one(const char *dir, const char *tmp, const char *tag, size_t i
     struct stat st;
     if (stat(final, &st) == 0)
         return 0; /* content-addressed: whoever wrote it wrote the same bytes */
-    if (mkdir(sub, 0755) && errno != EEXIST)
+    if (mkdir(sub, 0700) && errno != EEXIST) /* image content: private to root */
         return -errno;
-    int fd = open(tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    int fd = open(tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
     int r = write_all(fd, data, len);

@@ -1,10 +1,46 @@
-"""Small filesystem helpers shared by every package that persists state."""
+"""Small filesystem helpers shared by every package that persists state.
+
+Everything lazysnap keeps under its root holds image content (or describes it), so it is
+created private to root from the first byte: directories ``DIR_MODE``, files
+``FILE_MODE`` (``snapshotter.service.rootdir`` says why and keeps the root itself so).
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dirs(path: str | os.PathLike[str]) -> None:
+    """``mkdir -p`` whose every new directory is ``DIR_MODE`` (``Path.mkdir(parents=True)``
+    creates the parents with the default mode)."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+
+
+def create_private(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for writing (created ``FILE_MODE``, truncated)."""
+    return open(path, "wb", opener=_private_opener)  # noqa: SIM115 - the caller owns it
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
@@ -14,7 +50,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Tru
     ``fsync`` the new content is on disk before the rename makes it visible.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:

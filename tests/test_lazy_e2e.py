@@ -86,18 +86,6 @@ def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Lazys
         yield pair
 
 
-def _wait_reconnected(cd: Containerd, timeout: float = 30) -> None:
-    """containerd's client to the proxy plugin reconnects with backoff after a restart."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = cd.ctr("snapshots", "--snapshotter", "lazysnap", "ls", check=False)
-        if r.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"containerd did not reconnect to lazysnap: {r.stderr}")
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("node", [{"background": False}], indirect=True)
 def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containerd]) -> None:
     daemon, cd = node
@@ -137,5 +125,5 @@ def test_daemon_restart_remounts_layers(world: World, node: tuple[LazysnapDaemon
     assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "before").stdout == EXPECTED
     assert daemon.terminate() == 0
     daemon.start()  # same root: the service restores every provided layer from the local index
-    _wait_reconnected(cd)
+    cd.wait_snapshotter("lazysnap")
     assert cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "after").stdout == EXPECTED

@@ -13,6 +13,7 @@ from snapshotter.config import Config, ConfigError, load_config
 from snapshotter.log import configure, get_logger
 from snapshotter.service.errors import SnapshotError
 from snapshotter.service.provider import LayerProvider
+from snapshotter.service.rootdir import UMASK, RootError, secure_root
 
 if TYPE_CHECKING:
     from snapshotter.cri import CriCredentials
@@ -122,6 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     configure(cfg.log_level)
     _log_start()
+    os.umask(UMASK)  # whatever a library creates under the root is private too
+    try:
+        secure_root(cfg.root_path)
+    except RootError as exc:
+        raise CLIError(str(exc)) from None
     _limit_malloc_arenas()
     try:
         asyncio.run(_serve(cfg))  # the shutdown deadline stays armed through interpreter exit

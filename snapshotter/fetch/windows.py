@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.fetch.scheduler import _consume  # marks a future's failure as seen
+from snapshotter.fsutil import FILE_MODE
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.log import get_logger
 
@@ -40,7 +41,7 @@ class WindowCache:
         self._have: set[int] = set()
         self._inflight: dict[int, asyncio.Future[None]] = {}
         size = index.windows_size()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)  # sparse: windows are written where they belong

@@ -10,6 +10,15 @@ runs the fetch and replies. Reads the C side answers are reported back as access
 for the start-up recorder. Layers are immutable: long entry/attribute timeouts, negative
 entries cached, ``keep_cache`` and cached directory listings.
 
+Who can read it: only root. The mount is at ``<root>/mnt`` under the 0700 state directory,
+and it is mounted without ``allow_other``, so the kernel refuses every request from a
+process whose credentials are not the mounter's. Containers still read everything:
+overlayfs reaches its lower layers with the credentials of whoever mounted the overlay
+(containerd, root), whatever user the container runs as, and ``default_permissions`` has
+the kernel check the image's own modes at the overlay. ``allow_other`` would add nothing
+a container needs and would let any local user with a path to the mount (another mount
+namespace, a bind mount, a wider root) read every image (tests/test_local_access.py).
+
 Inode numbers: FUSE root = 1; layer slot s (1, 2, …) owns ``s << 32 | local``; slots are
 never reused while the process lives, so a stale kernel inode can never alias a new layer.
 """
@@ -27,6 +36,7 @@ from snapshotter.fs import metrics
 from snapshotter.fs.compiled import CompiledTree, compile_tree
 from snapshotter.fs.data import LayerData
 from snapshotter.fs.tree import LayerTree
+from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
 from snapshotter.store import ChunkStore
 
@@ -50,7 +60,7 @@ class LazyFS:
     """The daemon's filesystem. ``add_layer``/``remove_layer`` may be called while mounted;
     every method runs on the loop that called ``start``."""
 
-    def __init__(self, mountpoint: Path | str, *, allow_other: bool = True,
+    def __init__(self, mountpoint: Path | str, *, allow_other: bool = False,
                  read_ahead_kb: int = 1024, threads: int = 8) -> None:
         self.read_ahead_kb = read_ahead_kb
         self.mountpoint = Path(mountpoint)
@@ -71,7 +81,7 @@ class LazyFS:
         if self._session is not None:
             return
         _lazy_unmount_stale(self.mountpoint)  # before mkdir: a dead mount fails it with ENOTCONN
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.mountpoint)
         opts = MOUNT_OPTIONS + (",allow_other" if self.allow_other else "")
         session = _fuse.Session(str(self.mountpoint), opts, self.threads)
         self._loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from snapshotter.fsutil import write_atomic
+from snapshotter.fsutil import create_private, private_dirs, write_atomic
 from snapshotter.index.builder import index_stream
 from snapshotter.index.errors import LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index
@@ -67,7 +67,7 @@ def quarantine(root: Path, digest: str, reason: str) -> None:
     """Move a bad index aside so it is never served again (kept for inspection)."""
     src = index_path(root, digest)
     dst = root / "indexes" / "quarantine" / f"{src.name}.{int(time.time())}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(dst.parent)
     with contextlib.suppress(FileNotFoundError):
         os.replace(src, dst)
     with contextlib.suppress(FileNotFoundError):
@@ -137,9 +137,9 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
     part = None
     fobj = None
     if keep_blob is not None:
-        keep_blob.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(keep_blob.parent)
         part = keep_blob.with_name(keep_blob.name + f".part-{os.getpid()}")
-        fobj = open(part, "wb")
+        fobj = create_private(part)
 
     async def tee() -> AsyncIterator[bytes]:
         async for block in client.stream_blob(ref, layer_digest, purpose="layer"):

@@ -35,7 +35,7 @@ from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSo
 from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fs import LayerData, LayerTree, LazyFS
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
-from snapshotter.fsutil import write_atomic
+from snapshotter.fsutil import create_private, write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile
@@ -377,10 +377,7 @@ class LazyLayerProvider:
                  threshold=self.options.small_layer_bytes)
         data = await self.client.fetch_blob(ref, digest, self.options.small_layer_bytes + 1, purpose="layer")
         blob = self._blob_path(digest)
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        tmp = blob.with_name(blob.name + f".part-{os.getpid()}")
-        await asyncio.to_thread(tmp.write_bytes, data)
-        os.replace(tmp, blob)
+        await asyncio.to_thread(write_atomic, blob, data, fsync=False)
         built = await asyncio.to_thread(index_file, str(blob), span=self.options.span_size,
                                         chunk_size=self.options.chunk_size)
         from snapshotter.index.format import serialize_index
@@ -501,7 +498,7 @@ class LazyLayerProvider:
     async def _verify_now(self, layer: ProvidedLayer) -> bool:
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             blob, out = Path(tmp) / "blob", Path(tmp) / "rebuilt.idx"
-            with open(blob, "wb") as f:
+            with create_private(blob) as f:
                 async for block in self.client.stream_blob(layer.ref, layer.digest, purpose="verify"):
                     await asyncio.to_thread(f.write, block)
             await _index_elsewhere(blob, out, layer.index.info.span_size, layer.index.info.chunk_size)

@@ -186,9 +186,13 @@ class Snapshotter:
         placed: Path | None = None
         committed = False
         try:
-            (staging / "fs").mkdir(mode=0o755)
+            # containerd's modes, whatever the daemon's umask: a container's root directory
+            # is 0755 (a non-root process in it must reach its files), overlayfs's work 0711
+            (staging / "fs").mkdir()
+            os.chmod(staging / "fs", 0o755)
             if kind == Kind.ACTIVE:
-                (staging / "work").mkdir(mode=0o711)
+                (staging / "work").mkdir()
+                os.chmod(staging / "work", 0o711)
             with self._tx() as tx:
                 snap = tx.create_snapshot(kind, key, parent, labels)
                 mounts = self._mounts(snap)  # a parent that is unavailable aborts the transaction

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from snapshotter.fsutil import FILE_MODE, private_dirs
 from snapshotter.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                         Unavailable)
 from snapshotter.service.model import Info, Kind, Layer, RemoteRecord, Snapshot, Usage
@@ -266,10 +267,12 @@ class MetaStore:
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            private_dirs(self.path.parent)
+            # created 0600 before SQLite opens it: its -wal and -shm files copy the database's mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise Unavailable(f"cannot open metadata database {self.path}: {exc}") from exc
         self._conn.row_factory = sqlite3.Row
         c = self._conn

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from snapshotter import native
+from snapshotter.fsutil import private_dirs
 from snapshotter.store import metrics
 from snapshotter.log import get_logger
 
@@ -120,8 +121,7 @@ class ChunkStore:
         self.dedup_hits = 0
         self.evictions = 0
         self.corrupt = 0
-        self.chunks_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.tmp_dir)
         self._clean_tmp()
         self._scan()
 
