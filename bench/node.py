@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.containerd import Containerd, start_containerd, unmount_under
 from harness.registry import free_port
+from harness.signing import publisher_keys, sign_flags
 
 __all__ = ["LazysnapDaemon", "Node", "NodeError", "Skip", "drop_caches", "write_hosts",
            "lazysnap_argv", "lazysnap_has", "publish_index"]
@@ -95,8 +96,10 @@ PUBLISH_CHUNK = int(os.environ.get("LAZYSNAP_BENCH_CHUNK", 1 << 20))
 def publish_index(ref: str, hosts_dir: Path, root: Path, timeout: float = 1800) -> str:
     """``lazysnap index REF --push``: what an image publisher runs once after pushing, so
     nodes find each layer's index in the registry instead of streaming the layer to build
-    it. Returns the command's summary line."""
-    argv = [*lazysnap_argv(), "index", ref, "--push", "--chunk-size", str(PUBLISH_CHUNK),
+    it, signed with the bench's publisher key (nodes trust its public half). Returns the
+    command's summary line."""
+    argv = [*lazysnap_argv(), "index", ref, "--push", *sign_flags(),
+            "--chunk-size", str(PUBLISH_CHUNK),
             "--root", str(root), "--hosts-dir", str(hosts_dir)]
     if PUBLISH_SPAN:
         argv += ["--span", PUBLISH_SPAN]
@@ -125,7 +128,8 @@ class LazysnapDaemon:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         argv = [*lazysnap_argv(), "serve", "--root", str(self.root), "--address", self.address,
-                "--hosts-dir", str(self.hosts_dir), "--metrics-address", self.metrics_address]
+                "--hosts-dir", str(self.hosts_dir), "--metrics-address", self.metrics_address,
+                "--trusted-key", str(publisher_keys().public)]
         if self.config:
             conf = self._sockdir / "config.toml"
             conf.write_text(self.config)

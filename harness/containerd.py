@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from harness.signing import publisher_keys
+
 __all__ = ["Containerd", "ContainerdError", "LazysnapDaemon", "LazysnapThread", "health_status", "start_containerd",
            "start_lazysnap", "unmount_under", "wait_serving"]
 
@@ -296,13 +298,15 @@ class LazysnapDaemon:
     """``lazysnap serve`` as a subprocess (the real CLI), restartable on the same root."""
 
     def __init__(self, workdir: Path, *, root: Path | None = None, extra_args: Sequence[str] = (),
-                 metrics: bool = True, env: dict[str, str] | None = None) -> None:
+                 metrics: bool = True, env: dict[str, str] | None = None, trust_publisher: bool = True) -> None:
         self.workdir = Path(workdir)
         self.root = Path(root) if root is not None else self.workdir / "lazysnap-root"
         self._sockdir = _short_dir("lzs-")
         self.address = str(self._sockdir / "run" / "lazysnap.sock")
         self.metrics_port = _free_port() if metrics else None
-        self.extra_args = list(extra_args)
+        # what the harness publishes is signed with its publisher key (harness.signing)
+        self.extra_args = list(extra_args) + (["--trusted-key", str(publisher_keys().public)]
+                                              if trust_publisher else [])
         self.env = dict(env or {})
         self.log_path = self.workdir / "lazysnap.log"
         self._proc: subprocess.Popen[bytes] | None = None

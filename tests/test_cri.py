@@ -24,6 +24,7 @@ import pytest
 from harness.containerd import Containerd, LazysnapDaemon, unmount_under
 from harness.images import File, LayerSpec, build_image, busybox_rootfs
 from harness.registry import start_registry
+from harness.signing import sign_flags
 from snapshotter.api.k8s.cri.runtime.v1 import api_pb2 as cri
 from snapshotter.api.k8s.cri.runtime.v1 import api_pb2_grpc as cri_grpc
 from snapshotter.cri import CriCredentials, from_auth_config
@@ -117,7 +118,7 @@ def test_pull_through_the_cri_proxy_with_request_credentials_only(tmp_path: Path
         publisher.mkdir()
         auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         (publisher / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", "--root",
+        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", *sign_flags(), "--root",
                         str(tmp_path / "pub-root"), "--hosts-dir", str(tmp_path / "none")], check=True, cwd=REPO,
                        capture_output=True, timeout=300, env={**_env(), "DOCKER_CONFIG": str(publisher)})
         hosts = tmp_path / "certs.d"

@@ -24,12 +24,14 @@ import pytest
 
 from harness.proxy import start_proxy
 from harness.registry import push_image, start_registry
+from harness.signing import publisher_keys, sign_flags
 from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import serialize_index
 from snapshotter.layers import LazyLayerProvider, LazyOptions, indexes
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
+from snapshotter.registry.signatures import load_private_key, push_signature
 from snapshotter.service.provider import RemoteLayerRequest
 from tests.test_fs import make_layer_tar
 
@@ -94,6 +96,7 @@ class Env:
         cfg = RegistryConfig(retry=RetryPolicy(max_attempts=3, base_delay=0.05, deadline=5))
 
         async def make() -> LazyLayerProvider:
+            opts.setdefault("trusted_keys", [str(publisher_keys().public)])
             return LazyLayerProvider(root, RegistryClient(cfg), LazyOptions(fetch_deadline_s=5, **opts),
                                      NO_PROFILES)
 
@@ -110,9 +113,9 @@ class Env:
         return self.loop.run(lambda: p.provide(self.request(i)))
 
     def push_index(self, root: Path) -> None:
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", self.ref, "--push", "--windows-apart", "--root", str(root), "--span", str(1 << 20),
-                        "--hosts-dir", str(self.tmp / "nohosts")], check=True, cwd=REPO,
-                       capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "snapshotter", "index", self.ref, "--push", *sign_flags(),
+                        "--windows-apart", "--root", str(root), "--span", str(1 << 20),
+                        "--hosts-dir", str(self.tmp / "nohosts")], check=True, cwd=REPO, capture_output=True, timeout=120)
 
     def close(self) -> None:
         for p in self.providers:
@@ -200,15 +203,18 @@ def test_build_by_streaming_then_restore_after_restart(env: Env, tmp_path: Path)
 
 
 def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
-    """A published artifact whose blob for layer 0 actually indexes layer 1: not used."""
+    """A published artifact whose blob for layer 0 actually indexes layer 1: not used, even
+    signed by a trusted key (a publisher's mistake is not a reason to serve wrong bytes)."""
     (tmp_path / "l1").write_bytes(env.blobs[1])
     wrong = serialize_index(index_file(str(tmp_path / "l1")))
 
     async def publish() -> None:
         async with RegistryClient(RegistryConfig()) as c:
             img = await c.resolve(env.ref)
-            await c.push_artifact(env.ref, subject=img.manifest_descriptor, artifact_type=indexes.INDEX_ARTIFACT,
-                                  blobs=[(indexes.INDEX_LAYER_MEDIA, wrong, {indexes.LAYER_ANNOTATION: env.layers[0]})])
+            art = await c.push_artifact(env.ref, subject=img.manifest_descriptor, artifact_type=indexes.INDEX_ARTIFACT,
+                                        blobs=[(indexes.INDEX_LAYER_MEDIA, wrong,
+                                                {indexes.LAYER_ANNOTATION: env.layers[0]})])
+            await push_signature(c, env.ref, art.digest, load_private_key(publisher_keys().private))
 
     env.loop.run(publish)
     before = _sample("lazysnap_layer_index_fallbacks_total", reason="wrong_layer")
@@ -248,7 +254,7 @@ def test_lying_index_is_quarantined(env: Env, tmp_path: Path) -> None:
               for e in honest.entries]
     honest.entries[:] = forged
     root = tmp_path / "node"
-    write_atomic(indexes.index_path(root, env.layers[0]), serialize_index(honest))
+    indexes.write_trusted(root, env.layers[0], serialize_index(honest), "built")
     p = env.provider(root)
     d0 = env.provide(p, 0)
     layer = p.layer(env.layers[0])
@@ -292,13 +298,14 @@ def test_shared_content_is_fetched_once(tmp_path: Path) -> None:
 
         digests = loop.run(push)
         for ref in refs:
-            subprocess.run([sys.executable, "-m", "snapshotter", "index", ref, "--push", "--root",
+            subprocess.run([sys.executable, "-m", "snapshotter", "index", ref, "--push", *sign_flags(), "--root",
                             str(tmp_path / "publisher"), "--span", str(1 << 20)], check=True, cwd=REPO,
                            capture_output=True, timeout=120)
 
         async def make() -> LazyLayerProvider:
             return LazyLayerProvider(tmp_path / "node", RegistryClient(RegistryConfig()),
-                                     LazyOptions(verify_complete_layers=False), NO_PROFILES)
+                                     LazyOptions(verify_complete_layers=False,
+                                                 trusted_keys=[str(publisher_keys().public)]), NO_PROFILES)
 
         p = loop.run(make)
         dirs = []

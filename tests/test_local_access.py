@@ -24,6 +24,7 @@ from harness.containerd import lazysnap_node, unmount_under
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Proxy, start_proxy
 from harness.registry import Registry, start_registry
+from harness.signing import sign_flags
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                   LayerSpec(entries=[File(p, data, mode=mode, uid=uid, gid=uid)
                                      for p, (data, mode, uid) in FILES.items()])]
         img = build_image(tmp / "img", layers, cmd=["/bin/true"], ref=f"{reg.host}/private/app:v1")
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", "--root",
+        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push",
+                        *sign_flags(), "--root",
                         str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
                        check=True, cwd=REPO, capture_output=True, timeout=300)
         yield World(reg, proxy, img, base)

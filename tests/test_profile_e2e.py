@@ -26,6 +26,7 @@ from harness.containerd import Containerd, LazysnapDaemon, start_containerd, sta
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Fault, Proxy, start_proxy
 from harness.registry import Registry, start_registry
+from harness.signing import sign_flags
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                             cmd=CMD, ref=f"{reg.host}/prof/other:v1")
         assert other.manifest_digest != img.manifest_digest
         for i in (img, other):
-            subprocess.run([sys.executable, "-m", "snapshotter", "index", i.ref, "--push", "--root",
+            subprocess.run([sys.executable, "-m", "snapshotter", "index", i.ref, "--push", *sign_flags(), "--root",
                             str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
                            check=True, cwd=REPO, capture_output=True, timeout=300)
         yield World(reg, proxy, img, other, _expected(big), tmp)

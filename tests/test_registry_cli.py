@@ -14,6 +14,7 @@ import pytest
 
 from harness.images import Dir, File, HardLink, LayerSpec, Symlink, build_image
 from harness.registry import start_registry
+from harness.signing import publisher_keys
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = os.urandom(3 << 20) + b"compressible " * 200_000  # ~5.6 MiB, several 1 MiB spans
@@ -50,15 +51,17 @@ def image(tmp_path_factory: pytest.TempPathFactory):
 
 def test_index_push_then_cat_uses_published_index(image, tmp_path: Path) -> None:
     reg, img, _ = image
-    out = lazysnap("index", img.ref, "--push", "--span", str(1 << 20), "--root", str(tmp_path / "r1"))
+    keys = publisher_keys()
+    out = lazysnap("index", img.ref, "--push", "--sign-key", str(keys.private), "--span", str(1 << 20),
+                   "--root", str(tmp_path / "r1"))
     text = out.stdout.decode()
-    assert f"layers={len(img.layer_digests)}" in text and "pushed=sha256:" in text
+    assert f"layers={len(img.layer_digests)}" in text and "pushed=sha256:" in text and "signature=sha256-" in text
     for dg in img.layer_digests:
         assert (tmp_path / "r1" / "indexes" / f"{dg.replace(':', '-')}.idx").is_file()
     # a fresh root: the indexes come from the registry (referrers fallback tag), not rebuilt
     root2 = str(tmp_path / "r2")
     res = lazysnap("cat", img.ref, "/data/big", "--offset", str(4 << 20), "--length", "5000",
-                   "--stats", "--root", root2)
+                   "--stats", "--root", root2, "--trusted-key", str(keys.public))
     assert res.stdout == BIG[4 << 20:(4 << 20) + 5000]
     stats = json.loads(res.stderr.decode().strip().splitlines()[-1])
     assert set(stats["index_sources"].values()) == {"referrer"}
@@ -67,6 +70,11 @@ def test_index_push_then_cat_uses_published_index(image, tmp_path: Path) -> None
     assert stats["registry_bytes"] < img.layer_sizes[0]
     assert "layer" not in stats["bytes_by_purpose"]  # no layer was downloaded whole
     assert 0 < stats["bytes_by_purpose"]["index"] < img.layer_sizes[0]
+    # a node that does not trust the publisher's key never uses the published index
+    res = lazysnap("cat", img.ref, "/data/big", "--offset", str(4 << 20), "--length", "5000",
+                   "--stats", "--root", str(tmp_path / "r3"))
+    assert res.stdout == BIG[4 << 20:(4 << 20) + 5000]
+    assert set(json.loads(res.stderr.decode().strip().splitlines()[-1])["index_sources"].values()) == {"built"}
 
 
 def test_index_push_windows_apart_then_cat(tmp_path: Path) -> None:
@@ -80,13 +88,15 @@ def test_index_push_windows_apart_then_cat(tmp_path: Path) -> None:
 
 
 def _apart_then_cat(img, tmp_path: Path) -> None:
-    out = lazysnap("index", img.ref, "--push", "--windows-apart", "--root", str(tmp_path / "r1"))
+    keys = publisher_keys()
+    out = lazysnap("index", img.ref, "--push", "--windows-apart", "--sign-key", str(keys.private),
+                   "--root", str(tmp_path / "r1"))
     summary = out.stdout.decode().strip().splitlines()[-1]
     assert "pushed=sha256:" in summary and "windows_bytes=" in summary
     windows_total = int(summary.rsplit("windows_bytes=", 1)[1].split()[0])
     assert windows_total > 0
     res = lazysnap("cat", img.ref, "/data/big", "--offset", str(3 << 20), "--length", "5000",
-                   "--stats", "--root", str(tmp_path / "r2"))
+                   "--stats", "--root", str(tmp_path / "r2"), "--trusted-key", str(keys.public))
     assert res.stdout == BIG[3 << 20:(3 << 20) + 5000]
     stats = json.loads(res.stderr.decode().strip().splitlines()[-1])
     assert set(stats["index_sources"].values()) == {"referrer"}

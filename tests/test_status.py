@@ -23,7 +23,7 @@ import pytest
 from harness.containerd import LazysnapDaemon
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile, serialize_index
-from snapshotter.layers.indexes import index_path
+from snapshotter.layers.indexes import write_trusted
 from snapshotter.service.server import ROOT_LOCK
 from snapshotter.service.store import MetaStore
 from snapshotter.store import ChunkStore
@@ -107,9 +107,7 @@ def test_prune_without_a_daemon_keeps_what_snapshots_use(tmp_path: Path) -> None
         (tmp_path / name).write_bytes(blob)
         built = index_file(str(tmp_path / name), chunk_size=256 << 10)
         digest = built.info.blob_digest
-        index_path(root, digest).parent.mkdir(parents=True, exist_ok=True)
-        index_path(root, digest).write_bytes(serialize_index(built))
-        idx = IndexFile.open(index_path(root, digest))
+        idx = IndexFile.open(write_trusted(root, digest, serialize_index(built), "built"))
         tar = gzip.decompress(blob)
         store.put_many([(c.digest, tar[c.uncompressed_offset:c.uncompressed_offset + c.length])
                         for c in (idx.chunk(i) for i in range(idx.chunk_count))])

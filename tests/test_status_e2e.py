@@ -17,6 +17,7 @@ import pytest
 from harness.containerd import Containerd, LazysnapDaemon, lazysnap_node
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.registry import Registry, start_registry
+from harness.signing import sign_flags
 from snapshotter.index.format import IndexFile
 from snapshotter.layers.indexes import index_path
 from snapshotter.store import ChunkStore
@@ -59,7 +60,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry,
             File("/data/b.bin", _random("b", 5 << 20)), File("/data/s.bin", SHARED)])],
             cmd=["ls", "/data"], ref=f"{reg.host}/op/b:v1")
         for img in (a, b):
-            lazysnap("index", img.ref, "--push", "--root", str(tmp / "publisher"), "--hosts-dir", str(tmp / "none"))
+            lazysnap("index", img.ref, "--push", *sign_flags(), "--root", str(tmp / "publisher"),
+                     "--hosts-dir", str(tmp / "none"))
         yield reg, a, b
     finally:
         reg.stop()

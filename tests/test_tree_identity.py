@@ -29,6 +29,7 @@ from harness.images import (Device, Dir, Fifo, File, HardLink, LayerSpec, Pushed
                             busybox_rootfs)
 from harness.registry import Registry, start_registry
 from harness.trees import Policy, Tree, chain_id, diff, format_diff, mount_view, walk
+from harness.signing import sign_flags
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
         layers: list[LayerSpec | Path] = [_base(), _middle(), _top(), _raw_layer(tmp / "raw.tar"), _no_parents()]
         img = build_image(tmp / "img", layers, cmd=["/bin/sh"], ref=f"{reg.host}/lazy/trees:v1")
-        r = subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", "--root",
+        r = subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", *sign_flags(), "--root",
                             str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"lazysnap index --push: {r.stderr.strip()[-800:]}"

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lazysnap index layer.tar.gz -o layer.idx          # a local layer",
         "lazysnap index registry.example/app:1             # every layer, kept in --root",
         "lazysnap index registry.example/app:1 --push      # publish for every node (OCI artifact)",
+        "lazysnap index registry.example/app:1 --push --sign-key publisher.key  # signed: nodes trust it",
     ])
     p.add_argument("source", metavar="LAYER|REF", help="local gzip/zstd/tar layer, or an image reference")
     p.add_argument("-o", "--output", help="index file to write (local layer)")
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --push: publish each index's checkpoint windows as a blob of their own, "
                         "fetched by range only where a read decodes (fewer registry bytes, one more "
                         "request per decoded span; see bench/RESULTS.md)")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="with --push: sign the artifact (cosign format) with this PEM private key; nodes "
+                        "serve a published index only if signed by a key in their [lazy] trusted_keys")
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_index"))
 
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--length", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="one JSON line of read statistics on stderr")
+    p.add_argument("--trusted-key", metavar="PUBKEY", action="append", default=[],
+                   help="use a published index signed by this PEM public key (repeatable); otherwise "
+                        "the layers are indexed by streaming them")
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_cat"))
 
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts-dir", default=None, help=f"hosts.toml directory (default {DEFAULT_HOSTS_DIR})")
     p.add_argument("--metrics-address", default=None, help="HOST:PORT for Prometheus metrics")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--trusted-key", metavar="PUBKEY", action="append", default=[],
+                   help="also trust published indexes signed by this PEM public key (repeatable; "
+                        "added to [lazy] trusted_keys)")
     p.add_argument("--cri-proxy", action="store_true", default=None,
                    help="also serve a CRI v1 proxy for kubelet that forwards to containerd and keeps "
                         "each PullImage's registry credentials in memory (see deploy/kubernetes)")

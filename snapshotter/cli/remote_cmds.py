@@ -25,7 +25,6 @@ from snapshotter.cli import CLIError
 from snapshotter.cli.progress import progress
 from snapshotter.fetch.sources import RegistryBlobSource
 from snapshotter.fetch.windows import WindowCache, windows_path
-from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import (
     DEFAULT_CHUNK,
     DEFAULT_SPAN,
@@ -46,8 +45,14 @@ from snapshotter.layers.indexes import (
     INDEX_LAYER_MEDIA,
     LAYER_ANNOTATION,
     WINDOWS_LAYER_MEDIA,
+    PublishedIndexes,
+    fetch_published,
     index_path,
+    open_local,
+    published_indexes,
+    write_trusted,
 )
+from snapshotter.layers.options import LazyOptions
 from snapshotter.log import configure
 from snapshotter.registry import (
     Descriptor,
@@ -56,13 +61,19 @@ from snapshotter.registry import (
     RegistryError,
     ResolvedImage,
 )
+from snapshotter.registry.signatures import (
+    SignatureError,
+    load_private_key,
+    load_public_keys,
+    push_signature,
+    signature_tag,
+)
 
 MAX_INDEX_BLOB = 512 << 20
 LAYER_PARALLEL = 3
 CAT_WINDOW = 8 << 20
 MAX_SYMLINKS = 40
-MAX_ARTIFACTS = 32
-_ERRORS: tuple[type[BaseException], ...] = (RegistryError, LayerIndexError, *LAYER_ERRORS)
+_ERRORS: tuple[type[BaseException], ...] = (RegistryError, LayerIndexError, SignatureError, *LAYER_ERRORS)
 
 
 def _config(args: argparse.Namespace) -> RegistryConfig:
@@ -71,20 +82,6 @@ def _config(args: argparse.Namespace) -> RegistryConfig:
     hosts = getattr(args, "hosts_dir", None)
     return RegistryConfig(hosts_dir=Path(hosts) if hosts and os.path.isdir(hosts) else None,
                           ecr_endpoint_url=os.environ.get("LAZYSNAP_ECR_ENDPOINT_URL") or None)
-
-
-def _open_cached(path: Path, digest: str) -> IndexFile | None:
-    """A cached index that opens cleanly and describes this blob, else None."""
-    if not path.is_file():
-        return None
-    try:
-        idx = IndexFile.open(path)
-    except (OSError, LayerIndexError):
-        return None
-    if idx.info.blob_digest != digest:
-        idx.close()
-        return None
-    return idx
 
 
 def _run(coro: object) -> int:
@@ -105,16 +102,15 @@ async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor,
                             ) -> tuple[bytes, bool]:
     """(index bytes, built?) for one layer: the cached file, else stream and index it
     (``on_bytes`` hears of each block streamed: the progress display)."""
-    path = index_path(root, layer.digest)
-    cached = _open_cached(path, layer.digest)
+    cached = open_local(root, layer.digest)
     if cached is not None:
         cached.close()
-        return path.read_bytes(), False
+        return index_path(root, layer.digest).read_bytes(), False
     stream = client.stream_blob(ref, layer.digest, purpose="layer")
     index = await index_stream(stream if on_bytes is None else _counted(stream, on_bytes), span=span,
                                chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
     data = await asyncio.to_thread(serialize_index, index)
-    write_atomic(path, data)
+    await asyncio.to_thread(write_trusted, root, layer.digest, data, "built")
     return data, True
 
 
@@ -127,6 +123,7 @@ async def _counted(stream: AsyncIterator[bytes], on_bytes: Callable[[int], None]
 async def _index(args: argparse.Namespace) -> int:
     root = Path(args.root)
     started = time.monotonic()
+    signer = load_private_key(args.sign_key) if args.sign_key else None  # a bad key fails before any work
     async with RegistryClient(_config(args)) as client:
         image = await client.resolve(args.source)
         sem = asyncio.Semaphore(LAYER_PARALLEL)
@@ -169,6 +166,9 @@ async def _index(args: argparse.Namespace) -> int:
                                                               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 pushed = f" pushed={art.digest}"
                 shown.step(f"indexes published as {art.digest[:19]}")
+                if signer is not None:
+                    await push_signature(client, args.source, art.digest, signer)
+                    pushed += f" signature={signature_tag(art.digest)}"
         finally:
             shown.close()
         print(f"indexed {image.reference} manifest={image.manifest_digest} layers={len(image.layers)} "
@@ -189,6 +189,8 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 def index_ref(args: argparse.Namespace) -> int:
     if args.span <= 0 or args.chunk_size <= 0:
         raise CLIError("--span and --chunk-size must be positive", status=2)
+    if args.sign_key and not args.push:
+        raise CLIError("--sign-key signs what is published: it needs --push", status=2)
     return _run(_index(args))
 
 
@@ -203,50 +205,33 @@ class _Image:
     root: Path
     sources: dict[str, str] = field(default_factory=dict)  # layer digest → cache|referrer|built
     _indexes: dict[str, IndexFile] = field(default_factory=dict)
-    _published: dict[str, Descriptor] | None = None
+    trusted_keys: list[str] = field(default_factory=list)
+    _published: PublishedIndexes | None = None
 
     async def index(self, layer: Descriptor) -> IndexFile:
         idx = self._indexes.get(layer.digest)
         if idx is not None:
             return idx
-        path = index_path(self.root, layer.digest)
-        idx = _open_cached(path, layer.digest)
+        idx = open_local(self.root, layer.digest)
         if idx is not None:
             self.sources[layer.digest] = "cache"
         else:
-            blob = (await self._published_blobs()).get(layer.digest)
-            if blob is not None:
-                data = await self.client.fetch_blob(self.ref, blob.digest, MAX_INDEX_BLOB, purpose="index")
-                probe = IndexFile.from_bytes(data)
-                if probe.info.blob_digest != layer.digest:
-                    raise CLIError(f"published index for {layer.digest} describes {probe.info.blob_digest}")
-                write_atomic(path, data)
+            # the daemon's rule: a published index only if signed by a trusted key
+            opts = LazyOptions(trusted_keys=self.trusted_keys, max_index_bytes=MAX_INDEX_BLOB)
+            if self._published is None:
+                self._published = await published_indexes(self.client, self.ref, self.image.manifest_digest, opts,
+                                                          load_public_keys(self.trusted_keys))
+            found = await fetch_published(self.client, self.ref, layer.digest,
+                                          self._published.blobs.get(layer.digest, []), opts, self.root)
+            if found is not None:
+                idx = found[0]
                 self.sources[layer.digest] = "referrer"
             else:
                 await build_layer_index(self.client, self.ref, layer, self.root)
                 self.sources[layer.digest] = "built"
-            idx = IndexFile.open(path)
+                idx = IndexFile.open(index_path(self.root, layer.digest))
         self._indexes[layer.digest] = idx
         return idx
-
-    async def _published_blobs(self) -> dict[str, Descriptor]:
-        """Layer digest → index blob descriptor; the newest artifact naming a layer wins
-        (``index --push`` publishes all layers in one artifact, the daemon one per layer)."""
-        if self._published is None:
-            self._published = {}
-            wanted = {layer.digest for layer in self.image.layers}
-            arts = await self.client.referrers(self.ref, self.image.manifest_digest, INDEX_ARTIFACT)
-            arts.sort(key=lambda d: d.annotations.get("org.opencontainers.image.created", ""), reverse=True)
-            for art in arts[:MAX_ARTIFACTS]:
-                if wanted <= self._published.keys():
-                    break
-                body, _, _ = await self.client.get_manifest(self.ref, art.digest)
-                for d in json.loads(body).get("layers") or []:
-                    desc = Descriptor.from_dict(d)
-                    layer = desc.annotations.get(LAYER_ANNOTATION)
-                    if layer in wanted and layer not in self._published and desc.media_type == INDEX_LAYER_MEDIA:
-                        self._published[layer] = desc
-        return self._published
 
     def close(self) -> None:
         for idx in self._indexes.values():
@@ -359,7 +344,7 @@ async def _cat(args: argparse.Namespace) -> int:
     clean = clean_path(path)
     started = time.monotonic()
     async with RegistryClient(_config(args)) as client:
-        image = _Image(client, ref, await client.resolve(ref), Path(args.root))
+        image = _Image(client, ref, await client.resolve(ref), Path(args.root), trusted_keys=args.trusted_key)
         written = 0
         try:
             layer, idx, entry = await image.resolve(clean)

@@ -118,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cfg.cri.enabled = True
         cfg.cri.address = args.cri_address or cfg.cri.address
         cfg.cri.containerd_address = args.containerd_cri or cfg.cri.containerd_address
+        cfg.lazy.trusted_keys = [*cfg.lazy.trusted_keys, *args.trusted_key]
         cfg.validate()
     except ConfigError as exc:
         raise CLIError(str(exc)) from None

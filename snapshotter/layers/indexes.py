@@ -1,10 +1,18 @@
-"""Finding a layer's index: local cache → published artifact (trusted only) → build.
+"""Finding a layer's index: local cache → published artifact (vouched for only) → build.
 
-Local indexes live at ``<root>/indexes/<algo>-<hex>.idx`` (the same files
-``lazysnap index`` writes). A published index is accepted only if the artifact is a
-referrer of the image manifest in the image's own repository (default policy) or its
-blob digest is pinned in the configuration, and the index describes exactly this layer
-(``info.blob_digest`` equals the layer digest).
+An index decides which bytes each file serves: a re-serialized index with two files'
+offsets swapped is well-formed, names the right blob and only chunks that really are in
+it, and would serve one file's bytes as the other's. So a published index is used only
+when someone the node trusts vouches for it - a cosign signature on its artifact by one
+of ``trusted_keys`` (``index_trust = "signed"``, the default) or its blob digest pinned in
+the configuration (``pinned``) - and it must describe exactly this layer. Every
+candidate is tried, newest first, so a bad newer artifact cannot hide a good older one.
+Without one the layer is indexed by streaming it once: every byte is then decoded from
+the blob, whose digest is checked.
+
+Local indexes live at ``<root>/indexes/<algo>-<hex>.idx`` with a provenance record
+``.idx.src`` beside them (written last, so an index without one - from a crash, or
+cached by a version that trusted any referrer - is never served).
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ from snapshotter.index.errors import LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.layers.options import LazyOptions
 from snapshotter.log import get_logger
+from snapshotter.registry.signatures import TrustedKey, verified_by
 from snapshotter.store.metrics import REGISTRY
 
 log = get_logger("lazysnap.layers")
@@ -34,6 +43,9 @@ INDEX_ARTIFACT = "application/vnd.lazysnap.index.v1"
 INDEX_LAYER_MEDIA = "application/vnd.lazysnap.index.layer.v1"
 WINDOWS_LAYER_MEDIA = "application/vnd.lazysnap.index.windows.v1"  # an index's windows, apart
 LAYER_ANNOTATION = "io.lazysnap.layer.digest"
+
+MAX_ARTIFACTS = 16  # index artifacts of one image looked at: a flood of referrers costs a bounded amount
+PROVENANCE_SUFFIX = ".src"
 
 INDEX_SOURCES = Counter("lazysnap_layer_index_sources", "Where layer indexes came from (local/referrer/built/whole)",
                         ["source"], registry=REGISTRY)
@@ -46,10 +58,39 @@ def index_path(root: Path, digest: str) -> Path:
     return root / "indexes" / f"{digest.replace(':', '-')}.idx"
 
 
+def _provenance_path(path: Path) -> Path:
+    return path.with_name(path.name + PROVENANCE_SUFFIX)
+
+
+def write_trusted(root: Path, digest: str, data: bytes, source: str) -> Path:
+    """Cache index bytes the caller has vouched for (``source`` says why: built here,
+    ``signed:<key>``, ``pinned``); the provenance record is written after the index."""
+    path = index_path(root, digest)
+    write_atomic(path, data)
+    write_atomic(_provenance_path(path), json.dumps({"layer": digest, "source": source}).encode())
+    return path
+
+
+def provenance(root: Path, digest: str) -> str | None:
+    """Why the cached index of ``digest`` is trusted, or None if it is not."""
+    try:
+        record = json.loads(_provenance_path(index_path(root, digest)).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("layer") != digest or not isinstance(record.get("source"), str):
+        return None
+    return record["source"]
+
+
 def open_local(root: Path, digest: str) -> IndexFile | None:
-    """The cached index for ``digest`` if it opens cleanly and describes that blob."""
+    """The cached index for ``digest`` if it is vouched for, opens cleanly and describes that blob."""
     path = index_path(root, digest)
     if not path.is_file():
+        return None
+    if provenance(root, digest) is None:
+        log.warning("index_local_untrusted", layer=digest, path=str(path),
+                    note="no provenance record (cached before indexes had to be vouched for, or "
+                         "interrupted): not served; the layer is indexed again")
         return None
     try:
         idx = IndexFile.open(path)
@@ -69,66 +110,107 @@ def quarantine(root: Path, digest: str, reason: str) -> None:
     dst = root / "indexes" / "quarantine" / f"{src.name}.{int(time.time())}"
     private_dirs(dst.parent)
     with contextlib.suppress(FileNotFoundError):
+        os.unlink(_provenance_path(src))  # first: without it the index is never served again
+    with contextlib.suppress(FileNotFoundError):
         os.replace(src, dst)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(src.with_name(src.name + ".win"))  # its apart windows, if any
     log.error("index_quarantined", layer=digest, reason=reason, moved_to=str(dst))
 
 
+@dataclass(slots=True, frozen=True)
+class Candidate:
+    """One published index blob of a layer and who vouches for its artifact."""
+
+    artifact: str
+    blob: Any  # registry Descriptor of the index blob
+    vouched: str  # "signed:<key fingerprint>" or "pinned" (checked per blob)
+
+
 @dataclass(slots=True)
 class PublishedIndexes:
-    """Layer digest → index blob descriptor of the newest trusted published artifact."""
+    """Layer digest → candidate index blobs, newest artifact first."""
 
-    blobs: dict[str, Any]
-    artifact: str | None
+    blobs: dict[str, list[Candidate]] = field(default_factory=dict)
+    artifacts: int = 0  # index artifacts found
+    unsigned: int = 0  # of them, not signed by a trusted key (signed mode)
 
 
-async def published_indexes(client: Any, ref: str, manifest_digest: str | None) -> PublishedIndexes:
-    if not manifest_digest:
-        return PublishedIndexes({}, None)
+async def published_indexes(client: Any, ref: str, manifest_digest: str | None, opts: LazyOptions,
+                            keys: list[TrustedKey]) -> PublishedIndexes:
+    """The vouched-for index candidates of every layer of one image."""
+    out = PublishedIndexes()
+    if not manifest_digest or opts.index_trust == "local-only":
+        return out
+    if opts.index_trust == "signed" and not keys:
+        return out  # nothing could be vouched for: do not even ask
     from snapshotter.registry import Descriptor
 
     arts = await client.referrers(ref, manifest_digest, INDEX_ARTIFACT)
     arts.sort(key=lambda d: d.annotations.get("org.opencontainers.image.created", ""), reverse=True)
-    for art in arts[:1]:
+    out.artifacts = len(arts)
+    for art in arts[:MAX_ARTIFACTS]:
+        vouched = "pinned"
+        if opts.index_trust == "signed":
+            key = await verified_by(client, ref, art.digest, keys)
+            if key is None:
+                out.unsigned += 1
+                INDEX_FALLBACKS.labels("unsigned").inc()
+                log.warning("index_rejected", image=ref, artifact=art.digest, reason="unsigned",
+                            note="no signature by a trusted key: not used")
+                continue
+            vouched = f"signed:{key.fingerprint}"
         body, _, _ = await client.get_manifest(ref, art.digest)
-        blobs: dict[str, Any] = {}
-        for d in json.loads(body).get("layers") or []:
+        try:
+            manifest = json.loads(body)
+            subject = (manifest.get("subject") or {}).get("digest")
+            layers = manifest.get("layers") or []
+        except (ValueError, AttributeError):
+            INDEX_FALLBACKS.labels("unreadable").inc()
+            continue
+        if subject != manifest_digest:
+            INDEX_FALLBACKS.labels("wrong_subject").inc()
+            log.warning("index_rejected", image=ref, artifact=art.digest, reason="wrong_subject", subject=subject)
+            continue
+        for d in layers:
+            if not isinstance(d, dict):
+                continue
             desc = Descriptor.from_dict(d)
             layer = desc.annotations.get(LAYER_ANNOTATION)
             if layer and desc.media_type == INDEX_LAYER_MEDIA:  # not the windows blobs beside them
-                blobs[layer] = desc
-        return PublishedIndexes(blobs, art.digest)
-    return PublishedIndexes({}, None)
+                out.blobs.setdefault(layer, []).append(Candidate(art.digest, desc, vouched))
+    return out
 
 
-async def fetch_published(client: Any, ref: str, layer_digest: str, desc: Any, opts: LazyOptions,
-                          root: Path) -> IndexFile | None:
-    """Download, check and cache a published index; None (logged, counted) if not trusted."""
-    if opts.index_trust == "local-only":
-        return None
-    if opts.index_trust == "pinned" and opts.pinned_indexes.get(layer_digest) != desc.digest:
-        INDEX_FALLBACKS.labels("not_pinned").inc()
-        log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="not_pinned")
-        return None
-    try:
-        data = await client.fetch_blob(ref, desc.digest, opts.max_index_bytes, purpose="index")
-        probe = IndexFile.from_bytes(data)
-    except (LayerIndexError, ValueError) as exc:
-        INDEX_FALLBACKS.labels("unreadable").inc()
-        log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="unreadable",
-                    error=str(exc))
-        return None
-    describes = probe.info.blob_digest
-    probe.close()
-    if describes != layer_digest:
-        INDEX_FALLBACKS.labels("wrong_layer").inc()
-        log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="wrong_layer",
-                    describes=describes)
-        return None
-    path = index_path(root, layer_digest)
-    await asyncio.to_thread(write_atomic, path, data)
-    return IndexFile.open(path)
+async def fetch_published(client: Any, ref: str, layer_digest: str, candidates: list[Candidate],
+                          opts: LazyOptions, root: Path) -> tuple[IndexFile, str] | None:
+    """The first candidate that is vouched for, readable and describes this layer,
+    cached with its provenance; None (each rejection logged and counted) if none is."""
+    for cand in candidates:
+        desc = cand.blob
+        if cand.vouched == "pinned" and opts.pinned_indexes.get(layer_digest) != desc.digest:
+            INDEX_FALLBACKS.labels("not_pinned").inc()
+            log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="not_pinned")
+            continue
+        try:
+            data = await client.fetch_blob(ref, desc.digest, opts.max_index_bytes, purpose="index")
+            probe = IndexFile.from_bytes(data)
+        except (LayerIndexError, ValueError) as exc:
+            INDEX_FALLBACKS.labels("unreadable").inc()
+            log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="unreadable",
+                        error=str(exc))
+            continue
+        describes = probe.info.blob_digest
+        probe.close()
+        if describes != layer_digest:
+            INDEX_FALLBACKS.labels("wrong_layer").inc()
+            log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="wrong_layer",
+                        describes=describes)
+            continue
+        source = cand.vouched if cand.vouched != "pinned" else f"pinned:{desc.digest}"
+        path = await asyncio.to_thread(write_trusted, root, layer_digest, data, source)
+        return IndexFile.open(path), source
+    return None
 
 
 async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: LazyOptions, root: Path,
@@ -162,8 +244,7 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
     data = await asyncio.to_thread(serialize_index, index)
-    path = index_path(root, layer_digest)
-    await asyncio.to_thread(write_atomic, path, data)
+    path = await asyncio.to_thread(write_trusted, root, layer_digest, data, "built")
     return IndexFile.open(path)
 
 

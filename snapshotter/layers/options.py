@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TRUST_MODES = ("same-repository", "pinned", "local-only")
+from snapshotter.log import get_logger
+
+log = get_logger("lazysnap.layers")
+
+TRUST_MODES = ("signed", "pinned", "local-only")
+# the old default trusted any referrer in the image's repository: whoever could push one
+# could change what files serve; it now means "signed" (and says so at start)
+LEGACY_TRUST = "same-repository"
 STORE_POLICIES = ("lru", "drop-unreferenced")
 
 
@@ -24,10 +31,14 @@ class LazyOptions:
     (python3 -c 'import torch', every layer lazy, no profile): 4 MiB spans 271 MB fetched,
     index 4.1 MB; 1 MiB spans 172 MB fetched, cold start ~20 % shorter, index 9.0 MB (1.8 %
     of the compressed image).
-    ``index_trust``: where a published index may come from — ``same-repository`` (the
-    referrers of the image manifest in the image's own repository), ``pinned`` (only index
-    blobs whose digest is listed in ``pinned_indexes``: layer digest → index blob digest),
-    ``local-only`` (never use published indexes; build locally).
+    ``index_trust``: which published index a node may serve from. An index decides which
+    bytes each file serves, and anyone with push rights can add a referrer, so a published
+    index is used only when vouched for: ``signed`` (default: a referrer of the image
+    manifest whose artifact carries a cosign signature by one of ``trusted_keys``, PEM
+    public keys; with no keys, no published index is used), ``pinned`` (index blobs whose
+    digest is listed in ``pinned_indexes``: layer digest → index blob digest),
+    ``local-only`` (never; build locally). Without a trusted index the layer is indexed
+    by streaming it once, which serves only bytes decoded from the blob itself.
     ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
     the blob on disk and serve reads from it instead of fetching ranges again.
     ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
@@ -43,8 +54,9 @@ class LazyOptions:
     fsync: str = "none"
     fetch_deadline_s: float = 30.0
     max_concurrency: int = 8
-    index_trust: str = "same-repository"
+    index_trust: str = "signed"
     pinned_indexes: dict[str, str] = field(default_factory=dict)
+    trusted_keys: list[str] = field(default_factory=list)
     publish_built_indexes: bool = False
     keep_streamed_blobs: bool = True
     verify_complete_layers: bool = True
@@ -57,8 +69,18 @@ class LazyOptions:
     fuse_threads: int = 8
 
     def validate(self) -> LazyOptions:
+        if self.index_trust == LEGACY_TRUST:
+            log.warning("index_trust_changed", was=LEGACY_TRUST, now="signed",
+                        note="any referrer in the repository could change what files serve; a published "
+                             "index is now used only if signed by one of [lazy] trusted_keys (docs/trust.md)")
+            self.index_trust = "signed"
         if self.index_trust not in TRUST_MODES:
             raise ValueError(f"index_trust must be one of {', '.join(TRUST_MODES)}, got {self.index_trust!r}")
+        if not all(isinstance(k, str) for k in self.trusted_keys):
+            raise ValueError("trusted_keys must be a list of PEM public key paths")
+        from snapshotter.registry.signatures import load_public_keys
+
+        load_public_keys(self.trusted_keys)  # a key that cannot be read fails the start, not each pull
         if self.store_policy not in STORE_POLICIES:
             raise ValueError(f"store_policy must be one of {', '.join(STORE_POLICIES)}, got {self.store_policy!r}")
         if self.fsync not in ("none", "file", "full"):

@@ -43,6 +43,7 @@ from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
 from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
+from snapshotter.registry.signatures import load_public_keys
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
 
@@ -81,6 +82,7 @@ class LazyLayerProvider:
                  prefetch: Any = None) -> None:
         self.root = Path(root)
         self.options = (options or LazyOptions()).validate()
+        self._keys = load_public_keys(self.options.trusted_keys)
         self.client = client
         self.store = ChunkStore(self.root, limit_bytes=self.options.store_limit_bytes,
                                 fsync=self.options.fsync)  # type: ignore[arg-type]
@@ -358,10 +360,11 @@ class LazyLayerProvider:
             size = await self.client.blob_size(ref, digest)
             if size <= self.options.small_layer_bytes:
                 return await self._prepare_whole(ref, digest, size)
-            idx = await self._published(image, digest)
-            if idx is not None:
+            published = await self._published(image, digest)
+            if published is not None:
                 indexes.INDEX_SOURCES.labels("referrer").inc()
-                return await self._register(digest, ref, idx, "referrer", verified=False)
+                log.info("index_published_used", layer=digest, vouched=published[1])
+                return await self._register(digest, ref, published[0], "referrer", verified=False)
             keep = self._blob_path(digest) if self.options.keep_streamed_blobs else None
             log.info("layer_index_build", layer=digest, size=size, reason="no_local_or_published_index",
                      note="streaming the layer once")
@@ -384,15 +387,15 @@ class LazyLayerProvider:
 
         if built.info.blob_digest != digest:
             raise ProviderError(f"layer {digest} indexed as {built.info.blob_digest}", reason="digest_mismatch")
-        await asyncio.to_thread(write_atomic, indexes.index_path(self.root, digest),
-                                serialize_index(built))
-        idx = IndexFile.open(indexes.index_path(self.root, digest))
+        path = await asyncio.to_thread(indexes.write_trusted, self.root, digest, serialize_index(built), "built")
+        idx = IndexFile.open(path)
         indexes.INDEX_SOURCES.labels("whole").inc()
         layer = await self._register(digest, ref, idx, "whole", verified=True, local_blob=blob)
         await layer.fetcher.fetch_all(Priority.ON_DEMAND)
         return layer
 
-    async def _published(self, image: _Image, digest: str) -> IndexFile | None:
+    async def _published(self, image: _Image, digest: str) -> tuple[IndexFile, str] | None:
+        """A vouched-for published index of ``digest`` and its provenance, or None."""
         if self.options.index_trust == "local-only":
             return None
         async with image.lock:
@@ -401,18 +404,19 @@ class LazyLayerProvider:
                     if image.manifest_digest is None:
                         image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
                     image.published = await indexes.published_indexes(self.client, image.ref,
-                                                                       image.manifest_digest)
+                                                                       image.manifest_digest, self.options,
+                                                                       self._keys)
                 except Exception as exc:  # noqa: BLE001 - no artifact: build instead
                     indexes.INDEX_FALLBACKS.labels("referrers_failed").inc()
                     log.warning("index_referrers_failed", image=image.ref, error=str(exc))
-                    image.published = indexes.PublishedIndexes({}, None)
-        desc = image.published.blobs.get(digest)
-        if desc is None:
-            if image.published.artifact is not None:
+                    image.published = indexes.PublishedIndexes()
+        candidates = image.published.blobs.get(digest)
+        if not candidates:
+            if image.published.artifacts > image.published.unsigned:
                 indexes.INDEX_FALLBACKS.labels("layer_not_in_artifact").inc()
             return None
         try:
-            return await indexes.fetch_published(self.client, image.ref, digest, desc, self.options, self.root)
+            return await indexes.fetch_published(self.client, image.ref, digest, candidates, self.options, self.root)
         except Exception as exc:  # noqa: BLE001
             indexes.INDEX_FALLBACKS.labels("index_fetch_failed").inc()
             log.warning("index_fetch_failed", layer=digest, error=str(exc))
