@@ -9,6 +9,9 @@ import asyncio
 import errno
 import gzip
 import hashlib
+import logging
+import os
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -169,10 +172,24 @@ def test_corrupt_registry_blob_is_never_served(env: Env) -> None:
     for off in range(100, len(raw) - 100, 997):
         raw[off] ^= 0x5A
     data_file.write_bytes(bytes(raw))
+    failed = _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed")
+    t0 = time.monotonic()
     with pytest.raises(OSError) as exc:
         (env.dir / "data/big.bin").read_bytes()
+    elapsed = time.monotonic() - t0
     assert exc.value.errno == errno.EIO
     assert env.store.stats().chunks == 0
+    if not env.index.info.sequential_only:
+        # a range that fails verification twice is a hard EIO at once, not refetched until
+        # the deadline, and counted
+        assert elapsed < env.deadline / 2, elapsed
+        assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed") > failed
+
+
+def _sample(name: str, **labels: str) -> float:
+    from snapshotter.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_priority_gate_orders_waiters() -> None:
@@ -261,3 +278,56 @@ def test_on_demand_miss_reads_the_next_span_ahead(tmp_path: Path) -> None:
         assert not any(e.store.has(codec.digest(c)) for c in after)
     finally:
         e.close()
+
+
+def test_retry_backoff_is_exponential_jittered_and_bounded(tmp_path: Path) -> None:
+    opts = FetchOptions(retry_base_s=0.1, retry_max_s=2.0)
+    lf = Fetcher(ChunkStore(tmp_path / "root"), opts).layer("L", None, None)  # type: ignore[arg-type]
+    far = time.monotonic() + 3600
+    for attempt, (lo, hi) in {1: (0.05, 0.1), 2: (0.1, 0.2), 3: (0.2, 0.4), 5: (0.8, 1.6), 9: (1.0, 2.0)}.items():
+        delays = [lf._backoff(attempt, far) for _ in range(200)]
+        assert all(lo <= d <= hi for d in delays), (attempt, min(delays), max(delays))
+        assert max(delays) - min(delays) > (hi - lo) / 4  # jittered: readers do not retry in step
+    assert lf._backoff(9, time.monotonic() + 0.3) <= 0.3  # never past the deadline
+    assert lf._backoff(9, time.monotonic() - 1) == 0.0
+
+
+def test_disk_full_is_one_error_line_and_reads_recover(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The chunk store on a 1 MiB filesystem: reads of a bigger file get its bytes (served
+    from memory as they arrive) or EIO, never wrong bytes; the node says so once (path,
+    free space), not once per span; with space again it says that once too."""
+    caplog.set_level(logging.INFO, logger="lazysnap")
+    chunks = tmp_path / "root" / "chunks"
+    chunks.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "lzs-full", str(chunks)], check=True)
+    env = None
+    try:
+        env = Env(tmp_path, "gzip")
+        big = _members(env.tar)["data/big.bin"]
+        assert len(big) > 2 << 20
+        for _ in range(3):
+            try:
+                assert (env.dir / "data/big.bin").read_bytes() == big
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+        events = [r.getMessage() for r in caplog.records]
+        assert events.count("store_full") == 1, events
+        full = next(r for r in caplog.records if r.getMessage() == "store_full")
+        assert full.fields["path"] == str(chunks) and full.fields["free_bytes"] >= 0  # type: ignore[attr-defined]
+        assert "span_fetch_error" not in events
+        assert _sample("lazysnap_chunk_write_errors_total", errno="ENOSPC") > 0
+        # room again: the same read succeeds, and the store says it is writable
+        subprocess.run(["mount", "-o", "remount,size=64m", str(chunks)], check=True)
+        time.sleep(env.fetcher.options.fail_fast_s)
+        fd = os.open(env.dir / "data/big.bin", os.O_RDONLY)
+        try:  # reads served from memory earlier may be in the page cache: read through FUSE
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert (env.dir / "data/big.bin").read_bytes() == big
+        assert [r.getMessage() for r in caplog.records].count("store_writable") == 1
+        assert not list((chunks / ".tmp").iterdir())  # nothing half-written left behind
+    finally:
+        if env is not None:
+            env.close()
+        subprocess.run(["umount", "-l", str(chunks)], check=False)

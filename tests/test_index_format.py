@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from snapshotter.index.errors import IndexFormatError, LayerIndexError
+from snapshotter.index.errors import IndexBuildError, IndexFormatError, LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index, serialize_split, write_index
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
@@ -231,6 +232,30 @@ def test_a_window_that_inflates_past_32_kib_is_refused() -> None:
                                                           [idx.checkpoints[0], big])))
     with pytest.raises(IndexFormatError, match="at most 32 KiB"):
         bad.checkpoint(1)
+
+
+def test_names_and_link_targets_longer_than_linux_allows_are_not_indexed() -> None:
+    idx = IndexFile.from_bytes(_SAMPLE).to_layer_index()
+    long_name = Entry("d/" + "n" * 4097, EntryType.REG, 0o644, 0, 0, 0, 5)
+    long_link = Entry("d/l", EntryType.SYMLINK, 0o777, 0, 0, 0, 5, linkname="/" + "x" * 4096)
+    for extra in (long_name, long_link):
+        with pytest.raises(IndexBuildError, match="longer than"):
+            serialize_index(LayerIndex(idx.info, [*idx.entries, extra], idx.chunks, idx.checkpoints))
+    ok = Entry("d/l", EntryType.SYMLINK, 0o777, 0, 0, 0, 5, linkname="/" + "x" * 4095)
+    serialize_index(LayerIndex(idx.info, [*idx.entries, ok], idx.chunks, idx.checkpoints))
+
+
+def test_an_entry_block_claiming_more_than_its_records_can_hold_is_refused() -> None:
+    """A crafted frame header may claim any size and zstd allocates it before decoding: a
+    block is refused unless its size fits 256 records with PATH_MAX names and targets
+    (~2 MiB), so a hostile index costs a few MB at most."""
+    from snapshotter.index.format import MAX_ENTRY_BLOCK
+
+    assert MAX_ENTRY_BLOCK < 3 << 20
+    f = IndexFile.from_bytes(_SAMPLE)
+    with pytest.raises(IndexFormatError, match="claims"):
+        f._frame_fits(0, zstandard.ZstdCompressor().compress(bytes(MAX_ENTRY_BLOCK + 1)))
+    f._frame_fits(0, zstandard.ZstdCompressor().compress(bytes(MAX_ENTRY_BLOCK)))
 
 
 # -- windows apart (what `lazysnap index --push` publishes) -------------------------------------

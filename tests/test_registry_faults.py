@@ -261,3 +261,22 @@ async def test_tls_registry_with_hosts_toml_ca_and_skip_verify(tmp_path: Path) -
             with pytest.raises(ProtocolError) as ei:
                 await c.resolve(ref)
         assert "TLS" in str(ei.value) and "hosts.toml" in str(ei.value)
+
+
+async def test_mirror_without_the_content_falls_back_quietly(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A mirror that answers 404 (an image with no referrers, a tag it does not hold) is
+    ordinary: the server answers, and nothing is logged at warning level."""
+    caplog.set_level(logging.DEBUG, logger="lazysnap.registry")
+    with start_registry(tmp_path / "up") as up, start_registry(tmp_path / "empty") as empty:
+        ref = f"{up.host}/t/quiet:v1"
+        async with make_client(tmp_path) as c:
+            img = await push_image(c, ref, [os.urandom(10_000)])
+        hosts = tmp_path / "hosts"
+        _hosts_toml(hosts, up.host, [empty.host])
+        async with make_client(tmp_path, hosts_dir=hosts) as c:
+            assert (await c.resolve(ref)).manifest_digest == img["manifest_digest"]
+            assert await c.referrers(ref, img["manifest_digest"]) == []
+            assert c.stats.mirror_fallbacks >= 2
+    fallbacks = [r for r in caplog.records if r.getMessage() == "mirror_fallback"]
+    assert fallbacks and all(r.levelno == logging.DEBUG for r in fallbacks)

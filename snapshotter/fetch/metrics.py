@@ -20,3 +20,6 @@ FETCH_FAILURES = Counter("lazysnap_fetch_failures", "Reads that got EIO after th
                          ["purpose"], registry=REGISTRY)
 READAHEAD_SPANS = Counter("lazysnap_readahead_spans", "Spans fetched ahead of an on-demand miss (background priority)",
                           registry=REGISTRY)
+CORRUPT_RANGES = Counter("lazysnap_fetch_corrupt_ranges",
+                         "Fetched ranges whose bytes failed verification (never served): retried once, then failed",
+                         ["outcome"], registry=REGISTRY)

@@ -23,13 +23,15 @@ import enum
 import errno
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from snapshotter import native
 from snapshotter.fetch import metrics
-from snapshotter.index.errors import TruncatedLayerError
+from snapshotter.index.errors import ChunkVerificationError, CorruptLayerError, TruncatedLayerError
 from snapshotter.store import ChunkStore
 from snapshotter.log import get_logger
 
@@ -151,6 +153,16 @@ class FetchError(OSError):
         super().__init__(errno.EIO, message)
 
 
+class CorruptRangeError(FetchError):
+    """The same range failed verification twice: the source serves bytes that are not the
+    layer's. Readers get EIO at once instead of waiting out the deadline on refetches."""
+
+
+# what a range whose bytes are not the layer's raises while it is decoded and verified
+CORRUPT_ERRORS: tuple[type[Exception], ...] = (ChunkVerificationError, CorruptLayerError, native.CorruptLayerError)
+CORRUPT_TRIES = 2  # fetches of one range that fail verification before reads fail at once
+
+
 @dataclass(slots=True)
 class _Job:
     chunk_ids: list[int]
@@ -188,6 +200,7 @@ class LayerFetcher:
         self.on_complete: Callable[[], None] | None = None
         self.bytes_fetched = 0
         self._failed_at: dict[int, float] = {}
+        self._corrupt: dict[tuple[int, int], int] = {}  # range -> verification failures in a row
         self._fetching: list[tuple[int, int, asyncio.Future[None]]] = []
         self._stream_task: asyncio.Task[None] | None = None
         self._scan_pos = 0
@@ -208,6 +221,7 @@ class LayerFetcher:
             if recent and not all(self.fetcher.store.has(self.codec.digest(c)) for c in recent):
                 raise FetchError(f"layer {self.key}: chunk {recent[0]} failed less than {window}s ago")
         last_error: BaseException | None = None
+        attempt = 0
         while True:
             missing = [c for c in wanted if not self.fetcher.store.has(self.codec.digest(c))]
             if not missing:
@@ -239,10 +253,11 @@ class LayerFetcher:
                 last_error = TimeoutError(f"fetch still running after {self.fetcher.options.deadline_s}s")
                 break
             if errors:
-                last_error = errors[0]
-                if self.failed is not None:
+                last_error = next((e for e in errors if isinstance(e, CorruptRangeError)), errors[0])
+                if self.failed is not None or isinstance(last_error, CorruptRangeError):
                     break
-                await asyncio.sleep(min(self.fetcher.options.retry_max_s, max(0.0, deadline - time.monotonic())))
+                attempt += 1
+                await asyncio.sleep(self._backoff(attempt, deadline))
                 if time.monotonic() >= deadline:
                     break
         metrics.FETCH_FAILURES.labels(priority.purpose).inc()
@@ -254,6 +269,27 @@ class LayerFetcher:
         log.error("fetch_failed", layer=self.key, chunks=len(wanted), priority=priority.purpose,
                   deadline_s=self.fetcher.options.deadline_s, error=repr(last_error))
         raise FetchError(f"cannot fetch {len(wanted)} chunk(s) of layer {self.key}: {last_error}")
+
+    def _backoff(self, attempt: int, deadline: float) -> float:
+        """Exponential from ``retry_base_s`` up to ``retry_max_s``, with jitter so the readers
+        of a recovering registry do not come back in step; never past the deadline."""
+        opts = self.fetcher.options
+        delay = min(opts.retry_max_s, opts.retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return min(delay, max(0.0, deadline - time.monotonic()))
+
+    def _verification_failed(self, start: int, end: int, exc: Exception) -> Exception:
+        """Count a range that decoded to bytes that are not the layer's; the second time in
+        a row it is a CorruptRangeError (refetching it again would only wait out the deadline)."""
+        n = self._corrupt.get((start, end), 0) + 1
+        if n < CORRUPT_TRIES:
+            self._corrupt[(start, end)] = n
+            metrics.CORRUPT_RANGES.labels("retried").inc()
+            return exc
+        self._corrupt.pop((start, end), None)  # a later read tries again: the source may heal
+        metrics.CORRUPT_RANGES.labels("failed").inc()
+        log.error("range_corrupt", layer=self.key, range=f"{start}-{end}", fetches=n, error=str(exc)[:200])
+        return CorruptRangeError(f"range {start}-{end} of layer {self.key} failed verification {n} times in a row: "
+                                 f"the registry serves bytes that are not the layer's ({exc})")
 
     def prefetch(self, chunk_ids: Sequence[int], priority: Priority = Priority.PREFETCH) -> asyncio.Task[None]:
         """Fire-and-forget ``ensure`` at a lower priority (for the profile prefetcher)."""
@@ -443,6 +479,7 @@ class LayerFetcher:
                 finally:
                     store.unstage(staged)
                 metrics.SPAN_SECONDS.labels(job.priority.purpose).observe(time.monotonic() - t0)
+                self._corrupt.pop((start, end), None)
             finally:
                 gate.release(job.priority)
             for c, fut in job.futures.items():
@@ -459,9 +496,12 @@ class LayerFetcher:
                     fut.set_exception(FetchError("fetch cancelled"))
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: retried by ensure() until its deadline
-            log.warning("span_fetch_error", layer=self.key, range=f"{start}-{end}", priority=job.priority.purpose,
-                        error=repr(exc))
+            if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):  # the store says it once
+                log.warning("span_fetch_error", layer=self.key, range=f"{start}-{end}",
+                            priority=job.priority.purpose, error=repr(exc))
             metrics.SPAN_ERRORS.labels(type(exc).__name__).inc()
+            if isinstance(exc, CORRUPT_ERRORS):
+                exc = self._verification_failed(start, end, exc)
             for fut in job.futures.values():
                 if not fut.done():
                     fut.set_exception(exc)

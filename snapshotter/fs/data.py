@@ -126,4 +126,7 @@ class LayerData:
             if self.fetcher is None:
                 raise OSError(errno.EIO, f"chunk missing and layer has no fetcher: {e.path}")
             await self.fetcher.ensure(missing)
+        if self.store.full:
+            raise OSError(errno.EIO, f"chunks of {e.path} cannot be kept: the chunk store at {self.store.chunks_dir} "
+                                     "is out of space")
         raise OSError(errno.EIO, f"chunks of {e.path} keep disappearing from the store (limit too small?)")

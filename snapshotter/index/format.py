@@ -66,7 +66,7 @@ import xxhash
 import zstandard
 
 from snapshotter.fsutil import write_atomic
-from snapshotter.index.errors import IndexFormatError, WindowMissingError
+from snapshotter.index.errors import IndexBuildError, IndexFormatError, WindowMissingError
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.model import (
     Checkpoint,
@@ -99,9 +99,12 @@ def _checksum(buf: bytes | bytearray | memoryview) -> int:
     return h.intdigest()
 HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII14Q")
 ENTRY = struct.Struct("<IIHBBHIIQqQIII")
-# the most an entry block can hold: its records, each with a name and a link target that
-# the tar parser caps at 1 MiB each (native/tar.c MAX_EXT_SIZE)
-MAX_ENTRY_BLOCK = BLOCK_RECORDS * (ENTRY.size + (2 << 20))
+# Names and link targets longer than Linux's PATH_MAX cannot be created by any applier, so
+# no index holds one (serialize refuses them); that bounds an entry block to ~2 MiB, what a
+# hostile frame header may make a reader allocate before the block is refused.
+MAX_NAME_BYTES = 4096
+MAX_LINK_BYTES = 4096
+MAX_ENTRY_BLOCK = BLOCK_RECORDS * (ENTRY.size + MAX_NAME_BYTES + MAX_LINK_BYTES)
 CHUNK = struct.Struct("<QI32s")
 CHECKPOINT = struct.Struct("<BBHIQQQ")
 MARK = struct.Struct("<QQ")
@@ -187,8 +190,9 @@ def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
     for n, path in enumerate(order):
         e = by_path[path]
         name = _name_key(path)
-        if len(name) > 0xFFFF:
-            raise ValueError(f"name too long in {path!r}")
+        if len(name) > MAX_NAME_BYTES:
+            raise IndexBuildError(f"name of {path[:200]!r} is {len(name)} bytes: longer than any Linux "
+                                  f"filesystem holds ({MAX_NAME_BYTES})")
         a = b = 0
         if e.type == EntryType.REG:
             reg_count += 1
@@ -199,6 +203,9 @@ def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
             a, b = e.devmajor, e.devminor
         elif e.type == EntryType.SYMLINK:
             link = e.linkname.encode("utf-8", "surrogateescape")
+            if len(link) > MAX_LINK_BYTES:
+                raise IndexBuildError(f"symlink {path[:200]!r} has a {len(link)}-byte target: longer than "
+                                      f"Linux allows ({MAX_LINK_BYTES})")
             a, b = intern(link), len(link)
         elif e.type == EntryType.HARDLINK:
             if e.linkname not in rec_of or by_path[e.linkname].type in (EntryType.DIR, EntryType.HARDLINK):

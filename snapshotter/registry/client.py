@@ -259,8 +259,11 @@ class RegistryClient:
                     self.stats.mirror_fallbacks += 1
                     if isinstance(exc, _Retry) and exc.connect:
                         self._mirror_down[ep.host] = time.monotonic() + self.config.mirror_cooldown
-                    log.warning("mirror_fallback", host=ref.registry, repo=ref.repository, mirror=ep.host,
-                                error=exc.reason if isinstance(exc, _Retry) else type(exc).__name__)
+                    # a mirror without the content is ordinary (a referrers lookup of an image
+                    # with none, a tag the mirror has not cached): said at debug, not on every start
+                    (log.debug if isinstance(exc, NotFoundError) else log.warning)(
+                        "mirror_fallback", host=ref.registry, repo=ref.repository, mirror=ep.host,
+                        error=exc.reason if isinstance(exc, _Retry) else type(exc).__name__)
                     continue
                 try:
                     yield ep, resp

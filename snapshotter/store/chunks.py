@@ -107,6 +107,7 @@ class ChunkStore:
         self.limit = limit_bytes
         self.fsync = fsync
         self._lock = threading.Lock()
+        self.full = False  # the last chunk write failed for lack of space (see _note_write)
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._total = 0
         self._verified: set[bytes] = set()
@@ -258,9 +259,31 @@ class ChunkStore:
             metrics.DEDUP_HITS.inc(present)
         if new:
             self._evict_if_needed()
+        if todo:
+            self._note_write(failed)
         if failed is not None:
             raise failed
         return new
+
+    def _note_write(self, failed: OSError | None) -> None:
+        """A full disk is one episode: one error line (path, free space, the limit) when the
+        first write fails for lack of space, one line when writes succeed again; the span
+        fetches that fail in between say nothing more (``full`` tells readers why)."""
+        if failed is not None and failed.errno in (errno.ENOSPC, errno.EDQUOT):
+            metrics.WRITE_ERRORS.labels(errno.errorcode[failed.errno]).inc()
+            with self._lock:
+                if self.full:
+                    return
+                self.full = True
+            log.error("store_full", path=self._chunks_s, free_bytes=_free_bytes(self._chunks_s),
+                      stored_bytes=self._total, limit_bytes=self.limit or 0, error=os.strerror(failed.errno),
+                      note="chunks are served from memory while they are read, then fetched again; free "
+                           "space or lower [lazy] store_limit_bytes")
+        elif failed is None and self.full:
+            with self._lock:
+                was, self.full = self.full, False
+            if was:
+                log.info("store_writable", path=self._chunks_s, free_bytes=_free_bytes(self._chunks_s))
 
     # -- write-behind -----------------------------------------------------------------------
     def stage(self, chunks: dict[bytes, bytes]) -> None:
@@ -646,3 +669,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize

@@ -23,6 +23,8 @@ DEDUP_HITS = Counter("lazysnap_chunk_dedup_hits",
                      registry=REGISTRY)
 CORRUPT = Counter("lazysnap_chunk_corrupt", "Stored chunk files that failed verification and were dropped",
                   registry=REGISTRY)
+WRITE_ERRORS = Counter("lazysnap_chunk_write_errors", "Chunk writes that failed for lack of space, by errno",
+                       ["errno"], registry=REGISTRY)
 EVICTIONS = Counter("lazysnap_chunk_evictions", "Chunks evicted to respect the store size limit",
                     registry=REGISTRY)
 STORED_BYTES = Gauge("lazysnap_chunk_store_bytes", "Bytes held by the chunk store", registry=REGISTRY)
