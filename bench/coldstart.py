@@ -12,6 +12,8 @@ Variants:
   lazysnap           ``ctr-remote image rpull --snapshotter lazysnap``, no profile
   lazysnap-profile   same, after ``lazysnap record`` + ``lazysnap profile push``
   lazysnap-warm      lazysnap node whose cache holds the previous image version
+  lazysnap-local     a second start on a node holding every chunk the start reads
+  lazysnap-unsigned  no published index trusted (an unsigned image): layers streamed to index
 
     sudo .venv/bin/python -m bench.coldstart --image inference --runs 3
     sudo .venv/bin/python -m bench.coldstart --image synthetic --size-gb 4 --hot 0.05 --rate 1gbit
@@ -40,11 +42,15 @@ from harness.images import PushedImage
 from harness.registry import Registry, start_registry
 
 BENCH = Path(__file__).resolve().parent
-VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm", "lazysnap-local"]
+VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm", "lazysnap-local",
+            "lazysnap-unsigned"]
 NO_PROFILE_CONFIG = "[prefetch]\nprefetch = false\nregistry_lookup = false\n"
 # lazysnap-local: the second start must measure the FUSE path alone, not a background fill
 # still running beside it (the first start's reads and read-ahead already hold its chunks)
 LOCAL_CONFIG = NO_PROFILE_CONFIG + "background = false\n"
+# lazysnap-unsigned: a node that uses no published index (an image nobody signed, under the
+# default index_trust = "signed"): every layer is indexed by streaming it once
+UNSIGNED_CONFIG = '[lazy]\nindex_trust = "local-only"\n' + NO_PROFILE_CONFIG
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
 
 
@@ -307,6 +313,13 @@ class Bench:
             node.pull(self.prev_ref, lazy=True)
             self._check(node.run(self.prev_ref, lazy=True, name=f"prev{self._seq}").output)
             self._settle()
+            return self._measure(node, lazy=True)
+
+    def lazysnap_unsigned(self, i: int) -> Sample:
+        """No published index is trusted (nobody signed the image): the start waits for each
+        layer it touches to be streamed and indexed; no profile."""
+        self._require_lazysnap()
+        with self._node("lazysnap-unsigned", lazy=True, config=UNSIGNED_CONFIG) as node:
             return self._measure(node, lazy=True)
 
     def lazysnap_local(self, i: int) -> Sample:
