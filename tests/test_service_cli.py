@@ -107,7 +107,7 @@ def test_log_lines_are_key_value_and_redacted() -> None:
     assert "size=12" in line and "n=1" in line
 
 
-def test_deploy_files_parse() -> None:
+def test_deploy_files_parse(tmp_path: Path) -> None:
     for name in ("config-1.6-1.7.toml", "config-2.x.toml"):
         doc = tomllib.loads((DEPLOY / "containerd" / name).read_text())
         assert doc["proxy_plugins"]["lazysnap"] == {"type": "snapshot", "address": "/run/lazysnap/lazysnap.sock"}
@@ -121,6 +121,12 @@ def test_deploy_files_parse() -> None:
     assert "ExecStart=/usr/local/bin/lazysnap serve --config /etc/lazysnap/config.toml" in unit
     ds = (DEPLOY / "kubernetes" / "daemonset.yaml").read_text()
     assert "privileged: true" in ds and "mountPropagation: Bidirectional" in ds and "/dev/fuse" in ds
+    # the ConfigMap's config.toml is one the daemon accepts
+    block = ds.split("config.toml: |\n", 1)[1].split("\n---", 1)[0]
+    (tmp_path / "ds.toml").write_text(block.replace("\n    ", "\n").removeprefix("    "))
+    cfg = load_config(tmp_path / "ds.toml")
+    cfg.validate()
+    assert cfg.lazy.index_trust == "signed"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd")
@@ -131,3 +137,4 @@ def test_containerd_16_accepts_deploy_config() -> None:
     dumped = tomllib.loads(r.stdout)
     assert dumped["proxy_plugins"]["lazysnap"]["address"] == "/run/lazysnap/lazysnap.sock"
     assert dumped["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "lazysnap"
+
