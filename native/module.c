@@ -759,22 +759,43 @@ static int core_clear(PyObject *m)
 
 static void core_free(void *m) { core_clear((PyObject *)m); }
 
+/* A new exception class named ``name`` deriving from ``first`` and the class ``attr`` of
+ * ``errors`` (snapshotter.index.errors): one hierarchy for bad layer bytes, whether the C
+ * core or Python found them, so one ``except`` catches both. */
+static PyObject *new_error(const char *name, const char *doc, PyObject *first, PyObject *errors,
+                           const char *attr)
+{
+    PyObject *py = PyObject_GetAttrString(errors, attr);
+    if (!py)
+        return NULL;
+    PyObject *bases = PyTuple_Pack(2, first, py);
+    Py_DECREF(py);
+    if (!bases)
+        return NULL;
+    PyObject *exc = PyErr_NewExceptionWithDoc(name, doc, bases, NULL);
+    Py_DECREF(bases);
+    return exc;
+}
+
 static int core_exec(PyObject *m)
 {
     core_state *st = get_state(m);
-    st->LayerError = PyErr_NewExceptionWithDoc("snapshotter._core.LayerError",
-                                               "A layer blob cannot be read.", PyExc_ValueError, NULL);
-    if (!st->LayerError || PyModule_AddObjectRef(m, "LayerError", st->LayerError))
+    PyObject *errors = PyImport_ImportModule("snapshotter.index.errors");
+    if (!errors)
         return -1;
-    st->CorruptLayerError = PyErr_NewExceptionWithDoc(
-        "snapshotter._core.CorruptLayerError", "The layer's bytes are invalid.", st->LayerError, NULL);
-    if (!st->CorruptLayerError ||
-        PyModule_AddObjectRef(m, "CorruptLayerError", st->CorruptLayerError))
-        return -1;
-    st->TruncatedLayerError = PyErr_NewExceptionWithDoc(
-        "snapshotter._core.TruncatedLayerError", "The layer's bytes end too early.",
-        st->LayerError, NULL);
-    if (!st->TruncatedLayerError ||
+    st->LayerError = new_error("snapshotter._core.LayerError", "A layer blob cannot be read.",
+                               PyExc_ValueError, errors, "LayerDataError");
+    if (st->LayerError)
+        st->CorruptLayerError = new_error("snapshotter._core.CorruptLayerError",
+                                          "The layer's bytes are invalid.", st->LayerError, errors,
+                                          "CorruptLayerError");
+    if (st->CorruptLayerError)
+        st->TruncatedLayerError = new_error("snapshotter._core.TruncatedLayerError",
+                                            "The layer's bytes end too early.", st->LayerError, errors,
+                                            "TruncatedLayerError");
+    Py_DECREF(errors);
+    if (!st->TruncatedLayerError || PyModule_AddObjectRef(m, "LayerError", st->LayerError) ||
+        PyModule_AddObjectRef(m, "CorruptLayerError", st->CorruptLayerError) ||
         PyModule_AddObjectRef(m, "TruncatedLayerError", st->TruncatedLayerError))
         return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);

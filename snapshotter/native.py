@@ -14,7 +14,7 @@ from typing import BinaryIO, NamedTuple
 from snapshotter import _core
 from snapshotter.index.model import WINDOW_SIZE  # noqa: F401 - re-exported
 
-LayerError = _core.LayerError  # base class, subclass of ValueError
+LayerError = _core.LayerError  # base class: a ValueError and an index.errors.LayerDataError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
 TruncatedLayerError = _core.TruncatedLayerError  # input ended inside a stream/entry
 #: One zstd frame decoded in calls ``decompress(data, max_output) -> (output, consumed,

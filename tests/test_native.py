@@ -511,6 +511,23 @@ def test_truncated_inside_entry_names_it() -> None:
         scan(zstandard.ZstdCompressor().compress(raw)[:-5], random.Random(0))
 
 
+def test_c_and_python_layer_errors_are_one_hierarchy() -> None:
+    """What the C core raises for bad bytes is caught by the index package's classes (and
+    stays a ValueError): callers need one ``except``, not two look-alike families."""
+    from snapshotter.index import errors
+
+    assert issubclass(native.LayerError, errors.LayerDataError) and issubclass(native.LayerError, ValueError)
+    assert issubclass(native.CorruptLayerError, errors.CorruptLayerError)
+    assert issubclass(native.TruncatedLayerError, errors.TruncatedLayerError)
+    assert not issubclass(native.TruncatedLayerError, errors.CorruptLayerError)
+    raw = write_tar([{"name": "f", "kind": "reg", "mode": 0o644, "uid": 0, "gid": 0, "mtime": 0,
+                      "data": b"z" * 5000}], tarfile.GNU_FORMAT)
+    with pytest.raises(errors.TruncatedLayerError, match="f"):
+        scan(raw[:3000], random.Random(0))
+    with pytest.raises(errors.LAYER_ERRORS):
+        scan(gzip.compress(raw)[:-5], random.Random(0))
+
+
 def test_decompress_range_errors() -> None:
     raw = big_layer(random.Random(4), 8)
     blob = gzip.compress(raw)

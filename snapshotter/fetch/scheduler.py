@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from snapshotter import native
 from snapshotter.fetch import metrics
 from snapshotter.index.errors import ChunkVerificationError, CorruptLayerError, TruncatedLayerError
 from snapshotter.store import ChunkStore
@@ -158,8 +157,9 @@ class CorruptRangeError(FetchError):
     layer's. Readers get EIO at once instead of waiting out the deadline on refetches."""
 
 
-# what a range whose bytes are not the layer's raises while it is decoded and verified
-CORRUPT_ERRORS: tuple[type[Exception], ...] = (ChunkVerificationError, CorruptLayerError, native.CorruptLayerError)
+# what a range whose bytes are not the layer's raises while it is decoded and verified (the
+# C core's CorruptLayerError derives from index.errors.CorruptLayerError)
+CORRUPT_ERRORS: tuple[type[Exception], ...] = (ChunkVerificationError, CorruptLayerError)
 CORRUPT_TRIES = 2  # fetches of one range that fail verification before reads fail at once
 
 

@@ -2,8 +2,8 @@
 
 Every error is a one-line, user-presentable message naming the problem, so the CLI and
 the daemon can report bad input without a traceback. Layer *data* errors raised by the C
-core (``snapshotter.native.LayerError`` and subclasses) are re-exported through
-:data:`LAYER_ERRORS` so callers can catch both families with one ``except``.
+core (``snapshotter.native.LayerError`` and subclasses) derive from :class:`LayerDataError`
+and its subclasses here, so one ``except`` catches both.
 """
 from __future__ import annotations
 
@@ -59,17 +59,7 @@ class NotRegularFileError(LayerIndexError):
     """Content was requested from a directory, symlink, device or fifo."""
 
 
-def _layer_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [LayerDataError]
-    try:
-        from snapshotter import native
-    except ImportError:
-        return tuple(errors)
-    base = getattr(native, "LayerError", None)
-    if isinstance(base, type) and issubclass(base, BaseException):
-        errors.append(base)
-    return tuple(errors)
-
-
-LAYER_ERRORS: tuple[type[BaseException], ...] = _layer_errors()
-"""Exception classes meaning "the layer bytes are bad", from Python and from C."""
+LAYER_ERRORS: tuple[type[BaseException], ...] = (LayerDataError,)
+"""Exception classes meaning "the layer bytes are bad". The C core's errors
+(``snapshotter.native.LayerError``, ``CorruptLayerError``, ``TruncatedLayerError``) derive
+from these classes (and from ValueError), so this one class catches both families."""
