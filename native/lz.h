@@ -17,6 +17,11 @@
 
 enum { LZ_OK = 0, LZ_CORRUPT = 1, LZ_TRUNCATED = 2, LZ_NOMEM = 3, LZ_INVALID = 4 };
 
+/* One packed chunk record, the layout scans return and verify_chunks reads: u64 LE offset
+ * in the tar stream, u64 LE length, SHA-256. Python's side is index.model.CHUNK_RECORD;
+ * snapshotter.native refuses to load a core whose size differs (_core.CHUNK_RECORD_SIZE). */
+#define LZ_CHUNK_RECORD 48
+
 typedef struct {
     int kind;        /* LZ_* */
     char msg[320];

@@ -299,15 +299,15 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
     Py_CLEAR(v);
 
     size_t nc = tar_chunk_count(t);
-    v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nc * 48));
+    v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nc * LZ_CHUNK_RECORD));
     if (!v)
         goto fail;
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(v);
     const tar_chunk *c = (const tar_chunk *)t->chunks.p;
     for (size_t i = 0; i < nc; i++) {
-        put_le64(out + 48 * i, c[i].offset);
-        put_le64(out + 48 * i + 8, c[i].length);
-        memcpy(out + 48 * i + 16, c[i].sha, 32);
+        put_le64(out + LZ_CHUNK_RECORD * i, c[i].offset);
+        put_le64(out + LZ_CHUNK_RECORD * i + 8, c[i].length);
+        memcpy(out + LZ_CHUNK_RECORD * i + 16, c[i].sha, 32);
     }
     if (PyDict_SetItemString(d, "chunks", v))
         goto fail;
@@ -555,14 +555,14 @@ static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*Ky*:verify_chunks", &data, &base, &rec))
         return NULL;
     PyObject *res = NULL;
-    if (rec.len % 48) {
+    if (rec.len % LZ_CHUNK_RECORD) {
         PyErr_SetString(PyExc_ValueError, "records must be a multiple of 48 bytes");
         goto done;
     }
-    size_t n = (size_t)rec.len / 48;
+    size_t n = (size_t)rec.len / LZ_CHUNK_RECORD;
     const uint8_t *r = rec.buf;
     for (size_t i = 0; i < n; i++) {
-        uint64_t off = get_le64(r + 48 * i), len = get_le64(r + 48 * i + 8);
+        uint64_t off = get_le64(r + LZ_CHUNK_RECORD * i), len = get_le64(r + LZ_CHUNK_RECORD * i + 8);
         if (off < base || off - base > (uint64_t)data.len || len > (uint64_t)data.len - (off - base)) {
             PyErr_Format(PyExc_ValueError, "chunk record %zu lies outside the data", i);
             goto done;
@@ -572,9 +572,9 @@ static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) {
         uint8_t md[32];
-        uint64_t off = get_le64(r + 48 * i), len = get_le64(r + 48 * i + 8);
+        uint64_t off = get_le64(r + LZ_CHUNK_RECORD * i), len = get_le64(r + LZ_CHUNK_RECORD * i + 8);
         SHA256((const uint8_t *)data.buf + (off - base), (size_t)len, md);
-        if (memcmp(md, r + 48 * i + 16, 32)) {
+        if (memcmp(md, r + LZ_CHUNK_RECORD * i + 16, 32)) {
             bad = (long long)i;
             break;
         }
@@ -797,6 +797,9 @@ static int core_exec(PyObject *m)
     if (!st->TruncatedLayerError || PyModule_AddObjectRef(m, "LayerError", st->LayerError) ||
         PyModule_AddObjectRef(m, "CorruptLayerError", st->CorruptLayerError) ||
         PyModule_AddObjectRef(m, "TruncatedLayerError", st->TruncatedLayerError))
+        return -1;
+    if (PyModule_AddIntConstant(m, "CHUNK_RECORD_SIZE", LZ_CHUNK_RECORD) ||
+        PyModule_AddIntConstant(m, "WINDOW_SIZE", LZ_HIST))
         return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
     if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))

@@ -6,13 +6,17 @@ The C side does the byte work with the GIL released; this module only names thin
 """
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from snapshotter import _core
-from snapshotter.index.model import WINDOW_SIZE  # noqa: F401 - re-exported
+from snapshotter.index.model import CHUNK_RECORD, MARK_RECORD, WINDOW_SIZE  # re-exported
+
+# The layouts Python packs and the C core reads are one contract: refuse a mismatched build.
+if (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE) != (CHUNK_RECORD.size, WINDOW_SIZE):
+    raise ImportError(f"snapshotter._core was built for chunk records of {_core.CHUNK_RECORD_SIZE} bytes and "
+                      f"{_core.WINDOW_SIZE}-byte windows, Python has {CHUNK_RECORD.size} and {WINDOW_SIZE}")
 
 LayerError = _core.LayerError  # base class: a ValueError and an index.errors.LayerDataError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
@@ -25,11 +29,6 @@ ZstdStream = _core.ZstdStream
 DEFAULT_SPAN_SIZE = 4 << 20
 DEFAULT_CHUNK_SIZE = 1 << 20
 
-#: One packed chunk record: uncompressed offset in the tar stream, length, SHA-256.
-CHUNK_RECORD = struct.Struct("<QQ32s")
-#: One end mark: every uncompressed byte before ``uoff`` is produced by decoding compressed
-#: bytes before ``coff`` (from the preceding checkpoint), so a read need not fetch further.
-MARK_RECORD = struct.Struct("<QQ")
 
 
 class RawEntry(NamedTuple):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +34,8 @@ from snapshotter.index.errors import IndexBuildError, TruncatedLayerError
 from snapshotter.index.layerindex import LayerIndex
 from snapshotter.index.pyscan import detect_format
 from snapshotter.index.model import (
+    CHUNK_RECORD,
+    MARK_RECORD,
     Checkpoint,
     CheckpointKind,
     Chunk,
@@ -46,8 +47,6 @@ from snapshotter.index.model import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_RECORD = struct.Struct("<QQ32s")
-MARK_RECORD = struct.Struct("<QQ")  # scanner end marks: uoff, coff (see LayerIndex.marks)
 DEFAULT_SPAN = 4 << 20
 DEFAULT_CHUNK = 1 << 20
 READ_SIZE = 1 << 20

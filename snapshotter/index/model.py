@@ -6,6 +6,7 @@ and independent of how the index is stored on disk (see ``format.py``).
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 
 
@@ -68,6 +69,14 @@ class Chunk:
     uncompressed_offset: int  # offset in the tar stream
     length: int
     digest: bytes  # 32-byte SHA-256 of the chunk's bytes
+
+
+#: A Chunk packed as the C core reads and writes it (native/lz.h LZ_CHUNK_RECORD): u64 LE
+#: offset in the tar stream, u64 LE length, SHA-256. snapshotter.native checks the sizes agree.
+CHUNK_RECORD = struct.Struct("<QQ32s")
+#: One end mark as the scanner returns it: every uncompressed byte before ``uoff`` is
+#: produced by decoding compressed bytes before ``coff`` (from the preceding checkpoint).
+MARK_RECORD = struct.Struct("<QQ")
 
 
 WINDOW_SIZE = 32 << 10  # deflate's history: the most a DEFLATE checkpoint's window holds

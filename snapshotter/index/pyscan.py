@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import struct
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +20,11 @@ from typing import Any
 import zstandard
 
 from snapshotter.index.errors import CorruptLayerError, TruncatedLayerError, UnknownFormatError
-from snapshotter.index.model import CheckpointKind, EntryType
+from snapshotter.index.model import CHUNK_RECORD, CheckpointKind, EntryType
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BLOCK = 512
-CHUNK_RECORD = struct.Struct("<QQ32s")
 _OUT_STEP = 1 << 20  # bounded inflate output per call, so a zip bomb cannot exhaust memory
 
 
