@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from snapshotter import _core
-from snapshotter.index.model import CHUNK_RECORD, MARK_RECORD, WINDOW_SIZE  # re-exported
+from snapshotter.index.model import CHUNK_RECORD, WINDOW_SIZE  # re-exported
 
 # The layouts Python packs and the C core reads are one contract: refuse a mismatched build.
 if (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE) != (CHUNK_RECORD.size, WINDOW_SIZE):

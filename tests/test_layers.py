@@ -25,7 +25,6 @@ import pytest
 from harness.proxy import start_proxy
 from harness.registry import push_image, start_registry
 from harness.signing import publisher_keys, sign_flags
-from snapshotter.fsutil import write_atomic
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import serialize_index
 from snapshotter.layers import LazyLayerProvider, LazyOptions, indexes

@@ -10,7 +10,6 @@ import concurrent.futures
 import hashlib
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
