@@ -115,9 +115,6 @@ class StructLogger:
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
 
-    def is_enabled(self, level: int) -> bool:
-        return self._logger.isEnabledFor(level)
-
 
 def get_logger(name: str) -> StructLogger:
     """A structured logger below the ``lazysnap`` hierarchy."""

@@ -142,10 +142,6 @@ class PriorityGate:
             self._take(prio)
             fut.set_result(None)
 
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
 
 class FetchError(OSError):
     def __init__(self, message: str) -> None:

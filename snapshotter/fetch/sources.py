@@ -52,20 +52,6 @@ class FileBlobSource:
                 yield block
 
 
-class BytesBlobSource:
-    """Ranges of a blob held in memory (small layers fetched whole)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def read_range(self, start: int, end: int) -> bytes:
-        return self.data[start:end]
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        for i in range(0, len(self.data), 1 << 20):
-            yield self.data[i:i + (1 << 20)]
-
-
 class IndexCodec:
     """``snapshotter.index.reader`` bound to one index: the ``SpanCodec`` of the fetcher."""
 

@@ -175,9 +175,6 @@ class LazyFS:
     def layer(self, name: str) -> MountedLayer | None:
         return self._layers.get(name)
 
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
-
     def counters(self) -> dict[str, int]:
         """The C workers' counters: requests by operation, reads answered locally or forwarded."""
         return self._live().counters()

@@ -567,9 +567,6 @@ class IndexFile:
             raise self._bad(f"extras record at {off} out of range") from None
         return xattrs, (pairs if has_sparse else None)
 
-    def entry_type(self, n: int) -> EntryType:
-        return EntryType(self._rec(n)[3])
-
     def inode(self, n: int) -> int:
         """Stable inode number of record ``n``: the record itself, or a hard link's target."""
         r = self._rec(n)
@@ -810,9 +807,6 @@ class IndexFile:
             flat = struct.unpack_from(f"<{2 * self.mark_count}Q", self._mv, self._marks_at)
             self._mark_u, self._mark_c = list(flat[0::2]), list(flat[1::2])
         return self._mark_u, self._mark_c
-
-    def checkpoint_kind(self, i: int) -> CheckpointKind:
-        return CheckpointKind(CHECKPOINT.unpack_from(self._mv, self._ck_off + i * CHECKPOINT.size)[0])
 
     def to_layer_index(self) -> LayerIndex:
         """Materialise everything (tests and tools; the daemon never needs this)."""

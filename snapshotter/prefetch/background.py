@@ -72,10 +72,6 @@ class Pause:
         if self._held == 0:
             self._free.set()
 
-    @property
-    def paused(self) -> bool:
-        return self._held > 0
-
     async def wait(self) -> None:
         while True:
             await self._free.wait()

@@ -123,9 +123,6 @@ class AccessRecorder:
                  seconds=round(time.monotonic() - rec.started, 3))
         return rec
 
-    def active(self) -> list[str]:
-        return list(self._recordings)
-
     # -- start-up windows ------------------------------------------------------------------------
     def open_windows(self, layers: Iterable[str], seconds: float) -> None:
         """Count first reads of these layers as start-up reads for ``seconds`` from now."""

@@ -124,9 +124,6 @@ class Authenticator:
             return "Bearer " + token
         return "Bearer " + await self._token(host, registry, ch, want, force=False)
 
-    def forget_host(self, host: str) -> None:
-        self._challenges.pop(host, None)
-
     async def _token(self, host: str, registry: str, ch: Challenge, scope: str, *, force: bool) -> str:
         realm = ch.params.get("realm")
         if not realm:

@@ -18,7 +18,6 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_JSON = b"{}"
-EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_JSON).hexdigest()
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)

@@ -81,12 +81,6 @@ class Reference:
         """What to put after ``/manifests/``: the digest if pinned, else the tag."""
         return self.digest or self.tag or "latest"
 
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)
-
-    def with_tag(self, tag: str) -> Reference:
-        return Reference(self.registry, self.repository, tag, None)
-
     def __str__(self) -> str:
         out = f"{self.registry}/{self.repository}"
         if self.tag:
