@@ -9,6 +9,8 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,3 +52,14 @@ def publisher_keys() -> KeyPair:
 def sign_flags() -> list[str]:
     """The ``lazysnap index --push`` flags that sign with this process's publisher key."""
     return ["--sign-key", str(publisher_keys().private)]
+
+
+def publish_signed(ref: str, workdir: Path, *extra: str, timeout: float = 300) -> str:
+    """``lazysnap index REF --push``, signed with this process's publisher key, as an image
+    publisher runs it (its own --root and an empty --hosts-dir under ``workdir``); returns
+    the summary line."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "snapshotter", "index", ref, "--push", *sign_flags(), *extra,
+                           "--root", str(workdir / "publisher"), "--hosts-dir", str(workdir / "nohosts")],
+                          check=True, cwd=repo, capture_output=True, text=True, timeout=timeout)
+    return done.stdout.strip()

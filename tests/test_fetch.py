@@ -30,6 +30,7 @@ from snapshotter.index.format import IndexFile, write_index
 from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
 from snapshotter.store import ChunkStore
 from tests.test_fs import make_layer_tar
+from tests.test_layers import _sample
 
 pytestmark = pytest.mark.root
 
@@ -184,12 +185,6 @@ def test_corrupt_registry_blob_is_never_served(env: Env) -> None:
         # the deadline, and counted
         assert elapsed < env.deadline / 2, elapsed
         assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed") > failed
-
-
-def _sample(name: str, **labels: str) -> float:
-    from snapshotter.metrics import REGISTRY
-
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_priority_gate_orders_waiters() -> None:

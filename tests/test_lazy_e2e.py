@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +19,9 @@ from harness.containerd import Containerd, LazysnapDaemon, lazysnap_node
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Proxy, start_proxy
 from harness.registry import Registry, start_registry
-from harness.signing import sign_flags
+from harness.signing import publish_signed
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 BIG = 24 << 20
 CMD = ["/bin/sh", "-c", "cat /data/hello.txt; ls /data"]
 EXPECTED = "hello lazy world\nbig.bin\nextra.txt\nhello.txt\n"
@@ -68,9 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             LayerSpec(entries=[File("/data/extra.txt", b"top layer\n")], delete=["/data/doomed.txt"]),
         ]
         img = build_image(tmp / "img", layers, cmd=CMD, ref=f"{reg.host}/lazy/e2e:v1")
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", *sign_flags(), "--root",
-                        str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
-                       check=True, cwd=REPO, capture_output=True, timeout=300)
+        publish_signed(img.ref, tmp)
         yield World(reg, proxy, img)
     finally:
         proxy.stop()

@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,9 @@ from harness.containerd import lazysnap_node, unmount_under
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Proxy, start_proxy
 from harness.registry import Registry, start_registry
-from harness.signing import sign_flags
+from harness.signing import publish_signed
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 BIG = 6 << 20
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
@@ -70,10 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                   LayerSpec(entries=[File(p, data, mode=mode, uid=uid, gid=uid)
                                      for p, (data, mode, uid) in FILES.items()])]
         img = build_image(tmp / "img", layers, cmd=["/bin/true"], ref=f"{reg.host}/private/app:v1")
-        subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push",
-                        *sign_flags(), "--root",
-                        str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
-                       check=True, cwd=REPO, capture_output=True, timeout=300)
+        publish_signed(img.ref, tmp)
         yield World(reg, proxy, img, base)
     finally:
         proxy.stop()

@@ -194,7 +194,7 @@ async def fetch_published(client: Any, ref: str, layer_digest: str, candidates: 
             continue
         try:
             data = await client.fetch_blob(ref, desc.digest, opts.max_index_bytes, purpose="index")
-            probe = IndexFile.from_bytes(data)
+            probe = await asyncio.to_thread(IndexFile.from_bytes, data)  # checksums MBs: not on the loop
         except (LayerIndexError, ValueError) as exc:
             INDEX_FALLBACKS.labels("unreadable").inc()
             log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="unreadable",
