@@ -47,7 +47,9 @@ class Fault:
     ``stall`` (forward, sleep ``seconds`` after ``after_bytes`` body bytes),
     ``ignore_range`` (drop the request's Range: the registry answers 200 + whole blob),
     ``shift_range`` (move the requested Range by ``shift`` bytes: a 206 with the wrong
-    Content-Range, as a buggy cache would send).
+    Content-Range, as a buggy cache would send), ``corrupt`` (forward with one byte in
+    every 4 KiB of the body flipped from ``after_bytes`` on: a cache serving rotten bytes
+    with the right headers).
     ``method``/``path`` (regex, searched in the path) restrict which requests match.
     """
 
@@ -277,6 +279,8 @@ class Proxy:
                             request.transport.abort()
                         return resp
                     await asyncio.sleep(fault.seconds)
+                if fault is not None and fault.kind == "corrupt" and chunk:
+                    chunk = _flip(chunk, sent, fault.after_bytes)
                 if chunk:
                     await resp.write(chunk)
                     sent += len(chunk)
@@ -289,6 +293,17 @@ class Proxy:
             self.stats.storage_bytes += n
         else:
             self.stats.body_bytes += n
+
+
+def _flip(chunk: bytes, at: int, start: int) -> bytes:
+    """``chunk`` (body bytes from ``at``) with every byte at a body offset >= ``start`` that is
+    a multiple of 4096 from it XOR-ed with 0x5A."""
+    out = bytearray(chunk)
+    first = max(start, at)
+    first += (start - first) % 4096
+    for off in range(first - at, len(out), 4096):
+        out[off] ^= 0x5A
+    return bytes(out)
 
 
 def start_proxy(upstream: str, *, redirect_blobs: bool = False, signed_url_ttl: float = 30.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import logging
 import os
@@ -17,8 +18,15 @@ import pytest
 
 from harness.proxy import Fault, start_proxy
 from harness.registry import push_image, start_registry
+from snapshotter.fetch import Fetcher, FetchOptions
+from snapshotter.fetch.sources import IndexCodec, RegistryBlobSource
+from snapshotter.index.builder import index_file
+from snapshotter.index.format import IndexFile, write_index
 from snapshotter.registry import ProtocolError, RegistryClient, RegistryConfig, RetryPolicy, UnavailableError
 from snapshotter.registry.manifest import sha256_digest
+from snapshotter.store import ChunkStore
+from tests.test_fs import make_layer_tar
+from tests.test_layers import _sample
 
 
 def log_text(caplog: pytest.LogCaptureFixture) -> str:
@@ -280,3 +288,55 @@ async def test_mirror_without_the_content_falls_back_quietly(tmp_path: Path,
             assert c.stats.mirror_fallbacks >= 2
     fallbacks = [r for r in caplog.records if r.getMessage() == "mirror_fallback"]
     assert fallbacks and all(r.levelno == logging.DEBUG for r in fallbacks)
+
+
+
+@pytest.mark.parametrize("upstream_corrupt", [False, True])
+async def test_corrupt_range_from_a_mirror_is_fetched_from_the_next_host(tmp_path: Path,
+                                                                          upstream_corrupt: bool) -> None:
+    """A mirror serving rotten bytes (right headers, flipped bytes) costs the reader nothing
+    while the upstream is good: the range is fetched again from the next host and the mirror
+    is not asked for that blob again. If every host serves rotten bytes the read is a hard
+    error after one fetch from each, not refetches until the deadline."""
+    make_layer_tar(tmp_path / "layer.tar")
+    blob = gzip.compress((tmp_path / "layer.tar").read_bytes(), 6)
+    (tmp_path / "blob").write_bytes(blob)
+    write_index(tmp_path / "idx", index_file(str(tmp_path / "blob"), span=256 << 10, chunk_size=256 << 10))
+    retried = _sample("lazysnap_fetch_corrupt_ranges_total", outcome="retried")
+    failed = _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed")
+    with IndexFile.open(tmp_path / "idx") as index, start_registry(tmp_path / "reg") as reg, \
+            start_proxy(reg.url) as up_px, start_proxy(reg.url) as mirror_px:
+        ref = f"{up_px.host}/t/rotten:v1"
+        async with make_client(tmp_path) as c:
+            digest = (await push_image(c, ref, [blob]))["layer_digests"][0]
+        mirror_px.add_fault(Fault("corrupt", times=-1, path="/blobs/"))
+        if upstream_corrupt:
+            up_px.add_fault(Fault("corrupt", times=-1, path="/blobs/"))
+        hosts = tmp_path / "hosts"
+        _hosts_toml(hosts, up_px.host, [mirror_px.host])
+        async with make_client(tmp_path, hosts_dir=hosts) as c:
+            fetcher = Fetcher(ChunkStore(tmp_path / "root"),
+                              FetchOptions(max_concurrency=2, deadline_s=20.0, attempt_timeout_s=5.0))
+            source = RegistryBlobSource(c, ref, digest)
+            lf = fetcher.layer("L", IndexCodec(index), source)
+            if upstream_corrupt:
+                t0 = time.monotonic()
+                with pytest.raises(OSError, match="failed verification"):
+                    await lf.ensure([0])
+                assert time.monotonic() - t0 < 10  # not refetched until the deadline
+                assert source.distrusted == {mirror_px.host, up_px.host}
+                assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed") == failed + 1
+                assert fetcher.store.stats().chunks == 0  # nothing rotten stored
+                return
+            await lf.fetch_all()  # every chunk verified against the index before it is stored
+            assert lf.missing_chunks() == []
+            assert source.distrusted == {mirror_px.host}
+            assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="retried") > retried
+            assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed") == failed
+            # the mirror is not asked for this blob again
+            mirror_gets = mirror_px.stats.requests["GET /v2/t/rotten/blobs"]
+            assert mirror_gets >= 1
+            again = Fetcher(ChunkStore(tmp_path / "root2"), fetcher.options).layer("L", IndexCodec(index), source)
+            await again.fetch_all()
+            assert mirror_px.stats.requests["GET /v2/t/rotten/blobs"] == mirror_gets
+            assert _sample("lazysnap_fetch_corrupt_ranges_total", outcome="failed") == failed

@@ -52,6 +52,11 @@ class BlobSource(Protocol):
 
     async def read_range(self, start: int, end: int) -> bytes: ...
 
+    def distrust(self, start: int, end: int) -> bool:
+        """Bytes read from ``[start, end)`` failed verification: avoid whoever served them.
+        True if another source is left to try."""
+        ...
+
 
 class SpanCodec(Protocol):
     """The index reader: ``plan_chunks`` and ``decode_span`` bound to one index."""
@@ -274,10 +279,12 @@ class LayerFetcher:
         return min(delay, max(0.0, deadline - time.monotonic()))
 
     def _verification_failed(self, start: int, end: int, exc: Exception) -> Exception:
-        """Count a range that decoded to bytes that are not the layer's; the second time in
-        a row it is a CorruptRangeError (refetching it again would only wait out the deadline)."""
+        """Count a range that decoded to bytes that are not the layer's. It is fetched again,
+        from another host while one that has not served bad bytes is left; failing from the
+        last source twice in a row is a CorruptRangeError (refetching it again would only
+        wait out the deadline)."""
         n = self._corrupt.get((start, end), 0) + 1
-        if n < CORRUPT_TRIES:
+        if self.source.distrust(start, end) or n < CORRUPT_TRIES:
             self._corrupt[(start, end)] = n
             metrics.CORRUPT_RANGES.labels("retried").inc()
             return exc

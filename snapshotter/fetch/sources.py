@@ -4,26 +4,53 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from snapshotter.index import reader
 from snapshotter.index.model import LayerInfo
+from snapshotter.log import get_logger
+
+log = get_logger("lazysnap.fetch")
 
 
 class RegistryBlobSource:
-    """Ranges of a blob from the registry (``RegistryClient.read_range``: auth, redirects,
-    mirrors and retries live there; this layer adds the read deadline)."""
+    """Ranges of a blob from the registry (``RegistryClient.read_range_from``: auth,
+    redirects, mirrors and retries live there).
+
+    Remembers which host served the recent ranges, so that a range whose bytes fail
+    verification is fetched next from a host that has not served bad bytes of this blob
+    (a corrupt mirror cache must not cost the reader an EIO while the upstream is good).
+    """
+
+    SERVED_KEPT = 256  # recent (start, end, host) remembered for ``distrust``
 
     def __init__(self, client: Any, ref: str, digest: str, *, purpose: str = "range") -> None:
         self.client = client
         self.ref = ref
         self.digest = digest
         self.purpose = purpose
+        self.distrusted: set[str] = set()
+        self._served: deque[tuple[int, int, str]] = deque(maxlen=self.SERVED_KEPT)
 
     async def read_range(self, start: int, end: int) -> bytes:
-        return await self.client.read_range(self.ref, self.digest, start, end, purpose=self.purpose)
+        host, data = await self.client.read_range_from(self.ref, self.digest, start, end,
+                                                       purpose=self.purpose, avoid=self.distrusted)
+        self._served.append((start, end, host))
+        return data
+
+    def distrust(self, start: int, end: int) -> bool:
+        """Bytes in ``[start, end)`` failed verification: stop asking the hosts that served
+        them for this blob. True while a host not distrusted is left to ask."""
+        bad = {h for a, b, h in self._served if a < end and start < b and h}
+        new = bad - self.distrusted
+        if new:
+            self.distrusted |= new
+            log.warning("host_distrusted", digest=self.digest, hosts=",".join(sorted(new)),
+                        range=f"{start}-{end}")
+        return any(h not in self.distrusted for h in self.client.pull_hosts(self.ref))
 
     def stream(self) -> AsyncIterator[bytes]:
         """The whole blob from the start (resumes on interruption; digest checked at the end)."""
@@ -45,6 +72,10 @@ class FileBlobSource:
                 os.close(fd)
 
         return await asyncio.to_thread(pread)
+
+    def distrust(self, start: int, end: int) -> bool:
+        """A local file is the only source: nothing else to ask."""
+        return False
 
     async def stream(self) -> AsyncIterator[bytes]:
         with open(self.path, "rb") as f:

@@ -23,7 +23,7 @@ import asyncio
 import email.utils
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -233,14 +233,18 @@ class RegistryClient:
     async def _open(self, ref: Reference, method: str, path: str, *, purpose: str,
                     capability: str = "pull", headers: dict[str, str] | None = None,
                     data: bytes | None = None, blob: str | None = None,
-                    ok: tuple[int, ...] = (200, 206)) -> AsyncIterator[tuple[Endpoint, aiohttp.ClientResponse]]:
+                    ok: tuple[int, ...] = (200, 206),
+                    avoid: Collection[str] = ()) -> AsyncIterator[tuple[Endpoint, aiohttp.ClientResponse]]:
         """Yield (endpoint, response) from the first endpoint that answers usefully.
 
         Mirrors that fail (transient error, 404, auth) fall through to the next host;
-        the last host's error propagates. The per-host semaphore is held while the
-        caller reads the body.
+        the last host's error propagates. Hosts in ``avoid`` (they served bytes that failed
+        verification) are skipped while another host is left. The per-host semaphore is
+        held while the caller reads the body.
         """
         eps = self.hosts.endpoints(ref.registry, capability)
+        if avoid:
+            eps = [ep for ep in eps if ep.host not in avoid] or eps
         now = time.monotonic()
         for i, ep in enumerate(eps):
             last = i == len(eps) - 1
@@ -468,19 +472,29 @@ class RegistryClient:
     async def read_range(self, ref: str | Reference, digest: str, start: int, end: int, *,
                          purpose: str = "range") -> bytes:
         """Exactly the bytes ``[start, end)`` of a blob."""
+        return (await self.read_range_from(ref, digest, start, end, purpose=purpose))[1]
+
+    async def read_range_from(self, ref: str | Reference, digest: str, start: int, end: int, *,
+                              purpose: str = "range", avoid: Collection[str] = ()) -> tuple[str, bytes]:
+        """(host that served them, exactly the bytes ``[start, end)`` of a blob), from a host
+        not in ``avoid`` while one is left."""
         r = as_reference(ref)
         check_digest(digest)
         check_range(start, end)
         if start == end:
-            return b""
+            return "", b""
         path = f"/{r.repository}/blobs/{digest}"
 
-        async def once() -> bytes:
-            async with self._open(r, "GET", path, purpose=purpose, blob=digest,
-                                  headers={"Range": f"bytes={start}-{end - 1}"}) as (_, resp):
-                return await self._range_body(r, digest, resp, start, end, purpose)
+        async def once() -> tuple[str, bytes]:
+            async with self._open(r, "GET", path, purpose=purpose, blob=digest, avoid=avoid,
+                                  headers={"Range": f"bytes={start}-{end - 1}"}) as (ep, resp):
+                return ep.host, await self._range_body(r, digest, resp, start, end, purpose)
 
         return await self._retrying(r, digest, "range read", once)
+
+    def pull_hosts(self, ref: str | Reference) -> list[str]:
+        """The hosts a blob of ``ref`` may come from, in the order they are tried."""
+        return [ep.host for ep in self.hosts.endpoints(as_reference(ref).registry, "pull")]
 
     async def _range_body(self, r: Reference, digest: str, resp: aiohttp.ClientResponse,
                           start: int, end: int, purpose: str) -> bytes:
