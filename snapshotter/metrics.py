@@ -29,6 +29,10 @@ REMOTE_FALLBACKS = Counter("lazysnap_remote_fallbacks_total",
 REMOTE_SNAPSHOTS = Counter("lazysnap_remote_snapshots_total",
                            "Layers served by the remote provider instead of being downloaded",
                            registry=REGISTRY)
+METADATA_RESERVE_RELEASES = Counter("lazysnap_metadata_reserve_releases_total",
+                                    "Times the disk was full and the space held for the metadata "
+                                    "database was given back so its writes could go on",
+                                    registry=REGISTRY)
 
 
 def parse_host_port(address: str) -> tuple[str, int]:

@@ -1,6 +1,7 @@
 """Invariants of the SQLite metadata store (containerd metastore semantics) and crash safety."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -308,3 +309,76 @@ async def test_kill9_snapshotter_keeps_rows_and_dirs_in_step(tmp_path: Path) -> 
         finally:
             await sn.close()
         shutil.rmtree(root)  # the next round starts a fresh chain
+
+
+def _fill(directory: Path) -> int:
+    """Write into ``directory`` until the filesystem is full; bytes written."""
+    n = 0
+    block = b"\xa5" * (1 << 20)
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                n += f.write(block)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return n
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("reserve", [True, False])
+async def test_full_disk_never_stops_metadata_writes(tmp_path: Path, reserve: bool,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A container fills the root's filesystem: Prepare, Commit and Remove still change the
+    metadata (the space held back for it is given back, said once), the removed snapshot's
+    bytes are freed, nothing is left behind, and the space is held again once there is
+    room. Without the reserve the same writes fail (the test proves the disk is full enough)."""
+    import logging
+
+    from snapshotter.service.reserve import SpaceReserve
+    from snapshotter.service.snapshotter import Snapshotter
+    from tests.test_layers import _sample
+
+    caplog.set_level(logging.INFO, logger="lazysnap")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "lzs-meta-full", str(root)], check=True)
+    if not reserve:
+        monkeypatch.setattr(SpaceReserve, "take", lambda self: False)
+    sn = Snapshotter(root)
+    try:
+        await sn.open()
+        if reserve:
+            assert os.stat(root / "metadata.db.reserve").st_blocks * 512 >= 8 << 20
+        releases = _sample("lazysnap_metadata_reserve_releases_total")
+        await sn.prepare("big", "", {})
+        big_dir = next((root / "snapshots").iterdir())
+        assert _fill(big_dir / "fs") > 8 << 20
+        labels = {f"containerd.io/gc.ref.content.l.{i}": "x" * 3000 for i in range(40)}
+
+        async def writes() -> None:
+            for i in range(12):
+                await sn.prepare(f"a{i}", "", labels)
+                await sn.commit(f"c{i}", f"a{i}", labels)
+            for i in range(12):
+                await sn.remove(f"c{i}")
+            await sn.remove("big")
+
+        if not reserve:
+            with pytest.raises(Unavailable, match="full"):
+                await writes()
+            return
+        await writes()
+        assert await sn.walk([]) == []
+        assert os.listdir(root / "snapshots") == []  # the filler went with its snapshot
+        assert _sample("lazysnap_metadata_reserve_releases_total") == releases + 1
+        events = [r.getMessage() for r in caplog.records]
+        assert events.count("metadata_disk_full") == 1, events
+        # room again: the next write takes the reserve back
+        await sn.prepare("after", "", {})
+        assert os.stat(root / "metadata.db.reserve").st_blocks * 512 >= 8 << 20
+        assert [r.getMessage() for r in caplog.records].count("metadata_reserve_restored") == 1
+    finally:
+        await sn.close()
+        subprocess.run(["umount", "-l", str(root)], check=False)

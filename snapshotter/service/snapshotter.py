@@ -71,9 +71,13 @@ class Snapshotter:
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
     def _tx(self, write: bool = True):  # noqa: ANN202 - context manager from the store
+        return self._meta_store.transaction(write)
+
+    @property
+    def _meta_store(self) -> MetaStore:
         if self._store is None:
             raise Unavailable("metadata store is closed")
-        return self._store.transaction(write)
+        return self._store
 
     def _lower_dir(self, layer: Layer) -> str:
         """The directory of a committed parent; remote layers must be live, never an empty dir."""
@@ -167,8 +171,10 @@ class Snapshotter:
             return fn(tx)
 
     def _write(self, fn: Callable[[Transaction], T]) -> T:
-        with self._tx(write=True) as tx:
-            return fn(tx)
+        def once() -> T:
+            with self._tx(write=True) as tx:
+                return fn(tx)
+        return self._meta_store.writing(once)
 
     # -- API ---------------------------------------------------------------------------
     async def prepare(self, key: str, parent: str, labels: Mapping[str, str], *,
@@ -176,10 +182,13 @@ class Snapshotter:
         req = parse_remote_request(key, parent, labels)
         if req is not None:
             await self._try_remote(req, namespace)  # raises AlreadyExists when served remotely
-        return await self._db(self._create_sync, Kind.ACTIVE, key, parent, dict(labels))
+        return await self._db(self._create, Kind.ACTIVE, key, parent, dict(labels))
 
     async def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return await self._db(self._create_sync, Kind.VIEW, key, parent, dict(labels))
+        return await self._db(self._create, Kind.VIEW, key, parent, dict(labels))
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._meta_store.writing(lambda: self._create_sync(kind, key, parent, labels))
 
     def _create_sync(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         staging = Path(tempfile.mkdtemp(prefix="new-", dir=self.paths.snapshots_dir))
@@ -287,7 +296,7 @@ class Snapshotter:
             shutil.rmtree(trash, ignore_errors=True)
             os.rename(src, trash)
             return trash, digest, in_use
-        trash, digest, in_use = await self._db(_run)
+        trash, digest, in_use = await self._db(lambda: self._meta_store.writing(_run))
         if trash is not None:
             await self._work(shutil.rmtree, trash, True)
         if digest is not None and not in_use:

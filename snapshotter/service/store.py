@@ -14,14 +14,18 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from snapshotter.fsutil import FILE_MODE, private_dirs
 from snapshotter.service.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                         Unavailable)
 from snapshotter.service.model import Info, Kind, Layer, RemoteRecord, Snapshot, Usage
+from snapshotter.service.reserve import SpaceReserve, is_disk_full
+
+T = TypeVar("T")
 
 
 def _q(s: str) -> str:
@@ -267,6 +271,7 @@ class MetaStore:
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.reserve = SpaceReserve(self.path.with_name(self.path.name + ".reserve"))
         try:
             private_dirs(self.path.parent)
             # created 0600 before SQLite opens it: its -wal and -shm files copy the database's mode
@@ -287,6 +292,21 @@ class MetaStore:
             # half-way through is repaired by the next start.
             c.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
         self._inode = os.stat(self.path).st_ino
+        self.reserve.take()
+
+    def writing(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (one or more write transactions, each undone whole if it fails), run once
+        more with the reserve's space given back if it failed because the disk is full;
+        the reserve is taken again once the filesystem has room."""
+        try:
+            out = fn()
+        except (Unavailable, OSError) as exc:
+            if not is_disk_full(exc) or not self.reserve.release():
+                raise
+            out = fn()
+        if not self.reserve.held:
+            self.reserve.take()
+        return out
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Transaction]:
