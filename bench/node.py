@@ -286,7 +286,7 @@ class Node:
 
     def push_profile(self, ref: str) -> None:
         assert self.daemon is not None
-        argv = [*lazysnap_argv(), "profile", "push", "--root", str(self.daemon.root),
+        argv = [*lazysnap_argv(), "profile", "push", *sign_flags(), "--root", str(self.daemon.root),
                 "--hosts-dir", str(self.hosts_dir), ref]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:

@@ -180,8 +180,9 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
     assert show.returncode == 0, show.stderr
     summary = json.loads(show.stdout)
     assert summary["chunks"] == doc["chunks"] and summary["files"] >= 1 + len(CONF)
-    push = _lazysnap("profile", "push", ref, "--root", str(root_a), "--hosts-dir", "/nonexistent")
+    push = _lazysnap("profile", "push", ref, *sign_flags(), "--root", str(root_a), "--hosts-dir", "/nonexistent")
     assert push.returncode == 0, push.stderr
+    assert push.stdout.splitlines()[2].startswith("signature: sha256-"), push.stdout  # after the old lines
     assert push.stdout.splitlines()[1].startswith(f"pack: {doc['chunks']} of {doc['chunks']} chunks"), push.stdout
 
     # a fresh node: empty root; the profile and its pack come from the registry
@@ -197,8 +198,9 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
     assert b.metric("lazysnap_pack_chunks_total", 'state="rejected"') == 0
 
     # the profile alone (--no-pack, now the newest artifact): chunks come span by span
-    push = _lazysnap("profile", "push", ref, "--no-pack", "--root", str(root_a), "--hosts-dir", "/nonexistent")
-    assert push.returncode == 0 and len(push.stdout.splitlines()) == 1, push.stdout + push.stderr
+    push = _lazysnap("profile", "push", ref, "--no-pack", *sign_flags(), "--root", str(root_a),
+                     "--hosts-dir", "/nonexistent")
+    assert push.returncode == 0 and len(push.stdout.splitlines()) == 2, push.stdout + push.stderr
     c: Node = nodes("c")
     assert c.run(ref, "fresh-nopack") == world.expected
     hits, misses = _share(c)
@@ -217,30 +219,47 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
     assert "layer_verified" in b.log()
 
 
+def _push_profile_artifact(ref: str, profile: bytes, *, signed: bool) -> None:
+    """Publish ``profile`` as a profile artifact of ``ref`` the way an outsider with push
+    rights could (signed with the publisher key or not), without lazysnap's own checks."""
+    script = (
+        "import asyncio, datetime, sys\n"
+        "from snapshotter.registry import RegistryClient, RegistryConfig\n"
+        "from snapshotter.registry.signatures import load_private_key, push_signature\n"
+        "async def main():\n"
+        "    async with RegistryClient(RegistryConfig()) as c:\n"
+        "        r = await c.resolve(sys.argv[1])\n"
+        "        art = await c.push_artifact(sys.argv[1], subject=r.manifest_descriptor,\n"
+        "            artifact_type='application/vnd.lazysnap.profile.v1+json',\n"
+        "            blobs=[('application/vnd.lazysnap.profile.v1+json', sys.stdin.buffer.read())],\n"
+        "            annotations={'org.opencontainers.image.created': datetime.datetime.now(\n"
+        "                datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')})\n"
+        "        if len(sys.argv) > 2:\n"
+        "            await push_signature(c, sys.argv[1], art.digest, load_private_key(sys.argv[2]))\n"
+        "asyncio.run(main())\n")
+    key = sign_flags()[1:] if signed else []
+    subprocess.run([sys.executable, "-c", script, ref, *key], input=profile, cwd=REPO, check=True, timeout=60)
+
+
 def test_profile_of_another_manifest_is_ignored(world: World, nodes) -> None:  # noqa: ANN001
-    """A profile artifact hung on `other` but made for `img` (another digest) is never used."""
+    """A signed profile artifact hung on `other` but made for `img` (another digest) is never
+    used; neither is an unsigned one made for `other`, pushed as the newest."""
     from snapshotter.prefetch import profile as P
 
     ref = world.ref(world.other)
     bad = P.Profile(world.img.manifest_digest, [P.LayerProfile(world.img.layer_digests[1], 40, [
         P.ChunkAccess(0, MiB, "data/big.bin", 0, 4096, [1])])])
-    script = (
-        "import asyncio, sys\n"
-        "from snapshotter.registry import RegistryClient, RegistryConfig\n"
-        "async def main():\n"
-        "    async with RegistryClient(RegistryConfig()) as c:\n"
-        "        r = await c.resolve(sys.argv[1])\n"
-        "        await c.push_artifact(sys.argv[1], subject=r.manifest_descriptor,\n"
-        "            artifact_type='application/vnd.lazysnap.profile.v1+json',\n"
-        "            blobs=[('application/vnd.lazysnap.profile.v1+json', sys.stdin.buffer.read())])\n"
-        "asyncio.run(main())\n")
-    subprocess.run([sys.executable, "-c", script, ref], input=P.dumps(bad), cwd=REPO, check=True, timeout=60)
+    _push_profile_artifact(ref, P.dumps(bad), signed=True)
+    unsigned = P.Profile(world.other.manifest_digest, [P.LayerProfile(world.other.layer_digests[1], 40, [
+        P.ChunkAccess(0, MiB, "data/big.bin", 0, 4096, [1])])])
+    _push_profile_artifact(ref, P.dumps(unsigned), signed=False)
     n: Node = nodes("c")
     assert n.run(ref, "other") == world.expected
-    _wait(lambda: "profile_rejected" in n.log(), 10, "the rejection log line")
-    line = next(x for x in n.log().splitlines() if "profile_rejected" in x)
-    assert "is for manifest" in line and world.img.manifest_digest in line
-    assert n.metric("lazysnap_profile_lookups_total", 'result="rejected"') == 1
+    _wait(lambda: n.log().count("profile_rejected") >= 2, 10, "the rejection log lines")
+    lines = [x for x in n.log().splitlines() if "profile_rejected" in x]
+    assert "not signed by a trusted key" in lines[0], lines  # the newest first
+    assert "is for manifest" in lines[1] and world.img.manifest_digest in lines[1], lines
+    assert n.metric("lazysnap_profile_lookups_total", 'result="rejected"') == 2
     assert n.metric("lazysnap_prefetch_chunks_total") == 0
 
 

@@ -206,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     pp = psub.add_parser("push", help="publish the profile as an OCI artifact of the image",
                          epilog=_examples("lazysnap profile push registry.example/app:1",
+                                          "lazysnap profile push registry.example/app:1 --sign-key publisher.key",
                                           "lazysnap profile push registry.example/app:1 --no-pack"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("ref", metavar="REF")
     pp.add_argument("--no-pack", dest="pack", action="store_false",
                     help="publish the profile only, not the pack of its chunks from this node's store")
+    pp.add_argument("--sign-key", metavar="KEY",
+                    help="sign the artifact (cosign format) with this PEM private key; nodes use a "
+                         "published profile only if signed by a key in their [lazy] trusted_keys")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_push"))
     pp = psub.add_parser("show", help="summarise the profile of an image",
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("ref", metavar="REF")
     pp.add_argument("--json", action="store_true")
+    pp.add_argument("--trusted-key", metavar="PUBKEY", action="append", default=[],
+                    help="show the published profile a node trusting this PEM public key would use "
+                         "(repeatable); otherwise the newest one, unverified")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_show"))
 

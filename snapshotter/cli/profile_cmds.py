@@ -147,10 +147,12 @@ def _run_resolve(args: argparse.Namespace) -> Any:
 # -- profile push / show ---------------------------------------------------------------------------
 def cmd_profile_push(args: argparse.Namespace) -> int:
     from snapshotter.prefetch.profile import ARTIFACT_TYPE, MEDIA_TYPE, ProfileError, dumps, load
+    from snapshotter.registry.signatures import load_private_key, push_signature, signature_tag
 
     async def go() -> int:
         from snapshotter.registry import RegistryClient
 
+        signer = load_private_key(args.sign_key) if args.sign_key else None  # a bad key fails before any work
         async with RegistryClient(_config(args)) as client:
             resolved = await client.resolve(args.ref)
             try:
@@ -175,12 +177,16 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
                                                   artifact_type=ARTIFACT_TYPE, blobs=blobs,
                                                   annotations={"org.opencontainers.image.created": created})
                 shown.step(f"pushed {_human(sum(len(b) for _, b in blobs))}")
+                if signer is not None:
+                    await push_signature(client, args.ref, desc.digest, signer)
             finally:
                 shown.close()
             print(f"{desc.digest} profile of {resolved.manifest_digest}: {profile.chunks} chunks, "
                   f"{profile.bytes} bytes, {profile.recordings} recording(s)")
             if packed is not None:
                 print(f"pack: {packed[1]} of {profile.chunks} chunks, {len(packed[0])} bytes")
+            if signer is not None:
+                print(f"signature: {signature_tag(desc.digest)}")
         return 0
 
     return _run(go())
@@ -221,6 +227,7 @@ def _build_pack(root: Path, profile: Any) -> tuple[bytes, int] | None:
 def cmd_profile_show(args: argparse.Namespace) -> int:
     from snapshotter.prefetch.lookup import published_profile
     from snapshotter.prefetch.profile import ProfileError, load, profile_path
+    from snapshotter.registry.signatures import Voucher, load_public_keys
 
     async def go() -> int:
         from snapshotter.registry import RegistryClient
@@ -231,19 +238,23 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
             try:
                 profile = load(Path(args.root), manifest)
                 source = f"local {profile_path(Path(args.root), manifest)}"
+                vouched = "local"
                 if profile is None:
-                    found = await published_profile(client, args.ref, manifest)
+                    keys = load_public_keys(args.trusted_key)
+                    voucher = Voucher("signed", tuple(keys)) if keys else Voucher("unverified")
+                    found = await published_profile(client, args.ref, manifest, voucher)
                     if found is None:
                         raise CLIError(f"no profile for {manifest} (neither under {args.root} nor in the registry)")
                     profile = found.profile
-                    source = f"registry {found.source}"
+                    vouched = found.vouched
+                    source = f"registry {found.source} ({vouched})"
                     if found.pack is not None:
                         source += f" (pack {found.pack.digest}, {_human(found.pack.size)})"
             except ProfileError as exc:
                 raise CLIError(f"profile rejected: {exc}") from None
         summary = profile.summary()
         if args.json:
-            print(json.dumps({"image": args.ref, "source": source, **summary}, indent=2))
+            print(json.dumps({"image": args.ref, "source": source, "vouched": vouched, **summary}, indent=2))
             return 0
         print(f"image       {args.ref}\nmanifest    {manifest}\nsource      {source}\n"
               f"recordings  {profile.recordings}\nfiles       {profile.files}\nchunks      {profile.chunks}\n"

@@ -43,7 +43,7 @@ from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
 from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
-from snapshotter.registry.signatures import load_public_keys
+from snapshotter.registry.signatures import Voucher, load_public_keys
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
 
@@ -109,7 +109,8 @@ class LazyLayerProvider:
         self._loop: asyncio.AbstractEventLoop | None = None
         from snapshotter.prefetch.manager import ProfileManager  # start-up profiles: record, prefetch, fill
 
-        self.profiles = ProfileManager(self.root, self, self.store, prefetch)
+        self.profiles = ProfileManager(self.root, self, self.store, prefetch,
+                                       voucher=Voucher(self.options.index_trust, tuple(self._keys)))
 
     # -- public API: every call runs on the provider's own loop -------------------------------
     # The FUSE filesystem must be served by a loop no other code blocks: the service checks

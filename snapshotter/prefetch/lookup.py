@@ -1,8 +1,10 @@
 """Finding an image's profile: the daemon's root first, then the image's registry.
 
-A published profile is a referrer of the image manifest in the image's own repository
-(the same trust rule as published indexes); its profile blob is size-capped on download and
-must name exactly this manifest. It may carry a pack (``prefetch.pack``) as a second blob:
+A published profile is a referrer of the image manifest, used only if someone the node
+trusts vouches for it (a cosign signature by one of ``[lazy] trusted_keys``, as for
+published indexes: a profile cannot change a byte an image serves, but it decides what a
+node fetches first and how much); its profile blob is size-capped on download and must
+name exactly this manifest. It may carry a pack (``prefetch.pack``) as a second blob:
 only its descriptor is looked at here, the prefetcher streams it. Whatever is wrong with a profile, the caller gets None
 and a ``profile_rejected`` log line: an image starts without a profile, never with a bad one.
 """
@@ -27,9 +29,12 @@ from snapshotter.prefetch.profile import (
     loads,
     save,
 )
+from snapshotter.registry.signatures import Voucher
+
 
 log = get_logger("lazysnap.prefetch")
 CREATED = "org.opencontainers.image.created"
+MAX_ARTIFACTS = 16  # profile artifacts of one image looked at, newest first
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,30 +48,48 @@ class Found:
     profile: Profile
     source: str  # "local" | artifact digest
     pack: PackRef | None = None  # only for a profile fetched from the registry
+    vouched: str = "local"  # who vouched for a published one: "signed:<key fingerprint>"
 
 
-async def published_profile(client: Any, ref: str, manifest: str) -> Found | None:
-    """The newest profile artifact referring to ``manifest`` (profile, artifact, pack) or None.
-
-    Raises ``ProfileError`` if the newest artifact is malformed, too large or for another image.
-    """
+async def published_profile(client: Any, ref: str, manifest: str, voucher: Voucher) -> Found | None:
+    """The newest usable profile artifact referring to ``manifest`` (profile, artifact, pack),
+    or None. Artifacts are tried newest first (``MAX_ARTIFACTS`` at most): one that is not
+    vouched for, malformed, too large or for another image is logged (``profile_rejected``)
+    and the next one is tried, so a bad newer artifact cannot hide a good older one.
+    Raises ``ProfileError`` if artifacts were found and none was usable."""
     arts = await client.referrers(ref, manifest, ARTIFACT_TYPE)
     if not arts:
         return None
     arts.sort(key=lambda d: d.annotations.get(CREATED, ""), reverse=True)
-    art = arts[0]
-    body, _, _ = await client.get_manifest(ref, art.digest)
+    reasons: list[str] = []
+    for art in arts[:MAX_ARTIFACTS]:
+        try:
+            vouched = await voucher.vouch(client, ref, art.digest)
+            if vouched is None:
+                raise ProfileError(f"artifact {art.digest} is not signed by a trusted key")
+            return await _profile_of(client, ref, manifest, art.digest, vouched)
+        except ProfileError as exc:
+            reason = str(exc).splitlines()[0][:300]
+            reasons.append(reason)
+            metrics.PROFILE_LOOKUPS.labels("rejected").inc()
+            log.warning("profile_rejected", source="registry", image=ref, manifest=manifest,
+                        artifact=art.digest, reason=reason)
+    raise ProfileError(f"none of {min(len(arts), MAX_ARTIFACTS)} profile artifact(s) is usable: {reasons[0]}")
+
+
+async def _profile_of(client: Any, ref: str, manifest: str, artifact: str, vouched: str) -> Found:
+    body, _, _ = await client.get_manifest(ref, artifact)
     try:
         doc = json.loads(body)
         layers = [d for d in doc.get("layers") or [] if d.get("mediaType") == MEDIA_TYPE]
         pack_layers = [d for d in doc.get("layers") or [] if d.get("mediaType") == packs.MEDIA_TYPE]
         subject = (doc.get("subject") or {}).get("digest")
     except (ValueError, AttributeError) as exc:
-        raise ProfileError(f"artifact {art.digest} is not a manifest: {exc}") from None
+        raise ProfileError(f"artifact {artifact} is not a manifest: {exc}") from None
     if subject != manifest:
-        raise ProfileError(f"artifact {art.digest} has subject {subject}, not {manifest}")
+        raise ProfileError(f"artifact {artifact} has subject {subject}, not {manifest}")
     if len(layers) != 1:
-        raise ProfileError(f"artifact {art.digest} has {len(layers)} profile blobs, expected 1")
+        raise ProfileError(f"artifact {artifact} has {len(layers)} profile blobs, expected 1")
     size = int(layers[0].get("size") or 0)
     if size > MAX_PROFILE_BYTES:
         raise ProfileError(f"published profile is {size} bytes, over the {MAX_PROFILE_BYTES}-byte limit")
@@ -77,11 +100,13 @@ async def published_profile(client: Any, ref: str, manifest: str) -> Found | Non
             pack = PackRef(str(pack_layers[0]["digest"]), int(pack_layers[0]["size"]))
         except (KeyError, TypeError, ValueError):
             log.warning("pack_rejected", image=ref, manifest=manifest, reason="bad descriptor")
-    return Found(loads(data, expect_manifest=manifest), art.digest, pack)
+    return Found(loads(data, expect_manifest=manifest), artifact, pack, vouched)
 
 
-async def find(root: Path, client: Any, ref: str, manifest: str, *, registry: bool = True) -> Found | None:
-    """Local profile, else the published one (cached locally) with its pack; None if none is usable."""
+async def find(root: Path, client: Any, ref: str, manifest: str, voucher: Voucher, *,
+               registry: bool = True) -> Found | None:
+    """Local profile, else the published one vouched for by ``voucher`` (cached locally)
+    with its pack; None if none is usable."""
     try:
         p = await asyncio.to_thread(load, root, manifest)
     except (ProfileError, OSError) as exc:
@@ -97,12 +122,9 @@ async def find(root: Path, client: Any, ref: str, manifest: str, *, registry: bo
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         return None
     try:
-        found = await published_profile(client, ref, manifest)
-    except ProfileError as exc:
-        metrics.PROFILE_LOOKUPS.labels("rejected").inc()
-        log.warning("profile_rejected", source="registry", image=ref, manifest=manifest,
-                    reason=str(exc).splitlines()[0][:300])
-        return None
+        found = await published_profile(client, ref, manifest, voucher)
+    except ProfileError:
+        return None  # each rejected artifact was logged and counted
     except Exception as exc:  # noqa: BLE001 - no profile is never a reason to fail a start
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
@@ -114,7 +136,8 @@ async def find(root: Path, client: Any, ref: str, manifest: str, *, registry: bo
         return None
     p, art = found.profile, found.source
     metrics.PROFILE_LOOKUPS.labels("registry").inc()
-    log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art, chunks=p.chunks,
+    log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art,
+             vouched=found.vouched, chunks=p.chunks,
              bytes=p.bytes, recordings=p.recordings, pack_bytes=found.pack.size if found.pack else 0)
     try:
         await asyncio.to_thread(save, root, p)

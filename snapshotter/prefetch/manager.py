@@ -32,6 +32,7 @@ from snapshotter.prefetch.pack import PackBatch, PackError, PackReader
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, merge, save
 from snapshotter.prefetch.recorder import AccessRecorder
+from snapshotter.registry.signatures import Voucher
 
 log = get_logger("lazysnap.prefetch")
 LAYER_WAIT_S = 600.0
@@ -58,10 +59,12 @@ class LayerHost(Protocol):
 class ProfileManager:
     """One per daemon, owned by the layer provider (``host``)."""
 
-    def __init__(self, root: Path, host: LayerHost, store: Any, options: PrefetchOptions | None = None) -> None:
+    def __init__(self, root: Path, host: LayerHost, store: Any, options: PrefetchOptions | None = None, *,
+                 voucher: Voucher) -> None:
         self.root = Path(root)
         self.host = host
         self.store = store
+        self.voucher = voucher  # who may vouch for a published profile
         self.options = (options or PrefetchOptions()).validate()
         self.recorder = AccessRecorder(store.has)
         self.pause = background.Pause(lambda: self.recorder.last_startup_read, self.options.idle_before_background_s)
@@ -146,7 +149,7 @@ class ProfileManager:
                         log.warning("prefetch_skipped", image=ref, reason="resolve_failed", error=str(exc)[:300])
                 if manifest is not None:
                     try:
-                        found = await find(self.root, self.host.client, ref, manifest,
+                        found = await find(self.root, self.host.client, ref, manifest, self.voucher,
                                            registry=opts.registry_lookup)
                         if found is not None:
                             if found.pack is not None and opts.pack:

@@ -209,3 +209,25 @@ async def verified_by(client: RegistryClient, ref: str, manifest_digest: str,
             if key.verifies(payload, signature):
                 return key
     return None
+
+
+@dataclass(slots=True, frozen=True)
+class Voucher:
+    """Who may vouch for a published artifact that is not pinned by digest (a profile):
+    in ``signed`` mode a cosign signature by one of ``keys``; in ``pinned`` and
+    ``local-only`` mode nobody, so such artifacts are not used at all. ``unverified``
+    vouches for anything: only for showing what is published (``lazysnap profile show``
+    without keys), never for what a node uses."""
+
+    mode: str
+    keys: tuple[TrustedKey, ...] = ()
+
+    async def vouch(self, client: RegistryClient, ref: str, artifact: str) -> str | None:
+        """``signed:<key fingerprint>`` (or ``unverified``) if the artifact is vouched for,
+        else None."""
+        if self.mode == "unverified":
+            return "unverified"
+        if self.mode != "signed" or not self.keys:
+            return None
+        key = await verified_by(client, ref, artifact, list(self.keys))
+        return None if key is None else f"signed:{key.fingerprint}"
