@@ -22,6 +22,12 @@ enum { LZ_OK = 0, LZ_CORRUPT = 1, LZ_TRUNCATED = 2, LZ_NOMEM = 3, LZ_INVALID = 4
  * snapshotter.native refuses to load a core whose size differs (_core.CHUNK_RECORD_SIZE). */
 #define LZ_CHUNK_RECORD 48
 
+/* Most data segments one sparse file may have: a layer with more is refused (no index), and
+ * so is an index listing more. Bounds what one hostile entry costs to hold (1 MiB here,
+ * ~8 MiB as Python tuples). Python's side is index.model.MAX_SPARSE_SEGMENTS, checked
+ * against _core.MAX_SPARSE_SEGMENTS like the record size. */
+#define LZ_MAX_SPARSE_SEGMENTS 65536
+
 typedef struct {
     int kind;        /* LZ_* */
     char msg[320];

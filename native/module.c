@@ -799,7 +799,8 @@ static int core_exec(PyObject *m)
         PyModule_AddObjectRef(m, "TruncatedLayerError", st->TruncatedLayerError))
         return -1;
     if (PyModule_AddIntConstant(m, "CHUNK_RECORD_SIZE", LZ_CHUNK_RECORD) ||
-        PyModule_AddIntConstant(m, "WINDOW_SIZE", LZ_HIST))
+        PyModule_AddIntConstant(m, "WINDOW_SIZE", LZ_HIST) ||
+        PyModule_AddIntConstant(m, "MAX_SPARSE_SEGMENTS", LZ_MAX_SPARSE_SEGMENTS))
         return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
     if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))

@@ -7,7 +7,7 @@ enum { T_HDR, T_EXT, T_DATA, T_SKIP, T_SPARSE_MAP, T_GNU_SPARSE_EXT, T_END, T_FA
 
 #define MAX_EXT_SIZE (1u << 20)          /* PAX / GNU long-name payload limit */
 #define MAX_SANE_SIZE ((uint64_t)1 << 56) /* 64 PiB: anything larger is hostile */
-#define MAX_SPARSE_SEGMENTS 1000000
+#define MAX_SPARSE_SEGMENTS LZ_MAX_SPARSE_SEGMENTS
 
 static const uint8_t ZERO_BLOCK[512];
 

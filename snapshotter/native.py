@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from snapshotter import _core
-from snapshotter.index.model import CHUNK_RECORD, WINDOW_SIZE  # re-exported
+from snapshotter.index.model import CHUNK_RECORD, MAX_SPARSE_SEGMENTS, WINDOW_SIZE  # re-exported
 
 # The layouts Python packs and the C core reads are one contract: refuse a mismatched build.
-if (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE) != (CHUNK_RECORD.size, WINDOW_SIZE):
-    raise ImportError(f"snapshotter._core was built for chunk records of {_core.CHUNK_RECORD_SIZE} bytes and "
-                      f"{_core.WINDOW_SIZE}-byte windows, Python has {CHUNK_RECORD.size} and {WINDOW_SIZE}")
+if (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE, _core.MAX_SPARSE_SEGMENTS) != \
+        (CHUNK_RECORD.size, WINDOW_SIZE, MAX_SPARSE_SEGMENTS):
+    raise ImportError(f"snapshotter._core was built for chunk records of {_core.CHUNK_RECORD_SIZE} bytes, "
+                      f"{_core.WINDOW_SIZE}-byte windows and {_core.MAX_SPARSE_SEGMENTS} sparse segments, "
+                      f"Python has {CHUNK_RECORD.size}, {WINDOW_SIZE} and {MAX_SPARSE_SEGMENTS}")
 
 LayerError = _core.LayerError  # base class: a ValueError and an index.errors.LayerDataError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data

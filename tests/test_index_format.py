@@ -165,14 +165,11 @@ def test_500k_entries_open_fast_and_lookup_lazily(tmp_path: Path) -> None:
 
 
 def _resealed(data: bytes, flips: list[tuple[int, int]]) -> bytes:
-    from snapshotter.index.format import _CHECKSUM_AT, _checksum
-
     bad = bytearray(data)
     for pos, val in flips:
         p = 24 + pos % (len(bad) - 24)  # keep magic/version/flags/checksum, damage the rest
         bad[p] = val
-    bad[_CHECKSUM_AT:_CHECKSUM_AT + 8] = _checksum(bad).to_bytes(8, "little")
-    return bytes(bad)
+    return _resealed_whole(bytes(bad))
 
 
 def _sample_index() -> bytes:
@@ -243,6 +240,51 @@ def test_names_and_link_targets_longer_than_linux_allows_are_not_indexed() -> No
             serialize_index(LayerIndex(idx.info, [*idx.entries, extra], idx.chunks, idx.checkpoints))
     ok = Entry("d/l", EntryType.SYMLINK, 0o777, 0, 0, 0, 5, linkname="/" + "x" * 4095)
     serialize_index(LayerIndex(idx.info, [*idx.entries, ok], idx.chunks, idx.checkpoints))
+
+
+def test_xattrs_and_sparse_maps_larger_than_linux_allows_are_not_indexed_nor_read() -> None:
+    """An extended attribute no Linux applier could set and a sparse map of more segments
+    than the tar reader takes are refused when an index is written, and a crafted index
+    claiming them is refused when the entry is read, before the values are copied out."""
+    import struct
+
+    from snapshotter.index.model import MAX_SPARSE_SEGMENTS, MAX_XATTR_VALUE
+
+    idx = IndexFile.from_bytes(_SAMPLE).to_layer_index()
+
+    def with_entry(e: Entry) -> bytes:
+        return serialize_index(LayerIndex(idx.info, [*idx.entries, e], idx.chunks, idx.checkpoints))
+
+    for bad in (Entry("x", EntryType.REG, 0o644, 0, 0, 0, 5, xattrs={"user.a": bytes(MAX_XATTR_VALUE + 1)}),
+                Entry("x", EntryType.REG, 0o644, 0, 0, 0, 5, xattrs={"user." + "a" * 251: b"1"}),
+                Entry("x", EntryType.REG, 0o644, 0, 0, 0, 5, xattrs={f"user.{i}": bytes(60_000) for i in range(18)}),
+                Entry("x", EntryType.REG, 0o644, 0, 0, 2 * MAX_SPARSE_SEGMENTS + 2, 5,
+                      sparse=tuple((2 * i, 1) for i in range(MAX_SPARSE_SEGMENTS + 1)))):
+        with pytest.raises(IndexBuildError):
+            with_entry(bad)
+    two = with_entry(Entry("x", EntryType.REG, 0o644, 0, 0, 0, 5,
+                           xattrs={"user.a": bytes(MAX_XATTR_VALUE), "user.b": bytes(MAX_XATTR_VALUE)}))
+    assert IndexFile.from_bytes(two).lookup("x").xattrs["user.b"] == bytes(MAX_XATTR_VALUE)
+    at = two.index(struct.pack("<HI", 6, MAX_XATTR_VALUE) + b"user.a")
+    crafted = bytearray(two)
+    crafted[at:at + 6] = struct.pack("<HI", 6, MAX_XATTR_VALUE + 1)  # still inside the section
+    with pytest.raises(IndexFormatError, match="larger than Linux allows"):
+        IndexFile.from_bytes(_resealed_whole(bytes(crafted))).lookup("x")
+    sparse = with_entry(Entry("x", EntryType.REG, 0o644, 0, 0, 100, 5, sparse=((0, 5), (50, 5), (90, 10))))
+    at = sparse.index(struct.pack("<HII", 0, 3, 1))
+    crafted = bytearray(sparse)
+    crafted[at:at + 10] = struct.pack("<HII", 0, MAX_SPARSE_SEGMENTS + 1, 1)
+    with pytest.raises(IndexFormatError, match="sparse segments"):
+        IndexFile.from_bytes(_resealed_whole(bytes(crafted))).lookup("x")
+
+
+def _resealed_whole(data: bytes) -> bytes:
+    """``data`` with its checksum made valid again (a crafted index, as a registry may hold)."""
+    from snapshotter.index.format import _CHECKSUM_AT, _checksum
+
+    bad = bytearray(data)
+    bad[_CHECKSUM_AT:_CHECKSUM_AT + 8] = _checksum(bad).to_bytes(8, "little")
+    return bytes(bad)
 
 
 def test_an_entry_block_claiming_more_than_its_records_can_hold_is_refused() -> None:

@@ -99,7 +99,8 @@ def _pax_sparse10(payload: bytes) -> bytes:
 @pytest.mark.parametrize("payload,match", [
     (b"99999999999\n" + bytes(500), "sparse 1.0 map"),        # absurd segment count
     (b"3\n0\n10\n", "sparse 1.0 map"),                          # map runs past the data
-    (b"400000\n" + b"1\n1\n" * 400000, "over 1 MiB"),           # hostile 1.6 MB map
+    (b"400000\n" + b"1\n1\n" * 400000, "sparse 1.0 map"),       # more segments than the index takes
+    (b"60000\n" + b"1000000000000000\n1\n" * 60000, "over 1 MiB"),  # hostile 1.1 MB map
 ])
 def test_hostile_sparse10_maps(payload: bytes, match: str) -> None:
     for hash_thread in (False, True):

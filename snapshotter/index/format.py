@@ -77,6 +77,10 @@ from snapshotter.index.model import (
     WINDOW_SIZE,
     LayerFormat,
     LayerInfo,
+    MAX_SPARSE_SEGMENTS,
+    MAX_XATTR_BYTES,
+    MAX_XATTR_NAME,
+    MAX_XATTR_VALUE,
 )
 
 MAGIC = b"LZSNAPIX"
@@ -126,6 +130,16 @@ def _name_key(path: str) -> bytes:
 def _encode_extra(entry: Entry) -> bytes:
     xattrs = sorted(entry.xattrs.items())
     sparse = entry.sparse or ()
+    if len(sparse) > MAX_SPARSE_SEGMENTS:
+        raise IndexBuildError(f"{entry.path[:200]!r} has {len(sparse)} sparse segments, more than "
+                              f"{MAX_SPARSE_SEGMENTS}")
+    total = 0
+    for key, value in xattrs:
+        kl = len(key.encode("utf-8", "surrogateescape"))
+        total += kl + len(value)
+        if kl > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE or total > MAX_XATTR_BYTES:
+            raise IndexBuildError(f"{entry.path[:200]!r} has an extended attribute larger than Linux "
+                                  f"allows ({key[:80]!r}: {len(value)} bytes)")
     out = [struct.pack("<HII", len(xattrs), len(sparse), 1 if entry.sparse is not None else 0)]
     for key, value in xattrs:
         kb = key.encode("utf-8", "surrogateescape")
@@ -551,11 +565,17 @@ class IndexFile:
         ext = self._ext
         try:
             nx, ns, has_sparse = struct.unpack_from("<HII", ext, off)
+            if ns > MAX_SPARSE_SEGMENTS:
+                raise self._bad(f"extras record at {off} lists {ns} sparse segments (at most {MAX_SPARSE_SEGMENTS})")
             pos = off + 10
+            total = 0
             xattrs: dict[str, bytes] = {}
             for _ in range(nx):
                 kl, vl = struct.unpack_from("<HI", ext, pos)
                 pos += 6
+                total += kl + vl
+                if kl > MAX_XATTR_NAME or vl > MAX_XATTR_VALUE or total > MAX_XATTR_BYTES:
+                    raise self._bad(f"extras record at {off} holds an extended attribute larger than Linux allows")
                 if pos + kl + vl > len(ext):
                     raise struct.error("xattr beyond section")
                 xattrs[bytes(ext[pos:pos + kl]).decode("utf-8", "surrogateescape")] = bytes(ext[pos + kl:pos + kl + vl])

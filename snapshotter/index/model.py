@@ -81,6 +81,14 @@ MARK_RECORD = struct.Struct("<QQ")
 
 WINDOW_SIZE = 32 << 10  # deflate's history: the most a DEFLATE checkpoint's window holds
 
+# Sizes taken from a layer or an index that no Linux applier could use are refused when an
+# index is built and when one is read, so a hostile entry costs little to hold.
+#: data segments of one sparse file (native/lz.h LZ_MAX_SPARSE_SEGMENTS, checked at import)
+MAX_SPARSE_SEGMENTS = 65536
+MAX_XATTR_NAME = 255  # XATTR_NAME_MAX
+MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX
+MAX_XATTR_BYTES = 1 << 20  # names and values of one entry: the tar reader's PAX header limit
+
 
 class CheckpointKind(enum.IntEnum):
     STREAM_START = 0  # offset 0 of the blob; nothing to prime
