@@ -326,3 +326,60 @@ def test_sparse_file_holes_read_as_zeros(tmp_path: Path) -> None:
     finally:
         ft.stop()
         index.close()
+
+
+def test_hostile_tar_is_served_as_containerd_applies_it(tmp_path: Path) -> None:
+    """Entries a hostile image may carry, through a real FUSE mount: absolute and dotted
+    names land inside the layer, a later duplicate wins, symlinks (looping or pointing out
+    of the layer) are data and never followed by lazysnap, a hard link keeps the bytes it
+    was made for; a name escaping the root and an oversized header refuse the layer with
+    one clear error (the node then pulls it as containerd would, which refuses it too)."""
+    from snapshotter.index.errors import LayerIndexError
+
+    tar = tmp_path / "hostile.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "/abs/f", data=b"absolute")
+        _add(tf, "./x/./y/../z", data=b"dotted")
+        _add(tf, "dup", data=b"first")
+        _add(tf, "keep", type=tarfile.LNKTYPE, linkname="dup")
+        _add(tf, "dup", data=b"second!")
+        _add(tf, "loop/a", type=tarfile.SYMTYPE, linkname="b", mode=0o777)
+        _add(tf, "loop/b", type=tarfile.SYMTYPE, linkname="a", mode=0o777)
+        _add(tf, "out", type=tarfile.SYMTYPE, linkname="../../../../../etc/shadow", mode=0o777)
+        _add(tf, "self", type=tarfile.SYMTYPE, linkname="self", mode=0o777)
+    blob = tmp_path / "hostile.tar.gz"
+    blob.write_bytes(gzip.compress(tar.read_bytes(), 6))
+    write_index(tmp_path / "idx", index_file(str(blob)))
+    index = IndexFile.open(tmp_path / "idx")
+    store = ChunkStore(tmp_path / "root")
+    lf = Fetcher(store).layer("H", IndexCodec(index), FileBlobSource(blob))
+    ft = FuseThread(tmp_path / "root" / "mnt")
+    try:
+        d = ft.call(lambda: ft.fs.add_layer("hostile", LayerTree.build(index.entries()), LayerData(index, store, lf)))
+        assert (d / "abs/f").read_bytes() == b"absolute"
+        assert (d / "x/z").read_bytes() == b"dotted" and not (d / "x/y").exists()
+        assert (d / "dup").read_bytes() == b"second!"
+        assert (d / "keep").read_bytes() == b"first"  # the bytes the link was made for
+        assert os.readlink(d / "loop/a") == "b" and os.readlink(d / "loop/b") == "a"
+        assert os.readlink(d / "out") == "../../../../../etc/shadow"
+        for name in ("loop/a", "self"):
+            with pytest.raises(OSError) as exc:
+                (d / name).read_bytes()
+            assert exc.value.errno == errno.ELOOP
+        assert sorted(os.listdir(d)) == ["abs", "dup", "keep", "loop", "out", "self", "x"]
+    finally:
+        ft.stop()
+        index.close()
+
+    def refused(*entries: tuple[str, dict[str, str] | None]) -> str:
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as tf:
+            for name, pax in entries:
+                _add(tf, name, data=b"x", pax=pax)
+        with pytest.raises(LayerIndexError) as exc:
+            index_file(str(bad))
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    assert "escapes the layer root" in refused(("ok", None), ("../../etc/cron.d/evil", None))
+    assert "exceeds 1 MiB" in refused(("big-header", {"comment": "c" * (2 << 20)}))
