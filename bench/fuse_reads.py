@@ -107,7 +107,7 @@ def mount_layer(ft: FuseThread, store: ChunkStore, fetcher: Fetcher, name: str, 
     lf = fetcher.layer(name, IndexCodec(index), source or FileBlobSource(blob),
                        sequential_only=index.info.sequential_only)
     tree = LayerTree.build(index.entries())
-    d = ft.call(lambda: ft.fs.add_layer(name, tree, LayerData(index, store, lf)))
+    d = ft.run(lambda: ft.fs.add_layer(name, tree, LayerData(index, store, lf)))
     if source is None:
         ft.run(lf.fetch_all)  # warm store: every chunk local
     return d, index
@@ -200,7 +200,7 @@ def bench_registry(work: Path, size: int, runs: int) -> None:
                 index = IndexFile.open(work / "cold.idx")
                 lf = fetcher.layer("cold", IndexCodec(index), RegistryBlobSource(client, ref, digest))
                 tree = LayerTree.build(index.entries())
-                d = ft.call(lambda: ft.fs.add_layer("cold", tree, LayerData(index, store, lf)))
+                d = ft.run(lambda: ft.fs.add_layer("cold", tree, LayerData(index, store, lf)))
                 proxy.reset_stats()
                 n, s = read_all(d / "big.bin")
                 results.append((mbps(n, s), proxy.stats.body_bytes))

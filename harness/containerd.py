@@ -364,6 +364,7 @@ class LazysnapDaemon:
 
     def stop(self) -> None:
         self.terminate()
+        stop_fuse_holder(self.root)
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def __enter__(self) -> LazysnapDaemon:
@@ -371,6 +372,35 @@ class LazysnapDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_fuse_holder(root: Path, timeout: float = 20.0) -> None:
+    """Stop the FUSE holder serving ``root`` (``[lazy] fuse_holder``), if one runs: SIGTERM
+    (it fails waiting reads and unmounts), SIGKILL after ``timeout``, then make sure the
+    mount is gone."""
+    pid_file = Path(root) / "fuse-holder.pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        pid = 0
+    if pid > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _running(pid):
+                time.sleep(0.02)
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    subprocess.run(["umount", "-l", str(Path(root) / "mnt")], capture_output=True, check=False)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and has not exited (a zombie its parent has not reaped has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def start_lazysnap(workdir: Path, **kwargs: Any) -> LazysnapDaemon:

@@ -67,7 +67,7 @@ class Env:
         self.lf = self.fetcher.layer("L", IndexCodec(self.index), RegistryBlobSource(self.client, ref, self.digest),
                                      sequential_only=self.index.info.sequential_only)
         tree = LayerTree.build(self.index.entries())
-        self.dir = self.ft.call(lambda: self.ft.fs.add_layer(self.digest.split(":")[1], tree,
+        self.dir = self.ft.run(lambda: self.ft.fs.add_layer(self.digest.split(":")[1], tree,
                                                             LayerData(self.index, self.store, self.lf)))
         self.proxy.reset_stats()
 

@@ -101,7 +101,7 @@ def mounted(tmp_path: Path, layer):
     ft = FuseThread(tmp_path / "root" / "mnt")
     try:
         tree = LayerTree.build(index.entries())
-        d = ft.call(lambda: ft.fs.add_layer("abc123", tree, LayerData(index, store, lf)))
+        d = ft.run(lambda: ft.fs.add_layer("abc123", tree, LayerData(index, store, lf)))
         yield tar, d, ft, store, lf
     finally:
         ft.stop()
@@ -314,7 +314,7 @@ def test_sparse_file_holes_read_as_zeros(tmp_path: Path) -> None:
     lf = Fetcher(store).layer("S", IndexCodec(index), FileBlobSource(blob))
     ft = FuseThread(tmp_path / "root" / "mnt")
     try:
-        d = ft.call(lambda: ft.fs.add_layer("sparse", LayerTree.build(index.entries()), LayerData(index, store, lf)))
+        d = ft.run(lambda: ft.fs.add_layer("sparse", LayerTree.build(index.entries()), LayerData(index, store, lf)))
         want = sparse.read_bytes()
         assert (d / "sparse.img").read_bytes() == want
         fd = os.open(d / "sparse.img", os.O_RDONLY)
@@ -355,7 +355,7 @@ def test_hostile_tar_is_served_as_containerd_applies_it(tmp_path: Path) -> None:
     lf = Fetcher(store).layer("H", IndexCodec(index), FileBlobSource(blob))
     ft = FuseThread(tmp_path / "root" / "mnt")
     try:
-        d = ft.call(lambda: ft.fs.add_layer("hostile", LayerTree.build(index.entries()), LayerData(index, store, lf)))
+        d = ft.run(lambda: ft.fs.add_layer("hostile", LayerTree.build(index.entries()), LayerData(index, store, lf)))
         assert (d / "abs/f").read_bytes() == b"absolute"
         assert (d / "x/z").read_bytes() == b"dotted" and not (d / "x/y").exists()
         assert (d / "dup").read_bytes() == b"second!"

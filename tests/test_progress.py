@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import gzip
-import io
 import os
 import pty
 import re

@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"containerd's CRI socket the proxy forwards to (default {DEFAULT_CONTAINERD_CRI})")
     p.set_defaults(func=_handler("serve_cmds", "cmd_serve"))
 
+    p = command("fuse-holder", "hold the FUSE mount so containers outlive the daemon "
+                "(started by `serve` with [lazy] fuse_holder = true)", [
+        "lazysnap fuse-holder --root /var/lib/lazysnap   # what serve starts; or its own systemd unit"])
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"the daemon's state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--mountpoint", default=None, help="the FUSE mount (default ROOT/mnt)")
+    p.add_argument("--threads", type=int, default=8, help="C threads answering FUSE requests")
+    p.add_argument("--read-ahead-kb", type=int, default=1024)
+    p.add_argument("--wait-s", type=float, default=30.0,
+                   help="how long a read that needs a fetch waits for a daemon before EIO")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_handler("serve_cmds", "cmd_fuse_holder"))
+
     p = command("health", "exit 0 when the daemon reports SERVING", [
         "lazysnap health --address /run/lazysnap/lazysnap.sock && echo up"])
     p.add_argument("--address", default=DEFAULT_ADDRESS)

@@ -6,6 +6,7 @@ import asyncio
 import faulthandler
 import os
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapshotter.cli import CLIError
@@ -108,6 +109,25 @@ def _log_start() -> None:
     version, python = package_version(), platform.python_version()
     metrics.BUILD_INFO.labels(version=version, python=python).set(1)
     log.info("lazysnap_start", version=version, python=python, pid=os.getpid())
+
+
+def cmd_fuse_holder(args: argparse.Namespace) -> int:
+    from snapshotter.fs.holder import run_holder
+
+    if not 1 <= args.threads <= 16:
+        raise CLIError(f"--threads must be 1..16, got {args.threads}", status=2)
+    if args.wait_s <= 0:
+        raise CLIError(f"--wait-s must be positive, got {args.wait_s:g}", status=2)
+    configure(args.log_level)
+    os.umask(UMASK)
+    root = Path(args.root)
+    try:
+        secure_root(root)
+        return asyncio.run(run_holder(root, Path(args.mountpoint) if args.mountpoint else root / "mnt",
+                                      threads=args.threads, read_ahead_kb=args.read_ahead_kb,
+                                      wait_s=args.wait_s))
+    except (RootError, OSError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

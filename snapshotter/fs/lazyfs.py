@@ -27,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from snapshotter import _fuse
 from snapshotter.fs import metrics
 from snapshotter.fs.compiled import CompiledTree, compile_tree
 from snapshotter.fs.data import LayerData
+from snapshotter.fs.mount import HOLDER_LOCK, MOUNT_OPTIONS, unmount_stale, wait_initialized
 from snapshotter.fs.tree import LayerTree
 from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
@@ -44,8 +46,106 @@ log = get_logger("lazysnap.fs")
 
 _SLOT_SHIFT = 32
 _LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
-MOUNT_OPTIONS = "fsname=lazysnap,subtype=lazysnap,ro,default_permissions"
-INIT_TIMEOUT_S = 10.0
+
+Misses = list[tuple[int, int, int, int]]  # (token, ino, offset, size)
+Accesses = list[tuple[int, int, int, int]]  # (ino, offset, size, t_ns)
+
+
+class FuseBackend(Protocol):
+    """Who owns the FUSE session: this process (``LocalSession``) or the FUSE holder
+    (``holderlink.HolderLink``). Reads the C side cannot answer arrive through the
+    ``on_misses`` / ``on_accesses`` callbacks given when it starts."""
+
+    held: dict[str, tuple[int, str]]  # layers the session already serves: name → (slot, tree hash)
+    next_slot: int
+
+    async def add_layer(self, slot: int, name: str, tree: bytes, digests: bytes, chunks_dir: str,
+                        chunk_size: int) -> None: ...
+
+    async def remove_layer(self, slot: int, name: str) -> None: ...
+
+    def set_failed(self, slot: int) -> None: ...
+
+    def mark_verified(self, digests: bytes) -> None: ...
+
+    def forget_verified(self, digests: bytes) -> None: ...
+
+    def reply_data(self, token: int, data: bytes) -> None: ...
+
+    def reply_error(self, token: int, err: int) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    async def stop(self) -> None: ...
+
+
+class LocalSession:
+    """The FUSE session in this process: mounted at start, unmounted when the daemon stops
+    (running containers then lose their lower layers; see ``holder`` for the alternative)."""
+
+    def __init__(self, session: _fuse.Session, mountpoint: Path) -> None:
+        self._session = session
+        self.mountpoint = mountpoint
+        self.held: dict[str, tuple[int, str]] = {}
+        self.next_slot = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    async def mount(cls, mountpoint: Path, options: str, threads: int, read_ahead_kb: int,
+                    on_misses: Callable[[Misses], None], on_accesses: Callable[[Accesses], None]) -> LocalSession:
+        unmount_stale(mountpoint)  # before mkdir: a dead mount fails it with ENOTCONN
+        private_dirs(mountpoint)
+        session = _fuse.Session(str(mountpoint), options, threads)
+        self = cls(session, mountpoint)
+        self._loop = asyncio.get_running_loop()
+        session.start()
+
+        def take() -> None:
+            misses, accesses = session.take()
+            if misses:
+                on_misses(misses)
+            if accesses:
+                on_accesses(accesses)
+
+        self._loop.add_reader(session.fileno(), take)
+        await wait_initialized(session, mountpoint, read_ahead_kb)
+        return self
+
+    async def add_layer(self, slot: int, name: str, tree: bytes, digests: bytes, chunks_dir: str,
+                        chunk_size: int) -> None:
+        self._session.add_layer(slot, name, tree, digests, chunks_dir, chunk_size)
+
+    async def remove_layer(self, slot: int, name: str) -> None:
+        await asyncio.to_thread(self._session.remove_layer, slot)  # waits for its requests
+        try:
+            await asyncio.to_thread(self._session.invalidate_entry, name.encode())
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("invalidate_failed", layer=name, error=str(exc))
+
+    def set_failed(self, slot: int) -> None:
+        self._session.set_failed(slot)
+
+    def mark_verified(self, digests: bytes) -> None:
+        self._session.mark_verified(digests)
+
+    def forget_verified(self, digests: bytes) -> None:
+        self._session.forget_verified(digests)
+
+    def reply_data(self, token: int, data: bytes) -> None:
+        self._session.reply_data(token, data)
+
+    def reply_error(self, token: int, err: int) -> None:
+        self._session.reply_error(token, err)
+
+    def counters(self) -> dict[str, int]:
+        return self._session.counters()
+
+    async def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._session.fileno())
+        # joins the workers, fails reads still queued with EIO, unmounts
+        await asyncio.to_thread(self._session.close)
 
 
 @dataclass(slots=True)
@@ -58,93 +158,113 @@ class MountedLayer:
 
 class LazyFS:
     """The daemon's filesystem. ``add_layer``/``remove_layer`` may be called while mounted;
-    every method runs on the loop that called ``start``."""
+    every method runs on the loop that called ``start``.
+
+    ``holder``: the socket of a FUSE holder (``snapshotter.fs.holder``) that owns the
+    session instead of this process, started if none runs, so that containers keep their
+    layers when the daemon stops or dies; None: the session lives and dies with us."""
 
     def __init__(self, mountpoint: Path | str, *, allow_other: bool = False,
-                 read_ahead_kb: int = 1024, threads: int = 8) -> None:
+                 read_ahead_kb: int = 1024, threads: int = 8, holder: Path | None = None) -> None:
         self.read_ahead_kb = read_ahead_kb
         self.mountpoint = Path(mountpoint)
         self.allow_other = allow_other
         self.threads = threads
+        self.holder = holder
         self._layers: dict[str, MountedLayer] = {}
         self._slots: dict[int, MountedLayer] = {}
         self._next_slot = 1
-        self._session: _fuse.Session | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backend: FuseBackend | None = None
         self._store: ChunkStore | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self._slot_added = asyncio.Event()  # set (and replaced) whenever a layer is added
         self._chunk_hits = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Mount, start the C workers and take queued reads on the running loop."""
-        if self._session is not None:
+        """Mount (or attach to the holder's mount) and take queued reads on the running loop."""
+        if self._backend is not None:
             return
-        _lazy_unmount_stale(self.mountpoint)  # before mkdir: a dead mount fails it with ENOTCONN
-        private_dirs(self.mountpoint)
         opts = MOUNT_OPTIONS + (",allow_other" if self.allow_other else "")
-        session = _fuse.Session(str(self.mountpoint), opts, self.threads)
-        self._loop = asyncio.get_running_loop()
-        self._session = session
-        session.start()
-        self._loop.add_reader(session.fileno(), self._take)
-        metrics.FUSE.attach(id(self), session.counters)
-        deadline = time.monotonic() + INIT_TIMEOUT_S
-        while not session.initialized():  # the kernel sends INIT right after the mount
-            if time.monotonic() > deadline:
-                log.warning("fuse_init_slow", mountpoint=self.mountpoint, seconds=INIT_TIMEOUT_S)
-                break
-            await asyncio.sleep(0.001)
-        # INIT's reply caps readahead at 128 KiB; raise it now that the bdi exists
-        await asyncio.to_thread(_set_readahead, self.mountpoint, self.read_ahead_kb)
-        log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads)
+        if self.holder is not None:
+            from snapshotter.fs.holderlink import HolderLink
+
+            backend: FuseBackend = await HolderLink.attach(
+                self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
+                on_misses=self._on_misses, on_accesses=self._on_accesses)
+        else:
+            _refuse_if_held(self.mountpoint)
+            backend = await LocalSession.mount(self.mountpoint, opts, self.threads, self.read_ahead_kb,
+                                               self._on_misses, self._on_accesses)
+        self._backend = backend
+        self._next_slot = max(self._next_slot, backend.next_slot)
+        metrics.FUSE.attach(id(self), backend.counters)
+        log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads,
+                 holder=str(self.holder) if self.holder else "none", held_layers=len(backend.held))
 
     async def stop(self) -> None:
-        session = self._session
-        if session is None:
+        backend = self._backend
+        if backend is None:
             return
-        self._session = None
-        assert self._loop is not None
-        self._loop.remove_reader(session.fileno())
+        self._backend = None
         if self._store is not None:
-            self._store.unwatch_verified(session.mark_verified)
+            self._store.unwatch_verified(backend.mark_verified)
             self._store = None
         for task in list(self._serving):
             task.cancel()
         await asyncio.gather(*self._serving, return_exceptions=True)
-        self._count_hits(session)
-        metrics.FUSE.detach(id(self), session.counters())
-        # joins the workers, fails reads still queued with EIO, unmounts
-        await asyncio.to_thread(session.close)
-        log.info("fuse_unmounted", mountpoint=self.mountpoint)
+        self._count_hits(backend)
+        metrics.FUSE.detach(id(self), backend.counters())
+        if self.holder is None and self._layers:
+            log.warning("fuse_unmounting", mountpoint=self.mountpoint, layers=len(self._layers),
+                        note="containers running on these layers lose them; [lazy] fuse_holder keeps them")
+        await backend.stop()
+        log.info("fuse_unmounted" if self.holder is None else "fuse_detached", mountpoint=self.mountpoint)
 
     # -- layers ---------------------------------------------------------------------------------
-    def add_layer(self, name: str, tree: LayerTree | CompiledTree, data: LayerData, *, compiled: bytes | None = None,
-                  digests: bytes | None = None) -> Path:
+    async def add_layer(self, name: str, tree: LayerTree | CompiledTree, data: LayerData, *,
+                        compiled: bytes | None = None, digests: bytes | None = None) -> Path:
         """Expose a layer as ``<mnt>/<name>``; returns that directory.
 
         ``compiled`` (``compile_tree(tree)``) and ``digests`` (every chunk's SHA-256, joined)
         may be made beforehand in a worker thread: for a 23k-entry layer they cost tens of
-        milliseconds that would otherwise hold the loop serving reads."""
+        milliseconds that would otherwise hold the loop serving reads. A layer the FUSE
+        holder already serves (this daemon restarted) keeps its slot, so the inode numbers
+        the kernel holds for open files stay valid; held with another tree, it is
+        quarantined rather than served under numbers that could mean other files."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"bad layer directory name {name!r}")
         if name in self._layers:
             return self.mountpoint / name
-        session = self._live()
+        backend = self._live()
         self._watch(data.store)
-        slot = self._next_slot
-        self._next_slot += 1
         if compiled is None:
             compiled = tree.blob if isinstance(tree, CompiledTree) else compile_tree(tree)
-        session.add_layer(slot, name, compiled,
-                          digests if digests is not None else _digests(data), str(data.store.chunks_dir),
-                          data.chunk_size)
+        if digests is None:
+            digests = _digests(data)
+        held = backend.held.get(name)
+        if held is not None:
+            from snapshotter.fs.holderwire import tree_hash
+
+            slot = held[0]
+            if held[1] != tree_hash(compiled, digests):
+                data.failed = "the FUSE holder serves this layer with another tree (index rebuilt?)"
+                log.error("layer_tree_mismatch", layer=name, slot=slot)
+        else:
+            slot = self._next_slot
+            self._next_slot += 1
+            await backend.add_layer(slot, name, compiled, digests, str(data.store.chunks_dir), data.chunk_size)
+            if name in self._layers:  # added meanwhile by another caller
+                return self.mountpoint / name
         layer = MountedLayer(name, slot, tree, data)
         self._layers[name] = layer
         self._slots[slot] = layer
+        self._slot_added.set()
+        self._slot_added = asyncio.Event()
         if data.failed is not None:
-            session.set_failed(slot)
-        log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files)
+            backend.set_failed(slot)
+        log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files,
+                 held=held is not None)
         return self.mountpoint / name
 
     async def remove_layer(self, name: str) -> None:
@@ -153,14 +273,10 @@ class LazyFS:
         if layer is None:
             return
         del self._slots[layer.slot]
-        session = self._session
-        if session is not None:
-            await asyncio.to_thread(session.remove_layer, layer.slot)  # waits for its requests
-            try:
-                await asyncio.to_thread(session.invalidate_entry, name.encode())
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.warning("invalidate_failed", layer=name, error=str(exc))
+        backend = self._backend
+        if backend is not None:
+            await backend.remove_layer(layer.slot, name)
+            backend.held.pop(name, None)
         log.info("layer_unregistered", layer=name)
 
     def quarantine(self, name: str, reason: str) -> None:
@@ -169,8 +285,8 @@ class LazyFS:
         if layer is None:
             return
         layer.data.failed = reason
-        if self._session is not None:
-            self._session.set_failed(layer.slot)
+        if self._backend is not None:
+            self._backend.set_failed(layer.slot)
 
     def layer(self, name: str) -> MountedLayer | None:
         return self._layers.get(name)
@@ -179,58 +295,74 @@ class LazyFS:
         """The C workers' counters: requests by operation, reads answered locally or forwarded."""
         return self._live().counters()
 
-    def _live(self) -> _fuse.Session:
-        if self._session is None:
+    def _live(self) -> FuseBackend:
+        if self._backend is None:
             raise RuntimeError("the filesystem is not mounted")
-        return self._session
+        return self._backend
 
     def _watch(self, store: ChunkStore) -> None:
         """The C side serves a chunk only once this process has verified it on disk."""
         if self._store is store:
             return
-        session = self._live()
+        backend = self._live()
         if self._store is not None:
             raise ValueError("every layer of one filesystem must use the same chunk store")
-        store.watch_verified(session.mark_verified, session.forget_verified)
+        store.watch_verified(backend.mark_verified, backend.forget_verified)
         self._store = store
 
     # -- what the C workers hand over -------------------------------------------------------------
-    def _take(self) -> None:
-        session = self._session
-        if session is None:
+    def _on_misses(self, misses: Misses) -> None:
+        backend = self._backend
+        if backend is None:
             return
-        misses, accesses = session.take()
         for token, ino, off, size in misses:
-            task = asyncio.get_running_loop().create_task(self._serve(session, token, ino, off, size))
+            task = asyncio.get_running_loop().create_task(self._serve(backend, token, ino, off, size))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
-        if accesses:
-            self._note(accesses)
-            self._count_hits(session)
 
-    async def _serve(self, session: _fuse.Session, token: int, ino: int, off: int, size: int) -> None:
+    def _on_accesses(self, accesses: Accesses) -> None:
+        self._note(accesses)
+        if self._backend is not None:
+            self._count_hits(self._backend)
+
+    async def _layer_of(self, slot: int) -> MountedLayer | None:
+        """The layer of ``slot``; for a slot the holder serves but this (restarted) daemon
+        has not registered yet, wait for it up to ``HELD_WAIT_S``."""
+        layer = self._slots.get(slot)
+        if layer is not None or self._backend is None or not any(s == slot for s, _ in self._backend.held.values()):
+            return layer
+        try:
+            async with asyncio.timeout(HELD_WAIT_S):
+                while (layer := self._slots.get(slot)) is None:
+                    await self._slot_added.wait()
+        except TimeoutError:
+            log.error("held_layer_not_restored", slot=slot, waited_s=HELD_WAIT_S)
+        return layer
+
+    async def _serve(self, backend: FuseBackend, token: int, ino: int, off: int, size: int) -> None:
         """A read the C side could not answer from verified local chunks."""
-        layer = self._slots.get(ino >> _SLOT_SHIFT)
+        layer = await self._layer_of(ino >> _SLOT_SHIFT)
         entry = layer.tree.entry(ino & _LOCAL_MASK) if layer is not None else None
         if layer is None or entry is None:  # C forwards reads of regular files only
-            session.reply_error(token, errno.ENOENT)
+            backend.reply_error(token, errno.ENOENT)
             return
         try:
             data = await layer.data.read(entry, off, size)
         except asyncio.CancelledError:
-            session.reply_error(token, errno.EIO)
-            raise
+            if self.holder is None:
+                backend.reply_error(token, errno.EIO)
+            raise  # with a holder: the read waits for the next daemon
         except OSError as exc:
             log.error("read_failed", layer=layer.name, path=entry.path, off=off, size=size, error=exc)
-            session.reply_error(token, exc.errno or errno.EIO)
+            backend.reply_error(token, exc.errno or errno.EIO)
             return
         except Exception as exc:  # noqa: BLE001 - a reader must get an answer, never hang
             log.error("read_failed", layer=layer.name, off=off, size=size, error=repr(exc))
-            session.reply_error(token, errno.EIO)
+            backend.reply_error(token, errno.EIO)
             return
-        session.reply_data(token, data)
+        backend.reply_data(token, data)
 
-    def _note(self, accesses: list[tuple[int, int, int, int]]) -> None:
+    def _note(self, accesses: Accesses) -> None:
         for ino, off, size, t_ns in accesses:
             layer = self._slots.get(ino >> _SLOT_SHIFT)
             if layer is None or layer.data.on_access is None:
@@ -239,11 +371,32 @@ class LazyFS:
             if entry is not None:
                 layer.data.note_access(entry, off, size, t_ns / 1e9)
 
-    def _count_hits(self, session: _fuse.Session) -> None:
-        hits = session.counters()["chunk_hits"]
+    def _count_hits(self, backend: FuseBackend) -> None:
+        hits = backend.counters().get("chunk_hits", 0)
         if hits > self._chunk_hits:
             metrics.CACHE_HITS.inc(hits - self._chunk_hits)
             self._chunk_hits = hits
+
+
+HELD_WAIT_S = 60.0  # a restarted daemon restores every layer it serves at start
+
+
+def _refuse_if_held(mountpoint: Path) -> None:
+    """A FUSE holder serving this root owns ``mountpoint``: mounting over it would hide its
+    layers from the containers using them."""
+    import fcntl
+
+    try:
+        fd = os.open(mountpoint.parent / HOLDER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(errno.EBUSY, f"a FUSE holder serves {mountpoint} (lazysnap fuse-holder): "
+                                   f"set [lazy] fuse_holder = true, or stop the holder") from None
+    finally:
+        os.close(fd)
 
 
 def _digests(data: LayerData) -> bytes:
@@ -252,40 +405,3 @@ def _digests(data: LayerData) -> bytes:
     if bulk is not None:
         return b"".join(bulk())
     return b"".join(index.chunk(i).digest for i in range(index.info.chunk_count))
-
-
-def _set_readahead(mountpoint: Path, kb: int) -> None:
-    """Raise the mount's readahead window so sequential reads reach us as 1 MiB requests.
-
-    The kernel starts FUSE mounts at 128 KiB; measured on a warm store, 1 MiB requests
-    cut the per-request Python cost by 8x (see bench/fuse_reads.py).
-    """
-    # never stat the mountpoint here: we run on the loop that must answer that stat
-    try:
-        dev = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == os.path.abspath(mountpoint):
-                    dev = fields[2]
-        if dev is None:
-            raise OSError(errno.ENOENT, "mount not found in mountinfo")
-        path = f"/sys/class/bdi/{dev}/read_ahead_kb"
-        with open(path, "w") as f:
-            f.write(str(kb))
-    except OSError as exc:
-        log.warning("readahead_not_set", mountpoint=mountpoint, error=exc)
-
-
-def _lazy_unmount_stale(mountpoint: Path) -> None:
-    """A previous daemon that died leaves a dead FUSE mount ('Transport endpoint is not connected')."""
-    try:
-        os.stat(mountpoint)
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            return
-    import subprocess
-
-    log.warning("stale_mount", mountpoint=mountpoint, action="lazy_unmount")
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)

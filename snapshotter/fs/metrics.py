@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -59,3 +60,9 @@ class FuseCounters(Collector):
 FUSE = FuseCounters()
 REGISTRY.register(FUSE)
 __all__ = ["CACHE_HITS", "FUSE", "OPS"]
+HOLDER_ATTACHES = PromCounter("lazysnap_fuse_holder_attaches_total",
+                              "Times this daemon attached to a FUSE holder, by whether it started it",
+                              ["started"], registry=REGISTRY)
+HOLDER_HANDED_READS = PromCounter("lazysnap_fuse_holder_handed_reads_total",
+                                  "Reads that waited in the FUSE holder for a daemon and were handed to this one",
+                                  registry=REGISTRY)

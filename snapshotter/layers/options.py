@@ -43,6 +43,11 @@ class LazyOptions:
     the blob on disk and serve reads from it instead of fetching ranges again.
     ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
     in the page cache waits for the disk on one of them, so a few let readahead overlap.
+    ``fuse_holder``: the FUSE mount is owned by a separate process (``lazysnap
+    fuse-holder``, started if none runs on the root) instead of the daemon, so running
+    containers keep their layers when the daemon stops, crashes or is upgraded; reads that
+    need a fetch wait for the next daemon (docs/design/restart.md). Off by default until
+    the holder itself can be upgraded in place.
     ``verify_complete_layers``: when every chunk of a lazily read layer is local, stream
     the blob once more in the background, check its digest and that it indexes to the
     same entries/chunks; a mismatch quarantines the index and fails reads loudly.
@@ -67,6 +72,7 @@ class LazyOptions:
     read_ahead_kb: int = 1024
     readahead_spans: bool = False
     fuse_threads: int = 8
+    fuse_holder: bool = False
 
     def validate(self) -> LazyOptions:
         if self.index_trust == LEGACY_TRUST:

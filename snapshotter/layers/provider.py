@@ -90,7 +90,8 @@ class LazyLayerProvider:
                                                         deadline_s=self.options.fetch_deadline_s,
                                                         readahead_spans=self.options.readahead_spans))
         self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb,
-                         threads=self.options.fuse_threads)
+                         threads=self.options.fuse_threads,
+                         holder=self.root / "fuse.sock" if self.options.fuse_holder else None)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
@@ -184,7 +185,8 @@ class LazyLayerProvider:
                 return
             await self.fs.start()
             self._started = True
-            atexit.register(_unmount_at_exit, str(self.fs.mountpoint))
+            if self.fs.holder is None:  # a holder's mount outlives this process by design
+                atexit.register(_unmount_at_exit, str(self.fs.mountpoint))
 
     async def _close(self) -> None:
         await self.profiles.close()
@@ -461,7 +463,7 @@ class LazyLayerProvider:
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
-        path = self.fs.add_layer(_dirname(digest), tree, data, compiled=compiled, digests=b"".join(digests))
+        path = await self.fs.add_layer(_dirname(digest), tree, data, compiled=compiled, digests=b"".join(digests))
         layer = ProvidedLayer(digest, ref, idx, lf, data, path, source, verified)
         if not verified and self.options.verify_complete_layers:
             lf.on_complete = lambda: self._schedule_verify(layer)

@@ -245,15 +245,14 @@ class ChunkStore:
                 if not known:
                     self._lru[digest] = len(data)
                     self._total += len(data)
-                if st == 1:  # our verified bytes are in place
+                if st == 1:  # our verified bytes are in place: new, even if a reader that
+                    # found the file after its rename registered it first
                     self._mark_verified(digest)
-                # st == 0: a file from before (another process, an earlier run): like put, it
-                # is checked on its first read, not trusted now
-                if known or st == 0:
+                    new += 1
+                else:  # st == 0: a file from before (another process, an earlier run): like
+                    # put, it is checked on its first read, not trusted now
                     present += 1
                     self.dedup_hits += 1
-                else:
-                    new += 1
             metrics.STORED_BYTES.set(self._total)
         if present:
             metrics.DEDUP_HITS.inc(present)

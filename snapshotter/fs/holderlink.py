@@ -1,0 +1,240 @@
+"""The daemon's end of the FUSE holder: ``LazyFS``'s backend when ``[lazy] fuse_holder``.
+
+Attaching starts the holder if none runs on this root (a process of its own session, so
+that neither a signal to the daemon's process group nor the daemon's death reaches it),
+then says hello; the holder answers with the layers it already serves, which a restarted
+daemon adopts slot for slot. Everything after is one-way messages in order, so a miss for
+a slot never overtakes the ADD that made it.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from snapshotter.fs import holderwire as wire
+from snapshotter.fs import metrics
+from snapshotter.fsutil import FILE_MODE, private_dirs
+from snapshotter.log import get_logger
+
+log = get_logger("lazysnap.fs")
+
+SPAWN_TIMEOUT_S = 15.0
+REQUEST_TIMEOUT_S = 60.0  # removing a layer waits for its requests in flight
+
+
+class HolderError(OSError):
+    """The FUSE holder cannot be reached or refused this daemon (one line)."""
+
+
+class HolderLink:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: wire.FrameReader,
+                 welcome: dict[str, Any], on_misses: Callable[[Any], None],
+                 on_accesses: Callable[[Any], None]) -> None:
+        self._reader = reader
+        self._frames = frames
+        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self.pid = int(welcome.get("pid", 0))
+        self.held: dict[str, tuple[int, str]] = {
+            str(k): (int(v[0]), str(v[1])) for k, v in (welcome.get("layers") or {}).items()}
+        self.next_slot = int(welcome.get("next_slot", 1))
+        self._on_misses = on_misses
+        self._on_accesses = on_accesses
+        self._counters: dict[str, int] = {}
+        self._done: dict[int, asyncio.Future[None]] = {}
+        self._next_id = 0
+        self._early: list[tuple[int, bytes]] = []  # frames that came with the welcome
+        self._task = self._loop.create_task(self._receive(), name="fuse-holder-link")
+
+    @classmethod
+    async def attach(cls, socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
+                     on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None]) -> HolderLink:
+        """Connect to the holder of ``socket_path`` (starting it if none answers) and say hello."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            started = False
+        except (FileNotFoundError, ConnectionRefusedError):
+            reader, writer = await _spawn(socket_path, mountpoint, threads, read_ahead_kb)
+            started = True
+        try:
+            writer.write(wire.control(wire.HELLO, {"version": wire.VERSION, "pid": os.getpid()}))
+        except OSError:
+            pass  # a holder that refuses us closes at once; its reason is still to be read
+        frames = wire.FrameReader()
+        try:
+            async with asyncio.timeout(SPAWN_TIMEOUT_S):
+                while True:
+                    try:
+                        data = await reader.read(1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        raise HolderError(errno.ECONNRESET, f"the FUSE holder at {socket_path} closed the connection")
+                    got = frames.feed(data)
+                    if got:
+                        break
+        except TimeoutError:
+            writer.close()
+            raise HolderError(errno.ETIMEDOUT, f"the FUSE holder at {socket_path} did not answer") from None
+        kind, payload = got[0]
+        doc = wire.doc_of(payload)
+        if kind == wire.REFUSED:
+            writer.close()
+            raise HolderError(errno.EBUSY, f"the FUSE holder at {socket_path} refused: {doc.get('reason')}")
+        if kind != wire.WELCOME or doc.get("version") != wire.VERSION:
+            writer.close()
+            raise HolderError(errno.EPROTO, f"the FUSE holder at {socket_path} speaks another protocol "
+                                            f"(version {doc.get('version')}, this daemon {wire.VERSION})")
+        link = cls(reader, writer, frames, doc, on_misses, on_accesses)
+        link._early = got[1:]  # handled by the receiving task, once the caller holds the link
+        metrics.HOLDER_ATTACHES.labels("yes" if started else "no").inc()
+        metrics.HOLDER_HANDED_READS.inc(int(doc.get("waiting", 0)))
+        log.info("holder_attached", socket=str(socket_path), pid=link.pid, started=started,
+                 held_layers=len(link.held), waiting_reads=int(doc.get("waiting", 0)))
+        return link
+
+    # -- FuseBackend --------------------------------------------------------------------------
+    async def add_layer(self, slot: int, name: str, tree: bytes, digests: bytes, chunks_dir: str,
+                        chunk_size: int) -> None:
+        """Returns once the holder serves the layer (containerd mounts it right after)."""
+        await self._request(lambda rid: wire.add(rid, slot, name, chunks_dir, chunk_size, tree, digests),
+                            f"add layer {name}")
+        self.held[name] = (slot, wire.tree_hash(tree, digests))
+
+    async def remove_layer(self, slot: int, name: str) -> None:
+        await self._request(lambda rid: wire.control(wire.REMOVE, {"id": rid, "slot": slot, "name": name}),
+                            f"remove layer {name}")
+
+    async def _request(self, make: Callable[[int], bytes], what: str) -> None:
+        """Send a frame carrying a request id; wait for the holder's DONE (or REFUSED)."""
+        self._next_id += 1
+        rid = self._next_id
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._done[rid] = fut
+        self._send(make(rid))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await fut
+        except TimeoutError:
+            raise HolderError(errno.ETIMEDOUT, f"the FUSE holder did not {what} within "
+                                               f"{REQUEST_TIMEOUT_S:g}s") from None
+        finally:
+            self._done.pop(rid, None)
+
+    def set_failed(self, slot: int) -> None:
+        self._send(wire.control(wire.FAILED, {"slot": slot}))
+
+    def mark_verified(self, digests: bytes) -> None:
+        self._send(wire.frame(wire.VERIFIED, digests))
+
+    def forget_verified(self, digests: bytes) -> None:
+        self._send(wire.frame(wire.FORGET, digests))
+
+    def reply_data(self, token: int, data: bytes) -> None:
+        self._send(wire.frame(wire.DATA, wire.TOKEN.pack(token) + data))
+
+    def reply_error(self, token: int, err: int) -> None:
+        self._send(wire.frame(wire.ERROR, wire.REPLY_ERROR.pack(token, err)))
+
+    def counters(self) -> dict[str, int]:
+        """The holder's C counters as of its last report (twice a second)."""
+        return dict(self._counters)
+
+    async def stop(self) -> None:
+        """Detach: the holder keeps serving, and keeps reads that need a daemon waiting."""
+        await asyncio.sleep(0)  # frames other threads queued (verified chunks) go out first
+        try:
+            await asyncio.wait_for(self._writer.drain(), 5)
+        except (OSError, TimeoutError):
+            pass
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        """Queue a frame; safe from any thread (the chunk store reports verified chunks from
+        its workers), in order per thread."""
+        if threading.get_ident() == self._thread:
+            self._writer.write(data)
+        else:
+            self._loop.call_soon_threadsafe(self._write_unless_closed, data)
+
+    def _write_unless_closed(self, data: bytes) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+    async def _receive(self) -> None:
+        frames = self._frames
+        for kind, payload in self._early:
+            self._dispatch(kind, payload)
+        self._early = []
+        while True:
+            data = await self._reader.read(1 << 20)
+            if not data:
+                log.error("holder_lost", pid=self.pid,
+                          note="the FUSE holder went away: its mount is gone, containers on it fail")
+                return
+            for kind, payload in frames.feed(data):
+                self._dispatch(kind, payload)
+
+    def _dispatch(self, kind: int, payload: bytes) -> None:
+        if kind == wire.MISSES:
+            self._on_misses(wire.unpack_records(wire.MISS, payload))
+        elif kind == wire.ACCESSES:
+            self._on_accesses(wire.unpack_records(wire.ACCESS, payload))
+        elif kind == wire.COUNTERS:
+            self._counters = {str(k): int(v) for k, v in wire.doc_of(payload).items()}
+        elif kind in (wire.DONE, wire.REFUSED):
+            doc = wire.doc_of(payload)
+            fut = self._done.get(int(doc.get("id", -1)))
+            if fut is not None and not fut.done():
+                if kind == wire.DONE:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(HolderError(errno.EINVAL, f"the FUSE holder refused layer "
+                                                                f"{doc.get('name')}: {doc.get('reason')}"))
+        else:
+            log.warning("holder_unknown_message", kind=kind)
+
+
+async def _spawn(socket_path: Path, mountpoint: Path, threads: int,
+                 read_ahead_kb: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start ``lazysnap fuse-holder`` in a session of its own and wait until it listens."""
+    root = socket_path.parent
+    private_dirs(root)
+    log_path = root / "fuse-holder.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snapshotter", "fuse-holder", "--root", str(root),
+             "--mountpoint", str(mountpoint), "--threads", str(threads), "--read-ahead-kb", str(read_ahead_kb)],
+            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    log.info("holder_started", pid=proc.pid, socket=str(socket_path), log=str(log_path))
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while True:
+        try:
+            return await asyncio.open_unix_connection(str(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if proc.poll() is not None:
+                raise HolderError(errno.ECHILD, f"the FUSE holder exited with status {proc.returncode} "
+                                                f"(see {log_path})") from None
+            if time.monotonic() > deadline:
+                raise HolderError(errno.ETIMEDOUT, f"the FUSE holder did not listen on {socket_path} "
+                                                   f"within {SPAWN_TIMEOUT_S:g}s (see {log_path})") from None
+            await asyncio.sleep(0.02)

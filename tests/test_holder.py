@@ -1,0 +1,193 @@
+"""The FUSE holder (``lazysnap fuse-holder``): the mount outlives the daemon.
+
+A real holder process and real FUSE; the "daemon" is ``LazyFS`` in holder mode on its own
+loop (``FuseThread``), stopped and started again as ``lazysnap serve`` would be. Reads
+through the mount are compared with the tar.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import gzip
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.containerd import stop_fuse_holder
+from snapshotter.fetch import Fetcher, FetchOptions
+from snapshotter.fetch.sources import FileBlobSource, IndexCodec
+from snapshotter.fs import LayerData, LayerTree
+from snapshotter.fs.holderlink import HolderError
+from snapshotter.fs.thread import FuseThread
+from snapshotter.index.builder import index_file
+from snapshotter.index.format import IndexFile, write_index
+from snapshotter.store import ChunkStore
+from tests.test_fetch import _members
+from tests.test_fs import make_layer_tar
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[1]
+
+
+class GatedSource(FileBlobSource):
+    """A local blob whose range reads wait until ``gate`` is set (a registry that stalls)."""
+
+    def __init__(self, path: Path, gate: threading.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    async def read_range(self, start: int, end: int) -> bytes:
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        return await super().read_range(start, end)
+
+
+class Daemon:
+    """What ``lazysnap serve`` does with the filesystem, on a FuseThread."""
+
+    def __init__(self, root: Path, blob: Path, index: IndexFile, gate: threading.Event) -> None:
+        self.ft = FuseThread(root / "mnt", holder=root / "fuse.sock", threads=2)
+        store = ChunkStore(root)
+        lf = Fetcher(store, FetchOptions(max_concurrency=2, deadline_s=60)).layer(
+            "L", IndexCodec(index), GatedSource(blob, gate))
+        tree = LayerTree.build(index.entries())
+        self.dir = self.ft.run(lambda: self.ft.fs.add_layer("layer1", tree, LayerData(index, store, lf)))
+
+    def settle(self, path: Path) -> None:
+        """Wait until the holder answers reads of ``path`` itself: its chunks are stored and
+        the holder has heard they are verified (the reader got the bytes before that)."""
+        deadline = time.monotonic() + 10
+        while True:
+            before = self.ft.call(self.ft.fs.counters).get("read_local", 0)
+            _uncached_read(path)
+            time.sleep(0.6)  # the holder reports its counters twice a second
+            if self.ft.call(self.ft.fs.counters).get("read_local", 0) > before:
+                return
+            assert time.monotonic() < deadline, f"{path} never served from local chunks"
+
+    def stop(self) -> None:
+        self.ft.stop()
+
+
+def _holder(root: Path, *extra: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "snapshotter", "fuse-holder", "--root", str(root),
+                             "--threads", "2", *extra], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(root.parent / "holder.err", "ab"))
+    deadline = time.monotonic() + 15
+    while not (root / "fuse.sock").exists():
+        assert proc.poll() is None, (root.parent / "holder.err").read_text()[-2000:]
+        assert time.monotonic() < deadline, "holder did not listen"
+        time.sleep(0.02)
+    return proc
+
+
+def _uncached_read(path: Path, off: int = 0, size: int = -1) -> bytes:
+    """Read through FUSE (the page cache dropped for the file first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if size < 0:
+            size = os.fstat(fd).st_size - off
+        return os.pread(fd, size, off)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def layer(tmp_path: Path):
+    tar = tmp_path / "layer.tar"
+    make_layer_tar(tar)
+    blob = tmp_path / "layer.tar.gz"
+    blob.write_bytes(gzip.compress(tar.read_bytes(), 6))
+    write_index(tmp_path / "idx", index_file(str(blob), span=256 << 10, chunk_size=256 << 10))
+    index = IndexFile.open(tmp_path / "idx")
+    root = tmp_path / "root"
+    try:
+        yield _members(tar), blob, index, root
+    finally:
+        stop_fuse_holder(root)
+        index.close()
+
+
+def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(layer) -> None:  # noqa: ANN001
+    """Daemon 1 registers the layer and is stopped while a read it took waits on a stalled
+    fetch; with no daemon, local reads go on and a new read waits; daemon 2 attaches,
+    reuses the layer's slot, and answers both waiting reads - with the layer's bytes - and
+    a file opened before the restart reads on."""
+    want, blob, index, root = layer
+    gate = threading.Event()
+    gate.set()
+    d1 = Daemon(root, blob, index, gate)  # starts the holder
+    holder_pid = int((root / "fuse-holder.pid").read_text())
+    assert (d1.dir / "etc/hostname").read_bytes() == b"lazy\n"
+    d1.settle(d1.dir / "etc/hostname")
+    assert _uncached_read(d1.dir / "data/big.bin", 0, 1 << 20) == want["data/big.bin"][:1 << 20]
+    kept = os.open(d1.dir / "many/f0200", os.O_RDONLY)  # open across the restart
+    results: dict[str, bytes | BaseException] = {}
+
+    def read(key: str, path: Path, off: int, size: int) -> None:
+        try:
+            results[key] = _uncached_read(path, off, size)
+        except BaseException as exc:  # noqa: BLE001 - the test checks what it was
+            results[key] = exc
+
+    try:
+        gate.clear()  # the registry stalls: daemon 1 takes the next read and cannot answer it
+        big = len(want["data/big.bin"])
+        t1 = threading.Thread(target=read, args=("in_flight", d1.dir / "data/big.bin", big - 4096, 4096))
+        t1.start()
+        time.sleep(0.5)
+        assert "in_flight" not in results
+        d1.stop()  # SIGTERM of lazysnap serve: detaches, the holder keeps the mount
+        assert os.path.isdir(root / "mnt/layer1")
+        # no daemon: verified local chunks are still served, by the holder's C workers
+        assert _uncached_read(root / "mnt/layer1/etc/hostname") == b"lazy\n"
+        t2 = threading.Thread(target=read, args=("no_daemon", root / "mnt/layer1/data/big.bin", 3 << 20, 65536))
+        t2.start()
+        time.sleep(0.5)
+        assert "no_daemon" not in results and "in_flight" not in results  # waiting, not failed
+        gate.set()
+        d2 = Daemon(root, blob, index, gate)  # lazysnap serve again: attaches, adopts the slot
+        try:
+            t1.join(30)
+            t2.join(30)
+            assert results["in_flight"] == want["data/big.bin"][big - 4096:]
+            assert results["no_daemon"] == want["data/big.bin"][3 << 20:(3 << 20) + 65536]
+            assert os.pread(kept, 1000, 0) == want["many/f0200"][:1000]
+            assert int((root / "fuse-holder.pid").read_text()) == holder_pid  # the same holder
+            for name, data in want.items():
+                assert (d2.dir / name).read_bytes() == data, name
+            with pytest.raises(HolderError, match="another lazysnap serve"):
+                Daemon(root, blob, index, gate)  # a second daemon on the same root
+        finally:
+            d2.stop()
+    finally:
+        os.close(kept)
+        gate.set()
+
+
+def test_a_read_waits_for_a_daemon_then_fails_cleanly(layer) -> None:  # noqa: ANN001
+    """With no daemon for ``--wait-s``, a read that needs a fetch fails with EIO (never
+    hangs); a read of a local chunk does not wait at all."""
+    want, blob, index, root = layer
+    _holder(root, "--wait-s", "1")
+    with pytest.raises(OSError, match="a FUSE holder serves"):
+        FuseThread(root / "mnt")  # a daemon without fuse_holder must not mount over it
+    gate = threading.Event()
+    gate.set()
+    d = Daemon(root, blob, index, gate)  # attaches to the running holder
+    assert (d.dir / "etc/hostname").read_bytes() == b"lazy\n"
+    d.settle(d.dir / "etc/hostname")
+    d.stop()
+    t0 = time.monotonic()
+    assert _uncached_read(root / "mnt/layer1/etc/hostname") == b"lazy\n"
+    assert time.monotonic() - t0 < 0.5
+    with pytest.raises(OSError) as exc:
+        _uncached_read(root / "mnt/layer1/data/big.bin", 0, 4096)
+    assert exc.value.errno == errno.EIO
+    assert 0.9 < time.monotonic() - t0 < 5
