@@ -9,7 +9,7 @@ restart time (kill → SERVING), the longest local read and the longest fetching
 the run; medians and maxima over ``--runs``. Baseline in the same run: the same readers
 with the daemon left alone.
 
-Usage: ``.venv/bin/python bench/restart_stall.py [--runs 5] [--files 96]``
+Usage: ``.venv/bin/python bench/restart_stall.py [--runs 5] [--files 200]``
 """
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def _read(path: Path) -> float:
 class Readers:
     """A local-chunk reader and a fetching reader, each keeping its longest read."""
 
-    def __init__(self, local: Path, remote: list[Path]) -> None:
+    def __init__(self, local: Path, remote: list[Path], span_s: float) -> None:
         self.local, self.remote = local, list(remote)
+        self.interval = span_s / max(1, len(remote))  # fetching reads spread over the whole window
         self.worst = {"local": 0.0, "fetch": 0.0}
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -72,7 +73,7 @@ class Readers:
                 self.worst[kind] = max(self.worst[kind], _read(path))
             except OSError as exc:
                 self.errors.append(f"{kind} {path.name}: {exc}")
-            time.sleep(0.02 if kind == "local" else 0.05)
+            time.sleep(0.02 if kind == "local" else self.interval)
 
     def __enter__(self) -> Readers:
         for t in self._threads:
@@ -88,7 +89,7 @@ class Readers:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--files", type=int, default=96)
+    ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--window-s", type=float, default=3.0, help="reading time around each restart")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lazysnap-stall-"))
@@ -100,7 +101,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "snapshotter", "index", img.ref, "--push", *sign_flags(), "--root",
                         str(tmp / "publisher"), "--hosts-dir", str(tmp / "nohosts")],
                        check=True, cwd=REPO, capture_output=True, timeout=600)
-        with lazysnap_node(tmp / "node", config="[lazy]\nfuse_holder = true\n") as (daemon, cd):
+        with lazysnap_node(tmp / "node", config="[lazy]\nfuse_holder = true\n[prefetch]\nbackground = false\n") as (daemon, cd):
             cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", img.ref)
             mnt = daemon.root / "mnt"
             layer = next(d for d in mnt.iterdir() if (d / "data").is_dir())
@@ -112,7 +113,7 @@ def main() -> int:
             for run in range(args.runs):
                 for mode in ("baseline", "restart"):
                     batch, rest = rest[:per], rest[per:]
-                    with Readers(local, batch) as readers:
+                    with Readers(local, batch, args.window_s * 4 / 3) as readers:
                         time.sleep(args.window_s / 3)
                         restart = 0.0
                         if mode == "restart":
