@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -63,3 +65,22 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = Tru
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def prepare_socket(address: str) -> None:
+    """Parent dir 0700 if we create it; refuse a live socket; remove a stale one."""
+    path = Path(address)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"{address} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(address)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise OSError(f"{address} is in use by another process")
+        finally:
+            probe.close()

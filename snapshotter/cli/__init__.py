@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=8, help="C threads answering FUSE requests")
     p.add_argument("--read-ahead-kb", type=int, default=1024)
     p.add_argument("--wait-s", type=float, default=30.0,
-                   help="how long a read that needs a fetch waits for a daemon before EIO")
+                   help="how long a read that needs a fetch, or a gRPC call, waits for a daemon")
+    p.add_argument("--address", default=None,
+                   help="also hold the daemon's public gRPC socket (serve's --address) and forward calls to "
+                        "ROOT/daemon.sock, so calls made while the daemon restarts wait instead of failing")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_handler("serve_cmds", "cmd_fuse_holder"))
 

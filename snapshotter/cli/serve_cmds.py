@@ -46,9 +46,10 @@ async def _serve(cfg: Config) -> None:
 
         credentials = CriCredentials(cfg.cri.credential_ttl_s)
         cri_proxy = CriProxy(cfg.cri.address, cfg.cri.containerd_address, credentials)
+    address = await _behind_holder(cfg) if cfg.lazy.fuse_holder else cfg.address
     snapshotter = Snapshotter(cfg.root_path, _provider(cfg, credentials))
     await snapshotter.open()
-    service = SnapshotService(snapshotter, cfg.address, probe_interval=cfg.health_probe_seconds)
+    service = SnapshotService(snapshotter, address, probe_interval=cfg.health_probe_seconds)
     metrics_server = None
     try:
         if cfg.metrics_address:
@@ -77,6 +78,37 @@ async def _serve(cfg: Config) -> None:
     await service.stop(grace=10.0)
     if metrics_server is not None:
         metrics_server.stop()
+
+
+async def _behind_holder(cfg: Config) -> str:
+    """With ``[lazy] fuse_holder``: make sure the holder runs and holds the public socket
+    (``cfg.address``); the daemon then serves gRPC on ``<root>/daemon.sock`` behind it, so
+    containerd's calls made while the daemon restarts wait for the next one."""
+    from snapshotter.fs.holderlink import ensure_holder
+    from snapshotter.fs.mount import DAEMON_SOCKET
+
+    root = cfg.root_path
+    await ensure_holder(root / "fuse.sock", root / "mnt", threads=cfg.lazy.fuse_threads,
+                        read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
+    for _ in range(250):  # the holder opens the public socket right after its own
+        if _listening(cfg.address):
+            return str(root / DAEMON_SOCKET)
+        await asyncio.sleep(0.02)
+    raise OSError(f"the FUSE holder of {root} does not hold {cfg.address}: start it with "
+                  f"`lazysnap fuse-holder --root {root} --address {cfg.address}`")
+
+
+def _listening(address: str) -> bool:
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
@@ -125,7 +157,7 @@ def cmd_fuse_holder(args: argparse.Namespace) -> int:
         secure_root(root)
         return asyncio.run(run_holder(root, Path(args.mountpoint) if args.mountpoint else root / "mnt",
                                       threads=args.threads, read_ahead_kb=args.read_ahead_kb,
-                                      wait_s=args.wait_s))
+                                      wait_s=args.wait_s, relay=Path(args.address) if args.address else None))
     except (RootError, OSError) as exc:
         raise CLIError(str(exc)) from None
 

@@ -64,7 +64,7 @@ class CriProxy:
         self._channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
-        from snapshotter.service.server import prepare_socket  # refuse a live socket, drop a stale one
+        from snapshotter.fsutil import prepare_socket  # refuse a live socket, drop a stale one
 
         prepare_socket(self.address)
         target = self.upstream if self.upstream.startswith("unix:") else f"unix:{self.upstream}"

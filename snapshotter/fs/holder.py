@@ -24,6 +24,7 @@ its successor and ``FUSE_NOTIFY_RESEND``, which libfuse 3.14 cannot do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
-from snapshotter.fs.mount import HOLDER_LOCK, MOUNT_OPTIONS, unmount_stale, wait_initialized
-from snapshotter.fsutil import FILE_MODE, private_dirs
+from snapshotter.fs.mount import DAEMON_SOCKET, HOLDER_LOCK, MOUNT_OPTIONS, unmount_stale, wait_initialized
+from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
 
 log = get_logger("lazysnap.holder")
@@ -121,31 +122,39 @@ class Holder:
             self.daemon.write(data)
 
     async def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.daemon is not None:
-            try:  # read its hello first: closing on unread bytes resets the connection, reason unread
-                async with asyncio.timeout(5):
-                    await reader.read(1 << 16)
-                writer.write(wire.control(wire.REFUSED, {"reason": "another lazysnap serve is attached to "
-                                                                   "this root's FUSE holder"}))
-                await writer.drain()
-            except (OSError, TimeoutError):
-                pass
+        """One connection: a daemon's hello, then its messages until it goes away. A
+        connection that says nothing (a probe: does a holder run here?) is closed quietly."""
+        frames = wire.FrameReader()
+        got: list[tuple[int, bytes]] = []
+        try:
+            async with asyncio.timeout(10):
+                while not got:
+                    data = await reader.read(1 << 20)
+                    if not data:
+                        writer.close()
+                        return
+                    got = frames.feed(data)
+        except (OSError, TimeoutError, ValueError):
             writer.close()
             return
-        frames = wire.FrameReader()
+        if self.daemon is not None:  # its hello is read: closing on unread bytes would reset
+            writer.write(wire.control(wire.REFUSED, {"reason": "another lazysnap serve is attached to "
+                                                               "this root's FUSE holder"}))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+            return
         self.daemon = writer
         try:
-            greeted = False
+            if not self._hello(*got[0]):
+                return
+            for kind, payload in got[1:]:
+                await self._dispatch(kind, payload)
             while True:
                 data = await reader.read(1 << 20)
                 if not data:
                     break
                 for kind, payload in frames.feed(data):
-                    if not greeted:
-                        greeted = self._hello(kind, payload)
-                        if not greeted:
-                            return
-                        continue
                     await self._dispatch(kind, payload)
         except (OSError, ValueError) as exc:
             log.error("daemon_link_broken", error=f"{type(exc).__name__}: {exc}")
@@ -245,8 +254,10 @@ class Holder:
 
 
 async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
-                     wait_s: float = WAIT_S) -> int:
-    """Serve until SIGTERM/SIGINT. One holder per root (``fuse-holder.lock``)."""
+                     wait_s: float = WAIT_S, relay: Path | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. One holder per root (``fuse-holder.lock``). ``relay``:
+    the daemon's public gRPC socket, held here and forwarded to ``<root>/daemon.sock``
+    (``snapshotter.service.relay``)."""
     private_dirs(root)
     os.umask(0o077)
     lock_fd = os.open(mountpoint.parent / HOLDER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
@@ -265,6 +276,15 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
     sock.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(holder.attach, path=str(sock))
     os.chmod(sock, FILE_MODE)
+    grpc_relay = None
+    if relay is not None:
+        from snapshotter.service.relay import GrpcRelay
+
+        prepare_socket(str(relay))
+        grpc_relay = GrpcRelay(str(root / DAEMON_SOCKET), wait_s)
+        await grpc_relay.start(str(relay))
+        os.chmod(relay, 0o660)  # as the daemon's own socket
+        log.info("relaying", address=str(relay), to=str(root / DAEMON_SOCKET))
     (root / "fuse-holder.pid").write_text(f"{os.getpid()}\n")
     ticker = loop.create_task(holder.tick())
     try:
@@ -273,6 +293,9 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
         ticker.cancel()
         server.close()
         sock.unlink(missing_ok=True)
+        if grpc_relay is not None and relay is not None:
+            await grpc_relay.stop()
+            relay.unlink(missing_ok=True)
         await holder.close()
         (root / "fuse-holder.pid").unlink(missing_ok=True)
         os.close(lock_fd)

@@ -59,12 +59,11 @@ class HolderLink:
     async def attach(cls, socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
                      on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None]) -> HolderLink:
         """Connect to the holder of ``socket_path`` (starting it if none answers) and say hello."""
+        started = await ensure_holder(socket_path, mountpoint, threads=threads, read_ahead_kb=read_ahead_kb)
         try:
             reader, writer = await asyncio.open_unix_connection(str(socket_path))
-            started = False
-        except (FileNotFoundError, ConnectionRefusedError):
-            reader, writer = await _spawn(socket_path, mountpoint, threads, read_ahead_kb)
-            started = True
+        except OSError as exc:
+            raise HolderError(errno.ECONNREFUSED, f"cannot reach the FUSE holder at {socket_path}: {exc}") from None
         try:
             writer.write(wire.control(wire.HELLO, {"version": wire.VERSION, "pid": os.getpid()}))
         except OSError:
@@ -211,8 +210,21 @@ class HolderLink:
             log.warning("holder_unknown_message", kind=kind)
 
 
-async def _spawn(socket_path: Path, mountpoint: Path, threads: int,
-                 read_ahead_kb: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
+                        relay: Path | None = None) -> bool:
+    """Start a FUSE holder on ``socket_path``'s root unless one listens; True if started.
+    ``relay``: the public gRPC socket it should hold (``fuse-holder --address``)."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(socket_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        await _spawn(socket_path, mountpoint, threads, read_ahead_kb, relay)
+        return True
+    writer.close()  # a probe: the holder closes a connection that says nothing
+    return False
+
+
+async def _spawn(socket_path: Path, mountpoint: Path, threads: int, read_ahead_kb: int,
+                 relay: Path | None) -> None:
     """Start ``lazysnap fuse-holder`` in a session of its own and wait until it listens."""
     root = socket_path.parent
     private_dirs(root)
@@ -221,7 +233,8 @@ async def _spawn(socket_path: Path, mountpoint: Path, threads: int,
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "snapshotter", "fuse-holder", "--root", str(root),
-             "--mountpoint", str(mountpoint), "--threads", str(threads), "--read-ahead-kb", str(read_ahead_kb)],
+             "--mountpoint", str(mountpoint), "--threads", str(threads), "--read-ahead-kb", str(read_ahead_kb),
+             *(["--address", str(relay)] if relay is not None else [])],
             stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
     finally:
         os.close(fd)
@@ -229,7 +242,9 @@ async def _spawn(socket_path: Path, mountpoint: Path, threads: int,
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while True:
         try:
-            return await asyncio.open_unix_connection(str(socket_path))
+            _, writer = await asyncio.open_unix_connection(str(socket_path))
+            writer.close()
+            return
         except (FileNotFoundError, ConnectionRefusedError):
             if proc.poll() is not None:
                 raise HolderError(errno.ECHILD, f"the FUSE holder exited with status {proc.returncode} "

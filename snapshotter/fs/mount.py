@@ -19,6 +19,7 @@ log = get_logger("lazysnap.fs")
 MOUNT_OPTIONS = "fsname=lazysnap,subtype=lazysnap,ro,default_permissions"
 INIT_TIMEOUT_S = 10.0
 HOLDER_LOCK = "fuse-holder.lock"  # beside the mountpoint; a FUSE holder holds it while it serves
+DAEMON_SOCKET = "daemon.sock"  # in the root: the daemon's gRPC socket while a FUSE holder holds the public one
 
 
 async def wait_initialized(session: _fuse.Session, mountpoint: Path, read_ahead_kb: int) -> None:

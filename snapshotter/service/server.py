@@ -12,8 +12,6 @@ import fcntl
 import functools
 import os
 import re
-import socket
-import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from snapshotter import metrics
+from snapshotter.fsutil import prepare_socket
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.api.lazysnap.v1 import control_pb2_grpc as pb_node
@@ -164,25 +163,6 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         if removed:
             log.info("cleanup", removed_dirs=len(removed))
         return Empty()
-
-
-def prepare_socket(address: str) -> None:
-    """Parent dir 0700 if we create it; refuse a live socket; remove a stale one."""
-    path = Path(address)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OSError(f"{address} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(address)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
-            raise OSError(f"{address} is in use by another process")
-        finally:
-            probe.close()
 
 
 def hold_root(root: Path) -> int:
