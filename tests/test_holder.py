@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gzip
 import os
 import subprocess
 import sys
@@ -24,11 +23,10 @@ from snapshotter.fetch.sources import FileBlobSource, IndexCodec
 from snapshotter.fs import LayerData, LayerTree
 from snapshotter.fs.holderlink import HolderError
 from snapshotter.fs.thread import FuseThread
-from snapshotter.index.builder import index_file
-from snapshotter.index.format import IndexFile, write_index
+from snapshotter.index.format import IndexFile
 from snapshotter.store import ChunkStore
 from tests.test_fetch import _members
-from tests.test_fs import make_layer_tar
+from tests.test_fs import layer  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +97,8 @@ def _uncached_read(path: Path, off: int = 0, size: int = -1) -> bytes:
 
 
 @pytest.fixture
-def layer(tmp_path: Path):
-    tar = tmp_path / "layer.tar"
-    make_layer_tar(tar)
-    blob = tmp_path / "layer.tar.gz"
-    blob.write_bytes(gzip.compress(tar.read_bytes(), 6))
-    write_index(tmp_path / "idx", index_file(str(blob), span=256 << 10, chunk_size=256 << 10))
-    index = IndexFile.open(tmp_path / "idx")
+def held(layer, tmp_path: Path):  # noqa: ANN001 - test_fs's layer: (tar, blob, open index)
+    tar, blob, index = layer
     root = tmp_path / "root"
     try:
         yield _members(tar), blob, index, root
@@ -114,12 +107,12 @@ def layer(tmp_path: Path):
         index.close()
 
 
-def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(layer) -> None:  # noqa: ANN001
+def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(held) -> None:  # noqa: ANN001
     """Daemon 1 registers the layer and is stopped while a read it took waits on a stalled
     fetch; with no daemon, local reads go on and a new read waits; daemon 2 attaches,
     reuses the layer's slot, and answers both waiting reads - with the layer's bytes - and
     a file opened before the restart reads on."""
-    want, blob, index, root = layer
+    want, blob, index, root = held
     gate = threading.Event()
     gate.set()
     d1 = Daemon(root, blob, index, gate)  # starts the holder
@@ -171,10 +164,10 @@ def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(layer) -> Non
         gate.set()
 
 
-def test_a_read_waits_for_a_daemon_then_fails_cleanly(layer) -> None:  # noqa: ANN001
+def test_a_read_waits_for_a_daemon_then_fails_cleanly(held) -> None:  # noqa: ANN001
     """With no daemon for ``--wait-s``, a read that needs a fetch fails with EIO (never
     hangs); a read of a local chunk does not wait at all."""
-    want, blob, index, root = layer
+    want, blob, index, root = held
     _holder(root, "--wait-s", "1")
     with pytest.raises(OSError, match="a FUSE holder serves"):
         FuseThread(root / "mnt")  # a daemon without fuse_holder must not mount over it

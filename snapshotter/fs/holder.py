@@ -35,7 +35,8 @@ from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
-from snapshotter.fs.mount import DAEMON_SOCKET, HOLDER_LOCK, MOUNT_OPTIONS, unmount_stale, wait_initialized
+from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, MOUNT_OPTIONS, release_layer, unmount_stale,
+                                  wait_initialized)
 from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
 
@@ -237,12 +238,7 @@ class Holder:
         if self.slots.pop(slot, None) is None:
             return
         self.layers.pop(name, None)
-        await asyncio.to_thread(self.session.remove_layer, slot)  # waits for its requests
-        try:
-            await asyncio.to_thread(self.session.invalidate_entry, name.encode())
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("invalidate_failed", layer=name, error=str(exc))
+        await release_layer(self.session, slot, name)
         log.info("layer_released", layer=name, slot=slot)
 
     async def close(self) -> None:

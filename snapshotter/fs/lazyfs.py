@@ -36,7 +36,7 @@ from snapshotter import _fuse
 from snapshotter.fs import metrics
 from snapshotter.fs.compiled import CompiledTree, compile_tree
 from snapshotter.fs.data import LayerData
-from snapshotter.fs.mount import HOLDER_LOCK, MOUNT_OPTIONS, unmount_stale, wait_initialized
+from snapshotter.fs.mount import HOLDER_LOCK, MOUNT_OPTIONS, release_layer, unmount_stale, wait_initialized
 from snapshotter.fs.tree import LayerTree
 from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
@@ -116,12 +116,7 @@ class LocalSession:
         self._session.add_layer(slot, name, tree, digests, chunks_dir, chunk_size)
 
     async def remove_layer(self, slot: int, name: str) -> None:
-        await asyncio.to_thread(self._session.remove_layer, slot)  # waits for its requests
-        try:
-            await asyncio.to_thread(self._session.invalidate_entry, name.encode())
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("invalidate_failed", layer=name, error=str(exc))
+        await release_layer(self._session, slot, name)
 
     def set_failed(self, slot: int) -> None:
         self._session.set_failed(slot)

@@ -34,6 +34,17 @@ async def wait_initialized(session: _fuse.Session, mountpoint: Path, read_ahead_
     await asyncio.to_thread(set_readahead, mountpoint, read_ahead_kb)
 
 
+async def release_layer(session: _fuse.Session, slot: int, name: str) -> None:
+    """Unregister a layer (waits for its requests in flight) and make the kernel forget
+    ``<mnt>/<name>``."""
+    await asyncio.to_thread(session.remove_layer, slot)
+    try:
+        await asyncio.to_thread(session.invalidate_entry, name.encode())
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("invalidate_failed", layer=name, error=str(exc))
+
+
 def set_readahead(mountpoint: Path, kb: int) -> None:
     """Raise the mount's readahead window so sequential reads reach us as 1 MiB requests.
 
