@@ -7,7 +7,8 @@ whose chunks are local, the other reads files never read before, each needing a 
 Each run SIGKILLs the daemon mid-way and starts it again. Reported per run: the daemon's
 restart time (kill → SERVING), the longest local read and the longest fetching read during
 the run; medians and maxima over ``--runs``. Baseline in the same run: the same readers
-with the daemon left alone.
+with the daemon left alone. First, what the holder's gRPC relay adds to a call: health
+checks on the daemon's own socket against the public one.
 
 Usage: ``.venv/bin/python bench/restart_stall.py [--runs 5] [--files 200]``
 """
@@ -38,6 +39,22 @@ FILE_BYTES = 256 << 10
 def _data(i: int) -> bytes:
     seed = hashlib.sha256(b"stall-%d" % i).digest()
     return b"".join(hashlib.sha256(seed + k.to_bytes(4, "big")).digest() for k in range(FILE_BYTES // 32))
+
+
+def _call_ms(address: str, n: int = 300) -> float:
+    """Median latency (ms) of a gRPC health Check on ``address``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{address}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
 
 
 def _read(path: Path) -> float:
@@ -103,6 +120,9 @@ def main() -> int:
                        check=True, cwd=REPO, capture_output=True, timeout=600)
         with lazysnap_node(tmp / "node", config="[lazy]\nfuse_holder = true\n[prefetch]\nbackground = false\n") as (daemon, cd):
             cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", img.ref)
+            direct, relayed = _call_ms(str(daemon.root / "daemon.sock")), _call_ms(daemon.address)
+            print(f"gRPC health Check, median of 300: {direct:.3f} ms to the daemon, {relayed:.3f} ms "
+                  f"through the holder's relay (+{relayed - direct:.3f} ms)", flush=True)
             mnt = daemon.root / "mnt"
             layer = next(d for d in mnt.iterdir() if (d / "data").is_dir())
             paths = sorted((layer / "data").iterdir())

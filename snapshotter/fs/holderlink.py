@@ -218,6 +218,9 @@ async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, re
         _, writer = await asyncio.open_unix_connection(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError):
         await _spawn(socket_path, mountpoint, threads, read_ahead_kb, relay)
+        if os.environ.get("INVOCATION_ID"):  # a systemd unit: its stop kills the whole cgroup
+            log.warning("holder_in_daemon_unit", note="the FUSE holder was started inside lazysnap's own "
+                        "systemd unit, whose stop or restart kills it: enable lazysnap-fused.service")
         return True
     writer.close()  # a probe: the holder closes a connection that says nothing
     return False
