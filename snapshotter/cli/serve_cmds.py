@@ -85,10 +85,10 @@ async def _behind_holder(cfg: Config) -> str:
     (``cfg.address``); the daemon then serves gRPC on ``<root>/daemon.sock`` behind it, so
     containerd's calls made while the daemon restarts wait for the next one."""
     from snapshotter.fs.holderlink import ensure_holder
-    from snapshotter.fs.mount import DAEMON_SOCKET
+    from snapshotter.fs.mount import DAEMON_SOCKET, HOLDER_SOCKET
 
     root = cfg.root_path
-    await ensure_holder(root / "fuse.sock", root / "mnt", threads=cfg.lazy.fuse_threads,
+    await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,
                         read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
     for _ in range(250):  # the holder opens the public socket right after its own
         if _listening(cfg.address):

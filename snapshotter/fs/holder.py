@@ -35,8 +35,8 @@ from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
-from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, MOUNT_OPTIONS, release_layer, unmount_stale,
-                                  wait_initialized)
+from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOUNT_OPTIONS, release_layer,
+                                  unmount_stale, wait_initialized)
 from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
 
@@ -70,7 +70,7 @@ class Holder:
 
     @property
     def socket_path(self) -> Path:
-        return self.root / "fuse.sock"
+        return self.root / HOLDER_SOCKET
 
     # -- session --------------------------------------------------------------------------------
     async def mount(self) -> None:

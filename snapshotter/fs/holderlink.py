@@ -35,6 +35,10 @@ class HolderError(OSError):
 
 
 class HolderLink:
+    """This daemon's attachment to the FUSE holder (a ``lazyfs.FuseBackend``): layer and
+    verified-chunk changes go out as frames, reads the holder could not answer come in
+    (``on_misses``), answers go back by token. ``stop`` detaches; the holder serves on."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: wire.FrameReader,
                  welcome: dict[str, Any], on_misses: Callable[[Any], None],
                  on_accesses: Callable[[Any], None]) -> None:

@@ -4,11 +4,12 @@ One definition for both sides. A frame is ``FRAME`` (payload length, message typ
 payload. The socket is ``<root>/fuse.sock`` in the 0700 state directory (mode 0600), so
 only root reaches it. Control payloads are JSON objects; bulk ones are packed records.
 
-daemon → holder: ``HELLO`` {version}; ``ADD`` (JSON head {id, slot, name, chunks_dir,
-chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name}; ``FAILED`` {slot}; ``VERIFIED`` / ``FORGET`` (digests, 32
-bytes each); ``DATA`` (token, bytes); ``ERROR`` (token, errno).
+daemon → holder: ``HELLO`` {version, pid}; ``ADD`` (JSON head {id, slot, name,
+chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
+``FAILED`` {slot}; ``VERIFIED`` / ``FORGET`` (digests, 32 bytes each); ``DATA`` (token,
+bytes); ``ERROR`` (token, errno).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot}; ``MISSES`` (``MISS`` records); ``ACCESSES`` (``ACCESS`` records);
+next_slot, waiting}; ``MISSES`` (``MISS`` records); ``ACCESSES`` (``ACCESS`` records);
 ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD or REMOVE is applied); ``REFUSED`` {reason}
 (another daemon is attached) or {id, name, reason} (an ADD could not be applied).
 """

@@ -19,6 +19,7 @@ log = get_logger("lazysnap.fs")
 MOUNT_OPTIONS = "fsname=lazysnap,subtype=lazysnap,ro,default_permissions"
 INIT_TIMEOUT_S = 10.0
 HOLDER_LOCK = "fuse-holder.lock"  # beside the mountpoint; a FUSE holder holds it while it serves
+HOLDER_SOCKET = "fuse.sock"  # in the root: where the FUSE holder listens for its daemon
 DAEMON_SOCKET = "daemon.sock"  # in the root: the daemon's gRPC socket while a FUSE holder holds the public one
 
 

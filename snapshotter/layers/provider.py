@@ -34,6 +34,7 @@ from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fs import LayerData, LayerTree, LazyFS
+from snapshotter.fs.mount import HOLDER_SOCKET
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import create_private, write_atomic
 from snapshotter.index.builder import index_file
@@ -91,7 +92,7 @@ class LazyLayerProvider:
                                                         readahead_spans=self.options.readahead_spans))
         self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb,
                          threads=self.options.fuse_threads,
-                         holder=self.root / "fuse.sock" if self.options.fuse_holder else None)
+                         holder=self.root / HOLDER_SOCKET if self.options.fuse_holder else None)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
