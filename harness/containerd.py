@@ -25,6 +25,7 @@ import tempfile
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -365,6 +366,11 @@ class LazysnapDaemon:
             self._proc.wait(10)
         self._proc = None
 
+    def metric(self, name: str, labels: str = "") -> float:
+        """The sum of ``name``'s samples whose labels start with ``labels`` (``'a="b"'``)."""
+        assert self.metrics_url is not None, "started with metrics=False"
+        return scrape_metric(self.metrics_url, name, labels)
+
     def log_tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -381,6 +387,18 @@ class LazysnapDaemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def scrape_metric(url: str, name: str, labels: str = "") -> float:
+    """The sum of the Prometheus samples of ``name`` at ``url`` whose labels start with
+    ``labels`` (all of them when empty)."""
+    total = 0.0
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            key = line.rsplit(" ", 1)[0]
+            if key == name or key.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def stop_fuse_holder(root: Path, timeout: float = 20.0) -> None:

@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -90,14 +89,6 @@ async def test_registry_client_asks_the_source_before_docker_config(tmp_path: Pa
         reg.stop()
 
 
-def _metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _big(n: int) -> bytes:
     seed = hashlib.sha256(b"cri").digest()
     return b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(n // 32))
@@ -164,8 +155,8 @@ def test_pull_through_the_cri_proxy_with_request_credentials_only(tmp_path: Path
         big = layers[img.layer_digests[1]]  # the busybox layer is small enough to be fetched whole
         assert big["index_source"] == "referrer" and big["bytes_local"] < big["bytes_total"] // 4, big
         assert daemon.metrics_url is not None
-        assert _metric(daemon.metrics_url, "lazysnap_remote_snapshots_total") == len(img.layer_digests)
-        fetched = _metric(daemon.metrics_url, "lazysnap_registry_bytes_fetched_total")
+        assert daemon.metric("lazysnap_remote_snapshots_total") == len(img.layer_digests)
+        fetched = daemon.metric("lazysnap_registry_bytes_fetched_total")
         assert 0 < fetched < img.compressed_size // 4, (fetched, img.compressed_size)
         # and the image runs from those layers (the big file read through FUSE from the registry)
         r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", img.ref, "cri-run", "sha256sum", "/data/big.bin",

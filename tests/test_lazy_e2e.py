@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,6 @@ EXPECTED = "hello lazy world\nbig.bin\nextra.txt\nhello.txt\n"
 def _big() -> bytes:
     seed = hashlib.sha256(b"big").digest()
     return b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(BIG // 32))
-
-
-def _metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @dataclass
@@ -97,8 +88,8 @@ def test_rpull_and_run_lazily(world: World, node: tuple[LazysnapDaemon, Containe
     r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", world.ref, "lazy-e2e-2", "sha256sum", "/data/big.bin")
     assert r.stdout.split()[0] == hashlib.sha256(_big()).hexdigest()
     assert daemon.metrics_url is not None
-    assert _metric(daemon.metrics_url, "lazysnap_registry_bytes_fetched_total") > 0
-    assert _metric(daemon.metrics_url, "lazysnap_remote_snapshots_total") == len(world.img.layer_digests)
+    assert daemon.metric("lazysnap_registry_bytes_fetched_total") > 0
+    assert daemon.metric("lazysnap_remote_snapshots_total") == len(world.img.layer_digests)
     rss_kb = int(next(line.split()[1] for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
                       if line.startswith("VmRSS:")))
     assert rss_kb < 300 << 10, f"daemon RSS {rss_kb >> 10} MiB"

@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +48,6 @@ def _expected(big: bytes) -> str:
     out += [f"{hashlib.md5(big[s * MiB:(s + 1) * MiB]).hexdigest()}  -" for s in SKIPS]
     out.append(f"{hashlib.md5(b''.join(CONF[k] for k in sorted(CONF))).hexdigest()}  -")
     return "\n".join(out) + "\n"
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    total = 0.0
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
-            key = line.rsplit(" ", 1)[0]
-            if key == name or key.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _lazysnap(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -117,8 +106,7 @@ class Node:
         return self.cd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, name).stdout
 
     def metric(self, name: str, labels: str = "") -> float:
-        assert self.daemon.metrics_url is not None
-        return _metric(self.daemon.metrics_url, name, labels)
+        return self.daemon.metric(name, labels)
 
     def log(self) -> str:
         return self.daemon.log_path.read_text(errors="replace")
