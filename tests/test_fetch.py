@@ -321,7 +321,12 @@ def test_disk_full_is_one_error_line_and_reads_recover(tmp_path: Path, caplog: p
             os.close(fd)
         assert (env.dir / "data/big.bin").read_bytes() == big
         assert [r.getMessage() for r in caplog.records].count("store_writable") == 1
-        assert not list((chunks / ".tmp").iterdir())  # nothing half-written left behind
+        # nothing half-written left behind (a span's chunks are written after its readers
+        # are answered: wait for writes still in flight)
+        deadline = time.monotonic() + 10
+        while list((chunks / ".tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list((chunks / ".tmp").iterdir())
     finally:
         if env is not None:
             env.close()
