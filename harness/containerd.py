@@ -74,15 +74,13 @@ class Containerd:
     """A running private containerd; ``stop()`` kills it and every shim it started."""
 
     def __init__(self, workdir: Path, *, proxy_plugins: dict[str, str] | None = None,
-                 hosts_dir: Path | None = None, cri_snapshotter: str | None = None,
-                 gc_mutation_threshold: int | None = None) -> None:
+                 hosts_dir: Path | None = None, cri_snapshotter: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.root = self.workdir / "containerd-root"
         self.state = self.workdir / "containerd-state"
         self.hosts_dir = Path(hosts_dir) if hosts_dir is not None else None
         self.proxy_plugins = dict(proxy_plugins or {})
         self.cri_snapshotter = cri_snapshotter
-        self.gc_mutation_threshold = gc_mutation_threshold
         self._sockdir = _short_dir("ctrd-")
         self.address = str(self._sockdir / "containerd.sock")
         self.ttrpc_address = str(self._sockdir / "containerd.sock.ttrpc")
@@ -128,9 +126,6 @@ class Containerd:
             if self.hosts_dir is not None:
                 lines += [f"{cri}.registry]", f'  config_path = "{self.hosts_dir}"']
             lines.append("")
-        if self.gc_mutation_threshold is not None:
-            lines += ['[plugins."io.containerd.gc.v1.scheduler"]',
-                      f"  mutation_threshold = {self.gc_mutation_threshold}", ""]
         for name, address in sorted(self.proxy_plugins.items()):
             lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{address}"', ""]
         return "\n".join(lines)
@@ -261,13 +256,9 @@ class Containerd:
 
 
 def start_containerd(workdir: Path, *, proxy_plugins: dict[str, str] | None = None,
-                     hosts_dir: Path | None = None, cri_snapshotter: str | None = None,
-                     gc_mutation_threshold: int | None = None) -> Containerd:
-    """Start a private containerd under ``workdir``; the caller must ``stop()`` it.
-    ``gc_mutation_threshold``: metadata changes before containerd's background garbage
-    collection runs (its default is 100)."""
-    cd = Containerd(workdir, proxy_plugins=proxy_plugins, hosts_dir=hosts_dir, cri_snapshotter=cri_snapshotter,
-                    gc_mutation_threshold=gc_mutation_threshold)
+                     hosts_dir: Path | None = None, cri_snapshotter: str | None = None) -> Containerd:
+    """Start a private containerd under ``workdir``; the caller must ``stop()`` it."""
+    cd = Containerd(workdir, proxy_plugins=proxy_plugins, hosts_dir=hosts_dir, cri_snapshotter=cri_snapshotter)
     cd.start()
     return cd
 
