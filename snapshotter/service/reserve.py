@@ -64,6 +64,10 @@ class SpaceReserve:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 log.warning("metadata_reserve_failed", path=str(self.path), error=exc.strerror or str(exc))
+            try:  # a reserve only partly allocated would hold space without being counted on
+                self.path.unlink()
+            except OSError:
+                pass
             return False
         self.held = True
         if self.released:
