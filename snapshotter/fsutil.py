@@ -75,12 +75,18 @@ def prepare_socket(address: str) -> None:
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(f"{address} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(address)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens
-        else:
+        if listening(address):
             raise OSError(f"{address} is in use by another process")
-        finally:
-            probe.close()
+        os.unlink(path)  # stale: nobody listens
+
+
+def listening(address: str) -> bool:
+    """True if a process accepts connections on the unix socket ``address``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

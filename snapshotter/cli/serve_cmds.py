@@ -86,29 +86,17 @@ async def _behind_holder(cfg: Config) -> str:
     containerd's calls made while the daemon restarts wait for the next one."""
     from snapshotter.fs.holderlink import ensure_holder
     from snapshotter.fs.mount import DAEMON_SOCKET, HOLDER_SOCKET
+    from snapshotter.fsutil import listening
 
     root = cfg.root_path
     await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,
                         read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
     for _ in range(250):  # the holder opens the public socket right after its own
-        if _listening(cfg.address):
+        if listening(cfg.address):
             return str(root / DAEMON_SOCKET)
         await asyncio.sleep(0.02)
     raise OSError(f"the FUSE holder of {root} does not hold {cfg.address}: start it with "
                   f"`lazysnap fuse-holder --root {root} --address {cfg.address}`")
-
-
-def _listening(address: str) -> bool:
-    import socket
-
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(address)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

@@ -111,7 +111,7 @@ class HolderLink:
         """Returns once the holder serves the layer (containerd mounts it right after)."""
         await self._request(lambda rid: wire.add(rid, slot, name, chunks_dir, chunk_size, tree, digests),
                             f"add layer {name}")
-        self.held[name] = (slot, wire.tree_hash(tree, digests))
+        self.held[name] = (slot, await asyncio.to_thread(wire.tree_hash, tree, digests))
 
     async def remove_layer(self, slot: int, name: str) -> None:
         await self._request(lambda rid: wire.control(wire.REMOVE, {"id": rid, "slot": slot, "name": name}),

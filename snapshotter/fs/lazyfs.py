@@ -242,15 +242,15 @@ class LazyFS:
             from snapshotter.fs.holderwire import tree_hash
 
             slot = held[0]
-            if held[1] != tree_hash(compiled, digests):
+            if held[1] != await asyncio.to_thread(tree_hash, compiled, digests):  # tens of MB: off the loop
                 data.failed = "the FUSE holder serves this layer with another tree (index rebuilt?)"
                 log.error("layer_tree_mismatch", layer=name, slot=slot)
         else:
             slot = self._next_slot
             self._next_slot += 1
             await backend.add_layer(slot, name, compiled, digests, str(data.store.chunks_dir), data.chunk_size)
-            if name in self._layers:  # added meanwhile by another caller
-                return self.mountpoint / name
+        if name in self._layers:  # added meanwhile by another caller
+            return self.mountpoint / name
         layer = MountedLayer(name, slot, tree, data)
         self._layers[name] = layer
         self._slots[slot] = layer

@@ -34,7 +34,7 @@ from snapshotter.index.errors import LayerIndexError
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.layers.options import LazyOptions
 from snapshotter.log import get_logger
-from snapshotter.registry.signatures import TrustedKey, verified_by
+from snapshotter.registry.signatures import TrustedKey, Voucher
 from snapshotter.store.metrics import REGISTRY
 
 log = get_logger("lazysnap.layers")
@@ -146,20 +146,21 @@ async def published_indexes(client: Any, ref: str, manifest_digest: str | None, 
         return out  # nothing could be vouched for: do not even ask
     from snapshotter.registry import Descriptor
 
+    voucher = Voucher("signed", tuple(keys))
     arts = await client.referrers(ref, manifest_digest, INDEX_ARTIFACT)
     arts.sort(key=lambda d: d.annotations.get("org.opencontainers.image.created", ""), reverse=True)
     out.artifacts = len(arts)
     for art in arts[:MAX_ARTIFACTS]:
         vouched = "pinned"
         if opts.index_trust == "signed":
-            key = await verified_by(client, ref, art.digest, keys)
-            if key is None:
+            signed = await voucher.vouch(client, ref, art.digest)
+            if signed is None:
                 out.unsigned += 1
                 INDEX_FALLBACKS.labels("unsigned").inc()
                 log.warning("index_rejected", image=ref, artifact=art.digest, reason="unsigned",
                             note="no signature by a trusted key: not used")
                 continue
-            vouched = f"signed:{key.fingerprint}"
+            vouched = signed
         body, _, _ = await client.get_manifest(ref, art.digest)
         try:
             manifest = json.loads(body)
