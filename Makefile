@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 SAN_DIR := .work/sanitize
 
-.PHONY: build test-native sanitize-test
+.PHONY: build test-native sanitize-test fuzz
 
 # Built aside, then renamed over the old .so: a process that has the old one mapped keeps
 # working (an in-place copy would rewrite the mapped file under it).
@@ -31,3 +31,13 @@ sanitize-test:
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONMALLOC=malloc \
 	  $(abspath $(PY)) -m pytest tests -q -p no:cacheprovider -x $(PYTEST_ARGS)
 	@echo "sanitize-test: OK (ASan+UBSan clean)"
+
+# A fuzz target under ASan/UBSan with the seeded driver (native/fuzz/driver.c; with clang,
+# link libFuzzer instead: see the target's header). RUNS inputs from SEED.
+RUNS ?= 2000000
+SEED ?= 1
+fuzz:
+	mkdir -p .work
+	gcc -std=c11 -O1 -g -D_GNU_SOURCE -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	  -Inative/fuse native/fuzz/fuse_request.c native/fuzz/driver.c native/fuse/kproto.c -o .work/fuzz_fuse_request
+	LZ_FUZZ_RUNS=$(RUNS) LZ_FUZZ_SEED=$(SEED) .work/fuzz_fuse_request

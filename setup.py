@@ -27,13 +27,14 @@ core = Extension(
     extra_link_args=ldflags,
 )
 
-# The daemon's FUSE filesystem: answers metadata and local reads on C threads (libfuse 3).
+# The daemon's FUSE filesystem: speaks the kernel's FUSE protocol itself and answers metadata
+# and local reads on C threads.
 fuse = Extension(
     "snapshotter._fuse",
     sources=sorted(os.path.join("native", "fuse", f) for f in os.listdir("native/fuse") if f.endswith(".c")),
     depends=sorted(os.path.join("native", "fuse", f) for f in os.listdir("native/fuse") if f.endswith(".h")),
-    include_dirs=["native/fuse", "/usr/include/fuse3"],
-    libraries=["fuse3", "pthread"],
+    include_dirs=["native/fuse"],
+    libraries=["pthread"],
     extra_compile_args=cflags,
     extra_link_args=ldflags,
 )

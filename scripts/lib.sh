@@ -13,10 +13,11 @@
 
 LAZYSNAP_APT_PACKAGES=(
   # daemons and tools the tests and the demo run for real
-  containerd runc docker-registry umoci skopeo stargz-snapshotter fuse3 busybox-static
+  containerd runc docker-registry umoci skopeo stargz-snapshotter busybox-static
   debootstrap apache2-utils ca-certificates
-  # the C core (ISA-L, zlib, zstd, libcrypto) and the C FUSE filesystem (libfuse 3)
-  gcc make pkg-config libfuse3-dev libisal-dev libzstd-dev zlib1g-dev libssl-dev
+  # the C core (ISA-L, zlib, zstd, libcrypto); the C FUSE filesystem needs only the
+  # kernel's headers (linux-libc-dev, with gcc)
+  gcc make pkg-config libisal-dev libzstd-dev zlib1g-dev libssl-dev
   python3 python3-venv python3-dev
 )
 

@@ -253,3 +253,69 @@ def test_remove_layer_under_concurrent_reads(fs) -> None:
         reads = sum(f.result(10) for f in futures)
     assert not wrong and reads > 0
     assert session.counters()["read_forwarded"] == 0
+
+
+def test_mount_as_the_kernel_sees_it(fs) -> None:
+    """The protocol is ours (native/fuse/kproto.c): what the kernel agreed to and mounted."""
+    session, mnt, index, _ = fs
+    session.mark_verified(b"".join(index.chunk_digests()))
+    fields = next(line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4] == str(mnt))
+    sep = fields.index("-")
+    assert fields[sep + 1] == "fuse" and fields[sep + 2] == "lazysnap"
+    assert {"ro", "nosuid", "nodev"} <= set(fields[5].split(","))
+    assert {"default_permissions", "user_id=0", "group_id=0"} <= set(fields[sep + 3].split(","))
+    assert "allow_other" not in fields[sep + 3]
+    st = os.statvfs(mnt)
+    assert st.f_bsize == 4096 and st.f_namemax == 255 and st.f_files == 1 + 10  # root + the layer's nodes
+    assert st.f_blocks * 4096 >= sum(len(d) for d in FILES.values())
+    with pytest.raises(OSError) as exc:
+        os.mkdir(mnt / "L" / "new")
+    assert exc.value.errno == errno.EROFS
+    # requests we do not implement are refused with ENOSYS and the kernel carries on
+    fd = os.open(mnt / "L" / "small.txt", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # FSYNC: ENOSYS, which the kernel turns into success
+    finally:
+        os.close(fd)
+    assert (mnt / "L" / "small.txt").read_bytes() == b"hello\n"
+
+
+def test_big_directories_and_long_names_list_whole(tmp_path: Path) -> None:
+    """A listing spans many READDIR(PLUS) replies: each entry once, in order, attributes right."""
+    tar = tmp_path / "layer.tar"
+    names = [f"{i:05d}" + "n" * (i % 240) for i in range(3000)]
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, name in enumerate(names):
+            _file(tf, f"d/{name}", b"x" * (i % 7), uid=i % 5)
+    write_index(tmp_path / "idx", index_file(str(tar), span=1 << 20, chunk_size=CHUNK))
+    index = IndexFile.open(tmp_path / "idx")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", 1)
+    try:
+        session.start()
+        deadline = time.monotonic() + 10
+        while not session.initialized():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        session.add_layer(1, "L", compile_tree(LayerTree.build(index.entries())), b"".join(index.chunk_digests()),
+                          str(tmp_path / "chunks"), CHUNK)
+        with os.scandir(mnt / "L" / "d") as it:
+            listed = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        assert [n for n, _ in listed] == sorted(names)
+        by_name = {n: st for n, st in listed}
+        for i, name in enumerate(names):
+            assert (by_name[name].st_size, by_name[name].st_uid) == (i % 7, i % 5)
+        assert session.counters()["readdir"] >= 2
+    finally:
+        session.close()
+        index.close()
+
+
+def test_unknown_mount_options_are_refused(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pytest.raises(OSError, match="unknown FUSE mount option"):
+        _fuse.Session(str(mnt), "ro,bogus=1", 1)
+    assert not os.path.ismount(mnt)

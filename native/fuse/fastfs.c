@@ -4,12 +4,11 @@
  * them without relying on unmount semantics) and answer requests under a read lock of the
  * layer table; add/remove of a layer takes the write lock, so a layer is never freed under
  * a request.  Inode numbers: FUSE root = 1; layer slot s owns (s << 32) | local. */
-#define FUSE_USE_VERSION 34
 #include "fastfs.h"
+#include "kproto.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <fuse_lowlevel.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -24,8 +23,8 @@
 
 #define SLOT_SHIFT 32
 #define LOCAL_MASK 0xffffffffull
-#define IMMUTABLE_TIMEOUT 86400.0 /* layers never change while registered */
-#define ROOT_TIMEOUT 1.0          /* the top directory changes as layers come and go */
+#define IMMUTABLE_TIMEOUT 86400 /* seconds; layers never change while registered */
+#define ROOT_TIMEOUT 1          /* the top directory changes as layers come and go */
 #define MAX_THREADS 16
 #define READAHEAD_CHUNKS 2
 #define ACCESS_LIMIT (1u << 20)
@@ -66,16 +65,22 @@ typedef struct {
 
 typedef struct {
     uint64_t token;
-    fuse_req_t req;
+    uint64_t unique; /* the kernel's id of the READ this answers */
 } inflight_t;
 
 typedef struct {
     lzfs_miss miss;
-    fuse_req_t req;
+    uint64_t unique;
 } queued_t;
 
+/* A request being answered: replies go to fs->fd tagged with the kernel's unique. */
+typedef struct {
+    lzfs *fs;
+    uint64_t unique;
+} req_t;
+
 struct lzfs {
-    struct fuse_session *se;
+    int fd; /* /dev/fuse */
     char *mountpoint;
     int n_threads, started;
     pthread_t threads[MAX_THREADS];
@@ -113,17 +118,26 @@ static uint64_t now_ns(int clock)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static void set_time(struct timespec *ts, int64_t ns)
+static void split_ns(int64_t ns, uint64_t *sec, uint32_t *nsec)
 {
-    int64_t sec = ns / 1000000000;
+    int64_t s = ns / 1000000000;
     int64_t rem = ns % 1000000000;
     if (rem < 0) {
         rem += 1000000000;
-        sec -= 1;
+        s -= 1;
     }
-    ts->tv_sec = (time_t)sec;
-    ts->tv_nsec = (long)rem;
+    *sec = (uint64_t)s;
+    *nsec = (uint32_t)rem;
 }
+
+/* Replies.  A failed write means the connection is gone (unmounted or aborted): the
+ * workers see that on their next read, so there is nothing to do here. */
+static void reply_err(req_t req, int err) { (void)lzk_reply_err(req.fs->fd, req.unique, err); }
+static void reply_buf(req_t req, const void *buf, size_t len)
+{
+    (void)lzk_reply(req.fs->fd, req.unique, 0, buf, len, NULL, 0);
+}
+static void reply_entry(req_t req, const struct fuse_entry_out *e) { reply_buf(req, e, sizeof *e); }
 
 static void signal_python(lzfs *fs) /* q_mu held */
 {
@@ -427,25 +441,25 @@ int lzfs_set_failed(lzfs *fs, uint32_t slot)
 
 int lzfs_inval_root_entry(lzfs *fs, const char *name, size_t name_len)
 {
-    return fuse_lowlevel_notify_inval_entry(fs->se, FUSE_ROOT_ID, name, name_len);
+    return lzk_notify_inval_entry(fs->fd, FUSE_ROOT_ID, name, name_len);
 }
 
 /* ------------------------------------------------------------------ resolving inodes */
 
-static layer_t *layer_of(lzfs *fs, fuse_ino_t ino) /* table read lock held */
+static layer_t *layer_of(lzfs *fs, uint64_t ino) /* table read lock held */
 {
     uint64_t slot = (uint64_t)ino >> SLOT_SHIFT;
     return slot < fs->slot_cap ? fs->by_slot[slot] : NULL;
 }
 
-static const lzt_node *node_of(layer_t *l, fuse_ino_t ino)
+static const lzt_node *node_of(layer_t *l, uint64_t ino)
 {
     uint64_t local = (uint64_t)ino & LOCAL_MASK;
     return local > 0 && local < l->n_nodes ? &l->nodes[local] : NULL;
 }
 
 /* The node of a layer inode with the table read-locked, or NULL (lock released). */
-static const lzt_node *lock_node(lzfs *fs, fuse_ino_t ino, layer_t **layer)
+static const lzt_node *lock_node(lzfs *fs, uint64_t ino, layer_t **layer)
 {
     pthread_rwlock_rdlock(&fs->table_lock);
     layer_t *l = ino == FUSE_ROOT_ID ? NULL : layer_of(fs, ino);
@@ -458,54 +472,63 @@ static const lzt_node *lock_node(lzfs *fs, fuse_ino_t ino, layer_t **layer)
 
 /* lock_node for an inode that must be of file type `kind`: answers the request itself
  * (ENOENT, or `wrong` for another type) and returns NULL when it is not. */
-static const lzt_node *lock_kind(fuse_req_t req, lzfs *fs, fuse_ino_t ino, mode_t kind, int wrong, layer_t **layer)
+static const lzt_node *lock_kind(req_t req, lzfs *fs, uint64_t ino, mode_t kind, int wrong, layer_t **layer)
 {
     const lzt_node *n = lock_node(fs, ino, layer);
     if (n && (n->mode & S_IFMT) == kind)
         return n;
     if (n)
         pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_err(req, n ? wrong : ENOENT);
+    reply_err(req, n ? wrong : ENOENT);
     return NULL;
 }
 
-static void node_stat(struct stat *st, fuse_ino_t ino, const lzt_node *n)
+static void node_attr(struct fuse_attr *a, uint64_t ino, const lzt_node *n)
 {
-    memset(st, 0, sizeof *st);
-    st->st_ino = ino;
-    st->st_mode = n->mode;
-    st->st_nlink = n->nlink;
-    st->st_uid = n->uid;
-    st->st_gid = n->gid;
-    st->st_rdev = n->rdev;
-    st->st_size = (off_t)n->size;
-    st->st_blksize = 4096;
-    st->st_blocks = (blkcnt_t)((n->size + 511) / 512);
-    set_time(&st->st_atim, n->mtime_ns);
-    set_time(&st->st_mtim, n->mtime_ns);
-    set_time(&st->st_ctim, n->mtime_ns);
+    memset(a, 0, sizeof *a);
+    a->ino = ino;
+    a->mode = n->mode;
+    a->nlink = n->nlink;
+    a->uid = n->uid;
+    a->gid = n->gid;
+    a->rdev = (uint32_t)n->rdev; /* the kernel's new_encode_dev form, as glibc's makedev for 32 bits */
+    a->size = n->size;
+    a->blksize = 4096;
+    a->blocks = (n->size + 511) / 512;
+    split_ns(n->mtime_ns, &a->mtime, &a->mtimensec);
+    a->atime = a->ctime = a->mtime;
+    a->atimensec = a->ctimensec = a->mtimensec;
 }
 
-static void root_stat(lzfs *fs, struct stat *st) /* table read lock held */
+static void root_attr(lzfs *fs, struct fuse_attr *a) /* table read lock held */
 {
-    memset(st, 0, sizeof *st);
-    st->st_ino = FUSE_ROOT_ID;
-    st->st_mode = S_IFDIR | 0755;
-    st->st_nlink = 2 + fs->n_layers;
-    st->st_size = 4096;
-    st->st_blksize = 4096;
-    set_time(&st->st_atim, (int64_t)fs->started_ns);
-    st->st_mtim = st->st_ctim = st->st_atim;
+    memset(a, 0, sizeof *a);
+    a->ino = FUSE_ROOT_ID;
+    a->mode = S_IFDIR | 0755;
+    a->nlink = 2 + (uint32_t)fs->n_layers;
+    a->size = 4096;
+    a->blksize = 4096;
+    split_ns((int64_t)fs->started_ns, &a->mtime, &a->mtimensec);
+    a->atime = a->ctime = a->mtime;
+    a->atimensec = a->ctimensec = a->mtimensec;
 }
 
-static fuse_ino_t ino_of(const layer_t *l, uint32_t local) { return ((fuse_ino_t)l->slot << SLOT_SHIFT) | local; }
+static uint64_t ino_of(const layer_t *l, uint32_t local) { return ((uint64_t)l->slot << SLOT_SHIFT) | local; }
 
-static void node_entry(struct fuse_entry_param *e, const layer_t *l, uint32_t local)
+static void node_entry(struct fuse_entry_out *e, const layer_t *l, uint32_t local)
 {
     memset(e, 0, sizeof *e);
-    e->ino = ino_of(l, local);
-    e->attr_timeout = e->entry_timeout = IMMUTABLE_TIMEOUT;
-    node_stat(&e->attr, e->ino, &l->nodes[local]);
+    e->nodeid = ino_of(l, local);
+    e->attr_valid = e->entry_valid = IMMUTABLE_TIMEOUT;
+    node_attr(&e->attr, e->nodeid, &l->nodes[local]);
+}
+
+static void root_entry(lzfs *fs, struct fuse_entry_out *e) /* table read lock held */
+{
+    memset(e, 0, sizeof *e);
+    e->nodeid = FUSE_ROOT_ID;
+    e->attr_valid = e->entry_valid = ROOT_TIMEOUT;
+    root_attr(fs, &e->attr);
 }
 
 static int name_cmp(const layer_t *l, const lzt_child *c, const char *name, size_t len)
@@ -548,18 +571,27 @@ static layer_t *layer_named(lzfs *fs, const char *name)
 
 /* ------------------------------------------------------------------ metadata operations */
 
-static void op_init(void *ud, struct fuse_conn_info *conn)
+/* What we ask for at INIT, where the kernel offers it: reads in parallel and 1 MiB
+ * requests (MAX_PAGES), lookups in one directory in parallel, READDIRPLUS (attributes with
+ * the listing, so `ls -l` and overlayfs' copy-up checks cost no GETATTR each), and symlinks
+ * cached (layers are immutable: readlink once). */
+#define WANT_FLAGS                                                                                 \
+    (FUSE_ASYNC_READ | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS | FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO | \
+     FUSE_CACHE_SYMLINKS | FUSE_MAX_PAGES)
+#define MAX_PAGES 256 /* 1 MiB reads */
+
+static void op_init(lzfs *fs, const lzk_req *r)
 {
-    lzfs *fs = ud;
-    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
-        conn->want |= FUSE_CAP_CACHE_SYMLINKS; /* layers are immutable: readlink once */
-    atomic_store(&fs->initialized, 1);
+    uint64_t agreed;
+    uint32_t minor;
+    if (lzk_reply_init(fs->fd, r, WANT_FLAGS, MAX_PAGES, &agreed, &minor) == 0 && minor)
+        atomic_store(&fs->initialized, 1);
 }
 
-static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+static void op_lookup(req_t req, uint64_t parent, const char *name)
 {
-    lzfs *fs = fuse_req_userdata(req);
-    struct fuse_entry_param e;
+    lzfs *fs = req.fs;
+    struct fuse_entry_out e;
     count(fs, LZC_LOOKUP);
     pthread_rwlock_rdlock(&fs->table_lock);
     if (parent == FUSE_ROOT_ID) {
@@ -567,31 +599,28 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
         if (l) {
             node_entry(&e, l, 1);
         } else {
-            memset(&e, 0, sizeof e);
             if (strcmp(name, "..") == 0 || strcmp(name, ".") == 0) {
-                e.ino = FUSE_ROOT_ID;
-                root_stat(fs, &e.attr);
-                e.attr_timeout = e.entry_timeout = ROOT_TIMEOUT;
+                root_entry(fs, &e);
             } else {
                 pthread_rwlock_unlock(&fs->table_lock);
-                fuse_reply_err(req, ENOENT); /* not cached: layers come and go */
+                reply_err(req, ENOENT); /* not cached: layers come and go */
                 return;
             }
         }
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_entry(req, &e);
+        reply_entry(req, &e);
         return;
     }
     layer_t *l = layer_of(fs, parent);
     const lzt_node *dir = l ? node_of(l, parent) : NULL;
     if (!dir) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, ENOENT);
+        reply_err(req, ENOENT);
         return;
     }
     if (!S_ISDIR(dir->mode)) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, ENOTDIR);
+        reply_err(req, ENOTDIR);
         return;
     }
     uint32_t local;
@@ -604,85 +633,81 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     if (local) {
         node_entry(&e, l, local);
     } else if (strcmp(name, "..") == 0) {
-        memset(&e, 0, sizeof e);
-        e.ino = FUSE_ROOT_ID;
-        root_stat(fs, &e.attr);
-        e.attr_timeout = e.entry_timeout = ROOT_TIMEOUT;
+        root_entry(fs, &e);
     } else {
         /* inode 0 + a timeout: the kernel caches the negative entry.  Python's import probes
          * thousands of absent names, and overlayfs asks every lower layer for each. */
         memset(&e, 0, sizeof e);
-        e.entry_timeout = IMMUTABLE_TIMEOUT;
+        e.entry_valid = IMMUTABLE_TIMEOUT;
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_entry(req, &e);
+    reply_entry(req, &e);
 }
 
-static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+static void op_getattr(req_t req, uint64_t ino)
 {
-    fuse_reply_none(req); /* inodes live as long as their layer is registered */
-}
-
-static void op_forget_multi(fuse_req_t req, size_t count_, struct fuse_forget_data *forgets)
-{
-    fuse_reply_none(req);
-}
-
-static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
-{
-    lzfs *fs = fuse_req_userdata(req);
-    struct stat st;
-    double timeout = IMMUTABLE_TIMEOUT;
+    lzfs *fs = req.fs;
+    struct fuse_attr_out out;
+    memset(&out, 0, sizeof out);
     count(fs, LZC_GETATTR);
     if (ino == FUSE_ROOT_ID) {
         pthread_rwlock_rdlock(&fs->table_lock);
-        root_stat(fs, &st);
-        timeout = ROOT_TIMEOUT;
+        root_attr(fs, &out.attr);
+        out.attr_valid = ROOT_TIMEOUT;
     } else {
         layer_t *l;
         const lzt_node *n = lock_node(fs, ino, &l);
         if (!n) {
-            fuse_reply_err(req, ENOENT);
+            reply_err(req, ENOENT);
             return;
         }
-        node_stat(&st, ino, n);
+        node_attr(&out.attr, ino, n);
+        out.attr_valid = IMMUTABLE_TIMEOUT;
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_attr(req, &st, timeout);
+    reply_buf(req, &out, sizeof out);
 }
 
-static void op_readlink(fuse_req_t req, fuse_ino_t ino)
+static void op_readlink(req_t req, uint64_t ino)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    lzfs *fs = req.fs;
     count(fs, LZC_READLINK);
     layer_t *l;
     const lzt_node *n = lock_kind(req, fs, ino, S_IFLNK, EINVAL, &l);
     if (!n)
         return;
-    char *target = strndup(l->strings + n->target_off, n->target_len);
+    size_t len = n->target_len;
+    char *target = malloc(len ? len : 1);
+    if (target)
+        memcpy(target, l->strings + n->target_off, len);
     pthread_rwlock_unlock(&fs->table_lock);
     if (!target) {
-        fuse_reply_err(req, ENOMEM);
+        reply_err(req, ENOMEM);
         return;
     }
-    fuse_reply_readlink(req, target);
+    reply_buf(req, target, len);
     free(target);
 }
 
-static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+static void reply_open(req_t req, uint64_t fh, uint32_t open_flags)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    struct fuse_open_out out = {.fh = fh, .open_flags = open_flags};
+    reply_buf(req, &out, sizeof out);
+}
+
+static void op_opendir(req_t req, uint64_t ino)
+{
+    lzfs *fs = req.fs;
+    uint32_t flags = 0;
     count(fs, LZC_OPENDIR);
     if (ino != FUSE_ROOT_ID) {
         layer_t *l;
         if (!lock_kind(req, fs, ino, S_IFDIR, ENOTDIR, &l))
             return;
         pthread_rwlock_unlock(&fs->table_lock);
-        fi->cache_readdir = 1; /* the kernel keeps the listing: it never changes */
-        fi->keep_cache = 1;
+        flags = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE; /* the kernel keeps the listing: it never changes */
     }
-    fi->fh = ino;
-    fuse_reply_open(req, fi);
+    reply_open(req, ino, flags);
 }
 
 static int layer_name_cmp(const void *a, const void *b)
@@ -691,19 +716,19 @@ static int layer_name_cmp(const void *a, const void *b)
     return strcmp(x->name, y->name);
 }
 
-static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus)
+static void do_readdir(req_t req, uint64_t ino, size_t size, uint64_t off, int plus)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    lzfs *fs = req.fs;
     count(fs, LZC_READDIR);
     if (size > (1u << 20))
         size = 1u << 20;
-    char *buf = malloc(size ? size : 1), name[4096];
+    char *buf = malloc(size ? size : 1);
     if (!buf) {
-        fuse_reply_err(req, ENOMEM);
+        reply_err(req, ENOMEM);
         return;
     }
     size_t pos = 0;
-    struct fuse_entry_param e;
+    struct fuse_entry_out e;
     pthread_rwlock_rdlock(&fs->table_lock);
     if (ino == FUSE_ROOT_ID) {
         layer_t **sorted = malloc((fs->n_layers ? fs->n_layers : 1) * sizeof *sorted);
@@ -711,7 +736,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, i
         if (!sorted) {
             pthread_rwlock_unlock(&fs->table_lock);
             free(buf);
-            fuse_reply_err(req, ENOMEM);
+            reply_err(req, ENOMEM);
             return;
         }
         for (size_t i = 0; i < fs->slot_cap; i++)
@@ -719,9 +744,11 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, i
                 sorted[n++] = fs->by_slot[i];
         qsort(sorted, n, sizeof *sorted, layer_name_cmp);
         for (size_t i = (size_t)off; i < n; i++) {
+            const char *name = sorted[i]->name;
+            size_t len = sorted[i]->name_len;
             node_entry(&e, sorted[i], 1);
-            size_t need = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, sorted[i]->name, &e, (off_t)i + 1)
-                               : fuse_add_direntry(req, buf + pos, size - pos, sorted[i]->name, &e.attr, (off_t)i + 1);
+            size_t need = plus ? lzk_add_direntplus(buf + pos, size - pos, name, len, &e, i + 1)
+                               : lzk_add_dirent(buf + pos, size - pos, name, len, e.nodeid, e.attr.mode, i + 1);
             if (need > size - pos)
                 break;
             pos += need;
@@ -733,42 +760,29 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, i
         if (!dir || !S_ISDIR(dir->mode)) {
             pthread_rwlock_unlock(&fs->table_lock);
             free(buf);
-            fuse_reply_err(req, dir ? ENOTDIR : ENOENT);
+            reply_err(req, dir ? ENOTDIR : ENOENT);
             return;
         }
-        for (uint64_t i = (uint64_t)off; i < dir->child_count; i++) {
+        for (uint64_t i = off; i < dir->child_count; i++) {
             const lzt_child *c = &l->children[dir->child_start + i];
-            memcpy(name, l->strings + c->name_off, c->name_len); /* checked <= 4000 at add */
-            name[c->name_len] = 0;
+            const char *name = l->strings + c->name_off; /* in bounds: checked at add */
             node_entry(&e, l, c->child);
-            size_t need = plus ? fuse_add_direntry_plus(req, buf + pos, size - pos, name, &e, (off_t)i + 1)
-                               : fuse_add_direntry(req, buf + pos, size - pos, name, &e.attr, (off_t)i + 1);
+            size_t need = plus ? lzk_add_direntplus(buf + pos, size - pos, name, c->name_len, &e, i + 1)
+                               : lzk_add_dirent(buf + pos, size - pos, name, c->name_len, e.nodeid, e.attr.mode, i + 1);
             if (need > size - pos)
                 break;
             pos += need;
         }
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_buf(req, buf, pos);
+    reply_buf(req, buf, pos);
     free(buf);
 }
 
-static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+static void op_statfs(req_t req)
 {
-    do_readdir(req, ino, size, off, 0);
-}
-
-static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
-{
-    do_readdir(req, ino, size, off, 1);
-}
-
-static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) { fuse_reply_err(req, 0); }
-
-static void op_statfs(fuse_req_t req, fuse_ino_t ino)
-{
-    lzfs *fs = fuse_req_userdata(req);
-    struct statvfs s;
+    lzfs *fs = req.fs;
+    struct fuse_statfs_out out;
     uint64_t total = 0, files = 1;
     count(fs, LZC_STATFS);
     pthread_rwlock_rdlock(&fs->table_lock);
@@ -780,22 +794,28 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
         }
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    memset(&s, 0, sizeof s);
-    s.f_bsize = s.f_frsize = 4096;
-    s.f_blocks = (total + 4095) / 4096;
-    s.f_files = files;
-    s.f_namemax = 255;
-    fuse_reply_statfs(req, &s);
+    memset(&out, 0, sizeof out);
+    out.st.bsize = out.st.frsize = 4096;
+    out.st.blocks = (total + 4095) / 4096;
+    out.st.files = files;
+    out.st.namelen = 255;
+    reply_buf(req, &out, sizeof out);
 }
 
-static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+static void reply_xattr_size(req_t req, size_t size)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    struct fuse_getxattr_out out = {.size = (uint32_t)size};
+    reply_buf(req, &out, sizeof out);
+}
+
+static void op_getxattr(req_t req, uint64_t ino, const char *name, size_t size)
+{
+    lzfs *fs = req.fs;
     count(fs, LZC_GETXATTR);
     layer_t *l;
     const lzt_node *n = lock_node(fs, ino, &l);
     if (!n) {
-        fuse_reply_err(req, ino == FUSE_ROOT_ID ? ENODATA : ENOENT);
+        reply_err(req, ino == FUSE_ROOT_ID ? ENODATA : ENOENT);
         return;
     }
     size_t len = strlen(name);
@@ -806,42 +826,42 @@ static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
         uint32_t vlen = x->value_len;
         if (size == 0) {
             pthread_rwlock_unlock(&fs->table_lock);
-            fuse_reply_xattr(req, vlen);
+            reply_xattr_size(req, vlen);
         } else if (size < vlen) {
             pthread_rwlock_unlock(&fs->table_lock);
-            fuse_reply_err(req, ERANGE);
+            reply_err(req, ERANGE);
         } else {
             char *v = malloc(vlen ? vlen : 1);
             if (v)
                 memcpy(v, l->strings + x->value_off, vlen);
             pthread_rwlock_unlock(&fs->table_lock);
             if (v)
-                fuse_reply_buf(req, v, vlen);
+                reply_buf(req, v, vlen);
             else
-                fuse_reply_err(req, ENOMEM);
+                reply_err(req, ENOMEM);
             free(v);
         }
         return;
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_err(req, ENODATA);
+    reply_err(req, ENODATA);
 }
 
-static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+static void op_listxattr(req_t req, uint64_t ino, size_t size)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    lzfs *fs = req.fs;
     count(fs, LZC_LISTXATTR);
     if (ino == FUSE_ROOT_ID) {
         if (size == 0)
-            fuse_reply_xattr(req, 0);
+            reply_xattr_size(req, 0);
         else
-            fuse_reply_buf(req, NULL, 0);
+            reply_buf(req, NULL, 0);
         return;
     }
     layer_t *l;
     const lzt_node *n = lock_node(fs, ino, &l);
     if (!n) {
-        fuse_reply_err(req, ENOENT);
+        reply_err(req, ENOENT);
         return;
     }
     size_t need = 0;
@@ -849,18 +869,18 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
         need += l->xattrs[n->xattr_start + i].name_len + 1;
     if (size == 0) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_xattr(req, need);
+        reply_xattr_size(req, need);
         return;
     }
     if (size < need) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, ERANGE);
+        reply_err(req, ERANGE);
         return;
     }
     char *buf = malloc(need ? need : 1);
     if (!buf) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_err(req, ENOMEM);
+        reply_err(req, ENOMEM);
         return;
     }
     size_t pos = 0;
@@ -871,30 +891,26 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
         buf[pos++] = 0;
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    fuse_reply_buf(req, buf, pos);
+    reply_buf(req, buf, pos);
     free(buf);
 }
 
 /* ------------------------------------------------------------------ data */
 
-static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+static void op_open(req_t req, uint64_t ino, uint32_t flags)
 {
-    lzfs *fs = fuse_req_userdata(req);
+    lzfs *fs = req.fs;
     count(fs, LZC_OPEN);
-    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & (O_TRUNC | O_APPEND))) {
-        fuse_reply_err(req, EROFS);
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_TRUNC | O_APPEND))) {
+        reply_err(req, EROFS);
         return;
     }
     layer_t *l;
     if (!lock_kind(req, fs, ino, S_IFREG, EINVAL, &l))
         return;
     pthread_rwlock_unlock(&fs->table_lock);
-    fi->fh = ino;
-    fi->keep_cache = 1; /* page cache survives close/open: the file never changes */
-    fuse_reply_open(req, fi);
+    reply_open(req, ino, FOPEN_KEEP_CACHE); /* page cache survives close/open: the file never changes */
 }
-
-static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) { fuse_reply_err(req, 0); }
 
 static void chunk_path(const layer_t *l, uint64_t chunk, char *out)
 {
@@ -947,21 +963,21 @@ static void hint_chunk(const layer_t *l, uint64_t chunk)
     }
 }
 
-static void forward(lzfs *fs, fuse_req_t req, fuse_ino_t ino, uint64_t off, size_t size)
+static void forward(lzfs *fs, req_t req, uint64_t ino, uint64_t off, size_t size)
 {
     count(fs, LZC_READ_FORWARDED);
     pthread_mutex_lock(&fs->q_mu);
     if (grow((void **)&fs->queued, &fs->cap_queued, fs->n_queued + 1, sizeof *fs->queued)) {
         pthread_mutex_unlock(&fs->q_mu);
-        fuse_reply_err(req, ENOMEM);
+        reply_err(req, ENOMEM);
         return;
     }
-    fs->queued[fs->n_queued++] = (queued_t){{++fs->next_token, ino, off, (uint32_t)size}, req};
+    fs->queued[fs->n_queued++] = (queued_t){{++fs->next_token, ino, off, (uint32_t)size}, req.unique};
     signal_python(fs);
     pthread_mutex_unlock(&fs->q_mu);
 }
 
-static void record_access(lzfs *fs, fuse_ino_t ino, uint64_t off, size_t size)
+static void record_access(lzfs *fs, uint64_t ino, uint64_t off, size_t size)
 {
     uint64_t t = now_ns(CLOCK_MONOTONIC);
     pthread_mutex_lock(&fs->q_mu);
@@ -976,10 +992,9 @@ static void record_access(lzfs *fs, fuse_ino_t ino, uint64_t off, size_t size)
     pthread_mutex_unlock(&fs->q_mu);
 }
 
-static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off_, struct fuse_file_info *fi)
+static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
 {
-    lzfs *fs = fuse_req_userdata(req);
-    uint64_t off = (uint64_t)off_;
+    lzfs *fs = req.fs;
     count(fs, LZC_READ);
     layer_t *l;
     const lzt_node *n = lock_kind(req, fs, ino, S_IFREG, EINVAL, &l);
@@ -989,7 +1004,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off_, str
         goto to_python; /* Python answers EIO and logs the quarantine reason */
     if (off >= n->size || size == 0) {
         pthread_rwlock_unlock(&fs->table_lock);
-        fuse_reply_buf(req, NULL, 0);
+        reply_buf(req, NULL, 0);
         return;
     }
     size_t len = size < n->size - off ? size : (size_t)(n->size - off);
@@ -1023,7 +1038,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off_, str
     pthread_rwlock_unlock(&fs->table_lock);
     count(fs, LZC_READ_LOCAL);
     record_access(fs, ino, off, len);
-    fuse_reply_buf(req, buf, len);
+    reply_buf(req, buf, len);
     free(buf);
     return;
 to_python:
@@ -1055,7 +1070,7 @@ int lzfs_take(lzfs *fs, lzfs_miss **misses, size_t *n_misses, lzfs_access **acc,
         }
         for (size_t i = 0; i < fs->n_queued; i++) {
             out[i] = fs->queued[i].miss;
-            fs->inflight[fs->n_inflight++] = (inflight_t){fs->queued[i].miss.token, fs->queued[i].req};
+            fs->inflight[fs->n_inflight++] = (inflight_t){fs->queued[i].miss.token, fs->queued[i].unique};
         }
         *misses = out;
         *n_misses = fs->n_queued;
@@ -1069,13 +1084,15 @@ int lzfs_take(lzfs *fs, lzfs_miss **misses, size_t *n_misses, lzfs_access **acc,
     return 0;
 }
 
-static fuse_req_t claim(lzfs *fs, uint64_t token)
+/* The request a token stands for, taken out of the in-flight set (unique 0: none; the
+ * kernel never uses 0 for a request). */
+static req_t claim(lzfs *fs, uint64_t token)
 {
-    fuse_req_t req = NULL;
+    req_t req = {fs, 0};
     pthread_mutex_lock(&fs->q_mu);
     for (size_t i = 0; i < fs->n_inflight; i++) {
         if (fs->inflight[i].token == token) {
-            req = fs->inflight[i].req;
+            req.unique = fs->inflight[i].unique;
             fs->inflight[i] = fs->inflight[--fs->n_inflight];
             break;
         }
@@ -1086,19 +1103,19 @@ static fuse_req_t claim(lzfs *fs, uint64_t token)
 
 int lzfs_reply_data(lzfs *fs, uint64_t token, const void *data, size_t len)
 {
-    fuse_req_t req = claim(fs, token);
-    if (!req)
+    req_t req = claim(fs, token);
+    if (!req.unique)
         return -ENOENT;
-    fuse_reply_buf(req, data, len);
+    reply_buf(req, data, len);
     return 0;
 }
 
 int lzfs_reply_error(lzfs *fs, uint64_t token, int err)
 {
-    fuse_req_t req = claim(fs, token);
-    if (!req)
+    req_t req = claim(fs, token);
+    if (!req.unique)
         return -ENOENT;
-    fuse_reply_err(req, err > 0 ? err : EIO);
+    reply_err(req, err > 0 ? err : EIO);
     return 0;
 }
 
@@ -1110,24 +1127,64 @@ void lzfs_counters(lzfs *fs, uint64_t out[LZC_N])
 
 /* ------------------------------------------------------------------ session */
 
-static const struct fuse_lowlevel_ops ops = {
-    .init = op_init,
-    .lookup = op_lookup,
-    .forget = op_forget,
-    .forget_multi = op_forget_multi,
-    .getattr = op_getattr,
-    .readlink = op_readlink,
-    .open = op_open,
-    .read = op_read,
-    .release = op_release,
-    .opendir = op_opendir,
-    .readdir = op_readdir,
-    .readdirplus = op_readdirplus,
-    .releasedir = op_releasedir,
-    .statfs = op_statfs,
-    .getxattr = op_getxattr,
-    .listxattr = op_listxattr,
-};
+/* One request, answered here or queued for Python.  FORGET/BATCH_FORGET need no reply
+ * (inodes live as long as their layer is registered); INTERRUPT is not acted on (a
+ * forwarded read is answered or failed within the fetch deadline anyway); opcodes we do
+ * not implement get ENOSYS, which the kernel remembers (FLUSH, ACCESS, STATX, ...). */
+static void dispatch(lzfs *fs, const lzk_req *r)
+{
+    req_t req = {fs, r->h->unique};
+    uint64_t ino = r->h->nodeid;
+    const struct fuse_read_in *rd = r->arg;
+    const struct fuse_getxattr_in *gx = r->arg;
+    switch (r->h->opcode) {
+    case FUSE_INIT:
+        op_init(fs, r);
+        break;
+    case FUSE_LOOKUP:
+        op_lookup(req, ino, lzk_name(r));
+        break;
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+    case FUSE_INTERRUPT:
+        break;
+    case FUSE_GETATTR:
+        op_getattr(req, ino);
+        break;
+    case FUSE_READLINK:
+        op_readlink(req, ino);
+        break;
+    case FUSE_OPEN:
+        op_open(req, ino, ((const struct fuse_open_in *)r->arg)->flags);
+        break;
+    case FUSE_OPENDIR:
+        op_opendir(req, ino);
+        break;
+    case FUSE_READ:
+        op_read(req, ino, rd->size, rd->offset);
+        break;
+    case FUSE_READDIR:
+    case FUSE_READDIRPLUS:
+        do_readdir(req, ino, rd->size, rd->offset, r->h->opcode == FUSE_READDIRPLUS);
+        break;
+    case FUSE_RELEASE:
+    case FUSE_RELEASEDIR:
+    case FUSE_DESTROY:
+        reply_err(req, 0);
+        break;
+    case FUSE_STATFS:
+        op_statfs(req);
+        break;
+    case FUSE_GETXATTR:
+        op_getxattr(req, ino, lzk_name(r), gx->size);
+        break;
+    case FUSE_LISTXATTR:
+        op_listxattr(req, ino, gx->size);
+        break;
+    default:
+        reply_err(req, ENOSYS);
+    }
+}
 
 int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, const char **msg)
 {
@@ -1142,7 +1199,7 @@ int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int thread
         return -ENOMEM;
     }
     fs->n_threads = threads;
-    fs->stop_fd = fs->notify_fd = -1;
+    fs->fd = fs->stop_fd = fs->notify_fd = -1;
     fs->started_ns = now_ns(CLOCK_REALTIME);
     /* writers first: a steady stream of overlapping requests must not starve remove_layer
      * (no request takes the read lock twice, so this cannot deadlock) */
@@ -1161,21 +1218,12 @@ int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int thread
         lzfs_close(fs);
         return -ENOMEM;
     }
-    char *argv[] = {"lazysnap", "-o", (char *)options, NULL};
-    struct fuse_args args = FUSE_ARGS_INIT(options && *options ? 3 : 1, argv);
-    fs->se = fuse_session_new(&args, &ops, sizeof ops, fs);
-    fuse_opt_free_args(&args);
-    if (!fs->se) {
-        *msg = "fuse_session_new failed (bad mount options?)";
+    int fd = lzk_mount(mountpoint, options, msg);
+    if (fd < 0) {
         lzfs_close(fs);
-        return -EINVAL;
+        return fd;
     }
-    if (fuse_session_mount(fs->se, mountpoint) != 0) {
-        *msg = "cannot mount the FUSE filesystem";
-        lzfs_close(fs);
-        return -EIO;
-    }
-    int fd = fuse_session_fd(fs->se);
+    fs->fd = fd;
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     *out = fs;
     return 0;
@@ -1184,8 +1232,10 @@ int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int thread
 static void *worker(void *arg)
 {
     lzfs *fs = arg;
-    struct fuse_buf fbuf = {.mem = NULL};
-    struct pollfd pfd[2] = {{.fd = fuse_session_fd(fs->se), .events = POLLIN}, {.fd = fs->stop_fd, .events = POLLIN}};
+    char *buf = malloc(LZK_BUFSIZE);
+    if (!buf)
+        return NULL; /* the other workers serve; with none, requests wait until close */
+    struct pollfd pfd[2] = {{.fd = fs->fd, .events = POLLIN}, {.fd = fs->stop_fd, .events = POLLIN}};
     while (!atomic_load(&fs->stopping)) {
         int r = poll(pfd, 2, -1);
         if (r < 0) {
@@ -1197,14 +1247,21 @@ static void *worker(void *arg)
             break;
         if (!(pfd[0].revents & POLLIN))
             break; /* POLLERR/POLLHUP: the connection was aborted or unmounted */
-        int res = fuse_session_receive_buf(fs->se, &fbuf);
-        if (res == -EINTR || res == -EAGAIN)
-            continue;
-        if (res <= 0)
-            break;
-        fuse_session_process_buf(fs->se, &fbuf);
+        ssize_t n = read(fs->fd, buf, LZK_BUFSIZE);
+        if (n < 0) {
+            /* EAGAIN: another worker took it; ENOENT: interrupted before we read it */
+            if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
+                continue;
+            break; /* ENODEV: unmounted */
+        }
+        lzk_req req;
+        const char *msg;
+        if (lzk_parse(buf, (size_t)n, &req, &msg) == 0)
+            dispatch(fs, &req);
+        else if ((size_t)n >= sizeof(struct fuse_in_header))
+            lzk_reply_err(fs->fd, ((const struct fuse_in_header *)buf)->unique, EIO);
     }
-    free(fbuf.mem);
+    free(buf);
     return NULL;
 }
 
@@ -1245,13 +1302,17 @@ void lzfs_close(lzfs *fs)
         pthread_join(fs->threads[i], NULL);
     /* no worker runs now: fail what Python was still answering or never took */
     for (size_t i = 0; i < fs->n_queued; i++)
-        fuse_reply_err(fs->queued[i].req, EIO);
+        lzk_reply_err(fs->fd, fs->queued[i].unique, EIO);
     for (size_t i = 0; i < fs->n_inflight; i++)
-        fuse_reply_err(fs->inflight[i].req, EIO);
+        lzk_reply_err(fs->fd, fs->inflight[i].unique, EIO);
     fs->n_queued = fs->n_inflight = 0;
-    if (fs->se) {
-        fuse_session_unmount(fs->se);
-        fuse_session_destroy(fs->se);
+    if (fs->fd >= 0) {
+        /* unmount only our own mount: if the connection is already gone (unmounted or
+         * aborted by someone else), something else may be mounted there by now */
+        struct pollfd p = {.fd = fs->fd, .events = 0};
+        if (!(poll(&p, 1, 0) == 1 && (p.revents & POLLERR)))
+            lzk_unmount(fs->mountpoint);
+        close(fs->fd);
     }
     for (size_t i = 0; i < fs->slot_cap; i++)
         layer_free(fs->by_slot[i]);

@@ -17,9 +17,8 @@ asked is lost. One daemon at a time: a second is refused. The holder keeps each 
 tree; a restarted daemon gets the list at hello and reuses the slots, so the inode numbers
 the kernel holds for open files keep their meaning (``LazyFS.add_layer``).
 
-What it does not survive is itself: a holder upgrade needs the ``/dev/fuse`` fd handed to
-its successor and ``FUSE_NOTIFY_RESEND``, which libfuse 3.14 cannot do
-(docs/design/restart.md).
+What it does not survive yet is itself: a holder upgrade needs the ``/dev/fuse`` fd handed
+to its successor and ``FUSE_NOTIFY_RESEND`` (docs/design/restart.md).
 """
 from __future__ import annotations
 

@@ -78,4 +78,10 @@ def unmount_stale(mountpoint: Path) -> None:
         if exc.errno != errno.ENOTCONN:
             return
     log.warning("stale_mount", mountpoint=mountpoint, action="lazy_unmount")
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    detach(mountpoint)
+
+
+def detach(mountpoint: str | Path) -> None:
+    """Lazy unmount (MNT_DETACH): files containers hold open stay readable while their
+    server lives; never stats the mountpoint, which hangs when nobody serves it."""
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)

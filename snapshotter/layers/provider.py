@@ -19,8 +19,6 @@ import asyncio
 import atexit
 import contextlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +32,7 @@ from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fs import LayerData, LayerTree, LazyFS
-from snapshotter.fs.mount import HOLDER_SOCKET
+from snapshotter.fs.mount import HOLDER_SOCKET, detach
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import create_private, write_atomic
 from snapshotter.index.builder import index_file
@@ -582,7 +580,4 @@ def _quiet(task: asyncio.Task[Any]) -> None:
 
 def _unmount_at_exit(mountpoint: str) -> None:
     """The daemon is exiting without close(): never leave a dead FUSE mount behind."""
-    # no stat of the mountpoint here: nobody is serving it any more, a stat would hang
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        subprocess.run([tool, "-u", "-z", mountpoint], check=False, capture_output=True)
+    detach(mountpoint)
