@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from harness.containerd import stop_fuse_holder
 from snapshotter.fetch import Fetcher, FetchOptions
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec
 from snapshotter.fs import LayerData, LayerTree
+from snapshotter.fs.metrics import REGISTRY
 from snapshotter.fs.holderlink import HolderError
 from snapshotter.fs.thread import FuseThread
 from snapshotter.index.format import IndexFile
@@ -184,3 +186,59 @@ def test_a_read_waits_for_a_daemon_then_fails_cleanly(held) -> None:  # noqa: AN
         _uncached_read(root / "mnt/layer1/data/big.bin", 0, 4096)
     assert exc.value.errno == errno.EIO
     assert 0.9 < time.monotonic() - t0 < 5
+
+
+def _rehomes() -> float:
+    return REGISTRY.get_sample_value("lazysnap_fuse_holder_rehomes_total", {"how": "taken_over"}) or 0.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_the_session_outlives_the_holder(held, sig: signal.Signals) -> None:  # noqa: ANN001
+    """The holder dies (killed, or stopped to be replaced by a new build) while a read it
+    handed to the daemon waits on a stalled fetch and a file is open. The daemon kept a copy
+    of the session's fd: the mount never breaks, a new holder takes the session over, the
+    kernel sends the unanswered read again, and it gets the layer's bytes; the open file and
+    every other file read on."""
+    want, blob, index, root = held
+    gate = threading.Event()
+    gate.set()
+    before = _rehomes()
+    d = Daemon(root, blob, index, gate)  # starts holder 1
+    first = int((root / "fuse-holder.pid").read_text())
+    mnt_dev = os.stat(root / "mnt").st_dev
+    d.settle(d.dir / "etc/hostname")
+    kept = os.open(d.dir / "many/f0200", os.O_RDONLY)
+    results: dict[str, bytes | BaseException] = {}
+
+    def read(path: Path, off: int, size: int) -> None:
+        try:
+            results["in_flight"] = _uncached_read(path, off, size)
+        except BaseException as exc:  # noqa: BLE001 - the test checks what it was
+            results["in_flight"] = exc
+
+    big = len(want["data/big.bin"])
+    t = threading.Thread(target=read, args=(d.dir / "data/big.bin", big - 4096, 4096))
+    try:
+        gate.clear()  # the registry stalls: the read waits in the daemon, taken from holder 1
+        t.start()
+        time.sleep(0.5)
+        assert "in_flight" not in results
+        os.kill(first, sig)
+        deadline = time.monotonic() + 30
+        while _rehomes() == before:
+            assert time.monotonic() < deadline, (root / "fuse-holder.log").read_text()[-3000:]
+            time.sleep(0.05)
+        second = int((root / "fuse-holder.pid").read_text())
+        assert second != first
+        gate.set()
+        t.join(30)
+        assert results["in_flight"] == want["data/big.bin"][big - 4096:]
+        assert os.pread(kept, 1000, 0) == want["many/f0200"][:1000]
+        assert os.stat(root / "mnt").st_dev == mnt_dev  # the same mount, never remounted
+        for name, data in want.items():
+            assert _uncached_read(d.dir / name) == data, name
+    finally:
+        os.close(kept)
+        gate.set()
+        t.join(30)
+        d.stop()

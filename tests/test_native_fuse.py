@@ -319,3 +319,40 @@ def test_unknown_mount_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="unknown FUSE mount option"):
         _fuse.Session(str(mnt), "ro,bogus=1", 1)
     assert not os.path.ismount(mnt)
+
+
+def test_a_session_taken_over_answers_what_its_predecessor_left(fs) -> None:
+    """The /dev/fuse fd outlives the session that mounted it: another session takes it over
+    (as a new FUSE holder does), and the kernel sends it again the read the first one took
+    and never answered (FUSE_NOTIFY_RESEND)."""
+    first, mnt, index, store = fs
+    tree = compile_tree(LayerTree.build(index.entries()))
+    digests = b"".join(index.chunk_digests())
+    fh = open(mnt / "L" / "small.txt", "rb")  # an open file must keep working across
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit((mnt / "L/f1.bin").read_bytes)
+        deadline = time.monotonic() + 10
+        while not (taken := first.take()[0]):  # in flight in `first`, never answered by it
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        fd = os.dup(first.fuse_fileno())
+        first.close(unmount=False)
+        assert os.path.ismount(mnt) and not fut.done()
+        second = _fuse.Session(str(mnt), "", 2, fuse_fd=fd)
+        os.close(fd)  # the session keeps its own copy
+        try:
+            assert second.initialized()
+            second.add_layer(1, "L", tree, digests, str(store.chunks_dir), CHUNK)
+            second.start()
+            second.resend()
+            want = FILES["f1.bin"]
+            seen = _serve(second, fut, lambda tok, ino, off, size: second.reply_data(tok, want[off:off + size]))
+            assert fut.result() == want
+            assert [(ino, off) for _, ino, off, _ in seen][:1] == [(ino, off) for _, ino, off, _ in taken][:1]
+            second.mark_verified(digests)
+            assert fh.read() == b"hello\n"
+            assert sorted(os.listdir(mnt / "L")) == sorted([*FILES, "small.txt", "dir"])
+        finally:
+            fh.close()
+            second.close()
+    assert not os.path.ismount(mnt)

@@ -4,12 +4,14 @@ Real containerd, runc, docker-registry (behind the fault proxy), FUSE and ``lazy
 serve``. The container checks every byte of its lazily served data layer over and over
 (``sha256sum -c``) while the test drops the page cache, so the reads reach the FUSE
 server; the daemon is killed with SIGKILL while a fetch is in flight, restarted, stopped
-with SIGTERM, and killed and restarted many times in a row. The container must see no
-error and no wrong byte.
+with SIGTERM, and killed and restarted many times in a row; then the FUSE holder itself is
+killed, and stopped as for an upgrade. The container must see no error and no wrong byte.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -153,6 +155,23 @@ def test_a_running_container_never_sees_a_daemon_restart(world: World, tmp_path:
             daemon.start()
         lines = _wait_passes(log, 2, 60)
         assert _holder_pid(daemon) == holder
+
+        # the holder itself: killed, then stopped as `systemctl restart lazysnap-fused` does
+        # to run a new build; the daemon keeps the session alive and hands it to the next one
+        for n, sig in enumerate((signal.SIGKILL, signal.SIGTERM), 1):
+            os.kill(holder, sig)
+            _drop_caches()
+            deadline = time.monotonic() + 60
+            while True:
+                rehomed = [x for x in daemon.log_path.read_text().splitlines() if "event=holder_rehomed" in x]
+                if len(rehomed) == n:
+                    break
+                assert time.monotonic() < deadline, daemon.log_tail()
+                time.sleep(0.1)
+            assert "taken_over=True" in rehomed[-1], rehomed
+            assert _holder_pid(daemon) != holder
+            holder = _holder_pid(daemon)
+            lines = _wait_passes(log, 2, 60)
         (out / "stop").touch()
         fails = [x for x in lines if not x.startswith("ok")]
         assert not fails, fails[:20]

@@ -1186,7 +1186,7 @@ static void dispatch(lzfs *fs, const lzk_req *r)
     }
 }
 
-int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, const char **msg)
+int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, const char **msg)
 {
     *out = NULL;
     if (threads < 1 || threads > MAX_THREADS) {
@@ -1215,13 +1215,20 @@ int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int thread
     fs->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (!fs->mountpoint || fs->stop_fd < 0 || fs->notify_fd < 0) {
         *msg = "cannot allocate the session";
-        lzfs_close(fs);
+        lzfs_close(fs, 0);
+        if (fuse_fd >= 0)
+            close(fuse_fd);
         return -ENOMEM;
     }
-    int fd = lzk_mount(mountpoint, options, msg);
+    int fd = fuse_fd;
     if (fd < 0) {
-        lzfs_close(fs);
-        return fd;
+        fd = lzk_mount(mountpoint, options, msg);
+        if (fd < 0) {
+            lzfs_close(fs, 0);
+            return fd;
+        }
+    } else {
+        atomic_store(&fs->initialized, 1); /* the previous server answered INIT */
     }
     fs->fd = fd;
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
@@ -1286,8 +1293,10 @@ int lzfs_start(lzfs *fs)
 
 int lzfs_initialized(lzfs *fs) { return atomic_load(&fs->initialized); }
 int lzfs_notify_fd(lzfs *fs) { return fs->notify_fd; }
+int lzfs_fuse_fd(lzfs *fs) { return fs->fd; }
+int lzfs_resend(lzfs *fs) { return lzk_notify_resend(fs->fd); }
 
-void lzfs_close(lzfs *fs)
+void lzfs_close(lzfs *fs, int unmount)
 {
     if (!fs)
         return;
@@ -1301,12 +1310,14 @@ void lzfs_close(lzfs *fs)
     for (int i = 0; i < fs->started; i++)
         pthread_join(fs->threads[i], NULL);
     /* no worker runs now: fail what Python was still answering or never took */
-    for (size_t i = 0; i < fs->n_queued; i++)
+    for (size_t i = 0; unmount && i < fs->n_queued; i++)
         lzk_reply_err(fs->fd, fs->queued[i].unique, EIO);
-    for (size_t i = 0; i < fs->n_inflight; i++)
+    for (size_t i = 0; unmount && i < fs->n_inflight; i++)
         lzk_reply_err(fs->fd, fs->inflight[i].unique, EIO);
     fs->n_queued = fs->n_inflight = 0;
-    if (fs->fd >= 0) {
+    if (fs->fd >= 0 && !unmount) {
+        close(fs->fd);
+    } else if (fs->fd >= 0) {
         /* unmount only our own mount: if the connection is already gone (unmounted or
          * aborted by someone else), something else may be mounted there by now */
         struct pollfd p = {.fd = fs->fd, .events = 0};

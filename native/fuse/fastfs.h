@@ -68,12 +68,22 @@ typedef struct {
     uint32_t size;
 } lzfs_access;
 
-/* All functions return 0 or a negative errno; *msg (static text) says what failed. */
-int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, const char **msg);
+/* All functions return 0 or a negative errno; *msg (static text) says what failed.
+ * fuse_fd < 0: mount a new filesystem at mountpoint; otherwise serve the live session
+ * of that /dev/fuse fd (taken over from a process that left it: the mount exists and INIT
+ * was answered), which the session then owns. */
+int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, const char **msg);
 int lzfs_start(lzfs *fs);
 int lzfs_initialized(lzfs *fs);
 int lzfs_notify_fd(lzfs *fs);
-void lzfs_close(lzfs *fs); /* stop threads, fail queued reads with EIO, unmount, free */
+int lzfs_fuse_fd(lzfs *fs);
+/* Ask the kernel to send again every request read from this session and not answered
+ * (by a process that left it); -ENOSYS before Linux 6.9. */
+int lzfs_resend(lzfs *fs);
+/* Stop the workers and free.  unmount: fail queued reads with EIO and unmount; otherwise
+ * leave both to whoever else holds the fd (queued reads stay unanswered in the kernel,
+ * to be sent again to the next server with lzfs_resend). */
+void lzfs_close(lzfs *fs, int unmount);
 
 int lzfs_add_layer(lzfs *fs, uint32_t slot, const char *name, size_t name_len, const void *tree,
                    size_t tree_len, const void *digests, uint64_t n_chunks, const char *chunks_dir,

@@ -58,11 +58,18 @@ static int slot_arg(PyObject *arg, uint32_t *slot)
 
 static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mountpoint", "options", "threads", NULL};
+    static char *kwlist[] = {"mountpoint", "options", "threads", "fuse_fd", NULL};
     const char *mountpoint, *options = "";
-    int threads = 2;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|si:Session", kwlist, &mountpoint, &options, &threads))
+    int threads = 2, fuse_fd = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|sii:Session", kwlist, &mountpoint, &options, &threads, &fuse_fd))
         return -1;
+    if (fuse_fd >= 0) { /* ours from here on, as a session that mounted itself owns its fd */
+        fuse_fd = dup(fuse_fd);
+        if (fuse_fd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
     if (self->fs) {
         PyErr_SetString(PyExc_RuntimeError, "Session already initialised");
         return -1;
@@ -71,7 +78,7 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
     lzfs *fs;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = lzfs_new(&fs, mountpoint, options, threads, &msg);
+    r = lzfs_new(&fs, mountpoint, options, threads, fuse_fd, &msg);
     Py_END_ALLOW_THREADS
     if (r) {
         os_error(r, msg);
@@ -81,7 +88,7 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
-static void close_session(SessionObject *self)
+static void close_session(SessionObject *self, int unmount)
 {
     lzfs *fs = self->fs;
     self->fs = NULL; /* no new call starts */
@@ -93,14 +100,14 @@ static void close_session(SessionObject *self)
         Py_END_ALLOW_THREADS
     }
     Py_BEGIN_ALLOW_THREADS
-    lzfs_close(fs);
+    lzfs_close(fs, unmount);
     Py_END_ALLOW_THREADS
 }
 
 static void Session_dealloc(SessionObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
-    close_session(self); /* busy is 0 here: a call in progress holds a reference */
+    close_session(self, 1); /* busy is 0 here: a call in progress holds a reference */
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -116,9 +123,30 @@ static PyObject *Session_start(SessionObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *Session_close(SessionObject *self, PyObject *unused)
+static PyObject *Session_close(SessionObject *self, PyObject *args, PyObject *kw)
 {
-    close_session(self);
+    static char *kwlist[] = {"unmount", NULL};
+    int unmount = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:close", kwlist, &unmount))
+        return NULL;
+    close_session(self, unmount);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_fuse_fileno(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    return fs ? PyLong_FromLong(lzfs_fuse_fd(fs)) : NULL;
+}
+
+static PyObject *Session_resend(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    if (!fs)
+        return NULL;
+    int r = lzfs_resend(fs);
+    if (r)
+        return os_error(r, "the kernel cannot send unanswered FUSE requests again (FUSE_NOTIFY_RESEND, Linux >= 6.9)");
     Py_RETURN_NONE;
 }
 
@@ -328,7 +356,12 @@ static PyObject *Session_counters(SessionObject *self, PyObject *unused)
 
 static PyMethodDef Session_methods[] = {
     {"start", (PyCFunction)Session_start, METH_NOARGS, "start the worker threads"},
-    {"close", (PyCFunction)Session_close, METH_NOARGS, "stop workers, fail pending reads (EIO), unmount"},
+    {"close", (PyCFunction)(void (*)(void))Session_close, METH_VARARGS | METH_KEYWORDS,
+     "close(unmount=True): stop workers; unmount: fail pending reads (EIO) and unmount, else leave both to "
+     "whoever else holds the /dev/fuse fd"},
+    {"fuse_fileno", (PyCFunction)Session_fuse_fileno, METH_NOARGS, "the session's /dev/fuse fd (to hand over)"},
+    {"resend", (PyCFunction)Session_resend, METH_NOARGS,
+     "ask the kernel to send again the requests read and not answered (FUSE_NOTIFY_RESEND)"},
     {"initialized", (PyCFunction)Session_initialized, METH_NOARGS, "True once the kernel's INIT was answered"},
     {"fileno", (PyCFunction)Session_fileno, METH_NOARGS, "eventfd, readable when take() has something"},
     {"add_layer", (PyCFunction)(void (*)(void))Session_add_layer, METH_VARARGS | METH_KEYWORDS,

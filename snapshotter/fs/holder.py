@@ -17,8 +17,15 @@ asked is lost. One daemon at a time: a second is refused. The holder keeps each 
 tree; a restarted daemon gets the list at hello and reuses the slots, so the inode numbers
 the kernel holds for open files keep their meaning (``LazyFS.add_layer``).
 
-What it does not survive yet is itself: a holder upgrade needs the ``/dev/fuse`` fd handed
-to its successor and ``FUSE_NOTIFY_RESEND`` (docs/design/restart.md).
+The holder itself can die or be replaced too: the attached daemon holds a copy of the
+session's ``/dev/fuse`` fd (sent with the welcome), so the kernel keeps the mount alive
+without any holder; the daemon starts the next holder and hands it the fd, the next holder
+takes the session over (no new mount: the kernel's inode numbers and containers' open files
+stay valid), the daemon adds its layers back under the same slots, and the holder has the
+kernel send again every request the dead one had read and not answered
+(``FUSE_NOTIFY_RESEND``). A holder stopped with a daemon attached therefore leaves the
+mount and its unanswered reads to the daemon rather than failing them. Only when both die
+does the kernel abort the mount.
 """
 from __future__ import annotations
 
@@ -28,14 +35,15 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
-from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOUNT_OPTIONS, release_layer,
-                                  unmount_stale, wait_initialized)
+from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOUNT_OPTIONS, detach, mount_device,
+                                  release_layer, unmount_stale, wait_initialized)
 from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
 
@@ -66,6 +74,8 @@ class Holder:
     waiting: dict[int, _Waiting] = field(default_factory=dict)  # token → read not answered yet
     daemon: asyncio.StreamWriter | None = None
     next_slot: int = 1
+    relay: Path | None = None  # the public gRPC socket this holder holds (told to the daemon)
+    adopted: bool = False  # took over a session; serves once the daemon says START
 
     @property
     def socket_path(self) -> Path:
@@ -73,6 +83,18 @@ class Holder:
 
     # -- session --------------------------------------------------------------------------------
     async def mount(self) -> None:
+        """Mount, unless something is mounted there already: that may be a live session
+        whose holder died and whose fd the daemon keeps, to be handed to us at hello (never
+        stat it: with no server reading, the stat would wait forever)."""
+        if mount_device(self.mountpoint) is not None:
+            log.info("holder_awaiting_session", mountpoint=str(self.mountpoint),
+                     note="a mount exists: the daemon brings its fd, or it is replaced at hello")
+            return
+        await self._mount_new()
+
+    async def _mount_new(self) -> None:
+        if mount_device(self.mountpoint) is not None:
+            detach(self.mountpoint)  # no daemon brought its session: nobody can serve it again
         unmount_stale(self.mountpoint)
         private_dirs(self.mountpoint)
         self.session = session = _fuse.Session(str(self.mountpoint), MOUNT_OPTIONS, self.threads)
@@ -80,6 +102,31 @@ class Holder:
         asyncio.get_running_loop().add_reader(session.fileno(), self._take)
         await wait_initialized(session, self.mountpoint, self.read_ahead_kb)
         log.info("holder_mounted", mountpoint=str(self.mountpoint), pid=os.getpid())
+
+    def _adopt(self, fd: int) -> None:
+        """Take over the session of ``fd`` (the daemon kept it when the last holder died);
+        workers start at ``START``, once its layers are back."""
+        try:
+            self.session = _fuse.Session(str(self.mountpoint), "", self.threads, fuse_fd=fd)
+        finally:
+            os.close(fd)  # the session has its own copy
+        self.adopted = True
+        log.info("holder_adopting", mountpoint=str(self.mountpoint), pid=os.getpid())
+
+    def _serve_adopted(self) -> None:
+        session = self.session
+        if not self.adopted or session is None:
+            return
+        self.adopted = False
+        session.start()
+        asyncio.get_running_loop().add_reader(session.fileno(), self._take)
+        try:
+            session.resend()
+            resent = True
+        except OSError as exc:  # Linux < 6.9: what the last holder read stays unanswered
+            log.error("resend_unsupported", error=str(exc))
+            resent = False
+        log.info("holder_took_over", mountpoint=str(self.mountpoint), layers=len(self.layers), resent=resent)
 
     def _take(self) -> None:
         assert self.session is not None
@@ -121,33 +168,56 @@ class Holder:
         if self.daemon is not None and not self.daemon.is_closing():
             self.daemon.write(data)
 
-    async def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: a daemon's hello, then its messages until it goes away. A
-        connection that says nothing (a probe: does a holder run here?) is closed quietly."""
+    async def attach(self, conn: socket.socket) -> None:
+        """One connection: a daemon's hello (with the session's fd if it has one), then its
+        messages until it goes away. A connection that says nothing (a probe: does a holder
+        run here?) is closed quietly."""
         frames = wire.FrameReader()
         got: list[tuple[int, bytes]] = []
+        fd: int | None = None
         try:
             async with asyncio.timeout(10):
                 while not got:
-                    data = await reader.read(1 << 20)
+                    data, came = await wire.recv_with_fd(conn)
+                    if came is not None:
+                        if fd is not None:
+                            os.close(fd)
+                        fd = came
                     if not data:
-                        writer.close()
-                        return
+                        break
                     got = frames.feed(data)
         except (OSError, TimeoutError, ValueError):
-            writer.close()
+            got = []
+        if not got:
+            if fd is not None:
+                os.close(fd)
+            conn.close()
             return
         if self.daemon is not None:  # its hello is read: closing on unread bytes would reset
-            writer.write(wire.control(wire.REFUSED, {"reason": "another lazysnap serve is attached to "
-                                                               "this root's FUSE holder"}))
+            if fd is not None:
+                os.close(fd)
             with contextlib.suppress(OSError):
-                await writer.drain()
+                await wire.send_with_fd(conn, wire.control(wire.REFUSED, {
+                    "reason": "another lazysnap serve is attached to this root's FUSE holder"}), None)
+            conn.close()
+            return
+        try:
+            welcome, send_fd, accepted = await self._hello(*got[0], fd)
+            await wire.send_with_fd(conn, welcome, send_fd)
+            if not accepted:
+                conn.close()
+                return
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except (OSError, ValueError) as exc:
+            log.error("daemon_hello_failed", error=f"{type(exc).__name__}: {exc}")
+            conn.close()
+            return
+        if self.daemon is not None:  # another daemon got in while this hello was answered
             writer.close()
             return
         self.daemon = writer
         try:
-            if not self._hello(*got[0]):
-                return
+            self._hand_waiting()
             for kind, payload in got[1:]:
                 await self._dispatch(kind, payload)
             while True:
@@ -167,21 +237,38 @@ class Holder:
                 log.warning("daemon_detached", waiting_reads=len(self.waiting), layers=len(self.layers))
             writer.close()
 
-    def _hello(self, kind: int, payload: bytes) -> bool:
+    async def _hello(self, kind: int, payload: bytes, fd: int | None) -> tuple[bytes, int | None, bool]:
+        """The answer to a daemon's hello, the fd to send with it (None: the daemon has it)
+        and whether the daemon is accepted. ``fd``: the session the daemon kept (its holder died),
+        taken over if this holder has none yet."""
         doc = wire.doc_of(payload) if kind == wire.HELLO else {}
         if doc.get("version") != wire.VERSION:
-            self._send(wire.control(wire.REFUSED, {"reason": f"protocol version {doc.get('version')}, "
-                                                             f"this holder speaks {wire.VERSION}"}))
-            return False
-        self._send(wire.control(wire.WELCOME, {
+            if fd is not None:
+                os.close(fd)
+            return wire.control(wire.REFUSED, {"reason": f"protocol version {doc.get('version')}, "
+                                                         f"this holder speaks {wire.VERSION}"}), None, False
+        adopting = self.session is None and fd is not None
+        if adopting:
+            assert fd is not None
+            self._adopt(fd)
+        elif fd is not None:
+            os.close(fd)  # this holder mounted its own: the daemon's was another (dead) session
+        elif self.session is None:
+            await self._mount_new()
+        assert self.session is not None
+        welcome = wire.control(wire.WELCOME, {
             "version": wire.VERSION, "pid": os.getpid(), "next_slot": self.next_slot,
-            "layers": {name: [slot, h] for name, (slot, h) in self.layers.items()}, "waiting": len(self.waiting)}))
-        # reads a previous daemon took and never answered, and those that came meanwhile
+            "layers": {name: [slot, h] for name, (slot, h) in self.layers.items()}, "waiting": len(self.waiting),
+            "adopted": self.adopted, "relay": str(self.relay) if self.relay is not None else None})
+        log.info("daemon_attached", pid=doc.get("pid"), layers=len(self.layers), waiting_reads=len(self.waiting),
+                 brought_session=fd is not None)
+        return welcome, None if adopting else self.session.fuse_fileno(), True
+
+    def _hand_waiting(self) -> None:
+        """Reads a previous daemon took and never answered, and those that came meanwhile."""
         waiting = [(t, w.ino, w.off, w.size) for t, w in self.waiting.items()]
         if waiting:
             self._send(wire.frame(wire.MISSES, wire.records(wire.MISS, waiting)))
-        log.info("daemon_attached", pid=doc.get("pid"), layers=len(self.layers), waiting_reads=len(waiting))
-        return True
 
     async def _dispatch(self, kind: int, payload: bytes) -> None:
         session = self.session
@@ -205,6 +292,8 @@ class Holder:
             doc = wire.doc_of(payload)
             await self._remove(int(doc["slot"]), str(doc["name"]))
             self._send(wire.control(wire.DONE, {"id": doc.get("id")}))
+        elif kind == wire.START:
+            self._serve_adopted()
         else:
             log.warning("daemon_unknown_message", kind=kind)
 
@@ -241,11 +330,14 @@ class Holder:
         log.info("layer_released", layer=name, slot=slot)
 
     async def close(self) -> None:
+        """Stop. With a daemon attached, it holds the session too: leave the mount and the
+        unanswered reads to it and the next holder. Alone: fail waiting reads, unmount."""
         session, self.session = self.session, None
+        handed = self.daemon is not None and not self.daemon.is_closing()
         if session is not None:
             asyncio.get_running_loop().remove_reader(session.fileno())
-            await asyncio.to_thread(session.close)  # fails waiting reads with EIO, unmounts
-        log.info("holder_stopped", mountpoint=str(self.mountpoint))
+            await asyncio.to_thread(session.close, unmount=not handed)
+        log.info("holder_stopped", mountpoint=str(self.mountpoint), left_to_daemon=handed)
 
 
 async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
@@ -261,7 +353,7 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
     except BlockingIOError:
         log.error("holder_running", root=str(root), note="another FUSE holder serves this root")
         return 1
-    holder = Holder(root, mountpoint, threads, read_ahead_kb, wait_s)
+    holder = Holder(root, mountpoint, threads, read_ahead_kb, wait_s, relay=relay)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -269,8 +361,12 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
     await holder.mount()
     sock = holder.socket_path
     sock.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(holder.attach, path=str(sock))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(str(sock))
     os.chmod(sock, FILE_MODE)
+    listener.listen(16)
+    listener.setblocking(False)
+    accepting = loop.create_task(_accept(listener, holder), name="fuse-holder-accept")
     grpc_relay = None
     if relay is not None:
         from snapshotter.service.relay import GrpcRelay
@@ -286,12 +382,34 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
         await stop.wait()
     finally:
         ticker.cancel()
-        server.close()
+        # everything a successor takes (socket paths, pid file, lock) is given up before the
+        # daemon's link is cut: the daemon starts the successor as soon as it sees that
+        await holder.close()
+        listener.close()
         sock.unlink(missing_ok=True)
         if grpc_relay is not None and relay is not None:
             await grpc_relay.stop()
             relay.unlink(missing_ok=True)
-        await holder.close()
         (root / "fuse-holder.pid").unlink(missing_ok=True)
         os.close(lock_fd)
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
     return 0
+
+
+async def _accept(listener: socket.socket, holder: Holder) -> None:
+    """Accept connections on the holder's socket; each is handled in a task of its own
+    (cancelled with this one)."""
+    loop = asyncio.get_running_loop()
+    conns: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            task = loop.create_task(holder.attach(conn), name="fuse-holder-conn")
+            conns.add(task)
+            task.add_done_callback(conns.discard)
+    finally:
+        for task in conns:
+            task.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)

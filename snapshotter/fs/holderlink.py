@@ -5,12 +5,17 @@ that neither a signal to the daemon's process group nor the daemon's death reach
 then says hello; the holder answers with the layers it already serves, which a restarted
 daemon adopts slot for slot. Everything after is one-way messages in order, so a miss for
 a slot never overtakes the ADD that made it.
+
+The welcome carries the session's ``/dev/fuse`` fd, which the daemon keeps: when the holder
+dies (killed, or stopped to be upgraded) the kernel keeps the mount alive on that copy, and
+``LazyFS`` brings the fd to the next holder (``on_lost``).
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +46,7 @@ class HolderLink:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: wire.FrameReader,
                  welcome: dict[str, Any], on_misses: Callable[[Any], None],
-                 on_accesses: Callable[[Any], None]) -> None:
+                 on_accesses: Callable[[Any], None], on_lost: Callable[[HolderLink], None] | None = None) -> None:
         self._reader = reader
         self._frames = frames
         self._writer = writer
@@ -51,6 +56,11 @@ class HolderLink:
         self.held: dict[str, tuple[int, str]] = {
             str(k): (int(v[0]), str(v[1])) for k, v in (welcome.get("layers") or {}).items()}
         self.next_slot = int(welcome.get("next_slot", 1))
+        self.adopted = bool(welcome.get("adopted"))  # took over our session: START once layers are back
+        self.relay = Path(welcome["relay"]) if welcome.get("relay") else None
+        self.session_fd: int | None = None  # the session's fd, when the welcome brought it (ours to close)
+        self._on_lost = on_lost
+        self._stopping = False
         self._on_misses = on_misses
         self._on_accesses = on_accesses
         self._counters: dict[str, int] = {}
@@ -61,43 +71,61 @@ class HolderLink:
 
     @classmethod
     async def attach(cls, socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
-                     on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None]) -> HolderLink:
-        """Connect to the holder of ``socket_path`` (starting it if none answers) and say hello."""
-        started = await ensure_holder(socket_path, mountpoint, threads=threads, read_ahead_kb=read_ahead_kb)
+                     on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None],
+                     on_lost: Callable[[HolderLink], None] | None = None, session_fd: int | None = None,
+                     relay: Path | None = None) -> HolderLink:
+        """Connect to the holder of ``socket_path`` (starting it, holding ``relay``, if none
+        answers) and say hello, bringing ``session_fd`` (the session a dead holder left)."""
+        started = await ensure_holder(socket_path, mountpoint, threads=threads, read_ahead_kb=read_ahead_kb,
+                                      relay=relay)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            await loop.sock_connect(sock, str(socket_path))
         except OSError as exc:
+            sock.close()
             raise HolderError(errno.ECONNREFUSED, f"cannot reach the FUSE holder at {socket_path}: {exc}") from None
-        try:
-            writer.write(wire.control(wire.HELLO, {"version": wire.VERSION, "pid": os.getpid()}))
-        except OSError:
-            pass  # a holder that refuses us closes at once; its reason is still to be read
         frames = wire.FrameReader()
+        got: list[tuple[int, bytes]] = []
+        received: int | None = None
         try:
             async with asyncio.timeout(SPAWN_TIMEOUT_S):
-                while True:
+                try:
+                    await wire.send_with_fd(sock, wire.control(wire.HELLO, {
+                        "version": wire.VERSION, "pid": os.getpid(), "fd": session_fd is not None}), session_fd)
+                except OSError:
+                    pass  # a holder that refuses us closes at once; its reason is still to be read
+                while not got:
                     try:
-                        data = await reader.read(1 << 16)
+                        data, fd = await wire.recv_with_fd(sock)
                     except OSError:
-                        data = b""
+                        data, fd = b"", None
+                    if fd is not None:
+                        if received is not None:
+                            os.close(received)
+                        received = fd
                     if not data:
                         raise HolderError(errno.ECONNRESET, f"the FUSE holder at {socket_path} closed the connection")
                     got = frames.feed(data)
-                    if got:
-                        break
         except TimeoutError:
-            writer.close()
+            _close(sock, received)
             raise HolderError(errno.ETIMEDOUT, f"the FUSE holder at {socket_path} did not answer") from None
+        except (HolderError, ValueError):
+            _close(sock, received)
+            raise
         kind, payload = got[0]
         doc = wire.doc_of(payload)
         if kind == wire.REFUSED:
-            writer.close()
+            _close(sock, received)
             raise HolderError(errno.EBUSY, f"the FUSE holder at {socket_path} refused: {doc.get('reason')}")
         if kind != wire.WELCOME or doc.get("version") != wire.VERSION:
-            writer.close()
+            _close(sock, received)
             raise HolderError(errno.EPROTO, f"the FUSE holder at {socket_path} speaks another protocol "
                                             f"(version {doc.get('version')}, this daemon {wire.VERSION})")
-        link = cls(reader, writer, frames, doc, on_misses, on_accesses)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        link = cls(reader, writer, frames, doc, on_misses, on_accesses, on_lost)
+        link.session_fd = received
         link._early = got[1:]  # handled by the receiving task, once the caller holds the link
         metrics.HOLDER_ATTACHES.labels("yes" if started else "no").inc()
         metrics.HOLDER_HANDED_READS.inc(int(doc.get("waiting", 0)))
@@ -116,6 +144,10 @@ class HolderLink:
     async def remove_layer(self, slot: int, name: str) -> None:
         await self._request(lambda rid: wire.control(wire.REMOVE, {"id": rid, "slot": slot, "name": name}),
                             f"remove layer {name}")
+
+    def start_serving(self) -> None:
+        """A holder that took our session over serves from now on (layers are back)."""
+        self._send(wire.control(wire.START, {}))
 
     async def _request(self, make: Callable[[int], bytes], what: str) -> None:
         """Send a frame carrying a request id; wait for the holder's DONE (or REFUSED)."""
@@ -154,6 +186,7 @@ class HolderLink:
 
     async def stop(self) -> None:
         """Detach: the holder keeps serving, and keeps reads that need a daemon waiting."""
+        self._stopping = True
         await asyncio.sleep(0)  # frames other threads queued (verified chunks) go out first
         try:
             await asyncio.wait_for(self._writer.drain(), 5)
@@ -172,7 +205,7 @@ class HolderLink:
         """Queue a frame; safe from any thread (the chunk store reports verified chunks from
         its workers), in order per thread."""
         if threading.get_ident() == self._thread:
-            self._writer.write(data)
+            self._write_unless_closed(data)
         else:
             self._loop.call_soon_threadsafe(self._write_unless_closed, data)
 
@@ -186,13 +219,22 @@ class HolderLink:
             self._dispatch(kind, payload)
         self._early = []
         while True:
-            data = await self._reader.read(1 << 20)
+            try:
+                data = await self._reader.read(1 << 20)
+            except OSError:  # reset: the holder was killed
+                data = b""
             if not data:
-                log.error("holder_lost", pid=self.pid,
-                          note="the FUSE holder went away: its mount is gone, containers on it fail")
-                return
+                break
             for kind, payload in frames.feed(data):
                 self._dispatch(kind, payload)
+        self._writer.close()
+        if self._stopping:
+            return
+        if self._on_lost is None:
+            log.error("holder_lost", pid=self.pid,
+                      note="the FUSE holder went away: its mount is gone, containers on it fail")
+            return
+        self._on_lost(self)
 
     def _dispatch(self, kind: int, payload: bytes) -> None:
         if kind == wire.MISSES:
@@ -260,3 +302,9 @@ async def _spawn(socket_path: Path, mountpoint: Path, threads: int, read_ahead_k
                 raise HolderError(errno.ETIMEDOUT, f"the FUSE holder did not listen on {socket_path} "
                                                    f"within {SPAWN_TIMEOUT_S:g}s (see {log_path})") from None
             await asyncio.sleep(0.02)
+
+
+def _close(sock: socket.socket, fd: int | None) -> None:
+    sock.close()
+    if fd is not None:
+        os.close(fd)

@@ -4,23 +4,33 @@ One definition for both sides. A frame is ``FRAME`` (payload length, message typ
 payload. The socket is ``<root>/fuse.sock`` in the 0700 state directory (mode 0600), so
 only root reaches it. Control payloads are JSON objects; bulk ones are packed records.
 
-daemon → holder: ``HELLO`` {version, pid}; ``ADD`` (JSON head {id, slot, name,
+daemon → holder: ``HELLO`` {version, pid, fd}; ``ADD`` (JSON head {id, slot, name,
 chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
 ``FAILED`` {slot}; ``VERIFIED`` / ``FORGET`` (digests, 32 bytes each); ``DATA`` (token,
-bytes); ``ERROR`` (token, errno).
+bytes); ``ERROR`` (token, errno); ``START`` {} (the layers of a session the holder took
+over are back: serve, and have the kernel send again what the last holder left unanswered).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot, waiting}; ``MISSES`` (``MISS`` records); ``ACCESSES`` (``ACCESS`` records);
-``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD or REMOVE is applied); ``REFUSED`` {reason}
-(another daemon is attached) or {id, name, reason} (an ADD could not be applied).
+next_slot, waiting, adopted, relay}; ``MISSES`` (``MISS`` records); ``ACCESSES`` (``ACCESS``
+records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD or REMOVE is applied);
+``REFUSED`` {reason} (another daemon is attached) or {id, name, reason} (an ADD could not be
+applied).
+
+The session's ``/dev/fuse`` fd is held by both ends (``SCM_RIGHTS``), so that either can die
+without the kernel aborting the mounts: it travels with ``HELLO`` when the daemon has it (its
+holder died; ``fd`` true) and with ``WELCOME`` otherwise. A holder that took a session over
+(``adopted``) serves only after ``START``, once the daemon has added its layers back.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import socket
 import struct
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 FRAME = struct.Struct("<IB")  # payload length, message type
 MAX_PAYLOAD = 1 << 31  # a tree blob of a 500k-entry layer is tens of MB; a read reply ≤ 1 MiB
 MISS = struct.Struct("<QQQI")  # token, ino, offset, size
@@ -30,7 +40,7 @@ REPLY_ERROR = struct.Struct("<Qi")  # token, errno
 ADD_HEAD = struct.Struct("<IQ")  # JSON head length, tree blob length (the digests follow)
 
 (HELLO, ADD, REMOVE, FAILED, VERIFIED, FORGET, DATA, ERROR,
- WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED) = range(1, 15)
+ WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START) = range(1, 16)
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -100,3 +110,53 @@ class FrameReader:
             out.append((kind, bytes(self._buf[FRAME.size:end])))
             del self._buf[:end]
         return out
+
+
+# -- the handshake, on the raw socket: a stream reader would drop the fd that comes with it ----
+async def send_with_fd(sock: socket.socket, data: bytes, fd: int | None) -> None:
+    """Send ``data`` on a non-blocking socket, with ``fd`` attached to its first byte."""
+    loop = asyncio.get_running_loop()
+    if fd is None:
+        await loop.sock_sendall(sock, data)
+        return
+    while True:
+        try:
+            sent = socket.send_fds(sock, [data], [fd])
+            break
+        except BlockingIOError:
+            await _ready(loop, sock, write=True)
+    if sent < len(data):
+        await loop.sock_sendall(sock, data[sent:])
+
+
+async def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
+    """The next bytes of a non-blocking socket and the fd that came with them, if any
+    (not inherited by children; extra fds are closed)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+            break
+        except BlockingIOError:
+            await _ready(loop, sock, write=False)
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        return data, None
+    os.set_inheritable(fds[0], False)
+    return data, fds[0]
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fd = sock.fileno()
+    (loop.add_writer if write else loop.add_reader)(fd, ready)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)

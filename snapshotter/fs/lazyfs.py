@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from snapshotter import _fuse
 from snapshotter.fs import metrics
@@ -41,6 +42,9 @@ from snapshotter.fs.tree import LayerTree
 from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
 from snapshotter.store import ChunkStore
+
+if TYPE_CHECKING:
+    from snapshotter.fs.holderlink import HolderLink
 
 log = get_logger("lazysnap.fs")
 
@@ -174,6 +178,9 @@ class LazyFS:
         self._serving: set[asyncio.Task[None]] = set()
         self._slot_added = asyncio.Event()  # set (and replaced) whenever a layer is added
         self._chunk_hits = 0
+        self._session_fd: int | None = None  # with a holder: our copy of its /dev/fuse fd
+        self._relay: Path | None = None  # the public socket the holder holds, for the next one
+        self._rehoming: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -184,9 +191,11 @@ class LazyFS:
         if self.holder is not None:
             from snapshotter.fs.holderlink import HolderLink
 
-            backend: FuseBackend = await HolderLink.attach(
+            link = await HolderLink.attach(
                 self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
-                on_misses=self._on_misses, on_accesses=self._on_accesses)
+                on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost)
+            self._session_fd, self._relay = link.session_fd, link.relay
+            backend: FuseBackend = link
         else:
             _refuse_if_held(self.mountpoint)
             backend = await LocalSession.mount(self.mountpoint, opts, self.threads, self.read_ahead_kb,
@@ -202,6 +211,9 @@ class LazyFS:
         if backend is None:
             return
         self._backend = None
+        if self._rehoming is not None:
+            self._rehoming.cancel()
+            await asyncio.gather(self._rehoming, return_exceptions=True)
         if self._store is not None:
             self._store.unwatch_verified(backend.mark_verified)
             self._store = None
@@ -214,7 +226,69 @@ class LazyFS:
             log.warning("fuse_unmounting", mountpoint=self.mountpoint, layers=len(self._layers),
                         note="containers running on these layers lose them; [lazy] fuse_holder keeps them")
         await backend.stop()
+        if self._session_fd is not None:
+            os.close(self._session_fd)
+            self._session_fd = None
         log.info("fuse_unmounted" if self.holder is None else "fuse_detached", mountpoint=self.mountpoint)
+
+    # -- a holder that died ----------------------------------------------------------------------
+    def _holder_lost(self, link: HolderLink) -> None:
+        if self._backend is not link or self._rehoming is not None:
+            return
+        log.error("holder_lost", pid=link.pid, layers=len(self._layers),
+                  session_kept=self._session_fd is not None)
+        self._rehoming = asyncio.get_running_loop().create_task(self._rehome(), name="fuse-holder-rehome")
+
+    async def _rehome(self) -> None:
+        """Bring our copy of the session to the next holder (started if none runs), add every
+        layer back under its slot, mirror the verified chunks again, then let it serve: the
+        kernel sends it again what the dead holder had read and not answered. Reads wait in
+        the kernel meanwhile; containers see a pause, not an error."""
+        from snapshotter.fs.holderlink import HolderError, HolderLink
+
+        assert self.holder is not None
+        old = self._backend
+        t0 = time.monotonic()
+        try:
+            while True:
+                try:
+                    link = await HolderLink.attach(
+                        self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
+                        on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
+                        session_fd=self._session_fd, relay=self._relay)
+                    break
+                except HolderError as exc:
+                    if time.monotonic() - t0 > REHOME_TIMEOUT_S:
+                        log.error("holder_rehome_failed", error=str(exc), waited_s=REHOME_TIMEOUT_S)
+                        return
+                    log.warning("holder_rehome_retry", error=str(exc))
+                    await asyncio.sleep(REHOME_RETRY_S)
+            if link.session_fd is not None:  # it mounted anew: ours was not taken over
+                if self._session_fd is not None:
+                    os.close(self._session_fd)
+                self._session_fd = link.session_fd
+            self._relay = link.relay or self._relay
+            if old is not None:
+                metrics.FUSE.detach(id(self), old.counters())
+                if self._store is not None:
+                    self._store.unwatch_verified(old.mark_verified)
+            self._backend = link
+            metrics.FUSE.attach(id(self), link.counters)
+            for layer in sorted(self._layers.values(), key=lambda m: m.slot):
+                compiled, digests = await asyncio.to_thread(_compiled_and_digests, layer)
+                await link.add_layer(layer.slot, layer.name, compiled, digests, str(layer.data.store.chunks_dir),
+                                     layer.data.chunk_size)
+                if layer.data.failed is not None:
+                    link.set_failed(layer.slot)
+            if self._store is not None:
+                self._store.watch_verified(link.mark_verified, link.forget_verified)
+            if link.adopted:
+                link.start_serving()
+            metrics.HOLDER_REHOMES.labels("taken_over" if link.adopted else "new_mount").inc()
+            log.info("holder_rehomed", pid=link.pid, layers=len(self._layers), taken_over=link.adopted,
+                     seconds=round(time.monotonic() - t0, 3))
+        finally:
+            self._rehoming = None
 
     # -- layers ---------------------------------------------------------------------------------
     async def add_layer(self, name: str, tree: LayerTree | CompiledTree, data: LayerData, *,
@@ -374,6 +448,13 @@ class LazyFS:
 
 
 HELD_WAIT_S = 60.0  # a restarted daemon restores every layer it serves at start
+REHOME_TIMEOUT_S = 60.0  # a dead holder's successor must be serving by then
+REHOME_RETRY_S = 0.5
+
+
+def _compiled_and_digests(layer: MountedLayer) -> tuple[bytes, bytes]:
+    tree = layer.tree
+    return (tree.blob if isinstance(tree, CompiledTree) else compile_tree(tree)), _digests(layer.data)
 
 
 def _refuse_if_held(mountpoint: Path) -> None:

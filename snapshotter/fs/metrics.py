@@ -59,10 +59,14 @@ class FuseCounters(Collector):
 
 FUSE = FuseCounters()
 REGISTRY.register(FUSE)
-__all__ = ["CACHE_HITS", "FUSE", "OPS"]
+__all__ = ["CACHE_HITS", "FUSE", "HOLDER_ATTACHES", "HOLDER_HANDED_READS", "HOLDER_REHOMES", "OPS"]
 HOLDER_ATTACHES = PromCounter("lazysnap_fuse_holder_attaches_total",
                               "Times this daemon attached to a FUSE holder, by whether it started it",
                               ["started"], registry=REGISTRY)
 HOLDER_HANDED_READS = PromCounter("lazysnap_fuse_holder_handed_reads_total",
                                   "Reads that waited in the FUSE holder for a daemon and were handed to this one",
                                   registry=REGISTRY)
+HOLDER_REHOMES = PromCounter("lazysnap_fuse_holder_rehomes_total",
+                             "Times a FUSE holder died and this daemon brought the session to the next one "
+                             "(taken_over: the mount lived on; new_mount: it could not be kept)",
+                             ["how"], registry=REGISTRY)

@@ -54,12 +54,7 @@ def set_readahead(mountpoint: Path, kb: int) -> None:
     """
     # never stat the mountpoint here: we run on the loop that must answer that stat
     try:
-        dev = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == os.path.abspath(mountpoint):
-                    dev = fields[2]
+        dev = mount_device(mountpoint)
         if dev is None:
             raise OSError(errno.ENOENT, "mount not found in mountinfo")
         path = f"/sys/class/bdi/{dev}/read_ahead_kb"
@@ -67,6 +62,18 @@ def set_readahead(mountpoint: Path, kb: int) -> None:
             f.write(str(kb))
     except OSError as exc:
         log.warning("readahead_not_set", mountpoint=mountpoint, error=exc)
+
+
+def mount_device(mountpoint: Path) -> str | None:
+    """The ``major:minor`` of what is mounted at ``mountpoint`` (the topmost), from
+    /proc/self/mountinfo: unlike a stat, never waits for a FUSE server that does not answer."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == os.path.abspath(mountpoint):
+                dev = fields[2]
+    return dev
 
 
 def unmount_stale(mountpoint: Path) -> None:
