@@ -242,3 +242,32 @@ def test_the_session_outlives_the_holder(held, sig: signal.Signals) -> None:  # 
         gate.set()
         t.join(30)
         d.stop()
+
+
+def test_under_systemd_the_units_restart_takes_the_session(held, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A daemon run by systemd (``INVOCATION_ID``) leaves starting the next holder to the
+    holder's unit: it brings the session to that one, and starts none of its own."""
+    want, blob, index, root = held
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+    first = _holder(root)  # as lazysnap-fused.service runs it
+    gate = threading.Event()
+    gate.set()
+    before = _rehomes()
+    d = Daemon(root, blob, index, gate)
+    try:
+        d.settle(d.dir / "etc/hostname")
+        first.kill()
+        first.wait(10)
+        time.sleep(2.0)  # the unit's RestartSec, and then some
+        assert _rehomes() == before  # waiting for the unit, not starting a holder itself
+        (root / "fuse.sock").unlink()  # a restarted unit's holder binds it anew
+        second = _holder(root)
+        deadline = time.monotonic() + 30
+        while _rehomes() == before:
+            assert time.monotonic() < deadline, (root.parent / "holder.err").read_text()[-3000:]
+            time.sleep(0.05)
+        assert int((root / "fuse-holder.pid").read_text()) == second.pid
+        for name, data in want.items():
+            assert _uncached_read(d.dir / name) == data, name
+    finally:
+        d.stop()

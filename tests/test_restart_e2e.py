@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.containerd import LazysnapDaemon, lazysnap_node
+from harness.containerd import LazysnapDaemon, lazysnap_node, start_containerd, unmount_under
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Fault, Proxy, start_proxy
 from harness.registry import Registry, start_registry
@@ -177,3 +178,34 @@ def test_a_running_container_never_sees_a_daemon_restart(world: World, tmp_path:
         assert not fails, fails[:20]
         assert len(lines) >= 6
         cd.ctr("task", "kill", "-s", "KILL", "survivor", check=False)
+
+
+def test_after_a_reboot_a_stopped_container_starts_again(world: World, tmp_path: Path) -> None:
+    """Power loss: every process and mount is gone, the disks stay. containerd and lazysnap
+    come back with the registry down, and a container created before - whose snapshot sits
+    on lazily served layers, every chunk it reads local - starts again from local state,
+    with its own writes kept."""
+    script = "sha256sum -c /data/SUMS >/dev/null && date >> /var/boots && wc -l < /var/boots"
+    node = tmp_path / "node"
+    with lazysnap_node(node, config="[lazy]\nfuse_holder = true\n") as (daemon, cd):
+        cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
+        cd.ctr("container", "create", "--snapshotter", "lazysnap", world.ref, "kept", "--", "/bin/sh", "-c", script)
+        assert cd.ctr("task", "start", "kept").stdout.strip() == "1"
+        # the power goes: containerd and its shims, the daemon and the holder die at once,
+        # the kernel forgets every mount, and /run (containerd's state) is empty again
+        cd.stop()
+        daemon.kill()
+        os.kill(int((daemon.root / "fuse-holder.pid").read_text()), signal.SIGKILL)
+        unmount_under(node)
+        shutil.rmtree(cd.state, ignore_errors=True)
+        _drop_caches()
+        world.proxy.add_fault(Fault("status", times=-1, status=503))  # and the registry is down at boot
+        try:
+            daemon.start()
+            cd2 = start_containerd(cd.workdir, proxy_plugins={"lazysnap": daemon.address})
+            try:
+                assert cd2.ctr("task", "start", "kept").stdout.strip() == "2"
+            finally:
+                cd2.stop()
+        finally:
+            world.proxy.clear_faults()

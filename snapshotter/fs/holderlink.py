@@ -73,11 +73,12 @@ class HolderLink:
     async def attach(cls, socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
                      on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None],
                      on_lost: Callable[[HolderLink], None] | None = None, session_fd: int | None = None,
-                     relay: Path | None = None) -> HolderLink:
+                     relay: Path | None = None, spawn: bool = True) -> HolderLink:
         """Connect to the holder of ``socket_path`` (starting it, holding ``relay``, if none
-        answers) and say hello, bringing ``session_fd`` (the session a dead holder left)."""
+        answers and ``spawn``) and say hello, bringing ``session_fd`` (the session a dead
+        holder left)."""
         started = await ensure_holder(socket_path, mountpoint, threads=threads, read_ahead_kb=read_ahead_kb,
-                                      relay=relay)
+                                      relay=relay, spawn=spawn)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -257,12 +258,15 @@ class HolderLink:
 
 
 async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
-                        relay: Path | None = None) -> bool:
+                        relay: Path | None = None, spawn: bool = True) -> bool:
     """Start a FUSE holder on ``socket_path``'s root unless one listens; True if started.
-    ``relay``: the public gRPC socket it should hold (``fuse-holder --address``)."""
+    ``relay``: the public gRPC socket it should hold (``fuse-holder --address``). ``spawn``
+    False: raise ``HolderError`` instead of starting one."""
     try:
         _, writer = await asyncio.open_unix_connection(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError):
+        if not spawn:
+            raise HolderError(errno.ECONNREFUSED, f"no FUSE holder listens on {socket_path}") from None
         await _spawn(socket_path, mountpoint, threads, read_ahead_kb, relay)
         if os.environ.get("INVOCATION_ID"):  # a systemd unit: its stop kills the whole cgroup
             log.warning("holder_in_daemon_unit", note="the FUSE holder was started inside lazysnap's own "

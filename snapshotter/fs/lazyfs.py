@@ -249,13 +249,17 @@ class LazyFS:
         assert self.holder is not None
         old = self._backend
         t0 = time.monotonic()
+        # under systemd the holder's own unit restarts it (RestartSec=1): give it the time,
+        # rather than start a second holder that the unit's would then race for the root
+        supervised = bool(os.environ.get("INVOCATION_ID"))
         try:
             while True:
                 try:
                     link = await HolderLink.attach(
                         self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
                         on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
-                        session_fd=self._session_fd, relay=self._relay)
+                        session_fd=self._session_fd, relay=self._relay,
+                        spawn=not supervised or time.monotonic() - t0 > SUPERVISOR_GRACE_S)
                     break
                 except HolderError as exc:
                     if time.monotonic() - t0 > REHOME_TIMEOUT_S:
@@ -450,6 +454,7 @@ class LazyFS:
 HELD_WAIT_S = 60.0  # a restarted daemon restores every layer it serves at start
 REHOME_TIMEOUT_S = 60.0  # a dead holder's successor must be serving by then
 REHOME_RETRY_S = 0.5
+SUPERVISOR_GRACE_S = 5.0
 
 
 def _compiled_and_digests(layer: MountedLayer) -> tuple[bytes, bytes]:
