@@ -7,7 +7,11 @@ Three measurements (medians of ``--runs``):
 2. ``find | stat`` over a tree of many small files (os.walk + lstat of every entry), on a
    fresh mount (kernel dentry/attr caches empty) and again (warm);
 3. cold read through a real docker-registry: an empty store, the layer (gzip) fetched
-   lazily in spans while a file is read sequentially.
+   lazily in spans while a file is read sequentially;
+4. FUSE passthrough (``--pt-size-mb``, default 1024): one file through the C session, first
+   served by it (cached mode), then passed through to a backing file holding its bytes;
+   sequential warm and cold, random 4 KiB ``pread`` and random ``mmap`` page faults with
+   the page cache dropped, each against the same on ext4.
 
 Usage: ``.venv/bin/python bench/fuse_reads.py [--size-mb 1024] [--files 20000] [--runs 3]``
 """
@@ -17,7 +21,9 @@ import argparse
 import asyncio
 import gzip
 import io
+import mmap
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -143,6 +149,112 @@ def bench_sequential(work: Path, ft: FuseThread, store: ChunkStore, fetcher: Fet
     os.unlink(tar)
 
 
+def rand_pread(path: Path, n: int, seed: int) -> float:
+    """Seconds for ``n`` 4 KiB preads at random page-aligned offsets."""
+    size = path.stat().st_size
+    offs = [random.Random(seed).randrange(size // 4096) * 4096 for _ in range(n)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        for off in offs:
+            os.pread(fd, 4096, off)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def rand_mmap(path: Path, n: int, seed: int) -> float:
+    """Seconds for ``n`` page faults at random pages of the mapped file."""
+    size = path.stat().st_size
+    offs = [random.Random(seed).randrange(size // 4096) * 4096 for _ in range(n)]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        m.madvise(mmap.MADV_RANDOM)  # one page per fault, as a model's scattered reads
+        t0 = time.perf_counter()
+        total = 0
+        for off in offs:
+            total += m[off]
+        return time.perf_counter() - t0
+
+
+def bench_passthrough(work: Path, size: int, runs: int, samples: int = 20000) -> None:
+    """The same file served by the C session, then passed through, against ext4."""
+    from snapshotter import _fuse
+    from snapshotter.fs.compiled import compile_tree
+    from snapshotter.fs.mount import MOUNT_OPTIONS, set_readahead
+
+    pt = work / "pt"
+    pt.mkdir()
+    tar = pt / "big.tar"
+    local = write_big_tar(tar, size)
+    backing = pt / "backing.bin"
+    shutil.copyfile(local, backing)  # what the daemon would materialize from the chunks
+    write_index(pt / "big.idx", index_file(str(tar)))
+    index = IndexFile.open(pt / "big.idx")
+    store = ChunkStore(pt / "store")
+    with open(tar, "rb") as f:
+        for e in index.entries():
+            off = e.data_offset
+            for c in index.chunks_of(e):
+                f.seek(off)
+                store.put(c.digest, f.read(c.length))
+                off += c.length
+    digests = b"".join(index.chunk_digests())
+    chunk_files = [store.path_of(index.chunk(i).digest) for i in range(index.chunk_count)]
+    mnt = pt / "mnt"
+    mnt.mkdir()
+    session = _fuse.Session(str(mnt), MOUNT_OPTIONS, 8, passthrough=True)
+    try:
+        session.start()
+        while not session.initialized():
+            time.sleep(0.001)
+        set_readahead(mnt, 1024)
+        if not session.passthrough():
+            print("passthrough: the kernel did not agree (Linux < 6.9?); skipped")
+            return
+        session.add_layer(1, "L", compile_tree(LayerTree.build(index.entries())), digests, str(store.chunks_dir),
+                          index.info.chunk_size)
+        session.mark_verified(digests)
+        f = mnt / "L" / "big.bin"
+
+        def drop() -> None:
+            for p in (f, local, backing, *chunk_files):
+                drop_file_cache(p)
+
+        def measure(path: Path) -> dict[str, list[float]]:
+            out: dict[str, list[float]] = {"warm": [], "cold": [], "pread": [], "mmap": []}
+            read_all(path)
+            for r in range(runs):
+                out["warm"].append(mbps(*read_all(path)))
+                drop()
+                out["cold"].append(mbps(*read_all(path)))
+                drop()
+                out["pread"].append(samples / rand_pread(path, samples, r))
+                drop()
+                out["mmap"].append(samples / rand_mmap(path, samples, r))
+            return out
+
+        results = {"ext4": measure(local), "fuse": measure(f)}
+        session.set_backing(1, os.stat(f).st_ino & 0xFFFFFFFF, str(backing))
+        before = session.counters()["open_passthrough"]
+        deadline = time.monotonic() + 10
+        while session.counters()["open_passthrough"] == before and time.monotonic() < deadline:
+            read_all(f)  # the last cached open's RELEASE arrives asynchronously
+        results["passthrough"] = measure(f)
+        reads = session.counters()["read"]
+        measure(f)
+        assert session.counters()["read"] == reads, "a passed-through read reached the FUSE server"
+    finally:
+        session.close()
+        index.close()
+    med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in results.items()}
+    print(f"passthrough, one {size >> 20} MiB file (median of {runs}; ratio to ext4):")
+    print("  " + " ".join(f"{h:>22}" for h in ("", "seq warm MB/s", "seq cold MB/s", "4K pread/s", "mmap faults/s")))
+    for k in ("ext4", "fuse", "passthrough"):
+        cells = [f"{med[k][m]:10.0f} ({med[k][m] / med['ext4'][m]:.2f})" for m in ("warm", "cold", "pread", "mmap")]
+        print("  " + f"{k:>22} " + " ".join(f"{c:>22}" for c in cells))
+    shutil.rmtree(pt)
+
+
 def bench_tree(work: Path, store: ChunkStore, fetcher: Fetcher, files: int, runs: int) -> None:
     tar = work / "tree.tar"
     local = work / "tree-local"
@@ -224,7 +336,8 @@ def main() -> int:
     ap.add_argument("--cold-size-mb", type=int, default=256)
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of: seq,tree,registry")
+    ap.add_argument("--pt-size-mb", type=int, default=1024)
+    ap.add_argument("--skip", default="", help="comma list of: seq,tree,registry,passthrough")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = Path(tempfile.mkdtemp(prefix="lazysnap-bench-", dir="/var/tmp"))
@@ -241,6 +354,8 @@ def main() -> int:
             bench_tree(work, store, fetcher, args.files, args.runs)
         if "registry" not in skip:
             bench_registry(work, args.cold_size_mb << 20, args.runs)
+        if "passthrough" not in skip:
+            bench_passthrough(work, args.pt_size_mb << 20, args.runs)
     finally:
         from harness.containerd import unmount_under
 

@@ -50,8 +50,9 @@ class GatedSource(FileBlobSource):
 class Daemon:
     """What ``lazysnap serve`` does with the filesystem, on a FuseThread."""
 
-    def __init__(self, root: Path, blob: Path, index: IndexFile, gate: threading.Event) -> None:
-        self.ft = FuseThread(root / "mnt", holder=root / "fuse.sock", threads=2)
+    def __init__(self, root: Path, blob: Path, index: IndexFile, gate: threading.Event,
+                 external: bool = False) -> None:
+        self.ft = FuseThread(root / "mnt", holder=root / "fuse.sock", threads=2, holder_external=external)
         store = ChunkStore(root)
         lf = Fetcher(store, FetchOptions(max_concurrency=2, deadline_s=60)).layer(
             "L", IndexCodec(index), GatedSource(blob, gate))
@@ -244,22 +245,32 @@ def test_the_session_outlives_the_holder(held, sig: signal.Signals) -> None:  # 
         d.stop()
 
 
-def test_under_systemd_the_units_restart_takes_the_session(held, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("supervisor", ["systemd", "external"])
+def test_a_supervised_holder_is_waited_for(held, monkeypatch: pytest.MonkeyPatch, supervisor: str) -> None:  # noqa: ANN001
     """A daemon run by systemd (``INVOCATION_ID``) leaves starting the next holder to the
-    holder's unit: it brings the session to that one, and starts none of its own."""
+    holder's unit; with ``fuse_holder_external`` (a DaemonSet) it never starts one, even at
+    its own start: it waits, brings the session to the supervisor's holder, and starts none
+    of its own."""
     want, blob, index, root = held
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
-    first = _holder(root)  # as lazysnap-fused.service runs it
     gate = threading.Event()
     gate.set()
     before = _rehomes()
-    d = Daemon(root, blob, index, gate)
+    if supervisor == "systemd":
+        monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef")
+        first = _holder(root)  # as lazysnap-fused.service runs it
+        d = Daemon(root, blob, index, gate)
+    else:
+        started: list[subprocess.Popen[bytes]] = []
+        threading.Timer(1.5, lambda: started.append(_holder(root))).start()  # the holder pod comes up late
+        d = Daemon(root, blob, index, gate, external=True)
+        first = started[0]
     try:
+        assert int((root / "fuse-holder.pid").read_text()) == first.pid
         d.settle(d.dir / "etc/hostname")
         first.kill()
         first.wait(10)
         time.sleep(2.0)  # the unit's RestartSec, and then some
-        assert _rehomes() == before  # waiting for the unit, not starting a holder itself
+        assert _rehomes() == before  # waiting for the supervisor, not starting a holder itself
         (root / "fuse.sock").unlink()  # a restarted unit's holder binds it anew
         second = _holder(root)
         deadline = time.monotonic() + 30

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -356,3 +357,95 @@ def test_a_session_taken_over_answers_what_its_predecessor_left(fs) -> None:
             fh.close()
             second.close()
     assert not os.path.ismount(mnt)
+
+
+def _session(mnt: Path, **kw: object) -> _fuse.Session:
+    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", 2, **kw)
+    session.start()
+    deadline = time.monotonic() + 10
+    while not session.initialized():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return session
+
+
+def test_passthrough_opens_go_to_the_backing_file(fs, tmp_path: Path) -> None:
+    """With passthrough agreed, a file given a backing file is read by the kernel from it:
+    the bytes are the file's, and no READ reaches us. A file already open through us is
+    not passed through until that open is released (the kernel refuses to mix the two),
+    and a backing file of the wrong size is refused."""
+    first, _, index, store = fs
+    first.close()
+    mnt = tmp_path / "pt-mnt"
+    mnt.mkdir()
+    session = _session(mnt, passthrough=True)
+    try:
+        assert session.passthrough()
+        session.add_layer(1, "L", compile_tree(LayerTree.build(index.entries())), b"".join(index.chunk_digests()),
+                          str(store.chunks_dir), CHUNK)
+        session.mark_verified(b"".join(index.chunk_digests()))
+        path = mnt / "L" / "f2.bin"
+        local = os.stat(path).st_ino & 0xFFFFFFFF
+        early = open(path, "rb")  # served by us: the kernel caches it
+        backing = tmp_path / "backing-f2"
+        backing.write_bytes(FILES["f2.bin"][:-1])
+        with pytest.raises(OSError, match="size differs"):
+            session.set_backing(1, local, str(backing))
+        backing.write_bytes(FILES["f2.bin"])
+        session.set_backing(1, local, str(backing))
+        session.set_backing(1, local, str(backing))  # again: kept as it is
+        assert _uncached_pread(path) == FILES["f2.bin"]  # opened while `early` is: through us
+        assert session.counters()["open_passthrough"] == 0
+        assert early.read() == FILES["f2.bin"]
+        early.close()  # its RELEASE reaches us a moment later (the kernel sends it async)
+        deadline = time.monotonic() + 10
+        while session.counters()["open_passthrough"] == 0:
+            assert time.monotonic() < deadline
+            _uncached_pread(path)
+        before = session.counters()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # now through the backing file
+            got = list(pool.map(lambda _: _uncached_pread(path), range(8)))
+        assert got == [FILES["f2.bin"]] * 8
+        c = session.counters()
+        assert c["open_passthrough"] == before["open_passthrough"] + 8 and c["read"] == before["read"]
+        assert c["backing_files"] == 1
+        # mmap of a passed-through file
+        import mmap
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            assert m[:] == FILES["f2.bin"]
+        with pytest.raises(OSError, match="no such regular file"):
+            session.set_backing(1, 1, str(backing))  # the layer's root directory
+        # overlayfs stacks on the passthrough mount (a container's rootfs)
+        ovl = tmp_path / "ovl"
+        for d in ("upper", "work", "merged"):
+            (ovl / d).mkdir(parents=True)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mnt / 'L'},upperdir={ovl / 'upper'},workdir={ovl / 'work'}", str(ovl / "merged")],
+                       check=True, capture_output=True)
+        try:
+            opened = session.counters()["open_passthrough"]
+            assert _uncached_pread(ovl / "merged" / "f2.bin") == FILES["f2.bin"]
+            assert session.counters()["open_passthrough"] == opened + 1
+        finally:
+            subprocess.run(["umount", str(ovl / "merged")], check=False)
+    finally:
+        session.close()
+    assert not os.path.ismount(mnt)
+
+
+def test_no_passthrough_unless_agreed(fs, tmp_path: Path) -> None:
+    session, mnt, index, _ = fs
+    assert not session.passthrough()
+    backing = tmp_path / "b"
+    backing.write_bytes(FILES["f2.bin"])
+    with pytest.raises(OSError, match="did not agree"):
+        session.set_backing(1, os.stat(mnt / "L" / "f2.bin").st_ino & 0xFFFFFFFF, str(backing))
+
+
+def _uncached_pread(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, os.fstat(fd).st_size + 1, 0)
+    finally:
+        os.close(fd)

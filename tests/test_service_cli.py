@@ -127,6 +127,11 @@ def test_deploy_files_parse(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "ds.toml")
     cfg.validate()
     assert cfg.lazy.index_trust == "signed"
+    # the holder runs in a DaemonSet of its own, holding the socket the daemon's config names
+    assert cfg.lazy.fuse_holder and cfg.lazy.fuse_holder_external
+    holder = ds.split("name: lazysnap-fused\n", 1)[1].split("\n---", 1)[0]
+    assert "type: OnDelete" in holder and "mountPropagation: Bidirectional" in holder
+    assert f'"fuse-holder", "--root", "{cfg.root}",\n' in holder and f'"--address", "{cfg.address}"]' in holder
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd")

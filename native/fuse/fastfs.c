@@ -31,8 +31,21 @@
 
 const char *const lzfs_counter_names[LZC_N] = {
     "lookup", "getattr", "readlink", "opendir", "readdir", "statfs", "getxattr", "listxattr",
-    "open", "read", "read_local", "read_forwarded", "chunk_hits", "access_dropped",
+    "open", "read", "read_local", "read_forwarded", "chunk_hits", "access_dropped", "open_passthrough",
+    "backing_files",
 };
+
+/* A regular file's opens, when the session may pass files through: the kernel runs an
+ * inode either through us (cached) or through one backing file, never both at once, so a
+ * file passes through only while no open of it is served by us, and once one does, every
+ * open does until the last is released.  Our counts lead the kernel's: we count an open
+ * before replying and uncount it at RELEASE, which the kernel sends after letting go. */
+typedef struct {
+    int32_t backing_id; /* > 0: registered */
+    uint32_t cached_opens, passthrough_opens;
+} pt_node;
+
+#define PT_FH (1ull << 63) /* in a file handle: the open passes through */
 
 typedef struct {
     uint32_t slot;
@@ -54,6 +67,8 @@ typedef struct {
     uint64_t chunk_size;
     uint64_t total_size;
     atomic_int failed;
+    pt_node *pt; /* per node, when the session may pass files through; under pt_mu */
+    pthread_mutex_t pt_mu;
 } layer_t;
 
 typedef struct {
@@ -81,6 +96,8 @@ typedef struct {
 
 struct lzfs {
     int fd; /* /dev/fuse */
+    unsigned flags;
+    atomic_int passthrough; /* agreed at INIT */
     char *mountpoint;
     int n_threads, started;
     pthread_t threads[MAX_THREADS];
@@ -280,7 +297,16 @@ static void layer_free(layer_t *l)
     free(l->blob);
     free(l->digests);
     free(l->chunks_dir);
+    free(l->pt);
+    pthread_mutex_destroy(&l->pt_mu);
     free(l);
+}
+
+static void close_backings(lzfs *fs, layer_t *l) /* no request uses l */
+{
+    for (uint32_t i = 0; l && l->pt && i < l->n_nodes; i++)
+        if (l->pt[i].backing_id > 0)
+            lzk_backing_close(fs->fd, l->pt[i].backing_id);
 }
 
 static int in_strings(const layer_t *l, uint32_t off, uint32_t len)
@@ -345,6 +371,12 @@ int lzfs_add_layer(lzfs *fs, uint32_t slot, const char *name, size_t name_len, c
     layer_t *l = calloc(1, sizeof *l);
     if (!l)
         return -ENOMEM;
+    pthread_mutex_init(&l->pt_mu, NULL);
+    if ((fs->flags & LZFS_PASSTHROUGH) && !(l->pt = calloc(h.n_nodes, sizeof *l->pt))) {
+        layer_free(l);
+        *msg = "out of memory";
+        return -ENOMEM;
+    }
     l->blob = malloc(tree_len);
     l->name = malloc(name_len + 1);
     l->digests = malloc(n_chunks ? n_chunks * 32 : 1);
@@ -423,6 +455,7 @@ int lzfs_remove_layer(lzfs *fs, uint32_t slot)
             fs->n_layers--;
     }
     pthread_rwlock_unlock(&fs->table_lock);
+    close_backings(fs, l);
     layer_free(l);
     return l ? 0 : -ENOENT;
 }
@@ -584,8 +617,11 @@ static void op_init(lzfs *fs, const lzk_req *r)
 {
     uint64_t agreed;
     uint32_t minor;
-    if (lzk_reply_init(fs->fd, r, WANT_FLAGS, MAX_PAGES, &agreed, &minor) == 0 && minor)
+    uint64_t want = WANT_FLAGS | ((fs->flags & LZFS_PASSTHROUGH) ? FUSE_PASSTHROUGH : 0);
+    if (lzk_reply_init(fs->fd, r, want, MAX_PAGES, &agreed, &minor) == 0 && minor) {
+        atomic_store(&fs->passthrough, (agreed & FUSE_PASSTHROUGH) != 0);
         atomic_store(&fs->initialized, 1);
+    }
 }
 
 static void op_lookup(req_t req, uint64_t parent, const char *name)
@@ -908,8 +944,93 @@ static void op_open(req_t req, uint64_t ino, uint32_t flags)
     layer_t *l;
     if (!lock_kind(req, fs, ino, S_IFREG, EINVAL, &l))
         return;
+    if (l->pt) {
+        pt_node *p = &l->pt[ino & LOCAL_MASK];
+        pthread_mutex_lock(&l->pt_mu);
+        int through = p->passthrough_opens > 0 || (p->backing_id > 0 && p->cached_opens == 0);
+        if (through)
+            p->passthrough_opens++;
+        else
+            p->cached_opens++;
+        struct lzk_open_out out = {.fh = ino | (through ? PT_FH : 0),
+                                   .open_flags = through ? FOPEN_PASSTHROUGH : FOPEN_KEEP_CACHE,
+                                   .backing_id = through ? p->backing_id : 0};
+        pthread_mutex_unlock(&l->pt_mu);
+        pthread_rwlock_unlock(&fs->table_lock);
+        if (through)
+            count(fs, LZC_OPEN_PASSTHROUGH);
+        reply_buf(req, &out, sizeof out);
+        return;
+    }
     pthread_rwlock_unlock(&fs->table_lock);
     reply_open(req, ino, FOPEN_KEEP_CACHE); /* page cache survives close/open: the file never changes */
+}
+
+static void op_release(req_t req, uint64_t ino, uint64_t fh)
+{
+    lzfs *fs = req.fs;
+    layer_t *l;
+    const lzt_node *n = lock_node(fs, ino, &l);
+    if (n && l->pt) {
+        pt_node *p = &l->pt[ino & LOCAL_MASK];
+        pthread_mutex_lock(&l->pt_mu);
+        uint32_t *opens = (fh & PT_FH) ? &p->passthrough_opens : &p->cached_opens;
+        if (*opens > 0)
+            (*opens)--;
+        pthread_mutex_unlock(&l->pt_mu);
+    }
+    if (n)
+        pthread_rwlock_unlock(&fs->table_lock);
+    reply_err(req, 0);
+}
+
+int lzfs_passthrough(lzfs *fs) { return atomic_load(&fs->passthrough); }
+
+int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, const char **msg)
+{
+    if (!atomic_load(&fs->passthrough)) {
+        *msg = "the kernel did not agree to FUSE passthrough for this session";
+        return -ENOTSUP;
+    }
+    int bfd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (bfd < 0) {
+        *msg = "cannot open the backing file";
+        return -errno;
+    }
+    struct stat st;
+    int r = fstat(bfd, &st) ? -errno : 0;
+    pthread_rwlock_rdlock(&fs->table_lock);
+    layer_t *l = slot < fs->slot_cap ? fs->by_slot[slot] : NULL;
+    const lzt_node *n = l && local > 0 && local < l->n_nodes ? &l->nodes[local] : NULL;
+    if (r) {
+        *msg = "cannot stat the backing file";
+    } else if (!n || !l->pt || !S_ISREG(n->mode) || (n->flags & LZT_NODE_PYDATA)) {
+        *msg = "no such regular file in a registered layer";
+        r = -ENOENT;
+    } else if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != n->size) {
+        *msg = "the backing file's size differs from the file's";
+        r = -EINVAL;
+    } else {
+        pt_node *p = &l->pt[local];
+        pthread_mutex_lock(&l->pt_mu);
+        if (p->backing_id > 0) {
+            r = 0; /* registered already (and maybe in use: never swapped under open files) */
+        } else {
+            int id = lzk_backing_open(fs->fd, bfd);
+            if (id > 0) {
+                p->backing_id = id;
+                count(fs, LZC_BACKING_FILES);
+            } else {
+                *msg = "the kernel refused the backing file (FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN "
+                       "and a file on a filesystem that stacks on nothing)";
+                r = id < 0 ? id : -EIO;
+            }
+        }
+        pthread_mutex_unlock(&l->pt_mu);
+    }
+    pthread_rwlock_unlock(&fs->table_lock);
+    close(bfd); /* the kernel keeps its own reference */
+    return r;
 }
 
 static void chunk_path(const layer_t *l, uint64_t chunk, char *out)
@@ -1168,6 +1289,8 @@ static void dispatch(lzfs *fs, const lzk_req *r)
         do_readdir(req, ino, rd->size, rd->offset, r->h->opcode == FUSE_READDIRPLUS);
         break;
     case FUSE_RELEASE:
+        op_release(req, ino, ((const struct fuse_release_in *)r->arg)->fh);
+        break;
     case FUSE_RELEASEDIR:
     case FUSE_DESTROY:
         reply_err(req, 0);
@@ -1186,7 +1309,8 @@ static void dispatch(lzfs *fs, const lzk_req *r)
     }
 }
 
-int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, const char **msg)
+int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, unsigned flags,
+             const char **msg)
 {
     *out = NULL;
     if (threads < 1 || threads > MAX_THREADS) {
@@ -1199,6 +1323,9 @@ int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int thread
         return -ENOMEM;
     }
     fs->n_threads = threads;
+    /* a session taken over: what the last server counted of open files is lost, and a
+     * wrong count makes the kernel fail an open (ETXTBSY), so no passthrough on it */
+    fs->flags = fuse_fd < 0 ? flags : flags & ~LZFS_PASSTHROUGH;
     fs->fd = fs->stop_fd = fs->notify_fd = -1;
     fs->started_ns = now_ns(CLOCK_REALTIME);
     /* writers first: a steady stream of overlapping requests must not starve remove_layer
@@ -1316,6 +1443,8 @@ void lzfs_close(lzfs *fs, int unmount)
         lzk_reply_err(fs->fd, fs->inflight[i].unique, EIO);
     fs->n_queued = fs->n_inflight = 0;
     if (fs->fd >= 0 && !unmount) {
+        for (size_t i = 0; i < fs->slot_cap; i++)
+            close_backings(fs, fs->by_slot[i]); /* the connection lives on: the next server registers its own */
         close(fs->fd);
     } else if (fs->fd >= 0) {
         /* unmount only our own mount: if the connection is already gone (unmounted or

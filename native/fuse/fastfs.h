@@ -54,6 +54,8 @@ enum {
     LZC_READ_FORWARDED,  /* reads queued for Python */
     LZC_CHUNK_HITS,      /* chunk reads answered from local chunk files */
     LZC_ACCESS_DROPPED,  /* access records lost because Python did not drain them */
+    LZC_OPEN_PASSTHROUGH, /* opens answered with a backing file: reads never reach us */
+    LZC_BACKING_FILES,   /* backing files registered */
     LZC_N
 };
 extern const char *const lzfs_counter_names[LZC_N];
@@ -72,7 +74,9 @@ typedef struct {
  * fuse_fd < 0: mount a new filesystem at mountpoint; otherwise serve the live session
  * of that /dev/fuse fd (taken over from a process that left it: the mount exists and INIT
  * was answered), which the session then owns. */
-int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, const char **msg);
+#define LZFS_PASSTHROUGH 1u /* ask for FUSE passthrough at INIT (never on a taken-over session) */
+int lzfs_new(lzfs **out, const char *mountpoint, const char *options, int threads, int fuse_fd, unsigned flags,
+             const char **msg);
 int lzfs_start(lzfs *fs);
 int lzfs_initialized(lzfs *fs);
 int lzfs_notify_fd(lzfs *fs);
@@ -91,6 +95,12 @@ int lzfs_add_layer(lzfs *fs, uint32_t slot, const char *name, size_t name_len, c
 int lzfs_remove_layer(lzfs *fs, uint32_t slot);
 int lzfs_set_failed(lzfs *fs, uint32_t slot);
 int lzfs_inval_root_entry(lzfs *fs, const char *name, size_t name_len);
+
+/* Passthrough: whether the kernel agreed at INIT, and the file whose bytes are exactly those
+ * of node `local` of layer `slot` (size checked): its next open passes through to it, once
+ * no open of the node is served by us (the kernel refuses to mix the two). */
+int lzfs_passthrough(lzfs *fs);
+int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, const char **msg);
 
 int lzfs_mark_verified(lzfs *fs, const uint8_t *digests, size_t n);
 void lzfs_forget_verified(lzfs *fs, const uint8_t *digest);

@@ -134,12 +134,31 @@ int lzk_reply_init(int fd, const lzk_req *r, uint64_t want, uint32_t max_pages, 
     out.time_gran = 1;
     if (flags & FUSE_MAX_PAGES)
         out.max_pages = (uint16_t)max_pages;
+    if (flags & FUSE_PASSTHROUGH) {
+        /* backing files live on a filesystem that stacks on nothing (ext4, xfs), so ours
+         * is one level up, and overlayfs can still stack on it (the kernel allows two) */
+        uint32_t depth = 1;
+        memcpy((char *)&out + LZK_INIT_MAX_STACK_DEPTH_OFF, &depth, sizeof depth);
+    }
     int rc = lzk_reply(fd, r->h->unique, 0, &out, sizeof out, NULL, 0);
     if (rc == 0) {
         *agreed = flags;
         *minor = in->minor < LZK_MINOR ? in->minor : LZK_MINOR;
     }
     return rc;
+}
+
+int lzk_backing_open(int fd, int backing_fd)
+{
+    struct fuse_backing_map map = {.fd = backing_fd};
+    int id = ioctl(fd, FUSE_DEV_IOC_BACKING_OPEN, &map);
+    return id < 0 ? -errno : id;
+}
+
+int lzk_backing_close(int fd, int32_t backing_id)
+{
+    uint32_t id = (uint32_t)backing_id;
+    return ioctl(fd, FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0 ? -errno : 0;
 }
 
 static size_t fill_dirent(char *p, const char *name, size_t name_len, uint64_t ino, uint32_t mode, uint64_t next_off)

@@ -15,6 +15,7 @@
 #include <linux/fuse.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/ioctl.h>
 
 /* Protocol 7.40 (Linux 6.9) additions missing from older uapi headers (Debian 12 has 7.38). */
 #ifndef FUSE_HAS_RESEND
@@ -23,6 +24,27 @@
 #ifndef FUSE_NOTIFY_RESEND
 #define FUSE_NOTIFY_RESEND 7
 #endif
+#ifndef FUSE_PASSTHROUGH
+#define FUSE_PASSTHROUGH (1ull << 37)
+#define FOPEN_PASSTHROUGH (1u << 7)
+struct fuse_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define FUSE_DEV_IOC_BACKING_OPEN _IOW(FUSE_DEV_IOC_MAGIC, 1, struct fuse_backing_map)
+#define FUSE_DEV_IOC_BACKING_CLOSE _IOW(FUSE_DEV_IOC_MAGIC, 2, uint32_t)
+#endif
+/* 7.40 fuse_open_out: the padding became the backing id; fuse_init_out: unused[0] became
+ * max_stack_depth.  Our own layouts, the same size as the header's. */
+struct lzk_open_out {
+    uint64_t fh;
+    uint32_t open_flags;
+    int32_t backing_id;
+};
+_Static_assert(sizeof(struct lzk_open_out) == sizeof(struct fuse_open_out), "fuse_open_out layout");
+#define LZK_INIT_MAX_STACK_DEPTH_OFF 36 /* in fuse_init_out: right after flags2 */
+_Static_assert(offsetof(struct fuse_init_out, flags2) + 4 == LZK_INIT_MAX_STACK_DEPTH_OFF, "fuse_init_out layout");
 
 #define LZK_MINOR 38            /* what we answer at INIT (the kernel uses the lower of both) */
 #define LZK_MAX_WRITE (128u << 10) /* we never accept writes; the kernel still sizes buffers by it */
@@ -52,6 +74,11 @@ int lzk_reply_err(int fd, uint64_t unique, int error);
  * the flags agreed (0 and *minor = 0 when only the major was answered and the kernel will
  * send INIT again). */
 int lzk_reply_init(int fd, const lzk_req *r, uint64_t want, uint32_t max_pages, uint64_t *agreed, uint32_t *minor);
+
+/* Passthrough (Linux >= 6.9, CAP_SYS_ADMIN): register an open file as the backing of the
+ * files opened with its id (> 0), and drop the registration (opened files keep theirs). */
+int lzk_backing_open(int fd, int backing_fd);
+int lzk_backing_close(int fd, int32_t backing_id);
 
 /* Directory listing records; return the record's size, which may exceed cap (then nothing
  * was written and the listing stops there). */

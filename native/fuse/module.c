@@ -58,10 +58,11 @@ static int slot_arg(PyObject *arg, uint32_t *slot)
 
 static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mountpoint", "options", "threads", "fuse_fd", NULL};
+    static char *kwlist[] = {"mountpoint", "options", "threads", "fuse_fd", "passthrough", NULL};
     const char *mountpoint, *options = "";
-    int threads = 2, fuse_fd = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|sii:Session", kwlist, &mountpoint, &options, &threads, &fuse_fd))
+    int threads = 2, fuse_fd = -1, passthrough = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "s|siip:Session", kwlist, &mountpoint, &options, &threads, &fuse_fd,
+                                     &passthrough))
         return -1;
     if (fuse_fd >= 0) { /* ours from here on, as a session that mounted itself owns its fd */
         fuse_fd = dup(fuse_fd);
@@ -78,7 +79,7 @@ static int Session_init(SessionObject *self, PyObject *args, PyObject *kw)
     lzfs *fs;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = lzfs_new(&fs, mountpoint, options, threads, fuse_fd, &msg);
+    r = lzfs_new(&fs, mountpoint, options, threads, fuse_fd, passthrough ? LZFS_PASSTHROUGH : 0, &msg);
     Py_END_ALLOW_THREADS
     if (r) {
         os_error(r, msg);
@@ -137,6 +138,27 @@ static PyObject *Session_fuse_fileno(SessionObject *self, PyObject *unused)
 {
     lzfs *fs = live(self);
     return fs ? PyLong_FromLong(lzfs_fuse_fd(fs)) : NULL;
+}
+
+static PyObject *Session_passthrough(SessionObject *self, PyObject *unused)
+{
+    lzfs *fs = live(self);
+    return fs ? PyBool_FromLong(lzfs_passthrough(fs)) : NULL;
+}
+
+static PyObject *Session_set_backing(SessionObject *self, PyObject *args)
+{
+    unsigned int slot, local;
+    const char *path;
+    lzfs *fs = live(self);
+    if (!fs || !PyArg_ParseTuple(args, "IIs:set_backing", &slot, &local, &path))
+        return NULL;
+    const char *msg = "";
+    int r;
+    UNLOCKED(self, r = lzfs_set_backing(fs, slot, local, path, &msg));
+    if (r)
+        return os_error(r, msg);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Session_resend(SessionObject *self, PyObject *unused)
@@ -360,6 +382,10 @@ static PyMethodDef Session_methods[] = {
      "close(unmount=True): stop workers; unmount: fail pending reads (EIO) and unmount, else leave both to "
      "whoever else holds the /dev/fuse fd"},
     {"fuse_fileno", (PyCFunction)Session_fuse_fileno, METH_NOARGS, "the session's /dev/fuse fd (to hand over)"},
+    {"passthrough", (PyCFunction)Session_passthrough, METH_NOARGS,
+     "whether the kernel agreed to FUSE passthrough at INIT"},
+    {"set_backing", (PyCFunction)Session_set_backing, METH_VARARGS,
+     "set_backing(slot, local_ino, path): the file holding exactly that file's bytes; later opens pass through"},
     {"resend", (PyCFunction)Session_resend, METH_NOARGS,
      "ask the kernel to send again the requests read and not answered (FUSE_NOTIFY_RESEND)"},
     {"initialized", (PyCFunction)Session_initialized, METH_NOARGS, "True once the kernel's INIT was answered"},

@@ -83,15 +83,18 @@ async def _serve(cfg: Config) -> None:
 async def _behind_holder(cfg: Config) -> str:
     """With ``[lazy] fuse_holder``: make sure the holder runs and holds the public socket
     (``cfg.address``); the daemon then serves gRPC on ``<root>/daemon.sock`` behind it, so
-    containerd's calls made while the daemon restarts wait for the next one."""
+    containerd's calls made while the daemon restarts wait for the next one. With
+    ``fuse_holder_external`` a supervisor starts it: wait for it (60 s)."""
     from snapshotter.fs.holderlink import ensure_holder
     from snapshotter.fs.mount import DAEMON_SOCKET, HOLDER_SOCKET
     from snapshotter.fsutil import listening
 
     root = cfg.root_path
-    await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,
-                        read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
-    for _ in range(250):  # the holder opens the public socket right after its own
+    external = cfg.lazy.fuse_holder_external
+    if not external:
+        await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,
+                            read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
+    for _ in range(3000 if external else 250):  # the holder opens the public socket right after its own
         if listening(cfg.address):
             return str(root / DAEMON_SOCKET)
         await asyncio.sleep(0.02)

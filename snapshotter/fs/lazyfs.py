@@ -164,12 +164,14 @@ class LazyFS:
     layers when the daemon stops or dies; None: the session lives and dies with us."""
 
     def __init__(self, mountpoint: Path | str, *, allow_other: bool = False,
-                 read_ahead_kb: int = 1024, threads: int = 8, holder: Path | None = None) -> None:
+                 read_ahead_kb: int = 1024, threads: int = 8, holder: Path | None = None,
+                 holder_external: bool = False) -> None:
         self.read_ahead_kb = read_ahead_kb
         self.mountpoint = Path(mountpoint)
         self.allow_other = allow_other
         self.threads = threads
         self.holder = holder
+        self.holder_external = holder_external  # a supervisor runs the holder: never start one
         self._layers: dict[str, MountedLayer] = {}
         self._slots: dict[int, MountedLayer] = {}
         self._next_slot = 1
@@ -189,11 +191,7 @@ class LazyFS:
             return
         opts = MOUNT_OPTIONS + (",allow_other" if self.allow_other else "")
         if self.holder is not None:
-            from snapshotter.fs.holderlink import HolderLink
-
-            link = await HolderLink.attach(
-                self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
-                on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost)
+            link = await self._attach(None, time.monotonic())
             self._session_fd, self._relay = link.session_fd, link.relay
             backend: FuseBackend = link
         else:
@@ -231,6 +229,28 @@ class LazyFS:
             self._session_fd = None
         log.info("fuse_unmounted" if self.holder is None else "fuse_detached", mountpoint=self.mountpoint)
 
+    async def _attach(self, session_fd: int | None, t0: float) -> HolderLink:
+        """Attach to the holder, bringing ``session_fd``. A supervised holder (``holder_external``,
+        or a daemon under systemd, whose holder unit restarts it within RestartSec=1) is
+        waited for rather than started: a holder started here would race the supervisor's for
+        the root, or die with our cgroup or pod. Retries until ``HOLDER_WAIT_S``."""
+        from snapshotter.fs.holderlink import HolderError, HolderLink
+
+        assert self.holder is not None
+        supervised = self.holder_external or bool(os.environ.get("INVOCATION_ID"))
+        while True:
+            spawn = not self.holder_external and (not supervised or time.monotonic() - t0 > SUPERVISOR_GRACE_S)
+            try:
+                return await HolderLink.attach(
+                    self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
+                    on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
+                    session_fd=session_fd, relay=self._relay, spawn=spawn)
+            except HolderError as exc:
+                if exc.errno not in _NOT_YET or time.monotonic() - t0 > HOLDER_WAIT_S:
+                    raise
+                log.warning("holder_wait", error=str(exc), started_here=spawn)
+                await asyncio.sleep(HOLDER_RETRY_S)
+
     # -- a holder that died ----------------------------------------------------------------------
     def _holder_lost(self, link: HolderLink) -> None:
         if self._backend is not link or self._rehoming is not None:
@@ -244,29 +264,16 @@ class LazyFS:
         layer back under its slot, mirror the verified chunks again, then let it serve: the
         kernel sends it again what the dead holder had read and not answered. Reads wait in
         the kernel meanwhile; containers see a pause, not an error."""
-        from snapshotter.fs.holderlink import HolderError, HolderLink
+        from snapshotter.fs.holderlink import HolderError
 
-        assert self.holder is not None
         old = self._backend
         t0 = time.monotonic()
-        # under systemd the holder's own unit restarts it (RestartSec=1): give it the time,
-        # rather than start a second holder that the unit's would then race for the root
-        supervised = bool(os.environ.get("INVOCATION_ID"))
         try:
-            while True:
-                try:
-                    link = await HolderLink.attach(
-                        self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
-                        on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
-                        session_fd=self._session_fd, relay=self._relay,
-                        spawn=not supervised or time.monotonic() - t0 > SUPERVISOR_GRACE_S)
-                    break
-                except HolderError as exc:
-                    if time.monotonic() - t0 > REHOME_TIMEOUT_S:
-                        log.error("holder_rehome_failed", error=str(exc), waited_s=REHOME_TIMEOUT_S)
-                        return
-                    log.warning("holder_rehome_retry", error=str(exc))
-                    await asyncio.sleep(REHOME_RETRY_S)
+            try:
+                link = await self._attach(self._session_fd, t0)
+            except HolderError as exc:
+                log.error("holder_rehome_failed", error=str(exc), waited_s=HOLDER_WAIT_S)
+                return
             if link.session_fd is not None:  # it mounted anew: ours was not taken over
                 if self._session_fd is not None:
                     os.close(self._session_fd)
@@ -452,9 +459,11 @@ class LazyFS:
 
 
 HELD_WAIT_S = 60.0  # a restarted daemon restores every layer it serves at start
-REHOME_TIMEOUT_S = 60.0  # a dead holder's successor must be serving by then
-REHOME_RETRY_S = 0.5
-SUPERVISOR_GRACE_S = 5.0
+HOLDER_WAIT_S = 60.0  # a holder (a dead one's successor, a supervised one) must answer by then
+HOLDER_RETRY_S = 0.5
+SUPERVISOR_GRACE_S = 5.0  # a supervisor's restart of the holder, before we start one
+# no holder listens (yet), or the one we started exited (another was still leaving the root)
+_NOT_YET = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECHILD, errno.ETIMEDOUT)
 
 
 def _compiled_and_digests(layer: MountedLayer) -> tuple[bytes, bytes]:

@@ -46,8 +46,12 @@ class LazyOptions:
     ``fuse_holder``: the FUSE mount is owned by a separate process (``lazysnap
     fuse-holder``, started if none runs on the root) instead of the daemon, so running
     containers keep their layers when the daemon stops, crashes or is upgraded; reads that
-    need a fetch wait for the next daemon (docs/design/restart.md). Off by default until
-    the holder itself can be upgraded in place.
+    need a fetch wait for the next daemon; the holder can be restarted too, the daemon
+    hands it the session (docs/design/restart.md). Off by default until every way of
+    running the daemon stops its holder with it (tests, bench, demo).
+    ``fuse_holder_external``: the holder is run by a supervisor of its own (a systemd unit,
+    a DaemonSet): the daemon waits for it and never starts one, which would live and die
+    with the daemon's cgroup or pod.
     ``verify_complete_layers``: when every chunk of a lazily read layer is local, stream
     the blob once more in the background, check its digest and that it indexes to the
     same entries/chunks; a mismatch quarantines the index and fails reads loudly.
@@ -73,6 +77,7 @@ class LazyOptions:
     readahead_spans: bool = False
     fuse_threads: int = 8
     fuse_holder: bool = False
+    fuse_holder_external: bool = False
 
     def validate(self) -> LazyOptions:
         if self.index_trust == LEGACY_TRUST:

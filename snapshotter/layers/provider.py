@@ -90,7 +90,8 @@ class LazyLayerProvider:
                                                         readahead_spans=self.options.readahead_spans))
         self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb,
                          threads=self.options.fuse_threads,
-                         holder=self.root / HOLDER_SOCKET if self.options.fuse_holder else None)
+                         holder=self.root / HOLDER_SOCKET if self.options.fuse_holder else None,
+                         holder_external=self.options.fuse_holder_external)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}
