@@ -43,6 +43,21 @@ def _file(tf: tarfile.TarFile, name: str, data: bytes, **kw: object) -> None:
 FILES = {f"f{i}.bin": bytes((i * 7 + j) % 251 for j in range(CHUNK * 2 + 1000 * i)) for i in range(6)}
 
 
+def _session(mnt: Path, threads: int = 2, **kw: object) -> _fuse.Session:
+    """A mounted session whose INIT is answered."""
+    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", threads, **kw)
+    try:
+        session.start()
+        deadline = time.monotonic() + 10
+        while not session.initialized():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
 @pytest.fixture
 def fs(tmp_path: Path):
     tar = tmp_path / "layer.tar"
@@ -68,13 +83,8 @@ def fs(tmp_path: Path):
     tree = LayerTree.build(index.entries())
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", 2)
+    session = _session(mnt)
     try:
-        session.start()
-        deadline = time.monotonic() + 10
-        while not session.initialized():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
         session.add_layer(1, "L", compile_tree(tree), b"".join(index.chunk_digests()), str(store.chunks_dir), CHUNK)
         yield session, mnt, index, store
     finally:
@@ -293,13 +303,8 @@ def test_big_directories_and_long_names_list_whole(tmp_path: Path) -> None:
     index = IndexFile.open(tmp_path / "idx")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", 1)
+    session = _session(mnt, threads=1)
     try:
-        session.start()
-        deadline = time.monotonic() + 10
-        while not session.initialized():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
         session.add_layer(1, "L", compile_tree(LayerTree.build(index.entries())), b"".join(index.chunk_digests()),
                           str(tmp_path / "chunks"), CHUNK)
         with os.scandir(mnt / "L" / "d") as it:
@@ -357,16 +362,6 @@ def test_a_session_taken_over_answers_what_its_predecessor_left(fs) -> None:
             fh.close()
             second.close()
     assert not os.path.ismount(mnt)
-
-
-def _session(mnt: Path, **kw: object) -> _fuse.Session:
-    session = _fuse.Session(str(mnt), "fsname=lazysnap,ro,default_permissions", 2, **kw)
-    session.start()
-    deadline = time.monotonic() + 10
-    while not session.initialized():
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    return session
 
 
 def test_passthrough_opens_go_to_the_backing_file(fs, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """ONE FUSE filesystem for the whole daemon; each layer is ``<mnt>/<layer digest hex>``.
 
 Binding: our own C filesystem (``snapshotter._fuse``, native/fuse/), which speaks the
-kernel's FUSE protocol itself (native/fuse/kproto.c). Its worker threads answer every request whose answer is already known - lookups,
-attributes, listings, xattrs, and reads of chunks this process has verified on disk -
+kernel's FUSE protocol itself (native/fuse/kproto.c). Its worker threads answer every
+request whose answer is already known - lookups, attributes, listings, xattrs, and reads
+of chunks this process has verified on disk -
 without Python or the GIL: measured with every chunk local, a container start costs ~8,400
 FUSE requests, and answered by pyfuse3 on asyncio each took ~150 us. A read that needs a
 fetch (or a sparse file, or a quarantined layer) is queued for this asyncio loop, which
@@ -252,6 +253,12 @@ class LazyFS:
                 await asyncio.sleep(HOLDER_RETRY_S)
 
     # -- a holder that died ----------------------------------------------------------------------
+    async def _rehomed(self) -> None:
+        """Wait while the layers are being added back to a new holder: a layer added
+        meanwhile would take a slot above those still to come, which the holder refuses."""
+        while (task := self._rehoming) is not None:
+            await asyncio.wait({task})
+
     def _holder_lost(self, link: HolderLink) -> None:
         if self._backend is not link or self._rehoming is not None:
             return
@@ -314,6 +321,7 @@ class LazyFS:
         quarantined rather than served under numbers that could mean other files."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"bad layer directory name {name!r}")
+        await self._rehomed()
         if name in self._layers:
             return self.mountpoint / name
         backend = self._live()
@@ -349,6 +357,7 @@ class LazyFS:
 
     async def remove_layer(self, name: str) -> None:
         """Unregister a layer and make the kernel forget ``<mnt>/<name>`` before returning."""
+        await self._rehomed()
         layer = self._layers.pop(name, None)
         if layer is None:
             return
