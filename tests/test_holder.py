@@ -118,6 +118,7 @@ def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(held) -> None
     want, blob, index, root = held
     gate = threading.Event()
     gate.set()
+    waited_before = REGISTRY.get_sample_value("lazysnap_fuse_waited_reads_total") or 0
     d1 = Daemon(root, blob, index, gate)  # starts the holder
     holder_pid = int((root / "fuse-holder.pid").read_text())
     assert (d1.dir / "etc/hostname").read_bytes() == b"lazy\n"
@@ -156,6 +157,9 @@ def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(held) -> None
             assert results["no_daemon"] == want["data/big.bin"][3 << 20:(3 << 20) + 65536]
             assert os.pread(kept, 1000, 0) == want["many/f0200"][:1000]
             assert int((root / "fuse-holder.pid").read_text()) == holder_pid  # the same holder
+            waited = _counter(d2, "waited_reads", 2)  # both waited for a daemon, and for how long
+            assert waited >= 2 and _counter(d2, "waited_ms", 1) >= 500
+            assert (REGISTRY.get_sample_value("lazysnap_fuse_waited_reads_total") or 0) - waited_before >= 2
             for name, data in want.items():
                 assert (d2.dir / name).read_bytes() == data, name
             with pytest.raises(HolderError, match="another lazysnap serve"):
@@ -187,6 +191,15 @@ def test_a_read_waits_for_a_daemon_then_fails_cleanly(held) -> None:  # noqa: AN
         _uncached_read(root / "mnt/layer1/data/big.bin", 0, 4096)
     assert exc.value.errno == errno.EIO
     assert 0.9 < time.monotonic() - t0 < 5
+
+
+def _counter(d: Daemon, name: str, at_least: int) -> int:
+    """The holder's counter ``name`` as the daemon last heard it, once it reaches
+    ``at_least`` (it reports twice a second), or whatever it is after 5 s."""
+    deadline = time.monotonic() + 5
+    while (value := d.ft.call(d.ft.fs.counters).get(name, 0)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
 
 
 def _rehomes() -> float:
@@ -236,6 +249,7 @@ def test_the_session_outlives_the_holder(held, sig: signal.Signals) -> None:  # 
         assert results["in_flight"] == want["data/big.bin"][big - 4096:]
         assert os.pread(kept, 1000, 0) == want["many/f0200"][:1000]
         assert os.stat(root / "mnt").st_dev == mnt_dev  # the same mount, never remounted
+        assert _counter(d, "resent", 1) >= 1  # the kernel sent the unanswered read again
         for name, data in want.items():
             assert _uncached_read(d.dir / name) == data, name
     finally:

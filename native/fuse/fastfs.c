@@ -32,7 +32,7 @@
 const char *const lzfs_counter_names[LZC_N] = {
     "lookup", "getattr", "readlink", "opendir", "readdir", "statfs", "getxattr", "listxattr",
     "open", "read", "read_local", "read_forwarded", "chunk_hits", "access_dropped", "open_passthrough",
-    "backing_files",
+    "backing_files", "resent",
 };
 
 /* A regular file's opens, when the session may pass files through: the kernel runs an
@@ -1256,6 +1256,8 @@ static void dispatch(lzfs *fs, const lzk_req *r)
 {
     req_t req = {fs, r->h->unique};
     uint64_t ino = r->h->nodeid;
+    if (r->h->unique & LZK_UNIQUE_RESEND)
+        count(fs, LZC_RESENT);
     const struct fuse_read_in *rd = r->arg;
     const struct fuse_getxattr_in *gx = r->arg;
     switch (r->h->opcode) {

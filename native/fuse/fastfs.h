@@ -56,6 +56,7 @@ enum {
     LZC_ACCESS_DROPPED,  /* access records lost because Python did not drain them */
     LZC_OPEN_PASSTHROUGH, /* opens answered with a backing file: reads never reach us */
     LZC_BACKING_FILES,   /* backing files registered */
+    LZC_RESENT,          /* requests the kernel sent again: a previous server read them, never answered */
     LZC_N
 };
 extern const char *const lzfs_counter_names[LZC_N];

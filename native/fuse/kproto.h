@@ -46,6 +46,7 @@ _Static_assert(sizeof(struct lzk_open_out) == sizeof(struct fuse_open_out), "fus
 #define LZK_INIT_MAX_STACK_DEPTH_OFF 36 /* in fuse_init_out: right after flags2 */
 _Static_assert(offsetof(struct fuse_init_out, flags2) + 4 == LZK_INIT_MAX_STACK_DEPTH_OFF, "fuse_init_out layout");
 
+#define LZK_UNIQUE_RESEND (1ull << 63) /* in a request's unique: sent again (FUSE_NOTIFY_RESEND) */
 #define LZK_MINOR 38            /* what we answer at INIT (the kernel uses the lower of both) */
 #define LZK_MAX_WRITE (128u << 10) /* we never accept writes; the kernel still sizes buffers by it */
 #define LZK_BUFSIZE (LZK_MAX_WRITE + 4096u) /* one request always fits (FUSE_MIN_READ_BUFFER is 8 KiB) */

@@ -59,6 +59,8 @@ class _Waiting:
     off: int
     size: int
     since: float  # when it arrived, or when the daemon it was handed to went away
+    arrived: float
+    waited: bool  # there was no daemon to answer it at some point
 
 
 @dataclass(slots=True)
@@ -76,6 +78,8 @@ class Holder:
     next_slot: int = 1
     relay: Path | None = None  # the public gRPC socket this holder holds (told to the daemon)
     adopted: bool = False  # took over a session; serves once the daemon says START
+    waited_reads: int = 0  # reads answered after waiting for a daemon, and their total wait
+    waited_s: float = 0.0
 
     @property
     def socket_path(self) -> Path:
@@ -133,7 +137,7 @@ class Holder:
         misses, accesses = self.session.take()
         now = time.monotonic()
         for token, ino, off, size in misses:
-            self.waiting[token] = _Waiting(ino, off, size, now)
+            self.waiting[token] = _Waiting(ino, off, size, now, now, self.daemon is None)
         if self.daemon is not None:
             if misses:
                 self._send(wire.frame(wire.MISSES, wire.records(wire.MISS, misses)))
@@ -141,8 +145,12 @@ class Holder:
                 self._send(wire.frame(wire.ACCESSES, wire.records(wire.ACCESS, accesses)))
 
     def _reply(self, token: int, data: bytes | None, err: int = 0) -> None:
-        if self.waiting.pop(token, None) is None or self.session is None:
+        w = self.waiting.pop(token, None)
+        if w is None or self.session is None:
             return  # answered already (EIO after WAIT_S) or unknown
+        if w.waited:
+            self.waited_reads += 1
+            self.waited_s += time.monotonic() - w.arrived
         if data is not None:
             self.session.reply_data(token, data)
         else:
@@ -154,7 +162,8 @@ class Holder:
             if self.session is None:
                 continue
             if self.daemon is not None:
-                self._send(wire.control(wire.COUNTERS, self.session.counters()))
+                self._send(wire.control(wire.COUNTERS, {**self.session.counters(), "waited_reads": self.waited_reads,
+                                                        "waited_ms": int(self.waited_s * 1000)}))
                 continue
             now = time.monotonic()
             late = [t for t, w in self.waiting.items() if now - w.since > self.wait_s]
@@ -234,6 +243,7 @@ class Holder:
                 now = time.monotonic()
                 for w in self.waiting.values():
                     w.since = now  # handed to a daemon that is gone: wait for the next one
+                    w.waited = True
                 log.warning("daemon_detached", waiting_reads=len(self.waiting), layers=len(self.layers))
             writer.close()
 

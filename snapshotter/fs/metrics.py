@@ -55,6 +55,17 @@ class FuseCounters(Collector):
         yield CounterMetricFamily("lazysnap_fuse_access_records_dropped",
                                   "Reads the recorder never saw because the daemon fell behind",
                                   value=totals["access_dropped"])
+        yield CounterMetricFamily("lazysnap_fuse_passthrough_opens",
+                                  "Opens answered with a backing file: the kernel reads it, no request reaches us",
+                                  value=totals["open_passthrough"])
+        yield CounterMetricFamily("lazysnap_fuse_resent_requests",
+                                  "Requests the kernel sent again because the FUSE holder that read them died "
+                                  "before answering (FUSE_NOTIFY_RESEND)", value=totals["resent"])
+        yield CounterMetricFamily("lazysnap_fuse_waited_reads",
+                                  "Reads that waited in the FUSE holder for a daemon (stopped, killed, restarting) "
+                                  "and were then answered", value=totals["waited_reads"])
+        yield CounterMetricFamily("lazysnap_fuse_waited_seconds",
+                                  "How long those reads waited, in total", value=totals["waited_ms"] / 1000)
 
 
 FUSE = FuseCounters()
