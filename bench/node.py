@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.containerd import Containerd, start_containerd, unmount_under
+from harness.containerd import Containerd, start_containerd, stop_fuse_holder, unmount_under
 from harness.registry import free_port
 from harness.signing import publisher_keys, sign_flags
 
@@ -217,6 +217,7 @@ class LazysnapDaemon:
                 self._proc.kill()
                 self._proc.wait(timeout=10)
         self._proc = None
+        stop_fuse_holder(self.root)  # with [lazy] fuse_holder, the mount's own process
         unmount_under(self.root)
         shutil.rmtree(self._sockdir, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -296,3 +297,48 @@ def test_a_supervised_holder_is_waited_for(held, monkeypatch: pytest.MonkeyPatch
             assert _uncached_read(d.dir / name) == data, name
     finally:
         d.stop()
+
+
+def test_a_session_taken_over_but_never_started_is_ended_cleanly(tmp_path: Path) -> None:
+    """A daemon brings the session to a new holder and dies before its layers are back: the
+    kernel's inode numbers mean layers only that daemon knew, so the holder ends the session
+    (unmount) rather than let a new daemon number them otherwise."""
+    from snapshotter.fs import holderwire as wire
+    from snapshotter.fs.mount import mount_device
+
+    root = tmp_path / "root"
+
+    async def hello(session_fd: int | None) -> tuple[dict[str, object], int | None, socket.socket]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(root / "fuse.sock"))
+        await wire.send_with_fd(sock, wire.control(wire.HELLO, {"version": wire.VERSION, "pid": os.getpid(),
+                                                                "fd": session_fd is not None}), session_fd)
+        frames, got, fd = wire.FrameReader(), [], None
+        while not got:
+            data, came = await wire.recv_with_fd(sock)
+            fd = came if came is not None else fd
+            assert data
+            got = frames.feed(data)
+        return wire.doc_of(got[0][1]), fd, sock
+
+    session_fd: int | None = None
+    first = _holder(root)
+    try:
+        welcome, session_fd, sock = asyncio.run(hello(None))
+        assert welcome["adopted"] is False and session_fd is not None  # the holder's fd, ours too now
+        sock.close()
+        first.kill()
+        first.wait(10)
+        (root / "fuse.sock").unlink()
+        second = _holder(root)
+        assert mount_device(root / "mnt") is not None  # alive on our copy of the fd
+        welcome, _, sock = asyncio.run(hello(session_fd))
+        assert welcome["adopted"] is True
+        sock.close()  # gone before sending START
+        assert second.wait(20) == 0
+        assert mount_device(root / "mnt") is None
+    finally:
+        if session_fd is not None:
+            os.close(session_fd)
+        stop_fuse_holder(root)

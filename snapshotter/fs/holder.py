@@ -80,6 +80,7 @@ class Holder:
     adopted: bool = False  # took over a session; serves once the daemon says START
     waited_reads: int = 0  # reads answered after waiting for a daemon, and their total wait
     waited_s: float = 0.0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: run_holder stops
 
     @property
     def socket_path(self) -> Path:
@@ -245,6 +246,12 @@ class Holder:
                     w.since = now  # handed to a daemon that is gone: wait for the next one
                     w.waited = True
                 log.warning("daemon_detached", waiting_reads=len(self.waiting), layers=len(self.layers))
+                if self.adopted:
+                    # it died before its layers were all back: the kernel's inode numbers mean
+                    # layers only it knew, and a new daemon could number them otherwise; end
+                    # the session cleanly (EIO, unmount) rather than risk serving other bytes
+                    log.error("adopted_session_abandoned", mountpoint=str(self.mountpoint))
+                    self.stop.set()
             writer.close()
 
     async def _hello(self, kind: int, payload: bytes, fd: int | None) -> tuple[bytes, int | None, bool]:
@@ -364,7 +371,7 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
         log.error("holder_running", root=str(root), note="another FUSE holder serves this root")
         return 1
     holder = Holder(root, mountpoint, threads, read_ahead_kb, wait_s, relay=relay)
-    stop = asyncio.Event()
+    stop = holder.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
