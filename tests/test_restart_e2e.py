@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -188,6 +189,7 @@ def test_after_a_reboot_a_stopped_container_starts_again(world: World, tmp_path:
     script = "sha256sum -c /data/SUMS >/dev/null && date >> /var/boots && wc -l < /var/boots"
     node = tmp_path / "node"
     with lazysnap_node(node, config="[lazy]\nfuse_holder = true\n") as (daemon, cd):
+        assert stat.S_IMODE(os.stat(daemon.root / "daemon.sock").st_mode) == 0o600  # only the holder connects
         cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
         cd.ctr("container", "create", "--snapshotter", "lazysnap", world.ref, "kept", "--", "/bin/sh", "-c", script)
         assert cd.ctr("task", "start", "kept").stdout.strip() == "1"

@@ -79,12 +79,20 @@ def test_health_without_daemon_fails_cleanly(tmp_path: Path) -> None:
     assert health_status(str(tmp_path / "nothing.sock"), 0.5) is None
 
 
-def test_second_daemon_refuses_live_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("holder", [False, True], ids=["own-socket", "fuse-holder"])
+def test_second_daemon_refuses_live_socket(tmp_path: Path, holder: bool) -> None:
+    """Another daemon serves the address: refused at once, and with ``fuse_holder`` no
+    holder is started for the refused root."""
     d = LazysnapDaemon(tmp_path / "a", metrics=False)
     try:
         d.start()
-        r = lazysnap("serve", "--root", str(tmp_path / "b"), "--address", d.address)
+        args = ["serve", "--root", str(tmp_path / "b"), "--address", d.address]
+        if holder:
+            (tmp_path / "b.toml").write_text("[lazy]\nfuse_holder = true\n")
+            args += ["--config", str(tmp_path / "b.toml")]
+        r = lazysnap(*args)
         assert r.returncode == 1 and "in use" in r.stderr
+        assert not (tmp_path / "b" / "fuse-holder.pid").exists()
         assert health_status(d.address) == "SERVING"
     finally:
         d.stop()

@@ -49,7 +49,9 @@ async def _serve(cfg: Config) -> None:
     address = await _behind_holder(cfg) if cfg.lazy.fuse_holder else cfg.address
     snapshotter = Snapshotter(cfg.root_path, _provider(cfg, credentials))
     await snapshotter.open()
-    service = SnapshotService(snapshotter, address, probe_interval=cfg.health_probe_seconds)
+    # behind the holder only it connects (root): no group access, as everything under the root
+    service = SnapshotService(snapshotter, address, probe_interval=cfg.health_probe_seconds,
+                              mode=0o600 if cfg.lazy.fuse_holder else 0o660)
     metrics_server = None
     try:
         if cfg.metrics_address:
@@ -90,6 +92,8 @@ async def _behind_holder(cfg: Config) -> str:
     from snapshotter.fsutil import listening
 
     root = cfg.root_path
+    if listening(cfg.address) and not listening(str(root / HOLDER_SOCKET)):
+        raise OSError(f"{cfg.address} is in use by another process (not this root's FUSE holder)")
     external = cfg.lazy.fuse_holder_external
     if not external:
         await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,

@@ -198,9 +198,11 @@ class VersionedHealth(health_aio.HealthServicer):
 class SnapshotService:
     """The daemon's server: start, probe health periodically, stop gracefully."""
 
-    def __init__(self, snapshotter: Snapshotter, address: str, *, probe_interval: float = 2.0) -> None:
+    def __init__(self, snapshotter: Snapshotter, address: str, *, probe_interval: float = 2.0,
+                 mode: int = 0o660) -> None:
         self.snapshotter = snapshotter
         self.address = address
+        self.mode = mode  # of the socket: 0660 for containerd's group, 0600 behind the FUSE holder
         self.probe_interval = probe_interval
         self.health = VersionedHealth(package_version())
         self._server: grpc.aio.Server | None = None
@@ -221,12 +223,12 @@ class SnapshotService:
         add_control(server, self.snapshotter.provider)
         pb_node.add_NodeServicer_to_server(NodeServicer(self.snapshotter, self.errors, self.address), server)
         server.add_insecure_port(f"unix:{self.address}")
-        old = os.umask(0o117)  # the socket is created 0660 — never world-accessible, even briefly
+        old = os.umask(0o777 & ~self.mode)  # created with its mode: never wider, even briefly
         try:
             await server.start()
         finally:
             os.umask(old)
-        os.chmod(self.address, 0o660)
+        os.chmod(self.address, self.mode)
         self._server = server
         await self._check_health()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="lazysnap-health-probe")
