@@ -969,6 +969,10 @@ static void op_open(req_t req, uint64_t ino, uint32_t flags)
 static void op_release(req_t req, uint64_t ino, uint64_t fh)
 {
     lzfs *fs = req.fs;
+    if (!(fs->flags & LZFS_PASSTHROUGH)) { /* nothing counted: no lock on this path */
+        reply_err(req, 0);
+        return;
+    }
     layer_t *l;
     const lzt_node *n = lock_node(fs, ino, &l);
     if (n && l->pt) {

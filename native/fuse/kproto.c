@@ -191,33 +191,36 @@ size_t lzk_add_direntplus(char *buf, size_t cap, const char *name, size_t name_l
     return rec;
 }
 
+/* A notification (unique 0, the code in `error`); unlike a reply, every errno is the
+ * caller's to hear (ENOENT: nothing to invalidate; ENOSYS: the kernel lacks it). */
+static int notify(int fd, int code, struct iovec *iov, int n)
+{
+    struct fuse_out_header h = {.error = code, .unique = 0};
+    size_t total = sizeof h;
+    for (int i = 1; i < n; i++)
+        total += iov[i].iov_len;
+    h.len = (uint32_t)total;
+    iov[0] = (struct iovec){&h, sizeof h};
+    for (;;) {
+        if (writev(fd, iov, n) >= 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 int lzk_notify_inval_entry(int fd, uint64_t parent, const char *name, size_t name_len)
 {
     struct fuse_notify_inval_entry_out arg = {.parent = parent, .namelen = (uint32_t)name_len};
-    struct fuse_out_header h = {.error = FUSE_NOTIFY_INVAL_ENTRY, .unique = 0};
     char nul = 0;
-    struct iovec iov[4] = {{&h, sizeof h}, {&arg, sizeof arg}, {(void *)name, name_len}, {&nul, 1}};
-    size_t total = sizeof h + sizeof arg + name_len + 1;
-    h.len = (uint32_t)total;
-    for (;;) {
-        ssize_t w = writev(fd, iov, 4);
-        if (w >= 0)
-            return 0;
-        if (errno != EINTR)
-            return -errno; /* ENOENT: the kernel had no such entry cached */
-    }
+    struct iovec iov[4] = {{NULL, 0}, {&arg, sizeof arg}, {(void *)name, name_len}, {&nul, 1}};
+    return notify(fd, FUSE_NOTIFY_INVAL_ENTRY, iov, 4);
 }
 
 int lzk_notify_resend(int fd)
 {
-    struct fuse_out_header h = {.len = sizeof h, .error = FUSE_NOTIFY_RESEND, .unique = 0};
-    for (;;) {
-        ssize_t w = write(fd, &h, sizeof h);
-        if (w >= 0)
-            return 0;
-        if (errno != EINTR)
-            return -errno; /* ENOSYS: a kernel without FUSE_NOTIFY_RESEND (< 6.9) */
-    }
+    struct iovec iov[1] = {{NULL, 0}};
+    return notify(fd, FUSE_NOTIFY_RESEND, iov, 1); /* ENOSYS before Linux 6.9 */
 }
 
 /* ------------------------------------------------------------------ mount */

@@ -182,22 +182,11 @@ class Holder:
         """One connection: a daemon's hello (with the session's fd if it has one), then its
         messages until it goes away. A connection that says nothing (a probe: does a holder
         run here?) is closed quietly."""
-        frames = wire.FrameReader()
-        got: list[tuple[int, bytes]] = []
-        fd: int | None = None
         try:
             async with asyncio.timeout(10):
-                while not got:
-                    data, came = await wire.recv_with_fd(conn)
-                    if came is not None:
-                        if fd is not None:
-                            os.close(fd)
-                        fd = came
-                    if not data:
-                        break
-                    got = frames.feed(data)
-        except (OSError, TimeoutError, ValueError):
-            got = []
+                frames, got, fd = await wire.first_frames(conn)
+        except (TimeoutError, ValueError):
+            frames, got, fd = wire.FrameReader(), [], None
         if not got:
             if fd is not None:
                 os.close(fd)

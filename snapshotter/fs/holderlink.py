@@ -87,9 +87,6 @@ class HolderLink:
         except OSError as exc:
             sock.close()
             raise HolderError(errno.ECONNREFUSED, f"cannot reach the FUSE holder at {socket_path}: {exc}") from None
-        frames = wire.FrameReader()
-        got: list[tuple[int, bytes]] = []
-        received: int | None = None
         try:
             async with asyncio.timeout(SPAWN_TIMEOUT_S):
                 try:
@@ -97,24 +94,16 @@ class HolderLink:
                         "version": wire.VERSION, "pid": os.getpid(), "fd": session_fd is not None}), session_fd)
                 except OSError:
                     pass  # a holder that refuses us closes at once; its reason is still to be read
-                while not got:
-                    try:
-                        data, fd = await wire.recv_with_fd(sock)
-                    except OSError:
-                        data, fd = b"", None
-                    if fd is not None:
-                        if received is not None:
-                            os.close(received)
-                        received = fd
-                    if not data:
-                        raise HolderError(errno.ECONNRESET, f"the FUSE holder at {socket_path} closed the connection")
-                    got = frames.feed(data)
+                frames, got, received = await wire.first_frames(sock)
         except TimeoutError:
-            _close(sock, received)
+            sock.close()
             raise HolderError(errno.ETIMEDOUT, f"the FUSE holder at {socket_path} did not answer") from None
-        except (HolderError, ValueError):
-            _close(sock, received)
+        except ValueError:
+            sock.close()
             raise
+        if not got:
+            _close(sock, received)
+            raise HolderError(errno.ECONNRESET, f"the FUSE holder at {socket_path} closed the connection")
         kind, payload = got[0]
         doc = wire.doc_of(payload)
         if kind == wire.REFUSED:

@@ -129,6 +129,33 @@ async def send_with_fd(sock: socket.socket, data: bytes, fd: int | None) -> None
         await loop.sock_sendall(sock, data[sent:])
 
 
+async def first_frames(sock: socket.socket) -> tuple[FrameReader, list[tuple[int, bytes]], int | None]:
+    """Read a non-blocking socket up to its first whole frame (a hello or its answer) and
+    keep the fd that came with it. No frames: the peer closed or reset first. ValueError:
+    not this protocol. The fd is closed if the read fails or is cancelled (a timeout)."""
+    frames = FrameReader()
+    got: list[tuple[int, bytes]] = []
+    fd: int | None = None
+    try:
+        while not got:
+            try:
+                data, came = await recv_with_fd(sock)
+            except OSError:
+                data, came = b"", None
+            if came is not None:
+                if fd is not None:
+                    os.close(fd)
+                fd = came
+            if not data:
+                break
+            got = frames.feed(data)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return frames, got, fd
+
+
 async def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     """The next bytes of a non-blocking socket and the fd that came with them, if any
     (not inherited by children; extra fds are closed)."""
