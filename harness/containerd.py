@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 
 from harness.signing import publisher_keys
 
-__all__ = ["Containerd", "ContainerdError", "LazysnapDaemon", "LazysnapThread", "health_status", "start_containerd",
-           "start_lazysnap", "unmount_under", "wait_serving"]
+__all__ = ["Containerd", "ContainerdError", "LazysnapDaemon", "LazysnapThread", "health_status", "mounts_under",
+           "start_containerd", "start_lazysnap", "stop_fuse_holder", "unmount_under", "wait_serving"]
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -56,8 +56,9 @@ def _short_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def unmount_under(root: Path) -> list[str]:
-    """Lazily unmount every mount point below ``root`` (deepest first); return them."""
+def mounts_under(root: Path) -> list[str]:
+    """The mount points at or below ``root`` (from mountinfo: nothing is stat'ed, so a
+    mount whose FUSE server is gone cannot hang the call)."""
     root_s = os.path.realpath(root)
     points: list[str] = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -65,6 +66,12 @@ def unmount_under(root: Path) -> list[str]:
             mnt = line.split()[4].encode().decode("unicode_escape")
             if mnt == root_s or mnt.startswith(root_s + "/"):
                 points.append(mnt)
+    return points
+
+
+def unmount_under(root: Path) -> list[str]:
+    """Lazily unmount every mount point below ``root`` (deepest first); return them."""
+    points = mounts_under(root)
     for mnt in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
     return points

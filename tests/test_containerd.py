@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.containerd import (Containerd, LazysnapDaemon, LazysnapThread, health_status, start_containerd,
-                                start_lazysnap, unmount_under, wait_serving)
+from harness.containerd import (Containerd, LazysnapDaemon, LazysnapThread, health_status, mounts_under,
+                                start_containerd, start_lazysnap, stop_fuse_holder, unmount_under, wait_serving)
 from harness.images import Dir, File, HardLink, LayerSpec, PushedImage, Symlink, build_image, busybox_rootfs
 from harness.registry import Registry, start_registry
 from snapshotter import metrics
+from snapshotter.fs.mount import DAEMON_SOCKET
 from snapshotter.service import ProviderError, RemoteLayerRequest
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -271,7 +272,10 @@ def test_sigkill_and_restart_keep_snapshots(daemon: LazysnapDaemon, containerd_w
     assert reconnected_ls(cd) == before
     r = cd.ctr("run", "--rm", "--snapshotter", "lazysnap", busybox_image.ref, "c-after-kill")
     assert r.stdout == "hello from lazysnap\n"
-    assert daemon.terminate() == 0  # graceful: the socket is removed
+    assert daemon.terminate() == 0  # graceful: its own socket is removed ...
+    assert not (daemon.root / DAEMON_SOCKET).exists()
+    assert os.path.exists(daemon.address)  # ... the holder keeps the public one for the next daemon
+    stop_fuse_holder(daemon.root)
     assert not os.path.exists(daemon.address)
 
 
@@ -418,8 +422,10 @@ def test_lazy_provider_through_cli(tmp_path: Path, containerd_with, registry: Re
         d, cd = _lazy_pull_and_run(tmp_path, containerd_with, registry, busybox_image)
         body = urllib.request.urlopen(d.metrics_url, timeout=5).read().decode()
         assert re.search(r"lazysnap_remote_snapshots_total [1-9]", body)
-        assert d.terminate() == 0  # graceful stop closes the provider (FUSE unmounted)
-        assert not any(line.split()[4].startswith(str(d.root)) for line in open("/proc/self/mountinfo"))
+        assert d.terminate() == 0  # graceful stop: the holder keeps the layers mounted for the next daemon
+        assert mounts_under(d.root)
+        stop_fuse_holder(d.root)  # the holder alone: it unmounts as it stops
+        assert not mounts_under(d.root)
     finally:
         if d is not None:
             d.stop()

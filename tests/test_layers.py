@@ -96,6 +96,8 @@ class Env:
 
         async def make() -> LazyLayerProvider:
             opts.setdefault("trusted_keys", [str(publisher_keys().public)])
+            # the session in this process: these tests are about layers (the holder has its own)
+            opts.setdefault("fuse_holder", False)
             return LazyLayerProvider(root, RegistryClient(cfg), LazyOptions(fetch_deadline_s=5, **opts),
                                      NO_PROFILES)
 
@@ -303,7 +305,7 @@ def test_shared_content_is_fetched_once(tmp_path: Path) -> None:
 
         async def make() -> LazyLayerProvider:
             return LazyLayerProvider(tmp_path / "node", RegistryClient(RegistryConfig()),
-                                     LazyOptions(verify_complete_layers=False,
+                                     LazyOptions(verify_complete_layers=False, fuse_holder=False,
                                                  trusted_keys=[str(publisher_keys().public)]), NO_PROFILES)
 
         p = loop.run(make)

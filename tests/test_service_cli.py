@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.containerd import LazysnapDaemon, health_status
+from snapshotter.fs.mount import DAEMON_SOCKET
 from snapshotter.config import ConfigError, load_config
 from snapshotter.log import configure, get_logger
 
@@ -65,7 +66,8 @@ def test_serve_with_config_file_metrics_and_sigterm(tmp_path: Path) -> None:
         assert "lazysnap_remote_fallbacks_total" in body and "lazysnap_grpc_request_seconds" in body
         assert oct(os.stat(d.address).st_mode & 0o777) in ("0o660", "0o600")
         assert d.terminate() == 0
-        assert not os.path.exists(d.address)  # graceful shutdown removed the socket
+        assert not (d.root / DAEMON_SOCKET).exists()  # graceful shutdown removed its socket
+        assert os.path.exists(d.address)  # the FUSE holder keeps the public one for the next daemon
         log = d.log_path.read_text()
         assert re.search(r"^ts=\S+ level=info logger=lazysnap\.service event=stopped ", log, re.M)
     finally:
@@ -86,10 +88,8 @@ def test_second_daemon_refuses_live_socket(tmp_path: Path, holder: bool) -> None
     d = LazysnapDaemon(tmp_path / "a", metrics=False)
     try:
         d.start()
-        args = ["serve", "--root", str(tmp_path / "b"), "--address", d.address]
-        if holder:
-            (tmp_path / "b.toml").write_text("[lazy]\nfuse_holder = true\n")
-            args += ["--config", str(tmp_path / "b.toml")]
+        (tmp_path / "b.toml").write_text(f"[lazy]\nfuse_holder = {str(holder).lower()}\n")
+        args = ["serve", "--root", str(tmp_path / "b"), "--address", d.address, "--config", str(tmp_path / "b.toml")]
         r = lazysnap(*args)
         assert r.returncode == 1 and "in use" in r.stderr
         assert not (tmp_path / "b" / "fuse-holder.pid").exists()

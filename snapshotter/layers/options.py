@@ -47,8 +47,8 @@ class LazyOptions:
     fuse-holder``, started if none runs on the root) instead of the daemon, so running
     containers keep their layers when the daemon stops, crashes or is upgraded; reads that
     need a fetch wait for the next daemon; the holder can be restarted too, the daemon
-    hands it the session (docs/design/restart.md). Off by default until every way of
-    running the daemon stops its holder with it (tests, bench, demo).
+    hands it the session (docs/design/restart.md). ``false`` keeps the session in the
+    daemon: one process fewer, and running containers lose their lazy layers with it.
     ``fuse_holder_external``: the holder is run by a supervisor of its own (a systemd unit,
     a DaemonSet): the daemon waits for it and never starts one, which would live and die
     with the daemon's cgroup or pod.
@@ -76,7 +76,7 @@ class LazyOptions:
     read_ahead_kb: int = 1024
     readahead_spans: bool = False
     fuse_threads: int = 8
-    fuse_holder: bool = False
+    fuse_holder: bool = True
     fuse_holder_external: bool = False
 
     def validate(self) -> LazyOptions:
