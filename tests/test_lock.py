@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from harness.containerd import unmount_under
+from harness.containerd import stop_fuse_holder, unmount_under
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements" / "lock.txt"
@@ -201,6 +201,7 @@ def test_lower_bounds_install_and_serve(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+        stop_fuse_holder(tmp_path / "root")  # serve started it ([lazy] fuse_holder)
         sock.unlink(missing_ok=True)
         unmount_under(tmp_path)
     assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mountpoint", default=None, help="the FUSE mount (default ROOT/mnt)")
     p.add_argument("--threads", type=int, default=8, help="C threads answering FUSE requests")
     p.add_argument("--read-ahead-kb", type=int, default=1024)
+    p.add_argument("--passthrough", action="store_true",
+                   help="ask the kernel for FUSE passthrough, so files the daemon gives a backing file are read "
+                        "without us ([lazy] fuse_passthrough)")
     p.add_argument("--wait-s", type=float, default=30.0,
                    help="how long a read that needs a fetch, or a gRPC call, waits for a daemon")
     p.add_argument("--address", default=None,

@@ -96,8 +96,7 @@ async def _behind_holder(cfg: Config) -> str:
         raise OSError(f"{cfg.address} is in use by another process (not this root's FUSE holder)")
     external = cfg.lazy.fuse_holder_external
     if not external:
-        await ensure_holder(root / HOLDER_SOCKET, root / "mnt", threads=cfg.lazy.fuse_threads,
-                            read_ahead_kb=cfg.lazy.read_ahead_kb, relay=Path(cfg.address))
+        await ensure_holder(root / HOLDER_SOCKET, root / "mnt", cfg.lazy.fuse_session(), relay=Path(cfg.address))
     for _ in range(3000 if external else 250):  # the holder opens the public socket right after its own
         if listening(cfg.address):
             return str(root / DAEMON_SOCKET)
@@ -140,6 +139,7 @@ def _log_start() -> None:
 
 def cmd_fuse_holder(args: argparse.Namespace) -> int:
     from snapshotter.fs.holder import run_holder
+    from snapshotter.fs.mount import SessionOptions
 
     if not 1 <= args.threads <= 16:
         raise CLIError(f"--threads must be 1..16, got {args.threads}", status=2)
@@ -150,8 +150,8 @@ def cmd_fuse_holder(args: argparse.Namespace) -> int:
     root = Path(args.root)
     try:
         secure_root(root)
-        return asyncio.run(run_holder(root, Path(args.mountpoint) if args.mountpoint else root / "mnt",
-                                      threads=args.threads, read_ahead_kb=args.read_ahead_kb,
+        how = SessionOptions(args.threads, args.read_ahead_kb, args.passthrough)
+        return asyncio.run(run_holder(root, Path(args.mountpoint) if args.mountpoint else root / "mnt", how,
                                       wait_s=args.wait_s, relay=Path(args.address) if args.address else None))
     except (RootError, OSError) as exc:
         raise CLIError(str(exc)) from None

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
-from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOUNT_OPTIONS, detach, mount_device,
-                                  release_layer, unmount_stale, wait_initialized)
+from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOUNT_OPTIONS, SessionOptions, detach,
+                                  mount_device, release_layer, unmount_stale, wait_initialized)
 from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
 
@@ -67,8 +67,7 @@ class _Waiting:
 class Holder:
     root: Path
     mountpoint: Path
-    threads: int
-    read_ahead_kb: int
+    how: SessionOptions
     wait_s: float = WAIT_S
     session: _fuse.Session | None = None
     layers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name → (slot, tree hash)
@@ -102,17 +101,19 @@ class Holder:
             detach(self.mountpoint)  # no daemon brought its session: nobody can serve it again
         unmount_stale(self.mountpoint)
         private_dirs(self.mountpoint)
-        self.session = session = _fuse.Session(str(self.mountpoint), MOUNT_OPTIONS, self.threads)
+        self.session = session = _fuse.Session(str(self.mountpoint), MOUNT_OPTIONS, self.how.threads,
+                                               passthrough=self.how.passthrough)
         session.start()
         asyncio.get_running_loop().add_reader(session.fileno(), self._take)
-        await wait_initialized(session, self.mountpoint, self.read_ahead_kb)
-        log.info("holder_mounted", mountpoint=str(self.mountpoint), pid=os.getpid())
+        await wait_initialized(session, self.mountpoint, self.how.read_ahead_kb)
+        log.info("holder_mounted", mountpoint=str(self.mountpoint), pid=os.getpid(),
+                 passthrough=session.passthrough())
 
     def _adopt(self, fd: int) -> None:
         """Take over the session of ``fd`` (the daemon kept it when the last holder died);
         workers start at ``START``, once its layers are back."""
         try:
-            self.session = _fuse.Session(str(self.mountpoint), "", self.threads, fuse_fd=fd)
+            self.session = _fuse.Session(str(self.mountpoint), "", self.how.threads, fuse_fd=fd)
         finally:
             os.close(fd)  # the session has its own copy
         self.adopted = True
@@ -265,7 +266,8 @@ class Holder:
         welcome = wire.control(wire.WELCOME, {
             "version": wire.VERSION, "pid": os.getpid(), "next_slot": self.next_slot,
             "layers": {name: [slot, h] for name, (slot, h) in self.layers.items()}, "waiting": len(self.waiting),
-            "adopted": self.adopted, "relay": str(self.relay) if self.relay is not None else None})
+            "adopted": self.adopted, "relay": str(self.relay) if self.relay is not None else None,
+            "passthrough": self.session.passthrough()})
         log.info("daemon_attached", pid=doc.get("pid"), layers=len(self.layers), waiting_reads=len(self.waiting),
                  brought_session=fd is not None)
         return welcome, None if adopting else self.session.fuse_fileno(), True
@@ -300,6 +302,8 @@ class Holder:
             self._send(wire.control(wire.DONE, {"id": doc.get("id")}))
         elif kind == wire.START:
             self._serve_adopted()
+        elif kind == wire.BACKING:
+            self._set_backing(wire.doc_of(payload))
         else:
             log.warning("daemon_unknown_message", kind=kind)
 
@@ -327,6 +331,17 @@ class Holder:
         self._send(wire.control(wire.DONE, {"id": rid}))
         log.info("layer_held", layer=name, slot=slot)
 
+    def _set_backing(self, doc: dict[str, object]) -> None:
+        assert self.session is not None
+        rid = doc.get("id")
+        try:
+            self.session.set_backing(int(doc["slot"]), int(doc["local"]), str(doc["path"]))  # type: ignore[call-overload]
+        except OSError as exc:
+            self._send(wire.control(wire.REFUSED, {"id": rid, "reason": exc.strerror or str(exc),
+                                                   "errno": exc.errno or errno.EIO}))
+            return
+        self._send(wire.control(wire.DONE, {"id": rid}))
+
     async def _remove(self, slot: int, name: str) -> None:
         assert self.session is not None
         if self.slots.pop(slot, None) is None:
@@ -346,7 +361,7 @@ class Holder:
         log.info("holder_stopped", mountpoint=str(self.mountpoint), left_to_daemon=handed)
 
 
-async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
+async def run_holder(root: Path, mountpoint: Path, how: SessionOptions, *,
                      wait_s: float = WAIT_S, relay: Path | None = None) -> int:
     """Serve until SIGTERM/SIGINT. One holder per root (``fuse-holder.lock``). ``relay``:
     the daemon's public gRPC socket, held here and forwarded to ``<root>/daemon.sock``
@@ -359,7 +374,7 @@ async def run_holder(root: Path, mountpoint: Path, *, threads: int, read_ahead_k
     except BlockingIOError:
         log.error("holder_running", root=str(root), note="another FUSE holder serves this root")
         return 1
-    holder = Holder(root, mountpoint, threads, read_ahead_kb, wait_s, relay=relay)
+    holder = Holder(root, mountpoint, how, wait_s, relay=relay)
     stop = holder.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ from typing import Any
 
 from snapshotter.fs import holderwire as wire
 from snapshotter.fs import metrics
+from snapshotter.fs.mount import SessionOptions
 from snapshotter.fsutil import FILE_MODE, private_dirs
 from snapshotter.log import get_logger
 
@@ -57,6 +58,7 @@ class HolderLink:
             str(k): (int(v[0]), str(v[1])) for k, v in (welcome.get("layers") or {}).items()}
         self.next_slot = int(welcome.get("next_slot", 1))
         self.adopted = bool(welcome.get("adopted"))  # took over our session: START once layers are back
+        self.passthrough = bool(welcome.get("passthrough"))  # absent from a holder that never passes through
         self.relay = Path(welcome["relay"]) if welcome.get("relay") else None
         self.session_fd: int | None = None  # the session's fd, when the welcome brought it (ours to close)
         self._on_lost = on_lost
@@ -70,15 +72,14 @@ class HolderLink:
         self._task = self._loop.create_task(self._receive(), name="fuse-holder-link")
 
     @classmethod
-    async def attach(cls, socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
+    async def attach(cls, socket_path: Path, mountpoint: Path, how: SessionOptions, *,
                      on_misses: Callable[[Any], None], on_accesses: Callable[[Any], None],
                      on_lost: Callable[[HolderLink], None] | None = None, session_fd: int | None = None,
                      relay: Path | None = None, spawn: bool = True) -> HolderLink:
         """Connect to the holder of ``socket_path`` (starting it, holding ``relay``, if none
         answers and ``spawn``) and say hello, bringing ``session_fd`` (the session a dead
         holder left)."""
-        started = await ensure_holder(socket_path, mountpoint, threads=threads, read_ahead_kb=read_ahead_kb,
-                                      relay=relay, spawn=spawn)
+        started = await ensure_holder(socket_path, mountpoint, how, relay=relay, spawn=spawn)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -134,6 +135,10 @@ class HolderLink:
     async def remove_layer(self, slot: int, name: str) -> None:
         await self._request(lambda rid: wire.control(wire.REMOVE, {"id": rid, "slot": slot, "name": name}),
                             f"remove layer {name}")
+
+    async def set_backing(self, slot: int, local: int, path: str) -> None:
+        await self._request(lambda rid: wire.control(wire.BACKING, {"id": rid, "slot": slot, "local": local,
+                                                                    "path": path}), "take a backing file")
 
     def start_serving(self) -> None:
         """A holder that took our session over serves from now on (layers are back)."""
@@ -240,13 +245,14 @@ class HolderLink:
                 if kind == wire.DONE:
                     fut.set_result(None)
                 else:
-                    fut.set_exception(HolderError(errno.EINVAL, f"the FUSE holder refused layer "
-                                                                f"{doc.get('name')}: {doc.get('reason')}"))
+                    what = f"layer {doc['name']}" if "name" in doc else "the request"
+                    fut.set_exception(HolderError(int(doc.get("errno") or errno.EINVAL),
+                                                  f"the FUSE holder refused {what}: {doc.get('reason')}"))
         else:
             log.warning("holder_unknown_message", kind=kind)
 
 
-async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, read_ahead_kb: int,
+async def ensure_holder(socket_path: Path, mountpoint: Path, how: SessionOptions, *,
                         relay: Path | None = None, spawn: bool = True) -> bool:
     """Start a FUSE holder on ``socket_path``'s root unless one listens; True if started.
     ``relay``: the public gRPC socket it should hold (``fuse-holder --address``). ``spawn``
@@ -256,7 +262,7 @@ async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, re
     except (FileNotFoundError, ConnectionRefusedError):
         if not spawn:
             raise HolderError(errno.ECONNREFUSED, f"no FUSE holder listens on {socket_path}") from None
-        await _spawn(socket_path, mountpoint, threads, read_ahead_kb, relay)
+        await _spawn(socket_path, mountpoint, how, relay)
         if os.environ.get("INVOCATION_ID"):  # a systemd unit: its stop kills the whole cgroup
             log.warning("holder_in_daemon_unit", note="the FUSE holder was started inside lazysnap's own "
                         "systemd unit, whose stop or restart kills it: enable lazysnap-fused.service")
@@ -265,8 +271,7 @@ async def ensure_holder(socket_path: Path, mountpoint: Path, *, threads: int, re
     return False
 
 
-async def _spawn(socket_path: Path, mountpoint: Path, threads: int, read_ahead_kb: int,
-                 relay: Path | None) -> None:
+async def _spawn(socket_path: Path, mountpoint: Path, how: SessionOptions, relay: Path | None) -> None:
     """Start ``lazysnap fuse-holder`` in a session of its own and wait until it listens."""
     root = socket_path.parent
     private_dirs(root)
@@ -275,7 +280,7 @@ async def _spawn(socket_path: Path, mountpoint: Path, threads: int, read_ahead_k
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "snapshotter", "fuse-holder", "--root", str(root),
-             "--mountpoint", str(mountpoint), "--threads", str(threads), "--read-ahead-kb", str(read_ahead_kb),
+             "--mountpoint", str(mountpoint), *how.holder_args(),
              *(["--address", str(relay)] if relay is not None else [])],
             stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
     finally:

@@ -8,12 +8,18 @@ daemon → holder: ``HELLO`` {version, pid, fd}; ``ADD`` (JSON head {id, slot, n
 chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
 ``FAILED`` {slot}; ``VERIFIED`` / ``FORGET`` (digests, 32 bytes each); ``DATA`` (token,
 bytes); ``ERROR`` (token, errno); ``START`` {} (the layers of a session the holder took
-over are back: serve, and have the kernel send again what the last holder left unanswered).
+over are back: serve, and have the kernel send again what the last holder left unanswered);
+``BACKING`` {id, slot, local, path} (a file's backing file for passthrough; sent only to a
+holder whose welcome says ``passthrough``).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot, waiting, adopted, relay}; ``MISSES`` (``MISS`` records); ``ACCESSES`` (``ACCESS``
-records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD or REMOVE is applied);
-``REFUSED`` {reason} (another daemon is attached) or {id, name, reason} (an ADD could not be
-applied).
+next_slot, waiting, adopted, relay, passthrough}; ``MISSES`` (``MISS`` records); ``ACCESSES``
+(``ACCESS`` records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD, REMOVE or BACKING is
+applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name], reason, [errno]}
+(a request could not be applied).
+
+Additions keep ``VERSION``: a field or message that only a newer peer sends is announced
+by the other side first (``passthrough`` in the welcome), so daemon and holder of adjacent
+builds keep talking through an upgrade of either.
 
 The session's ``/dev/fuse`` fd is held by both ends (``SCM_RIGHTS``), so that either can die
 without the kernel aborting the mounts: it travels with ``HELLO`` when the daemon has it (its
@@ -40,7 +46,7 @@ REPLY_ERROR = struct.Struct("<Qi")  # token, errno
 ADD_HEAD = struct.Struct("<IQ")  # JSON head length, tree blob length (the digests follow)
 
 (HELLO, ADD, REMOVE, FAILED, VERIFIED, FORGET, DATA, ERROR,
- WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START) = range(1, 16)
+ WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START, BACKING) = range(1, 17)
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview) -> bytes:

@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from snapshotter import _fuse
 from snapshotter.fs import metrics
+from snapshotter.fs.backing import BackingFiles, Candidate, candidates
 from snapshotter.fs.compiled import CompiledTree, compile_tree
 from snapshotter.fs.data import LayerData
-from snapshotter.fs.mount import HOLDER_LOCK, MOUNT_OPTIONS, release_layer, unmount_stale, wait_initialized
+from snapshotter.fs.mount import (HOLDER_LOCK, MOUNT_OPTIONS, STACKED_FILESYSTEMS, SessionOptions, filesystem_type,
+                                  release_layer, unmount_stale, wait_initialized)
 from snapshotter.fs.tree import LayerTree
 from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
@@ -63,11 +65,14 @@ class FuseBackend(Protocol):
 
     held: dict[str, tuple[int, str]]  # layers the session already serves: name → (slot, tree hash)
     next_slot: int
+    passthrough: bool  # the kernel agreed to FUSE passthrough for this session
 
     async def add_layer(self, slot: int, name: str, tree: bytes, digests: bytes, chunks_dir: str,
                         chunk_size: int) -> None: ...
 
     async def remove_layer(self, slot: int, name: str) -> None: ...
+
+    async def set_backing(self, slot: int, local: int, path: str) -> None: ...
 
     def set_failed(self, slot: int) -> None: ...
 
@@ -93,14 +98,15 @@ class LocalSession:
         self.mountpoint = mountpoint
         self.held: dict[str, tuple[int, str]] = {}
         self.next_slot = 1
+        self.passthrough = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    async def mount(cls, mountpoint: Path, options: str, threads: int, read_ahead_kb: int,
+    async def mount(cls, mountpoint: Path, options: str, how: SessionOptions,
                     on_misses: Callable[[Misses], None], on_accesses: Callable[[Accesses], None]) -> LocalSession:
         unmount_stale(mountpoint)  # before mkdir: a dead mount fails it with ENOTCONN
         private_dirs(mountpoint)
-        session = _fuse.Session(str(mountpoint), options, threads)
+        session = _fuse.Session(str(mountpoint), options, how.threads, passthrough=how.passthrough)
         self = cls(session, mountpoint)
         self._loop = asyncio.get_running_loop()
         session.start()
@@ -113,7 +119,8 @@ class LocalSession:
                 on_accesses(accesses)
 
         self._loop.add_reader(session.fileno(), take)
-        await wait_initialized(session, mountpoint, read_ahead_kb)
+        await wait_initialized(session, mountpoint, how.read_ahead_kb)
+        self.passthrough = session.passthrough()
         return self
 
     async def add_layer(self, slot: int, name: str, tree: bytes, digests: bytes, chunks_dir: str,
@@ -122,6 +129,9 @@ class LocalSession:
 
     async def remove_layer(self, slot: int, name: str) -> None:
         await release_layer(self._session, slot, name)
+
+    async def set_backing(self, slot: int, local: int, path: str) -> None:
+        await asyncio.to_thread(self._session.set_backing, slot, local, path)
 
     def set_failed(self, slot: int) -> None:
         self._session.set_failed(slot)
@@ -149,11 +159,26 @@ class LocalSession:
 
 
 @dataclass(slots=True)
+class LayerBacking:
+    """A layer's files that may pass through: those still waiting for their chunks (or for
+    room), and those with a backing file (local inode → its name in ``BackingFiles``)."""
+
+    digests: bytes  # every chunk's SHA-256, joined (index order)
+    pending: list[Candidate]
+    backed: dict[int, str]
+
+    def chunk_digests(self, c: Candidate) -> list[bytes]:
+        d = self.digests
+        return [d[i * 32:(i + 1) * 32] for i in range(c.first_chunk, c.first_chunk + c.chunk_count)]
+
+
+@dataclass(slots=True)
 class MountedLayer:
     name: str
     slot: int
     tree: LayerTree | CompiledTree  # Python's view: which entry holds a file's data
     data: LayerData
+    backing: LayerBacking | None = None  # with passthrough
 
 
 class LazyFS:
@@ -162,15 +187,23 @@ class LazyFS:
 
     ``holder``: the socket of a FUSE holder (``snapshotter.fs.holder``) that owns the
     session instead of this process, started if none runs, so that containers keep their
-    layers when the daemon stops or dies; None: the session lives and dies with us."""
+    layers when the daemon stops or dies; None: the session lives and dies with us.
+
+    ``passthrough``: files of at least ``passthrough_min_bytes`` whose chunks are all local
+    get a backing file (``snapshotter.fs.backing``) that the kernel reads directly from their
+    next open on (FUSE passthrough, Linux >= 6.9); off when the kernel or ``--root``'s
+    filesystem cannot, with one log line and ``lazysnap_fuse_passthrough`` 0."""
 
     def __init__(self, mountpoint: Path | str, *, allow_other: bool = False,
                  read_ahead_kb: int = 1024, threads: int = 8, holder: Path | None = None,
-                 holder_external: bool = False) -> None:
+                 holder_external: bool = False, passthrough: bool = False,
+                 passthrough_min_bytes: int = 1 << 20) -> None:
         self.read_ahead_kb = read_ahead_kb
         self.mountpoint = Path(mountpoint)
         self.allow_other = allow_other
         self.threads = threads
+        self.session_options = SessionOptions(threads, read_ahead_kb, passthrough)
+        self.passthrough_min_bytes = passthrough_min_bytes
         self.holder = holder
         self.holder_external = holder_external  # a supervisor runs the holder: never start one
         self._layers: dict[str, MountedLayer] = {}
@@ -184,6 +217,12 @@ class LazyFS:
         self._session_fd: int | None = None  # with a holder: our copy of its /dev/fuse fd
         self._relay: Path | None = None  # the public socket the holder holds, for the next one
         self._rehoming: asyncio.Task[None] | None = None
+        self._backing: BackingFiles | None = None  # with passthrough, once a layer brings the store
+        self._passthrough_off: str | None = None  # why files are not passed through (asked for)
+        self._backing_wake = asyncio.Event()
+        self._backing_dirty = False  # chunks were verified since the last look (any thread sets it)
+        self._backing_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,13 +236,17 @@ class LazyFS:
             backend: FuseBackend = link
         else:
             _refuse_if_held(self.mountpoint)
-            backend = await LocalSession.mount(self.mountpoint, opts, self.threads, self.read_ahead_kb,
+            backend = await LocalSession.mount(self.mountpoint, opts, self.session_options,
                                                self._on_misses, self._on_accesses)
         self._backend = backend
+        self._loop = asyncio.get_running_loop()
         self._next_slot = max(self._next_slot, backend.next_slot)
         metrics.FUSE.attach(id(self), backend.counters)
+        if self.session_options.passthrough:
+            self._check_passthrough(backend)
         log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads,
-                 holder=str(self.holder) if self.holder else "none", held_layers=len(backend.held))
+                 holder=str(self.holder) if self.holder else "none", held_layers=len(backend.held),
+                 passthrough=self.session_options.passthrough and self._passthrough_off is None)
 
     async def stop(self) -> None:
         backend = self._backend
@@ -213,8 +256,13 @@ class LazyFS:
         if self._rehoming is not None:
             self._rehoming.cancel()
             await asyncio.gather(self._rehoming, return_exceptions=True)
+        if self._backing_task is not None:
+            self._backing_task.cancel()
+            await asyncio.gather(self._backing_task, return_exceptions=True)
+            self._backing_task = None
         if self._store is not None:
             self._store.unwatch_verified(backend.mark_verified)
+            self._store.unwatch_verified(self._chunks_verified)
             self._store = None
         for task in list(self._serving):
             task.cancel()
@@ -243,8 +291,7 @@ class LazyFS:
             spawn = not self.holder_external and (not supervised or time.monotonic() - t0 > SUPERVISOR_GRACE_S)
             try:
                 return await HolderLink.attach(
-                    self.holder, self.mountpoint, threads=self.threads, read_ahead_kb=self.read_ahead_kb,
-                    on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
+                    self.holder, self.mountpoint, self.session_options, on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
                     session_fd=session_fd, relay=self._relay, spawn=spawn)
             except HolderError as exc:
                 if exc.errno not in _NOT_YET or time.monotonic() - t0 > HOLDER_WAIT_S:
@@ -300,6 +347,8 @@ class LazyFS:
                     link.set_failed(layer.slot)
             if self._store is not None:
                 self._store.watch_verified(link.mark_verified, link.forget_verified)
+            if self._backing is not None and self._passthrough_off is None:
+                await self._back_again(link)
             if link.adopted:
                 link.start_serving()
             metrics.HOLDER_REHOMES.labels("taken_over" if link.adopted else "new_mount").inc()
@@ -353,6 +402,11 @@ class LazyFS:
             backend.set_failed(slot)
         log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files,
                  held=held is not None)
+        if self._backing is not None and self._passthrough_off is None and data.failed is None:
+            found = await asyncio.to_thread(candidates, compiled, self.passthrough_min_bytes)
+            if found and self._layers.get(name) is layer:
+                layer.backing = LayerBacking(digests, found, {})
+                self._wake_backing()
         return self.mountpoint / name
 
     async def remove_layer(self, name: str) -> None:
@@ -364,8 +418,10 @@ class LazyFS:
         del self._slots[layer.slot]
         backend = self._backend
         if backend is not None:
-            await backend.remove_layer(layer.slot, name)
+            await backend.remove_layer(layer.slot, name)  # closes its backing ids
             backend.held.pop(name, None)
+        if layer.backing is not None and self._backing is not None:
+            await asyncio.to_thread(self._backing.release, list(layer.backing.backed.values()))
         log.info("layer_unregistered", layer=name)
 
     def quarantine(self, name: str, reason: str) -> None:
@@ -398,6 +454,115 @@ class LazyFS:
             raise ValueError("every layer of one filesystem must use the same chunk store")
         store.watch_verified(backend.mark_verified, backend.forget_verified)
         self._store = store
+        if self.session_options.passthrough and self._passthrough_off is None:
+            self._backing = BackingFiles(store.root, store)
+            if not backend.held:  # nothing registered anywhere: no backing file is in use
+                self._backing.clear()
+            store.watch_verified(self._chunks_verified, _ignore)
+            self._backing_task = asyncio.get_running_loop().create_task(self._back_files(), name="fuse-backing")
+
+    # -- passthrough ------------------------------------------------------------------------------
+    @property
+    def passthrough_unavailable(self) -> str | None:
+        """Why files are not passed through although ``passthrough`` was asked for."""
+        return self._passthrough_off
+
+    def _check_passthrough(self, backend: FuseBackend) -> None:
+        """Say once, with the reason, when passthrough was asked for and cannot be."""
+        fstype = filesystem_type(self.mountpoint.parent)
+        if not backend.passthrough:
+            self._passthrough_off = ("the kernel did not agree to FUSE passthrough for this session (Linux >= 6.9 "
+                                     "and CAP_SYS_ADMIN; a session taken over from a dead holder never has it)")
+        elif fstype in STACKED_FILESYSTEMS:
+            self._passthrough_off = (f"{self.mountpoint.parent} is on {fstype}, which stacks on another filesystem: "
+                                     f"the kernel accepts backing files only from ext4, xfs and the like")
+        metrics.PASSTHROUGH.set(0 if self._passthrough_off else 1)
+        if self._passthrough_off:
+            log.warning("passthrough_unavailable", reason=self._passthrough_off, fallback="reads served by lazysnap")
+
+    def _stop_passthrough(self, reason: str) -> None:
+        if self._passthrough_off is None:
+            self._passthrough_off = reason
+            metrics.PASSTHROUGH.set(0)
+            log.warning("passthrough_unavailable", reason=reason, fallback="reads served by lazysnap")
+
+    def _chunks_verified(self, digests: bytes) -> None:
+        """Store watcher (any thread, under the store's lock): have the backing task look."""
+        if not self._backing_dirty and self._loop is not None:
+            self._backing_dirty = True
+            self._loop.call_soon_threadsafe(self._backing_wake.set)
+
+    def _wake_backing(self) -> None:
+        self._backing_dirty = True
+        self._backing_wake.set()
+
+    async def _back_files(self) -> None:
+        """Give backing files to the files whose chunks are all local, biggest first, one
+        at a time (it is disk work; reads go on meanwhile), after each burst of new chunks."""
+        while self._passthrough_off is None:
+            await self._backing_wake.wait()
+            await asyncio.sleep(BACKING_SETTLE_S)  # chunks come in bursts: one look per burst
+            self._backing_wake.clear()
+            self._backing_dirty = False
+            try:
+                for layer in list(self._layers.values()):
+                    if layer.backing is not None and layer.backing.pending and self._passthrough_off is None:
+                        await self._back_layer(layer, layer.backing)
+            except Exception as exc:  # noqa: BLE001 - never leave reads to a dead task silently
+                log.error("backing_failed", error=repr(exc))
+                self._stop_passthrough(f"backing files failed: {exc!r}")
+
+    async def _back_layer(self, layer: MountedLayer, lb: LayerBacking) -> None:
+        files = self._backing
+        assert files is not None
+        store = layer.data.store
+        waiting: list[Candidate] = []
+        for i, c in enumerate(lb.pending):
+            if self._layers.get(layer.name) is not layer or layer.data.failed is not None:
+                return
+            digests = lb.chunk_digests(c)
+            if not files.room_for(c.size) or not all(store.known(d) for d in digests):
+                waiting.append(c)
+                continue
+            try:
+                path = await asyncio.to_thread(files.make, c.size, digests, layer.data.chunk_size)
+            except OSError as exc:  # out of space: try again after the next chunks
+                log.warning("backing_file_not_made", layer=layer.name, size=c.size, error=str(exc))
+                waiting.extend(lb.pending[i:])
+                break
+            if path is None:
+                waiting.append(c)
+                continue
+            name = path.parent.name + path.name
+            try:
+                await self._live().set_backing(layer.slot, c.local, str(path))
+            except OSError as exc:
+                await asyncio.to_thread(files.release, [name])
+                if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.ELOOP, errno.EOPNOTSUPP):
+                    self._stop_passthrough(str(exc))
+                    return
+                log.warning("backing_refused", layer=layer.name, local=c.local, error=str(exc))
+                continue
+            if self._layers.get(layer.name) is not layer:  # removed meanwhile: its ids are closed
+                await asyncio.to_thread(files.release, [name])
+                return
+            lb.backed[c.local] = name
+        lb.pending = waiting
+
+    async def _back_again(self, backend: FuseBackend) -> None:
+        """A new holder serves the session: register the backing files again (a holder that
+        took the session over cannot pass files through: they are served as before)."""
+        if not backend.passthrough:
+            self._stop_passthrough("the new FUSE holder took the session over without passthrough")
+            return
+        files = self._backing
+        assert files is not None
+        for layer in list(self._layers.values()):
+            for local, name in list((layer.backing.backed if layer.backing else {}).items()):
+                try:
+                    await backend.set_backing(layer.slot, local, str(files.path_of(name)))
+                except OSError as exc:
+                    log.warning("backing_refused", layer=layer.name, local=local, error=str(exc))
 
     # -- what the C workers hand over -------------------------------------------------------------
     def _on_misses(self, misses: Misses) -> None:
@@ -468,6 +633,7 @@ class LazyFS:
 
 
 HELD_WAIT_S = 60.0  # a restarted daemon restores every layer it serves at start
+BACKING_SETTLE_S = 1.0
 HOLDER_WAIT_S = 60.0  # a holder (a dead one's successor, a supervised one) must answer by then
 HOLDER_RETRY_S = 0.5
 SUPERVISOR_GRACE_S = 5.0  # a supervisor's restart of the holder, before we start one
@@ -478,6 +644,10 @@ _NOT_YET = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECHILD, errno.ETIMEDOUT)
 def _compiled_and_digests(layer: MountedLayer) -> tuple[bytes, bytes]:
     tree = layer.tree
     return (tree.blob if isinstance(tree, CompiledTree) else compile_tree(tree)), _digests(layer.data)
+
+
+def _ignore(_: bytes) -> None:
+    pass
 
 
 def _refuse_if_held(mountpoint: Path) -> None:

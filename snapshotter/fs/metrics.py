@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,7 +71,8 @@ class FuseCounters(Collector):
 
 FUSE = FuseCounters()
 REGISTRY.register(FUSE)
-__all__ = ["CACHE_HITS", "FUSE", "HOLDER_ATTACHES", "HOLDER_HANDED_READS", "HOLDER_REHOMES", "OPS"]
+__all__ = ["BACKING_BYTES", "BACKING_MADE", "CACHE_HITS", "FUSE", "HOLDER_ATTACHES", "HOLDER_HANDED_READS",
+           "HOLDER_REHOMES", "OPS", "PASSTHROUGH"]
 HOLDER_ATTACHES = PromCounter("lazysnap_fuse_holder_attaches_total",
                               "Times this daemon attached to a FUSE holder, by whether it started it",
                               ["started"], registry=REGISTRY)
@@ -81,3 +83,11 @@ HOLDER_REHOMES = PromCounter("lazysnap_fuse_holder_rehomes_total",
                              "Times a FUSE holder died and this daemon brought the session to the next one "
                              "(taken_over: the mount lived on; new_mount: it could not be kept)",
                              ["how"], registry=REGISTRY)
+PASSTHROUGH = Gauge("lazysnap_fuse_passthrough",
+                    "With [lazy] fuse_passthrough: 1 while files whose bytes are all local are passed to the "
+                    "kernel as backing files, 0 when it was asked for and is unavailable (the log says why)",
+                    registry=REGISTRY)
+BACKING_BYTES = Gauge("lazysnap_fuse_backing_bytes",
+                      "Bytes of the backing files on disk (counted in the chunk store's limit)", registry=REGISTRY)
+BACKING_MADE = PromCounter("lazysnap_fuse_backing_materialized_bytes_total",
+                           "Bytes copied from verified chunks into backing files", registry=REGISTRY)

@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter import _fuse
@@ -21,6 +22,23 @@ INIT_TIMEOUT_S = 10.0
 HOLDER_LOCK = "fuse-holder.lock"  # beside the mountpoint; a FUSE holder holds it while it serves
 HOLDER_SOCKET = "fuse.sock"  # in the root: where the FUSE holder listens for its daemon
 DAEMON_SOCKET = "daemon.sock"  # in the root: the daemon's gRPC socket while a FUSE holder holds the public one
+# filesystems that stack on another: the kernel refuses their files as passthrough backing
+# (our sessions agree to passthrough with max_stack_depth 1, see docs/design/passthrough.md)
+STACKED_FILESYSTEMS = ("overlay", "ecryptfs")
+
+
+@dataclass(slots=True, frozen=True)
+class SessionOptions:
+    """How a FUSE session is made: by the daemon (``lazyfs.LocalSession``) or by the FUSE
+    holder it starts (``holder_args`` are that holder's flags)."""
+
+    threads: int = 8
+    read_ahead_kb: int = 1024
+    passthrough: bool = False  # ask the kernel for FUSE passthrough at INIT
+
+    def holder_args(self) -> list[str]:
+        return ["--threads", str(self.threads), "--read-ahead-kb", str(self.read_ahead_kb),
+                *(["--passthrough"] if self.passthrough else [])]
 
 
 async def wait_initialized(session: _fuse.Session, mountpoint: Path, read_ahead_kb: int) -> None:
@@ -74,6 +92,20 @@ def mount_device(mountpoint: Path) -> str | None:
             if fields[4] == os.path.abspath(mountpoint):
                 dev = fields[2]
     return dev
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (the deepest mount above it), from
+    /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    best, fstype = "", "?"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fields[fields.index("-") + 1]
+    return fstype
 
 
 def unmount_stale(mountpoint: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from snapshotter.fs.mount import SessionOptions
 from snapshotter.log import get_logger
 
 log = get_logger("lazysnap.layers")
@@ -52,6 +53,15 @@ class LazyOptions:
     ``fuse_holder_external``: the holder is run by a supervisor of its own (a systemd unit,
     a DaemonSet): the daemon waits for it and never starts one, which would live and die
     with the daemon's cgroup or pod.
+    ``fuse_passthrough`` (off until measured across workloads, docs/design/passthrough.md):
+    a file of at least ``fuse_passthrough_min_bytes`` whose chunks are all local gets a
+    backing file in ``<root>/files/`` (its bytes copied from the verified chunks and hashed
+    again), and from its next open the kernel reads it directly (FUSE passthrough, Linux
+    >= 6.9), so model weights and shared objects read at the disk's speed after start-up.
+    Backing files count against ``store_limit_bytes`` (at most half of it). Needs
+    ``--root`` on a filesystem that stacks on nothing (not overlayfs); otherwise one log
+    line and reads are served as without it. With a holder started by a supervisor, give
+    it ``--passthrough`` too.
     ``verify_complete_layers``: when every chunk of a lazily read layer is local, stream
     the blob once more in the background, check its digest and that it indexes to the
     same entries/chunks; a mismatch quarantines the index and fails reads loudly.
@@ -78,6 +88,8 @@ class LazyOptions:
     fuse_threads: int = 8
     fuse_holder: bool = True
     fuse_holder_external: bool = False
+    fuse_passthrough: bool = False
+    fuse_passthrough_min_bytes: int = 1 << 20
 
     def validate(self) -> LazyOptions:
         if self.index_trust == LEGACY_TRUST:
@@ -98,6 +110,12 @@ class LazyOptions:
             raise ValueError(f"fsync must be none|file|full, got {self.fsync!r}")
         if not 1 <= self.fuse_threads <= 16:
             raise ValueError(f"fuse_threads must be 1..16, got {self.fuse_threads}")
+        if self.fuse_passthrough_min_bytes < 1:
+            raise ValueError(f"fuse_passthrough_min_bytes must be positive, got {self.fuse_passthrough_min_bytes}")
         if self.fetch_deadline_s <= 0 or self.max_concurrency < 1:
             raise ValueError("fetch_deadline_s must be > 0 and max_concurrency >= 1")
         return self
+
+    def fuse_session(self) -> SessionOptions:
+        """How the FUSE session is made, here or in the holder serve starts."""
+        return SessionOptions(self.fuse_threads, self.read_ahead_kb, self.fuse_passthrough)

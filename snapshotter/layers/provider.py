@@ -91,7 +91,9 @@ class LazyLayerProvider:
         self.fs = LazyFS(self.root / "mnt", read_ahead_kb=self.options.read_ahead_kb,
                          threads=self.options.fuse_threads,
                          holder=self.root / HOLDER_SOCKET if self.options.fuse_holder else None,
-                         holder_external=self.options.fuse_holder_external)
+                         holder_external=self.options.fuse_holder_external,
+                         passthrough=self.options.fuse_passthrough,
+                         passthrough_min_bytes=self.options.fuse_passthrough_min_bytes)
         self.blobs_dir = self.root / "blobs"
         self._layers: dict[str, ProvidedLayer] = {}
         self._tasks: dict[str, asyncio.Task[ProvidedLayer]] = {}

@@ -110,6 +110,7 @@ class ChunkStore:
         self.full = False  # the last chunk write failed for lack of space (see _note_write)
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._total = 0
+        self._external = 0  # bytes kept beside the chunks that count against the limit
         self._verified: set[bytes] = set()
         self._fds: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._reading = 0  # readers holding a cached fd right now
@@ -509,14 +510,25 @@ class ChunkStore:
         with self._lock:
             return self._pin_count.get(digest, 0) > 0
 
+    @property
+    def external_bytes(self) -> int:
+        return self._external
+
+    def set_external_bytes(self, n: int) -> None:
+        """Bytes kept beside the chunks that count against the limit (the FUSE backing
+        files, ``snapshotter.fs.backing``): chunks are evicted to leave them room."""
+        with self._lock:
+            self._external = n
+        self._evict_if_needed()
+
     def _evict_if_needed(self) -> None:
         if self.limit is None:
             return
         victims: list[bytes] = []
         with self._lock:
-            if self._total <= self.limit:
+            if self._total + self._external <= self.limit:
                 return
-            target = int(self.limit * 0.9)  # low watermark: evict in batches, not per put
+            target = int(self.limit * 0.9) - self._external  # low watermark: evict in batches, not per put
             for digest, size in self._lru.items():
                 if self._total <= target:
                     break
@@ -527,7 +539,7 @@ class ChunkStore:
             self._forget_locked(victims)
             self.evictions += len(victims)
             metrics.STORED_BYTES.set(self._total)
-            over = self._total > self.limit
+            over = self._total + self._external > self.limit
         self._unlink(victims)
         metrics.EVICTIONS.inc(len(victims))
         if victims:

@@ -1,0 +1,227 @@
+"""Backing files for FUSE passthrough: a file's verified bytes, whole, in one local file.
+
+With passthrough (Linux >= 6.9, ``native/fuse/fastfs.c``) the kernel serves reads, splice
+and mmap of an open file straight from a backing file, so after start-up a model's weights
+and shared objects read at the disk's speed instead of crossing the FUSE server. What the
+kernel then serves is never checked again, so a backing file holds exactly the file's bytes
+from the layer: it is written only from chunks, each hashed while copied and compared with
+the index's digest (a chunk file damaged or replaced after its first check is caught here,
+and the file is not made). A file already on disk (a previous daemon made it) is hashed the
+same way before it is used again.
+
+Files are named by content (the SHA-256 of the size and the chunk digests), so a file that
+several layers or images share is made once. They live in ``<root>/files/`` beside the
+chunks (the same filesystem; it must stack on nothing for the kernel to accept them), are
+counted in the chunk store's usage (``ChunkStore.set_external_bytes``: chunks are evicted to
+make room) and take at most half of ``store_limit_bytes``. A file goes when no registered
+layer uses it any more; the kernel keeps the bytes of one still open.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshotter._fuse import NODE_PYDATA
+from snapshotter.fs import metrics
+from snapshotter.fs.compiled import HEADER, NODE
+from snapshotter.fsutil import FILE_MODE, private_dirs
+from snapshotter.log import get_logger
+from snapshotter.store import ChunkStore
+
+log = get_logger("lazysnap.fs")
+
+# a compiled node (``compiled.NODE``): size, mtime_ns, rdev, first_chunk, mode, ...;
+# chunk_count and flags are its 12th and 13th u32
+_NODE_HEAD = struct.Struct("<QqQQI")
+_COUNT_FLAGS = struct.Struct("<II")
+_COUNT_AT = 4 * 8 + 11 * 4
+
+
+@dataclass(slots=True, frozen=True)
+class Candidate:
+    """A regular file of a layer that could pass through once its chunks are all local."""
+
+    local: int  # inode number inside the layer
+    size: int
+    first_chunk: int
+    chunk_count: int
+
+
+def candidates(blob: bytes, min_bytes: int) -> list[Candidate]:
+    """The regular files of a compiled tree (``snapshotter.fs.compiled``) of at least
+    ``min_bytes``, biggest first: the files worth a backing file. Sparse files are left
+    out (their bytes are not their chunks back to back)."""
+    nodes = HEADER.unpack_from(blob)[2]
+    out: list[Candidate] = []
+    view = memoryview(blob)
+    for local in range(1, nodes):
+        at = HEADER.size + local * NODE.size
+        size, _mtime, _rdev, first_chunk, mode = _NODE_HEAD.unpack_from(view, at)
+        if size < min_bytes or not stat.S_ISREG(mode):
+            continue
+        count, flags = _COUNT_FLAGS.unpack_from(view, at + _COUNT_AT)
+        if flags & NODE_PYDATA or count == 0:
+            continue
+        out.append(Candidate(local, size, first_chunk, count))
+    out.sort(key=lambda c: c.size, reverse=True)
+    return out
+
+
+class BackingFiles:
+    """The backing files of one daemon; ``make`` runs in worker threads, the rest anywhere."""
+
+    def __init__(self, root: Path, store: ChunkStore) -> None:
+        self.dir = root / "files"
+        self.tmp = self.dir / ".tmp"
+        self.store = store
+        self._lock = threading.Lock()
+        self._users: dict[str, int] = {}  # file name → registered layers using it
+        self._sizes: dict[str, int] = {}
+        self._total = 0
+        private_dirs(self.tmp)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        private_dirs(self.tmp)
+
+    @staticmethod
+    def name_of(size: int, digests: Sequence[bytes]) -> str:
+        h = hashlib.sha256(size.to_bytes(8, "little"))
+        for d in digests:
+            h.update(d)
+        return h.hexdigest()
+
+    def path_of(self, name: str) -> Path:
+        return self.dir / name[:2] / name[2:]
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def room_for(self, size: int) -> bool:
+        """Backing files take at most half of the store's limit (none: no bound here; the
+        disk's free space is checked as the file is written)."""
+        limit = self.store.limit
+        return limit is None or self._total + size <= limit // 2
+
+    def make(self, size: int, digests: Sequence[bytes], chunk_size: int) -> Path | None:
+        """The backing file of a file of ``size`` bytes made of the chunks ``digests`` (each
+        ``chunk_size`` bytes but the last), or None if a chunk is not local or not what its
+        digest says.
+        Raises OSError (e.g. ENOSPC) when the file cannot be written. Worker thread."""
+        name = self.name_of(size, digests)
+        path = self.path_of(name)
+        if self._usable(name, path, size, digests, chunk_size):
+            self._claim(name, size)
+            return path
+        if not all(self.store.known(d) for d in digests):
+            return None
+        private_dirs(path.parent)
+        fd, tmp = self._create()
+        try:
+            for k, digest in enumerate(digests):
+                want = min(chunk_size, size - k * chunk_size)
+                data = self.store.read(digest)
+                if data is None or len(data) != want or hashlib.sha256(data).digest() != digest:
+                    log.error("backing_chunk_mismatch", chunk=digest.hex(), file=name,
+                              action="not passed through")
+                    os.unlink(tmp)
+                    return None
+                _write_all(fd, data, k * chunk_size)
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o400)
+        os.rename(tmp, path)
+        metrics.BACKING_MADE.inc(size)
+        self._claim(name, size)
+        return path
+
+    def release(self, names: Sequence[str]) -> None:
+        """A layer using these files is gone: delete the ones no other layer uses."""
+        gone: list[str] = []
+        with self._lock:
+            for name in names:
+                users = self._users.get(name, 0) - 1
+                if users > 0:
+                    self._users[name] = users
+                    continue
+                self._users.pop(name, None)
+                self._total -= self._sizes.pop(name, 0)
+                gone.append(name)
+            total = self._total
+        metrics.BACKING_BYTES.set(total)
+        for name in gone:
+            try:
+                os.unlink(self.path_of(name))
+            except FileNotFoundError:
+                pass
+        self.store.set_external_bytes(total)
+
+    def clear(self) -> None:
+        """Delete every backing file: at a start with no layer registered anywhere (no holder
+        keeps any), none is in use."""
+        for sub in self.dir.iterdir():
+            if sub.name != ".tmp":
+                shutil.rmtree(sub, ignore_errors=True)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _claim(self, name: str, size: int) -> None:
+        with self._lock:
+            self._users[name] = self._users.get(name, 0) + 1
+            if name not in self._sizes:
+                self._sizes[name] = size
+                self._total += size
+            total = self._total
+        metrics.BACKING_BYTES.set(total)
+        self.store.set_external_bytes(total)
+
+    def _usable(self, name: str, path: Path, size: int, digests: Sequence[bytes], chunk_size: int) -> bool:
+        """``path`` exists and holds exactly these chunks (hashed again: it may be a previous
+        daemon's, written before a crash)."""
+        with self._lock:
+            if self._users.get(name, 0) > 0:
+                return True  # made and checked by us, in use
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.fstat(fd).st_size != size:
+                ok = False
+            else:
+                ok = all(hashlib.sha256(os.pread(fd, chunk_size, k * chunk_size)).digest() == d
+                         for k, d in enumerate(digests))
+        finally:
+            os.close(fd)
+        if not ok:
+            log.error("backing_file_damaged", path=str(path), action="made again")
+            path.unlink(missing_ok=True)
+        return ok
+
+    def _create(self) -> tuple[int, str]:
+        while True:
+            tmp = f"{self.tmp}/{os.urandom(8).hex()}"
+            try:
+                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE), tmp
+            except FileExistsError:
+                continue
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write of a backing file")
+        view = view[n:]
+        offset += n
