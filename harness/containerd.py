@@ -317,6 +317,8 @@ class LazysnapDaemon:
                                               if trust_publisher else [])
         self.env = dict(env or {})
         self.log_path = self.workdir / "lazysnap.log"
+        # where the package is imported from: this checkout, or another build (an upgrade)
+        self.tree = Path(__file__).resolve().parent.parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -333,11 +335,11 @@ class LazysnapDaemon:
                 "--log-level", "debug", *self.extra_args]
         if self.metrics_port:
             argv += ["--metrics-address", f"127.0.0.1:{self.metrics_port}"]
-        repo = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env}
+        tree = str(self.tree)
+        env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env}
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=repo, env=env, start_new_session=True)
+                                          cwd=tree, env=env, start_new_session=True)
         proc = self._proc
         wait_serving(self.address, timeout, alive=lambda: proc.poll() is None)
         return self

@@ -4,8 +4,9 @@ Real containerd, runc, docker-registry (behind the fault proxy), FUSE and ``lazy
 serve``. The container checks every byte of its lazily served data layer over and over
 (``sha256sum -c``) while the test drops the page cache, so the reads reach the FUSE
 server; the daemon is killed with SIGKILL while a fetch is in flight, restarted, stopped
-with SIGTERM, and killed and restarted many times in a row; then the FUSE holder itself is
-killed, and stopped as for an upgrade. The container must see no error and no wrong byte.
+with SIGTERM and started from another build (an upgrade), and killed and restarted many
+times in a row; then the FUSE holder itself is killed, and stopped as for an upgrade. The
+container must see no error and no wrong byte.
 """
 from __future__ import annotations
 
@@ -100,6 +101,19 @@ def _wait_passes(log: Path, more: int, timeout: float) -> list[str]:
         time.sleep(0.3)
 
 
+NEXT_VERSION = "999.0.0"
+
+
+def _another_build(where: Path) -> Path:
+    """A second install of the package, as an upgrade brings: another directory, another
+    version (what the daemon reports at start comes from its own dist-info)."""
+    shutil.copytree(REPO / "snapshotter", where / "snapshotter", ignore=shutil.ignore_patterns("__pycache__"))
+    info = where / f"lazysnap-{NEXT_VERSION}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lazysnap\nVersion: {NEXT_VERSION}\n")
+    return where
+
+
 def _holder_pid(daemon: LazysnapDaemon) -> int:
     return int((daemon.root / "fuse-holder.pid").read_text())
 
@@ -136,6 +150,7 @@ def test_a_running_container_never_sees_a_daemon_restart(world: World, tmp_path:
 
         rc = daemon.terminate()  # SIGTERM, as an upgrade or `systemctl restart` sends
         assert rc == 0
+        daemon.tree = _another_build(tmp_path / "next-build")  # the upgrade: a new build takes over
         # a new container started while no daemon runs: containerd's calls are answered by
         # the holder and wait for the next daemon instead of failing; no retry
         started: dict[str, subprocess.CompletedProcess[str]] = {}
@@ -148,6 +163,8 @@ def test_a_running_container_never_sees_a_daemon_restart(world: World, tmp_path:
         daemon.start()
         runner.join(120)
         assert started["r"].returncode == 0, started["r"].stderr
+        starts = [x for x in daemon.log_path.read_text().splitlines() if "event=lazysnap_start" in x]
+        assert f"version={NEXT_VERSION} " in starts[-1] and f"version={NEXT_VERSION} " not in starts[0], starts
         assert started["r"].stdout.split()[0] == hashlib.sha256(_data(3)).hexdigest()
         lines = _wait_passes(log, 2, 60)
 

@@ -335,7 +335,8 @@ class Holder:
         assert self.session is not None
         rid = doc.get("id")
         try:
-            self.session.set_backing(int(doc["slot"]), int(doc["local"]), str(doc["path"]))  # type: ignore[call-overload]
+            slot, local = int(doc["slot"]), int(doc["local"])  # type: ignore[call-overload]
+            self.session.set_backing(slot, local, str(doc["path"]))
         except OSError as exc:
             self._send(wire.control(wire.REFUSED, {"id": rid, "reason": exc.strerror or str(exc),
                                                    "errno": exc.errno or errno.EIO}))

@@ -291,7 +291,8 @@ class LazyFS:
             spawn = not self.holder_external and (not supervised or time.monotonic() - t0 > SUPERVISOR_GRACE_S)
             try:
                 return await HolderLink.attach(
-                    self.holder, self.mountpoint, self.session_options, on_misses=self._on_misses, on_accesses=self._on_accesses, on_lost=self._holder_lost,
+                    self.holder, self.mountpoint, self.session_options, on_misses=self._on_misses,
+                    on_accesses=self._on_accesses, on_lost=self._holder_lost,
                     session_fd=session_fd, relay=self._relay, spawn=spawn)
             except HolderError as exc:
                 if exc.errno not in _NOT_YET or time.monotonic() - t0 > HOLDER_WAIT_S:
