@@ -124,7 +124,10 @@ def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(held) -> None
     holder_pid = int((root / "fuse-holder.pid").read_text())
     assert (d1.dir / "etc/hostname").read_bytes() == b"lazy\n"
     d1.settle(d1.dir / "etc/hostname")
+    direct_before = REGISTRY.get_sample_value("lazysnap_fuse_holder_direct_replies_total") or 0
     assert _uncached_read(d1.dir / "data/big.bin", 0, 1 << 20) == want["data/big.bin"][:1 << 20]
+    # fetched by the daemon and answered on its own copy of the session's fd
+    assert (REGISTRY.get_sample_value("lazysnap_fuse_holder_direct_replies_total") or 0) > direct_before
     kept = os.open(d1.dir / "many/f0200", os.O_RDONLY)  # open across the restart
     results: dict[str, bytes | BaseException] = {}
 

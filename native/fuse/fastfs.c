@@ -1244,6 +1244,22 @@ int lzfs_reply_error(lzfs *fs, uint64_t token, int err)
     return 0;
 }
 
+uint64_t lzfs_unique(lzfs *fs, uint64_t token)
+{
+    uint64_t unique = 0;
+    pthread_mutex_lock(&fs->q_mu);
+    for (size_t i = 0; i < fs->n_inflight; i++) {
+        if (fs->inflight[i].token == token) {
+            unique = fs->inflight[i].unique;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&fs->q_mu);
+    return unique;
+}
+
+int lzfs_forget(lzfs *fs, uint64_t token) { return claim(fs, token).unique ? 0 : -ENOENT; }
+
 void lzfs_counters(lzfs *fs, uint64_t out[LZC_N])
 {
     for (int i = 0; i < LZC_N; i++)

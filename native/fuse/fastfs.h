@@ -110,6 +110,11 @@ void lzfs_forget_verified(lzfs *fs, const uint8_t *digest);
 int lzfs_take(lzfs *fs, lzfs_miss **misses, size_t *n_misses, lzfs_access **acc, size_t *n_acc);
 int lzfs_reply_data(lzfs *fs, uint64_t token, const void *data, size_t len);
 int lzfs_reply_error(lzfs *fs, uint64_t token, int err);
+/* The kernel's unique of a forwarded read still in flight (0: none), so that another
+ * process holding the /dev/fuse fd (the daemon, behind a FUSE holder) can answer it. */
+uint64_t lzfs_unique(lzfs *fs, uint64_t token);
+/* Forget a forwarded read answered elsewhere: the session will not answer it. -ENOENT: unknown. */
+int lzfs_forget(lzfs *fs, uint64_t token);
 void lzfs_counters(lzfs *fs, uint64_t out[LZC_N]);
 
 #endif

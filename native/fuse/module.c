@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "fastfs.h"
+#include "kproto.h"
 #include "treebuild.h"
 
 typedef struct {
@@ -356,6 +357,28 @@ static PyObject *Session_reply_error(SessionObject *self, PyObject *args)
     return PyBool_FromLong(r == 0);
 }
 
+static PyObject *Session_unique(SessionObject *self, PyObject *args)
+{
+    lzfs *fs = live(self);
+    unsigned long long token;
+    if (!fs || !PyArg_ParseTuple(args, "K:unique", &token))
+        return NULL;
+    uint64_t u;
+    UNLOCKED(self, u = lzfs_unique(fs, token));
+    return PyLong_FromUnsignedLongLong(u);
+}
+
+static PyObject *Session_forget(SessionObject *self, PyObject *args)
+{
+    lzfs *fs = live(self);
+    unsigned long long token;
+    if (!fs || !PyArg_ParseTuple(args, "K:forget", &token))
+        return NULL;
+    int r;
+    UNLOCKED(self, r = lzfs_forget(fs, token));
+    return PyBool_FromLong(r == 0);
+}
+
 static PyObject *Session_counters(SessionObject *self, PyObject *unused)
 {
     lzfs *fs = live(self);
@@ -401,6 +424,10 @@ static PyMethodDef Session_methods[] = {
      "take() -> ([(token, ino, off, size)], [(ino, off, size, t_ns)])"},
     {"reply_data", (PyCFunction)Session_reply_data, METH_VARARGS, "reply_data(token, data) -> bool"},
     {"reply_error", (PyCFunction)Session_reply_error, METH_VARARGS, "reply_error(token, errno) -> bool"},
+    {"unique", (PyCFunction)Session_unique, METH_VARARGS,
+     "unique(token) -> the kernel's id of that forwarded read (0: not in flight)"},
+    {"forget", (PyCFunction)Session_forget, METH_VARARGS,
+     "forget(token) -> bool: the read was answered by another holder of the fd; never answer it here"},
     {"counters", (PyCFunction)Session_counters, METH_NOARGS, "counters() -> {name: int}"},
     {NULL, NULL, 0, NULL},
 };
@@ -476,9 +503,47 @@ done:
     return result;
 }
 
+/* reply(fd, unique, data_or_errno): answer a request of the FUSE connection behind fd
+ * directly; bytes are the reply's data, an int an error. A request the kernel no longer
+ * waits for (answered, interrupted, replayed under another unique) is no error: nobody is
+ * left to tell. Raises OSError otherwise (EBADF, ...). */
+static PyObject *reply(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    int fd;
+    unsigned long long unique;
+    PyObject *what;
+    if (!PyArg_ParseTuple(args, "iKO:reply", &fd, &unique, &what))
+        return NULL;
+    int r;
+    if (PyLong_Check(what)) {
+        int err = PyLong_AsLong(what);
+        if (err <= 0 || err > 4095) {
+            PyErr_SetString(PyExc_ValueError, "errno must be 1..4095");
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS r = lzk_reply_err(fd, unique, err);
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_buffer b;
+        if (PyObject_GetBuffer(what, &b, PyBUF_SIMPLE) < 0)
+            return NULL;
+        Py_BEGIN_ALLOW_THREADS r = lzk_reply(fd, unique, 0, b.buf, (size_t)b.len, NULL, 0);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&b);
+    }
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef fuse_functions[] = {
     {"build_tree", build_tree, METH_VARARGS,
      "build_tree(blocks, records_per_block, entry_count, extras, chunk_count) -> (blob, files, total_size)"},
+    {"reply", reply, METH_VARARGS,
+     "reply(fd, unique, data: bytes | errno: int): answer a FUSE request on that /dev/fuse fd directly"},
     {NULL, NULL, 0, NULL},
 };
 

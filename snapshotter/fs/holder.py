@@ -77,6 +77,7 @@ class Holder:
     next_slot: int = 1
     relay: Path | None = None  # the public gRPC socket this holder holds (told to the daemon)
     adopted: bool = False  # took over a session; serves once the daemon says START
+    direct: bool = False  # the attached daemon answers reads itself (``MISSES_U``, ``ANSWERED``)
     waited_reads: int = 0  # reads answered after waiting for a daemon, and their total wait
     waited_s: float = 0.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set: run_holder stops
@@ -142,11 +143,20 @@ class Holder:
             self.waiting[token] = _Waiting(ino, off, size, now, now, self.daemon is None)
         if self.daemon is not None:
             if misses:
-                self._send(wire.frame(wire.MISSES, wire.records(wire.MISS, misses)))
+                self._send_misses(misses)
             if accesses:
                 self._send(wire.frame(wire.ACCESSES, wire.records(wire.ACCESS, accesses)))
 
+    def _send_misses(self, misses: list[tuple[int, int, int, int]]) -> None:
+        session = self.session
+        if self.direct and session is not None:
+            with_unique = [(t, session.unique(t), ino, off, size) for t, ino, off, size in misses]
+            self._send(wire.frame(wire.MISSES_U, wire.records(wire.MISS_U, with_unique)))
+        else:
+            self._send(wire.frame(wire.MISSES, wire.records(wire.MISS, misses)))
+
     def _reply(self, token: int, data: bytes | None, err: int = 0) -> None:
+        """Answer a read (``data``, or ``err``), or with neither forget one the daemon answered."""
         w = self.waiting.pop(token, None)
         if w is None or self.session is None:
             return  # answered already (EIO after WAIT_S) or unknown
@@ -155,8 +165,10 @@ class Holder:
             self.waited_s += time.monotonic() - w.arrived
         if data is not None:
             self.session.reply_data(token, data)
-        else:
+        elif err:
             self.session.reply_error(token, err)
+        else:
+            self.session.forget(token)
 
     async def tick(self) -> None:
         while True:
@@ -216,6 +228,7 @@ class Holder:
             writer.close()
             return
         self.daemon = writer
+        self.direct = bool(wire.doc_of(got[0][1]).get("direct"))  # its hello was a HELLO: _hello checked
         try:
             self._hand_waiting()
             for kind, payload in got[1:]:
@@ -231,6 +244,7 @@ class Holder:
         finally:
             if self.daemon is writer:
                 self.daemon = None
+                self.direct = False
                 now = time.monotonic()
                 for w in self.waiting.values():
                     w.since = now  # handed to a daemon that is gone: wait for the next one
@@ -267,7 +281,7 @@ class Holder:
             "version": wire.VERSION, "pid": os.getpid(), "next_slot": self.next_slot,
             "layers": {name: [slot, h] for name, (slot, h) in self.layers.items()}, "waiting": len(self.waiting),
             "adopted": self.adopted, "relay": str(self.relay) if self.relay is not None else None,
-            "passthrough": self.session.passthrough()})
+            "passthrough": self.session.passthrough(), "direct": bool(doc.get("direct"))})
         log.info("daemon_attached", pid=doc.get("pid"), layers=len(self.layers), waiting_reads=len(self.waiting),
                  brought_session=fd is not None)
         return welcome, None if adopting else self.session.fuse_fileno(), True
@@ -276,7 +290,7 @@ class Holder:
         """Reads a previous daemon took and never answered, and those that came meanwhile."""
         waiting = [(t, w.ino, w.off, w.size) for t, w in self.waiting.items()]
         if waiting:
-            self._send(wire.frame(wire.MISSES, wire.records(wire.MISS, waiting)))
+            self._send_misses(waiting)
 
     async def _dispatch(self, kind: int, payload: bytes) -> None:
         session = self.session
@@ -304,6 +318,9 @@ class Holder:
             self._serve_adopted()
         elif kind == wire.BACKING:
             self._set_backing(wire.doc_of(payload))
+        elif kind == wire.ANSWERED:
+            for (token,) in wire.unpack_records(wire.TOKEN, payload):
+                self._reply(token, None)
         else:
             log.warning("daemon_unknown_message", kind=kind)
 

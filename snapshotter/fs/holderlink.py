@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from snapshotter import _fuse
 from snapshotter.fs import holderwire as wire
 from snapshotter.fs import metrics
 from snapshotter.fs.mount import SessionOptions
@@ -59,6 +60,12 @@ class HolderLink:
         self.next_slot = int(welcome.get("next_slot", 1))
         self.adopted = bool(welcome.get("adopted"))  # took over our session: START once layers are back
         self.passthrough = bool(welcome.get("passthrough"))  # absent from a holder that never passes through
+        self.direct = bool(welcome.get("direct"))  # the holder sends reads with their unique (MISSES_U)
+        # our copy of the session's fd, set by LazyFS: fetched reads are answered on it
+        # directly (the bytes need not travel back through the holder)
+        self.reply_fd: int | None = None
+        self._uniques: dict[int, int] = {}  # token → the kernel's unique, for reads in flight
+        self._answered: list[int] = []  # tokens answered directly, to tell the holder (batched)
         self.relay = Path(welcome["relay"]) if welcome.get("relay") else None
         self.session_fd: int | None = None  # the session's fd, when the welcome brought it (ours to close)
         self._on_lost = on_lost
@@ -92,7 +99,8 @@ class HolderLink:
             async with asyncio.timeout(SPAWN_TIMEOUT_S):
                 try:
                     await wire.send_with_fd(sock, wire.control(wire.HELLO, {
-                        "version": wire.VERSION, "pid": os.getpid(), "fd": session_fd is not None}), session_fd)
+                        "version": wire.VERSION, "pid": os.getpid(), "fd": session_fd is not None,
+                        "direct": True}), session_fd)
                 except OSError:
                     pass  # a holder that refuses us closes at once; its reason is still to be read
                 frames, got, received = await wire.first_frames(sock)
@@ -170,10 +178,34 @@ class HolderLink:
         self._send(wire.frame(wire.FORGET, digests))
 
     def reply_data(self, token: int, data: bytes) -> None:
-        self._send(wire.frame(wire.DATA, wire.TOKEN.pack(token) + data))
+        if not self._reply_directly(token, data):
+            self._send(wire.frame(wire.DATA, wire.TOKEN.pack(token) + data))
 
     def reply_error(self, token: int, err: int) -> None:
-        self._send(wire.frame(wire.ERROR, wire.REPLY_ERROR.pack(token, err)))
+        if not self._reply_directly(token, err):
+            self._send(wire.frame(wire.ERROR, wire.REPLY_ERROR.pack(token, err)))
+
+    def _reply_directly(self, token: int, what: bytes | int) -> bool:
+        """Answer on our copy of the session's fd; the holder forgets the read when told
+        (``ANSWERED``, batched per loop turn). False: send the answer through the holder."""
+        unique = self._uniques.pop(token, 0)
+        if not unique or self.reply_fd is None or self._writer.is_closing():
+            return False
+        try:
+            _fuse.reply(self.reply_fd, unique, what)
+        except OSError as exc:
+            log.warning("direct_reply_failed", error=str(exc), fallback="through the holder")
+            return False
+        metrics.HOLDER_DIRECT_REPLIES.inc()
+        if not self._answered:
+            self._loop.call_soon(self._flush_answered)
+        self._answered.append(token)
+        return True
+
+    def _flush_answered(self) -> None:
+        tokens, self._answered = self._answered, []
+        if tokens:
+            self._write_unless_closed(wire.frame(wire.ANSWERED, wire.records(wire.TOKEN, [(t,) for t in tokens])))
 
     def counters(self) -> dict[str, int]:
         """The holder's C counters as of its last report (twice a second)."""
@@ -234,6 +266,12 @@ class HolderLink:
     def _dispatch(self, kind: int, payload: bytes) -> None:
         if kind == wire.MISSES:
             self._on_misses(wire.unpack_records(wire.MISS, payload))
+        elif kind == wire.MISSES_U:
+            misses = []
+            for token, unique, ino, off, size in wire.unpack_records(wire.MISS_U, payload):
+                self._uniques[token] = unique
+                misses.append((token, ino, off, size))
+            self._on_misses(misses)
         elif kind == wire.ACCESSES:
             self._on_accesses(wire.unpack_records(wire.ACCESS, payload))
         elif kind == wire.COUNTERS:

@@ -10,16 +10,25 @@ chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
 bytes); ``ERROR`` (token, errno); ``START`` {} (the layers of a session the holder took
 over are back: serve, and have the kernel send again what the last holder left unanswered);
 ``BACKING`` {id, slot, local, path} (a file's backing file for passthrough; sent only to a
-holder whose welcome says ``passthrough``).
+holder whose welcome says ``passthrough``); ``ANSWERED`` (tokens, ``TOKEN`` records: reads
+the daemon answered itself on its copy of the session's fd, for the holder to forget).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot, waiting, adopted, relay, passthrough}; ``MISSES`` (``MISS`` records); ``ACCESSES``
+next_slot, waiting, adopted, relay, passthrough, direct}; ``MISSES`` (``MISS`` records), or
+``MISSES_U`` (``MISS_U`` records: with the kernel's unique of each read) to a daemon whose
+hello said ``direct`` and whose welcome says ``direct``; ``ACCESSES``
 (``ACCESS`` records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD, REMOVE or BACKING is
 applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name], reason, [errno]}
 (a request could not be applied).
 
 Additions keep ``VERSION``: a field or message that only a newer peer sends is announced
-by the other side first (``passthrough`` in the welcome), so daemon and holder of adjacent
-builds keep talking through an upgrade of either.
+by the other side first (``passthrough`` and ``direct`` in the welcome, ``direct`` in the
+hello), so daemon and holder of adjacent builds keep talking through an upgrade of either.
+
+Direct replies: a read that needs a fetch is answered by the daemon writing the reply to its
+own copy of the session's fd (the kernel takes a reply from any holder of the connection),
+so the bytes do not travel back through the holder; the holder then forgets the read
+(``ANSWERED``). A reply the kernel no longer waits for (the holder failed the read after
+its wait, or the read was replayed under another unique) is dropped by the kernel.
 
 The session's ``/dev/fuse`` fd is held by both ends (``SCM_RIGHTS``), so that either can die
 without the kernel aborting the mounts: it travels with ``HELLO`` when the daemon has it (its
@@ -40,13 +49,14 @@ VERSION = 2
 FRAME = struct.Struct("<IB")  # payload length, message type
 MAX_PAYLOAD = 1 << 31  # a tree blob of a 500k-entry layer is tens of MB; a read reply ≤ 1 MiB
 MISS = struct.Struct("<QQQI")  # token, ino, offset, size
+MISS_U = struct.Struct("<QQQQI")  # token, unique, ino, offset, size
 ACCESS = struct.Struct("<QQIQ")  # ino, offset, size, t_ns
 TOKEN = struct.Struct("<Q")
 REPLY_ERROR = struct.Struct("<Qi")  # token, errno
 ADD_HEAD = struct.Struct("<IQ")  # JSON head length, tree blob length (the digests follow)
 
 (HELLO, ADD, REMOVE, FAILED, VERIFIED, FORGET, DATA, ERROR,
- WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START, BACKING) = range(1, 17)
+ WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START, BACKING, MISSES_U, ANSWERED) = range(1, 19)
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview) -> bytes:

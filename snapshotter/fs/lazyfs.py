@@ -233,6 +233,7 @@ class LazyFS:
         if self.holder is not None:
             link = await self._attach(None, time.monotonic())
             self._session_fd, self._relay = link.session_fd, link.relay
+            link.reply_fd = self._session_fd
             backend: FuseBackend = link
         else:
             _refuse_if_held(self.mountpoint)
@@ -334,6 +335,7 @@ class LazyFS:
                     os.close(self._session_fd)
                 self._session_fd = link.session_fd
             self._relay = link.relay or self._relay
+            link.reply_fd = self._session_fd
             if old is not None:
                 metrics.FUSE.detach(id(self), old.counters())
                 if self._store is not None:

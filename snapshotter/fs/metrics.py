@@ -71,14 +71,18 @@ class FuseCounters(Collector):
 
 FUSE = FuseCounters()
 REGISTRY.register(FUSE)
-__all__ = ["BACKING_BYTES", "BACKING_MADE", "CACHE_HITS", "FUSE", "HOLDER_ATTACHES", "HOLDER_HANDED_READS",
-           "HOLDER_REHOMES", "OPS", "PASSTHROUGH"]
+__all__ = ["BACKING_BYTES", "BACKING_MADE", "CACHE_HITS", "FUSE", "HOLDER_ATTACHES", "HOLDER_DIRECT_REPLIES",
+           "HOLDER_HANDED_READS", "HOLDER_REHOMES", "OPS", "PASSTHROUGH"]
 HOLDER_ATTACHES = PromCounter("lazysnap_fuse_holder_attaches_total",
                               "Times this daemon attached to a FUSE holder, by whether it started it",
                               ["started"], registry=REGISTRY)
 HOLDER_HANDED_READS = PromCounter("lazysnap_fuse_holder_handed_reads_total",
                                   "Reads that waited in the FUSE holder for a daemon and were handed to this one",
                                   registry=REGISTRY)
+HOLDER_DIRECT_REPLIES = PromCounter("lazysnap_fuse_holder_direct_replies_total",
+                                    "Reads behind the FUSE holder that this daemon answered on its own copy of "
+                                    "the session's fd (the bytes did not travel back through the holder)",
+                                    registry=REGISTRY)
 HOLDER_REHOMES = PromCounter("lazysnap_fuse_holder_rehomes_total",
                              "Times a FUSE holder died and this daemon brought the session to the next one "
                              "(taken_over: the mount lived on; new_mount: it could not be kept)",
