@@ -18,7 +18,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,6 +346,9 @@ class ExtractedLayerProvider:
         return d
 
     async def release(self, layer_digest: str) -> None:
+        return None
+
+    async def restore_finished(self, referenced: Collection[str]) -> None:
         return None
 
 

@@ -197,6 +197,28 @@ def test_a_read_waits_for_a_daemon_then_fails_cleanly(held) -> None:  # noqa: AN
     assert 0.9 < time.monotonic() - t0 < 5
 
 
+def test_layers_no_snapshot_uses_are_released_after_a_restart(held) -> None:  # noqa: ANN001
+    """A layer the holder kept for a daemon that stopped, and that the next daemon neither
+    restores nor is told to keep (removed while no daemon ran), is released; one still
+    referenced (its restore may have failed) stays, its local reads served."""
+    want, blob, index, root = held
+    gate = threading.Event()
+    gate.set()
+    d1 = Daemon(root, blob, index, gate)
+    assert (d1.dir / "etc/hostname").read_bytes() == b"lazy\n"
+    d1.settle(d1.dir / "etc/hostname")
+    d1.stop()
+    d2 = FuseThread(root / "mnt", holder=root / "fuse.sock", threads=2)
+    try:
+        d2.run(lambda: d2.fs.release_held(keep={"layer1"}))
+        assert _uncached_read(root / "mnt/layer1/etc/hostname") == b"lazy\n"
+        d2.run(lambda: d2.fs.release_held(keep=set()))
+        assert not (root / "mnt/layer1").exists()
+        assert "event=layer_released layer=layer1" in (root / "fuse-holder.log").read_text()
+    finally:
+        d2.stop()
+
+
 def _counter(d: Daemon, name: str, at_least: int) -> int:
     """The holder's counter ``name`` as the daemon last heard it, once it reaches
     ``at_least`` (it reports twice a second), or whatever it is after 5 s."""

@@ -7,7 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ class DirProvider:
     fail_provide: str | None = None
     fail_restore: bool = False
     calls: list[tuple[str, str]] = field(default_factory=list)
+    finished: list[set[str]] = field(default_factory=list)  # restore_finished's arguments
 
     async def provide(self, req: RemoteLayerRequest) -> Path:
         self.calls.append(("provide", req.layer_digest))
@@ -47,6 +48,9 @@ class DirProvider:
 
     async def release(self, layer_digest: str) -> None:
         self.calls.append(("release", layer_digest))
+
+    async def restore_finished(self, referenced: Collection[str]) -> None:
+        self.finished.append(set(referenced))
 
 
 class Client:
@@ -329,6 +333,8 @@ async def test_remote_handshake(tmp_path: Path, sockdir: Path) -> None:
         prov.fail_restore = True
         c = await e.start()
         assert ("restore", "sha256:l1") in prov.calls
+        # a layer whose restore failed is still referenced: the provider must keep what it holds
+        assert prov.finished[-1] == {"sha256:l1"}
         assert await code_of(c.mounts("run")) == grpc.StatusCode.UNAVAILABLE
         assert await code_of(c.mounts("v")) == grpc.StatusCode.UNAVAILABLE
         assert await code_of(c.prepare("run2", "sha256:chain1")) == grpc.StatusCode.UNAVAILABLE

@@ -427,6 +427,22 @@ class LazyFS:
             await asyncio.to_thread(self._backing.release, list(layer.backing.backed.values()))
         log.info("layer_unregistered", layer=name)
 
+    async def release_held(self, keep: set[str]) -> None:
+        """Release the layers the FUSE holder still serves for a previous daemon that this
+        one has not added back and that are not in ``keep`` (no snapshot uses them: removed
+        while no daemon ran). A layer in ``keep`` whose restore failed stays: the holder goes
+        on answering its local reads for the containers that use it."""
+        backend = self._backend
+        if backend is None:
+            return
+        await self._rehomed()
+        for name, (slot, _) in sorted(backend.held.items()):
+            if name in self._layers or name in keep:
+                continue
+            await backend.remove_layer(slot, name)
+            backend.held.pop(name, None)
+            log.info("held_layer_released", layer=name, slot=slot, reason="no snapshot uses it")
+
     def quarantine(self, name: str, reason: str) -> None:
         """Every further read of the layer fails with EIO (and is logged with ``reason``)."""
         layer = self._layers.get(name)

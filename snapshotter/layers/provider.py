@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,9 @@ class LazyLayerProvider:
 
     async def release(self, layer_digest: str) -> None:
         await self._hop(self._release(layer_digest))
+
+    async def restore_finished(self, referenced: Collection[str]) -> None:
+        await self._hop(self.fs.release_held(keep={_dirname(d) for d in referenced}))
 
     async def start(self) -> None:
         await self._hop(self._start())

@@ -7,7 +7,7 @@ from labels, and the provider used when remote layers are off.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -63,6 +63,12 @@ class LayerProvider(Protocol):
         """No snapshot uses the layer any more."""
         ...
 
+    async def restore_finished(self, referenced: Collection[str]) -> None:
+        """After a restart, once every snapshot's layer was restored (or failed to be):
+        ``referenced`` are the layers some snapshot still uses; whatever else the previous
+        process left serving (a FUSE holder keeps layers across restarts) can go."""
+        ...
+
 
 class NoRemoteProvider:
     """Remote layers are disabled: every layer is downloaded by containerd."""
@@ -74,6 +80,9 @@ class NoRemoteProvider:
         raise ProviderError("remote layers disabled", reason="disabled")
 
     async def release(self, layer_digest: str) -> None:
+        return None
+
+    async def restore_finished(self, referenced: Collection[str]) -> None:
         return None
 
 

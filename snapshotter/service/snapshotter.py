@@ -158,6 +158,7 @@ class Snapshotter:
                 seen[rec.layer_digest] = ""
                 log.warning("remote_restore_failed", layer_digest=rec.layer_digest, snapshot=rec.name,
                             reason=reason, error=str(exc))
+        await self.provider.restore_finished(set(seen))
         changed = [(r.id, seen[r.layer_digest]) for r in records
                    if seen.get(r.layer_digest) and seen[r.layer_digest] != r.remote_dir]
         if changed:
