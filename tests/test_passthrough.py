@@ -3,6 +3,7 @@ all local gets a backing file and its next open is passed to the kernel; a file 
 missing never is. With the session in this process and in a FUSE holder."""
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -145,6 +146,23 @@ def test_a_file_completed_while_open_passes_through_from_its_next_open(tmp_path:
         with open(d / "models/a.bin", "rb") as f:
             assert f.read() == want
         assert counters()["open_passthrough"] == first + 1
+    finally:
+        ft.stop()
+        unmount_under(tmp_path)
+
+
+def test_a_quarantined_layer_never_serves_from_its_backing_files(tmp_path: Path, layer) -> None:
+    blob, index = layer
+    root = tmp_path / "root"
+    ft, d = _mount(root, blob, index, False)
+    try:
+        assert (d / "models/a.bin").read_bytes() == _bytes("models/a.bin", FILES["models/a.bin"])
+        _wait(lambda: ft.fs.counters().get("backing_files", 0) >= 1)
+        ft.call(lambda: ft.fs.quarantine("abc", "the layer's blob does not match its index"))
+        with pytest.raises(OSError) as exc:
+            (d / "models/a.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        assert ft.fs.counters()["open_passthrough"] == 0
     finally:
         ft.stop()
         unmount_under(tmp_path)

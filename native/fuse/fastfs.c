@@ -945,6 +945,13 @@ static void op_open(req_t req, uint64_t ino, uint32_t flags)
     if (!lock_kind(req, fs, ino, S_IFREG, EINVAL, &l))
         return;
     if (l->pt) {
+        if (atomic_load(&l->failed)) {
+            /* quarantined: its reads fail, and a backing file must not serve them instead
+             * (files already open keep the backing the kernel gave them) */
+            pthread_rwlock_unlock(&fs->table_lock);
+            reply_err(req, EIO);
+            return;
+        }
         pt_node *p = &l->pt[ino & LOCAL_MASK];
         pthread_mutex_lock(&l->pt_mu);
         int through = p->passthrough_opens > 0 || (p->backing_id > 0 && p->cached_opens == 0);
