@@ -7,6 +7,7 @@ import errno
 import gzip
 import hashlib
 import io
+import json
 import mmap
 import os
 import subprocess
@@ -284,6 +285,11 @@ def test_containers_read_passed_through_files_through_overlayfs(tmp_path: Path) 
             assert checksum("first") == want  # through the daemon: fetched, verified, stored
             _wait(lambda: daemon.metric("lazysnap_fuse_backing_bytes") >= len(weights), 30)
             assert daemon.metric("lazysnap_fuse_passthrough") == 1
+            status = json.loads(subprocess.run(
+                [sys.executable, "-m", "snapshotter", "status", "--json", "--address", daemon.address],
+                cwd=REPO, capture_output=True, text=True, check=True, timeout=60).stdout)
+            counts = [layer["passthrough_files"] for image in status["images"] for layer in image["layers"]]
+            assert max(counts) == 1, counts  # the weights file; the busybox layer has none that big
             opens = daemon.metric("lazysnap_fuse_passthrough_opens_total")
             _drop_caches()
             assert checksum("second") == want

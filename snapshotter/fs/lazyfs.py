@@ -481,6 +481,14 @@ class LazyFS:
             self._backing_task = asyncio.get_running_loop().create_task(self._back_files(), name="fuse-backing")
 
     # -- passthrough ------------------------------------------------------------------------------
+    def passthrough_files(self, name: str) -> int | None:
+        """How many files of layer ``name`` pass through to a backing file (None: passthrough
+        is off, or unavailable on this node)."""
+        if self._backing is None or self._passthrough_off is not None:
+            return None
+        layer = self._layers.get(name)
+        return len(layer.backing.backed) if layer is not None and layer.backing is not None else 0
+
     @property
     def passthrough_unavailable(self) -> str | None:
         """Why files are not passed through although ``passthrough`` was asked for."""

@@ -331,7 +331,8 @@ class LazyLayerProvider:
                            complete=self.profiles.is_complete(digest), quarantined=layer.data.failed,
                            chunks_total=idx.chunk_count, chunks_local=share.chunks, chunks_verified=share.verified,
                            bytes_total=sum(sizes), bytes_local=share.bytes, compressed_bytes=info.compressed_size,
-                           registry_bytes=layer.fetcher.bytes_fetched, fill=fill)
+                           registry_bytes=layer.fetcher.bytes_fetched, fill=fill,
+                           passthrough_files=self.fs.passthrough_files(_dirname(digest)))
 
     def _lower_layers(self, parent: str) -> list[str]:
         """Layer digests of the parent chain, bottom first, as far as this daemon saw it."""
