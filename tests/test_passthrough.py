@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import mmap
-import os
 import subprocess
 import sys
 import tarfile
@@ -177,7 +176,6 @@ def test_many_opens_and_closes_while_files_complete(tmp_path: Path, layer) -> No
     blob, index = layer
     root = tmp_path / "root"
     ft, d = _mount(root, blob, index, False)
-    want = {n: _bytes(n, FILES[n]) for n in ("models/a.bin", "models/b.bin")}
     # readers in processes of their own: a page fault on a mapping holds the GIL, which
     # the filesystem's loop in this process needs to answer the read the fault waits for
     readers = [subprocess.Popen([sys.executable, "-c", READER, str(d), str(k)], stdout=subprocess.PIPE, text=True)
@@ -197,14 +195,12 @@ def test_many_opens_and_closes_while_files_complete(tmp_path: Path, layer) -> No
 
 
 READER = f"""
-import hashlib, mmap, os, random, sys
-FILES = {FILES!r}
-def data(name, size):
-    seed = hashlib.sha256(name.encode()).digest()
-    return b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1))[:size]
+import mmap, os, random, sys
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_passthrough import FILES, _bytes
 d, k = sys.argv[1], int(sys.argv[2])
 stop = os.path.join(os.path.dirname(os.path.dirname(d)), "stop-readers")
-want = {{n: data(n, FILES[n]) for n in ("models/a.bin", "models/b.bin")}}
+want = {{n: _bytes(n, FILES[n]) for n in ("models/a.bin", "models/b.bin")}}
 rnd, n_reads, errors = random.Random(k), 0, []
 while not os.path.exists(stop):
     name = rnd.choice(sorted(want))
