@@ -113,8 +113,7 @@ class BackingFiles:
     def make(self, size: int, digests: Sequence[bytes], chunk_size: int) -> Path | None:
         """The backing file of a file of ``size`` bytes made of the chunks ``digests`` (each
         ``chunk_size`` bytes but the last), or None if a chunk is not local or not what its
-        digest says.
-        Raises OSError (e.g. ENOSPC) when the file cannot be written. Worker thread."""
+        digest says. Raises OSError (e.g. ENOSPC) when the file cannot be written. Worker thread."""
         name = self.name_of(size, digests)
         path = self.path_of(name)
         if self._usable(name, path, size, digests, chunk_size):
@@ -128,7 +127,10 @@ class BackingFiles:
             for k, digest in enumerate(digests):
                 want = min(chunk_size, size - k * chunk_size)
                 data = self.store.read(digest)
-                if data is None or len(data) != want or hashlib.sha256(data).digest() != digest:
+                if data is None:  # evicted since: made once it is back
+                    os.unlink(tmp)
+                    return None
+                if len(data) != want or hashlib.sha256(data).digest() != digest:
                     log.error("backing_chunk_mismatch", chunk=digest.hex(), file=name,
                               action="not passed through")
                     os.unlink(tmp)
