@@ -98,6 +98,19 @@ def test_second_daemon_refuses_live_socket(tmp_path: Path, holder: bool) -> None
         d.stop()
 
 
+def test_second_daemon_on_the_same_root_is_refused(tmp_path: Path) -> None:
+    """Another address, the same --root: refused at once in one line; the first serves on."""
+    d = LazysnapDaemon(tmp_path / "a", metrics=False)
+    try:
+        d.start()
+        r = lazysnap("serve", "--root", str(d.root), "--address", str(tmp_path / "other.sock"))
+        errors = [ln for ln in r.stderr.splitlines() if "level=" not in ln]
+        assert r.returncode == 1 and len(errors) == 1 and "another lazysnap serve uses" in errors[0], r.stderr
+        assert health_status(d.address) == "SERVING"
+    finally:
+        d.stop()
+
+
 def test_log_lines_are_key_value_and_redacted() -> None:
     buf = io.StringIO()
     handler = configure("debug", stream=buf)

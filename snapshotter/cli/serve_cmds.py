@@ -94,6 +94,9 @@ async def _behind_holder(cfg: Config) -> str:
     root = cfg.root_path
     if listening(cfg.address) and not listening(str(root / HOLDER_SOCKET)):
         raise OSError(f"{cfg.address} is in use by another process (not this root's FUSE holder)")
+    if listening(str(root / DAEMON_SOCKET)):
+        raise OSError(f"another lazysnap serve uses {root} (it answers on {root / DAEMON_SOCKET}): "
+                      f"one daemon per root")
     external = cfg.lazy.fuse_holder_external
     if not external:
         await ensure_holder(root / HOLDER_SOCKET, root / "mnt", cfg.lazy.fuse_session(), relay=Path(cfg.address))
@@ -101,7 +104,8 @@ async def _behind_holder(cfg: Config) -> str:
         if listening(cfg.address):
             return str(root / DAEMON_SOCKET)
         await asyncio.sleep(0.02)
-    raise OSError(f"the FUSE holder of {root} does not hold {cfg.address}: start it with "
+    raise OSError(f"the FUSE holder of {root} does not hold {cfg.address} (started with another --address?): "
+                  f"serve on the address it holds, or restart it with "
                   f"`lazysnap fuse-holder --root {root} --address {cfg.address}`")
 
 
