@@ -151,6 +151,28 @@ def test_a_file_completed_while_open_passes_through_from_its_next_open(tmp_path:
         unmount_under(tmp_path)
 
 
+def test_a_holder_started_without_passthrough_is_named_as_the_reason(tmp_path: Path, layer) -> None:
+    """A supervisor's holder unit without ``--passthrough``: the daemon says so in one line
+    and serves every read itself."""
+    blob, index = layer
+    root = tmp_path / "root"
+    holder = subprocess.Popen([sys.executable, "-m", "snapshotter", "fuse-holder", "--root", str(root)], cwd=REPO,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: (root / "fuse.sock").exists() and holder.poll() is None)
+        ft, d = _mount(root, blob, index, True)
+        try:
+            assert "--passthrough" in str(ft.fs.passthrough_unavailable)
+            assert REGISTRY.get_sample_value("lazysnap_fuse_passthrough") == 0
+            assert (d / "models/a.bin").read_bytes() == _bytes("models/a.bin", FILES["models/a.bin"])
+            assert not (root / "files").exists()
+        finally:
+            ft.stop()
+    finally:
+        stop_fuse_holder(root)
+        unmount_under(tmp_path)
+
+
 def test_a_quarantined_layer_never_serves_from_its_backing_files(tmp_path: Path, layer) -> None:
     blob, index = layer
     root = tmp_path / "root"

@@ -497,9 +497,13 @@ class LazyFS:
     def _check_passthrough(self, backend: FuseBackend) -> None:
         """Say once, with the reason, when passthrough was asked for and cannot be."""
         fstype = filesystem_type(self.mountpoint.parent)
-        if not backend.passthrough:
+        if not backend.passthrough and self.holder is not None:
+            self._passthrough_off = ("the FUSE holder's session does not pass files through: the holder was started "
+                                     "without --passthrough (a supervisor's unit needs it too), took the session over "
+                                     "from a dead holder, or the kernel did not agree (Linux >= 6.9, CAP_SYS_ADMIN)")
+        elif not backend.passthrough:
             self._passthrough_off = ("the kernel did not agree to FUSE passthrough for this session (Linux >= 6.9 "
-                                     "and CAP_SYS_ADMIN; a session taken over from a dead holder never has it)")
+                                     "and CAP_SYS_ADMIN)")
         elif fstype in STACKED_FILESYSTEMS:
             self._passthrough_off = (f"{self.mountpoint.parent} is on {fstype}, which stacks on another filesystem: "
                                      f"the kernel accepts backing files only from ext4, xfs and the like")
