@@ -173,6 +173,40 @@ def test_a_holder_started_without_passthrough_is_named_as_the_reason(tmp_path: P
         unmount_under(tmp_path)
 
 
+def test_a_restarted_daemon_keeps_passing_files_through(tmp_path: Path, layer) -> None:
+    """Daemon 1 gives a file its backing file and stops; the holder keeps the layer and its
+    registered backing. Daemon 2 adds the layer back: the backing file on disk is hashed
+    again before it is used, nothing is made twice, and opens keep passing through."""
+    blob, index = layer
+    root = tmp_path / "root"
+    want = _bytes("models/a.bin", FILES["models/a.bin"])
+    made = REGISTRY.get_sample_value("lazysnap_fuse_backing_materialized_bytes_total") or 0
+    try:
+        ft, d = _mount(root, blob, index, True)
+        try:
+            assert (d / "models/a.bin").read_bytes() == want
+            _wait(lambda: ft.fs.counters().get("backing_files", 0) >= 1)
+        finally:
+            ft.stop()
+        assert REGISTRY.get_sample_value("lazysnap_fuse_backing_materialized_bytes_total") - made == len(want)
+        with open(d / "models/a.bin", "rb") as f:  # no daemon: the holder passes it through
+            assert f.read() == want
+        ft, d = _mount(root, blob, index, True)
+        try:
+            assert ft.fs.passthrough_unavailable is None
+            _wait(lambda: ft.fs.passthrough_files("abc") == 1)
+            before = ft.fs.counters()["open_passthrough"]
+            with open(d / "models/a.bin", "rb") as f:
+                assert f.read() == want
+            _wait(lambda: ft.fs.counters()["open_passthrough"] > before, 5)
+            assert REGISTRY.get_sample_value("lazysnap_fuse_backing_materialized_bytes_total") - made == len(want)
+        finally:
+            ft.stop()
+    finally:
+        stop_fuse_holder(root)
+        unmount_under(tmp_path)
+
+
 def test_a_quarantined_layer_never_serves_from_its_backing_files(tmp_path: Path, layer) -> None:
     blob, index = layer
     root = tmp_path / "root"
