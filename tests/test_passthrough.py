@@ -224,14 +224,15 @@ def test_a_quarantined_layer_never_serves_from_its_backing_files(tmp_path: Path,
         unmount_under(tmp_path)
 
 
-def test_many_opens_and_closes_while_files_complete(tmp_path: Path, layer) -> None:
+@pytest.mark.parametrize("holder", [False, True], ids=["in-process", "fuse-holder"])
+def test_many_opens_and_closes_while_files_complete(tmp_path: Path, layer, holder: bool) -> None:
     """Readers open, read (read and mmap) and close both big files over and over from before
     any chunk is local until well after both pass through: every byte right, no open fails
     (an inode is in either cached or passthrough mode; a wrong open count would fail opens
     with ETXTBSY)."""
     blob, index = layer
     root = tmp_path / "root"
-    ft, d = _mount(root, blob, index, False)
+    ft, d = _mount(root, blob, index, holder)
     # readers in processes of their own: a page fault on a mapping holds the GIL, which
     # the filesystem's loop in this process needs to answer the read the fault waits for
     readers = [subprocess.Popen([sys.executable, "-c", READER, str(d), str(k)], stdout=subprocess.PIPE, text=True)
@@ -243,6 +244,8 @@ def test_many_opens_and_closes_while_files_complete(tmp_path: Path, layer) -> No
         (d.parent.parent / "stop-readers").touch()
         outs = [r.communicate(timeout=60)[0] for r in readers]
         ft.stop()
+        if holder:
+            stop_fuse_holder(root)
         unmount_under(tmp_path)
     assert all(r.returncode == 0 for r in readers), outs
     assert all(out.startswith("reads ") for out in outs), outs
