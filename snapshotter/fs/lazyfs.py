@@ -198,10 +198,8 @@ class LazyFS:
                  read_ahead_kb: int = 1024, threads: int = 8, holder: Path | None = None,
                  holder_external: bool = False, passthrough: bool = False,
                  passthrough_min_bytes: int = 1 << 20) -> None:
-        self.read_ahead_kb = read_ahead_kb
         self.mountpoint = Path(mountpoint)
         self.allow_other = allow_other
-        self.threads = threads
         self.session_options = SessionOptions(threads, read_ahead_kb, passthrough)
         self.passthrough_min_bytes = passthrough_min_bytes
         self.holder = holder
@@ -245,7 +243,7 @@ class LazyFS:
         metrics.FUSE.attach(id(self), backend.counters)
         if self.session_options.passthrough:
             self._check_passthrough(backend)
-        log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.threads,
+        log.info("fuse_mounted", mountpoint=self.mountpoint, threads=self.session_options.threads,
                  holder=str(self.holder) if self.holder else "none", held_layers=len(backend.held),
                  passthrough=self.session_options.passthrough and self._passthrough_off is None)
 
