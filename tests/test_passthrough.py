@@ -118,8 +118,11 @@ def test_complete_files_pass_through_and_partial_ones_never(tmp_path: Path, laye
         _wait(lambda: counters()["open_passthrough"] - before["open_passthrough"] == 2)
         assert REGISTRY.get_sample_value("lazysnap_fuse_passthrough") == 1
 
-        ft.run(lambda: ft.fs.remove_layer("abc"))  # its backing files go with it
+        ft.run(lambda: ft.fs.remove_layer("abc"))  # its backing files go with it, and their chunks
         assert not [p for p in (root / "files").rglob("*") if p.is_file()]
+        store = ChunkStore(root)  # what a daemon started now finds: no chunk of a.bin
+        want = _bytes("models/a.bin", FILES["models/a.bin"])
+        assert not any(store.known(hashlib.sha256(want[i:i + CHUNK]).digest()) for i in range(0, len(want), CHUNK))
     finally:
         ft.stop()
         if holder:
@@ -141,8 +144,18 @@ def test_a_file_completed_while_open_passes_through_from_its_next_open(tmp_path:
             with open(d / "models/a.bin", "rb") as again:  # a cached open is outstanding: not yet
                 assert again.read() == want
             assert counters()["open_passthrough"] == first
+            # the file is on disk once: its chunks are lodged in the backing file
+            store = ft.fs.layer("abc").data.store
+            chunks = [hashlib.sha256(want[i:i + CHUNK]).digest() for i in range(0, len(want), CHUNK)]
+            _wait(lambda: not any(store.path_of(c).exists() for c in chunks), 5)
+            assert all(store.known(c) for c in chunks)
+            assert store.read(chunks[3], 10, 20) == want[3 * CHUNK + 10:3 * CHUNK + 30]
+            # and the open through us reads it from there (C workers, no chunk file)
+            _drop_caches()
+            local = counters()["read_local"]
             held.seek(0)
             assert held.read() == want
+            assert counters()["read_local"] > local
         with open(d / "models/a.bin", "rb") as f:
             assert f.read() == want
         assert counters()["open_passthrough"] == first + 1
@@ -194,6 +207,13 @@ def test_a_restarted_daemon_keeps_passing_files_through(tmp_path: Path, layer) -
         ft, d = _mount(root, blob, index, True)
         try:
             assert ft.fs.passthrough_unavailable is None
+            # daemon 1 lodged a.bin's chunks in its backing file: daemon 2 knows them from
+            # the layer's registration on (nothing fetches them again), checked on first read
+            store = ft.fs.layer("abc").data.store
+            chunks = [hashlib.sha256(want[i:i + CHUNK]).digest() for i in range(0, len(want), CHUNK)]
+            assert all(store.known(c) for c in chunks)
+            assert not any(store.path_of(c).exists() for c in chunks)
+            assert store.read(chunks[-1]) == want[(len(chunks) - 1) * CHUNK:]
             _wait(lambda: ft.fs.passthrough_files("abc") == 1)
             before = ft.fs.counters()["open_passthrough"]
             with open(d / "models/a.bin", "rb") as f:

@@ -276,3 +276,58 @@ def test_a_vanished_chunk_is_unmarked_and_marked_again_when_stored(tmp_path: Pat
     assert store.read(d) is None
     assert store.put(d, data) is True and store.read(d) == data
     assert marks == ["+", "-", "+"]
+
+
+def _lodging(tmp_path: Path, chunks: list[tuple[bytes, bytes]]) -> Path:
+    """A file holding these chunks back to back (what a FUSE backing file is)."""
+    path = tmp_path / "files" / "f"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"".join(data for _, data in chunks))
+    return path
+
+
+def test_lodged_chunks_are_read_from_their_file_and_their_own_files_go(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    chunks = [_chunk(i) for i in range(3)] + [_chunk(9, 1024)]  # the last one shorter
+    for d, data in chunks:
+        store.put(d, data)
+    added: list[bytes] = []
+    dropped: list[bytes] = []
+    store.watch_verified(added.append, dropped.append)
+    path = _lodging(tmp_path, chunks)
+    size = path.stat().st_size
+    store.lodge(path, size, [d for d, _ in chunks], 4096, verified=True)
+    assert not any(store.path_of(d).exists() for d, _ in chunks)  # on disk once
+    assert store.stats().bytes == 0 and store.lodged_bytes() == size
+    for d, data in chunks:
+        assert store.has(d) and store.known(d)
+        assert store.read(d) == data
+        assert store.read(d, 100, 50) == data[100:150]
+        buf = bytearray(8192)  # bigger than the chunk: never the next chunk's bytes
+        assert store.readinto(d, memoryview(buf), 10) == len(data) - 10 and bytes(buf[:len(data) - 10]) == data[10:]
+        assert store.read_cached(d, 0, 8192) in (data, False)
+    assert store.put(*chunks[1]) is False  # a dedup hit, no second copy
+    assert not store.path_of(chunks[1][0]).exists()
+    share = store.local_share([d for d, _ in chunks], [len(data) for _, data in chunks])
+    assert share.chunks == 4 and share.bytes == size
+    store.unlodge(path)  # the file is going: its chunks are no longer here
+    assert not store.known(chunks[0][0]) and store.read(chunks[0][0]) is None
+    assert sorted(dropped) == sorted(d for d, _ in chunks)
+
+
+def test_an_unchecked_lodging_is_checked_on_first_read(tmp_path: Path) -> None:
+    """A file found on disk (a previous daemon's) is lodged unchecked: each chunk is hashed
+    on its first read, and a damaged one is a miss (fetched again), never served."""
+    store = ChunkStore(tmp_path)
+    chunks = [_chunk(i) for i in range(3)]
+    path = _lodging(tmp_path, chunks)
+    with open(path, "r+b") as f:
+        f.seek(4096 + 7)
+        f.write(b"!")
+    store.lodge(path, 3 * 4096, [d for d, _ in chunks], 4096, verified=False)
+    assert store.read(chunks[0][0]) == chunks[0][1]
+    assert store.read(chunks[1][0]) is None
+    assert store.stats().corrupt == 1 and not store.known(chunks[1][0])
+    assert store.read(chunks[2][0], 1, 2) == chunks[2][1][1:3]
+    assert store.put(*chunks[1]) is True  # fetched again: a chunk file of its own
+    assert store.read(chunks[1][0]) == chunks[1][1]

@@ -42,6 +42,7 @@ const char *const lzfs_counter_names[LZC_N] = {
  * before replying and uncount it at RELEASE, which the kernel sends after letting go. */
 typedef struct {
     int32_t backing_id; /* > 0: registered */
+    int32_t backing_fd; /* with backing_id: our own fd of the backing file, for opens served by us */
     uint32_t cached_opens, passthrough_opens;
 } pt_node;
 
@@ -297,6 +298,9 @@ static void layer_free(layer_t *l)
     free(l->blob);
     free(l->digests);
     free(l->chunks_dir);
+    for (uint32_t i = 0; l->pt && i < l->n_nodes; i++)
+        if (l->pt[i].backing_id > 0)
+            close(l->pt[i].backing_fd);
     free(l->pt);
     pthread_mutex_destroy(&l->pt_mu);
     free(l);
@@ -1030,6 +1034,8 @@ int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, 
             int id = lzk_backing_open(fs->fd, bfd);
             if (id > 0) {
                 p->backing_id = id;
+                p->backing_fd = bfd; /* the store may drop the file's chunk files now */
+                bfd = -1;
                 count(fs, LZC_BACKING_FILES);
             } else {
                 *msg = "the kernel refused the backing file (FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN "
@@ -1040,7 +1046,8 @@ int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, 
         pthread_mutex_unlock(&l->pt_mu);
     }
     pthread_rwlock_unlock(&fs->table_lock);
-    close(bfd); /* the kernel keeps its own reference */
+    if (bfd >= 0)
+        close(bfd);
     return r;
 }
 
@@ -1124,6 +1131,47 @@ static void record_access(lzfs *fs, uint64_t ino, uint64_t off, size_t size)
     pthread_mutex_unlock(&fs->q_mu);
 }
 
+static int backing_fd(layer_t *l, uint64_t ino) /* table read lock held */
+{
+    if (!l->pt)
+        return -1;
+    pt_node *p = &l->pt[ino & LOCAL_MASK];
+    pthread_mutex_lock(&l->pt_mu);
+    int fd = p->backing_id > 0 ? p->backing_fd : -1;
+    pthread_mutex_unlock(&l->pt_mu);
+    return fd;
+}
+
+/* A file with a backing file, opened through us (before its backing came, or while an
+ * earlier open through us was outstanding): its bytes come from the backing file, checked
+ * whole when it was made, whose chunks the store may have dropped.  Table read lock held:
+ * the fd lives as long as the layer. */
+static void read_backed(req_t req, int bfd, uint64_t ino, uint64_t off, size_t len)
+{
+    lzfs *fs = req.fs;
+    char *buf = malloc(len);
+    size_t got = 0;
+    while (buf && got < len) {
+        ssize_t r = pread(bfd, buf + got, len - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    pthread_rwlock_unlock(&fs->table_lock);
+    if (got != len) {
+        int err = buf ? EIO : ENOMEM;
+        free(buf);
+        reply_err(req, err);
+        return;
+    }
+    count(fs, LZC_READ_LOCAL);
+    record_access(fs, ino, off, len);
+    reply_buf(req, buf, len);
+    free(buf);
+}
+
 static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
 {
     lzfs *fs = req.fs;
@@ -1140,6 +1188,11 @@ static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
         return;
     }
     size_t len = size < n->size - off ? size : (size_t)(n->size - off);
+    int bfd = backing_fd(l, ino);
+    if (bfd >= 0) {
+        read_backed(req, bfd, ino, off, len);
+        return;
+    }
     uint64_t cs = l->chunk_size, first = off / cs, last = (off + len - 1) / cs;
     if ((n->flags & LZT_NODE_PYDATA) || last >= n->chunk_count)
         goto to_python;

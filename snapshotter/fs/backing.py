@@ -13,8 +13,11 @@ Files are named by content (the SHA-256 of the size and the chunk digests), so a
 several layers or images share is made once. They live in ``<root>/files/`` beside the
 chunks (the same filesystem; it must stack on nothing for the kernel to accept them), are
 counted in the chunk store's usage (``ChunkStore.set_external_bytes``: chunks are evicted to
-make room) and take at most half of ``store_limit_bytes``. A file goes when no registered
-layer uses it any more; the kernel keeps the bytes of one still open.
+make room) and take at most half of ``store_limit_bytes``. Once the kernel has a file, its
+chunks are lodged in it (``ChunkStore.lodge``): their own files are deleted and the store
+reads them from the backing file, so a passed-through file is on disk once. A file goes
+(with its lodged chunks) when no registered layer uses it any more; the kernel keeps the
+bytes of one still open.
 """
 from __future__ import annotations
 
@@ -148,6 +151,17 @@ class BackingFiles:
         self._claim(name, size)
         return path
 
+    def existing(self, size: int, digests: Sequence[bytes]) -> Path | None:
+        """The backing file of these chunks if one is on disk (a previous daemon's, not
+        checked yet): its chunks can be lodged in the store at once, unverified, so that
+        nothing fetches them again before it is checked."""
+        path = self.path_of(self.name_of(size, digests))
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) and st.st_size == size else None
+
     def release(self, names: Sequence[str]) -> None:
         """A layer using these files is gone: delete the ones no other layer uses."""
         gone: list[str] = []
@@ -163,6 +177,7 @@ class BackingFiles:
             total = self._total
         metrics.BACKING_BYTES.set(total)
         for name in gone:
+            self.store.unlodge(self.path_of(name))
             try:
                 os.unlink(self.path_of(name))
             except FileNotFoundError:
@@ -207,6 +222,7 @@ class BackingFiles:
             os.close(fd)
         if not ok:
             log.error("backing_file_damaged", path=str(path), action="made again")
+            self.store.unlodge(path)
             path.unlink(missing_ok=True)
         return ok
 

@@ -404,7 +404,7 @@ class LazyFS:
         log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files,
                  held=held is not None)
         if self._backing is not None and self._passthrough_off is None and data.failed is None:
-            found = await asyncio.to_thread(candidates, compiled, self.passthrough_min_bytes)
+            found = await asyncio.to_thread(self._candidates, compiled, digests, data)
             if found and self._layers.get(name) is layer:
                 layer.backing = LayerBacking(digests, found, {})
                 self._wake_backing()
@@ -515,6 +515,20 @@ class LazyFS:
             metrics.PASSTHROUGH.set(0)
             log.warning("passthrough_unavailable", reason=reason, fallback="reads served by lazysnap")
 
+    def _candidates(self, compiled: bytes, digests: bytes, data: LayerData) -> list[Candidate]:
+        """The layer's files that may pass through; the chunks of those whose backing file
+        is on disk already (this daemon restarted) are lodged in it at once. Worker thread."""
+        files = self._backing
+        assert files is not None
+        found = candidates(compiled, self.passthrough_min_bytes)
+        lb = LayerBacking(digests, [], {})
+        for c in found:
+            chunk_digests = lb.chunk_digests(c)
+            path = files.existing(c.size, chunk_digests)
+            if path is not None:
+                data.store.lodge(path, c.size, chunk_digests, data.chunk_size, verified=False)
+        return found
+
     def _chunks_verified(self, digests: bytes) -> None:
         """Store watcher (any thread, under the store's lock): have the backing task look."""
         if not self._backing_dirty and self._loop is not None:
@@ -576,6 +590,8 @@ class LazyFS:
                 await asyncio.to_thread(files.release, [name])
                 return
             lb.backed[c.local] = name
+            # the kernel and the C workers read it now: the chunks' own files can go
+            await asyncio.to_thread(store.lodge, path, c.size, digests, layer.data.chunk_size, verified=True)
         lb.pending = waiting
 
     async def _back_again(self, backend: FuseBackend) -> None:

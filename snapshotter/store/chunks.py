@@ -14,6 +14,11 @@ Why this shape:
   Because of it the default fsync policy is "none": a crash can only leave a file that
   fails its first check and is refetched.
 - Size limit with LRU eviction (in-memory access order) of chunks no layer has pinned.
+- A chunk may instead be *lodged* in a file that holds it among others, back to back (a
+  FUSE backing file, ``snapshotter.fs.backing``, holds a whole file's chunks): its own
+  file is then deleted, so a file passed through to the kernel is on disk once. Lodged
+  chunks are read from there, checked like chunk files on their first read, and leave
+  with that file (``unlodge``); they count in the external bytes, not in the LRU.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import hashlib
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -83,6 +88,15 @@ class PruneResult:
 
 
 @dataclass(slots=True, frozen=True)
+class _Lodging:
+    """Where a lodged chunk is: in ``path`` at ``offset``, ``size`` bytes."""
+
+    path: str
+    offset: int
+    size: int
+
+
+@dataclass(slots=True, frozen=True)
 class LocalShare:
     """How much of a set of chunks (one layer's) is in the store: by chunk count, by bytes
     (each occurrence counted, so a layer reaches exactly 100 %), and verified by this process."""
@@ -112,7 +126,10 @@ class ChunkStore:
         self._total = 0
         self._external = 0  # bytes kept beside the chunks that count against the limit
         self._verified: set[bytes] = set()
-        self._fds: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        # open fds: a chunk file's by its digest, a lodging file's by its path
+        self._fds: collections.OrderedDict[bytes | str, int] = collections.OrderedDict()
+        self._lodged: dict[bytes, _Lodging] = {}
+        self._lodgings: dict[str, list[bytes]] = {}  # lodging file → the chunks lodged in it
         self._reading = 0  # readers holding a cached fd right now
         self._to_close: list[int] = []
         self._pins: dict[str, frozenset[bytes]] = {}
@@ -175,7 +192,7 @@ class ChunkStore:
     # -- queries --------------------------------------------------------------------------
     def has(self, digest: bytes) -> bool:
         with self._lock:
-            if digest in self._lru or digest in self._staged:
+            if digest in self._lru or digest in self._staged or digest in self._lodged:
                 return True
         return self._on_disk(digest)
 
@@ -184,7 +201,7 @@ class ChunkStore:
         for hot filters where a false "no" only costs a redundant decode (a dedup hit),
         while a stat per absent chunk on the FUSE loop cost more than the decode saved."""
         with self._lock:
-            return digest in self._lru or digest in self._staged
+            return digest in self._lru or digest in self._staged or digest in self._lodged
 
     def _on_disk(self, digest: bytes) -> bool:
         # another process may have written it
@@ -227,7 +244,7 @@ class ChunkStore:
         cost more than the decode on a busy daemon). Raises OSError for the first chunk
         that could not be written, after recording the others."""
         with self._lock:
-            todo = [(d, b) for d, b in items if d not in self._lru]
+            todo = [(d, b) for d, b in items if d not in self._lru and d not in self._lodged]
             present = len(items) - len(todo)
             self.dedup_hits += present
         if todo:
@@ -310,16 +327,22 @@ class ChunkStore:
         return data[offset:end]
 
     # -- read -----------------------------------------------------------------------------
-    def _fd(self, digest: bytes) -> int | None:
-        """A cached fd for the chunk, counted as in use until ``_done`` (see ``_retire``)."""
+    def _fd(self, digest: bytes) -> tuple[int, int, int] | None:
+        """Where to read the chunk: a cached fd, the chunk's offset in it and its size. The
+        fd is counted as in use until ``_done`` (see ``_retire``)."""
         with self._lock:
-            fd = self._fds.get(digest)
+            lodging = self._lodged.get(digest)
+            fd = self._fds.get(digest) if lodging is None else None
             if fd is not None:
                 self._fds.move_to_end(digest)
-                if digest in self._lru:
+                size = self._lru.get(digest)
+                if size is not None:
                     self._lru.move_to_end(digest)
                 self._reading += 1
-                return fd
+        if lodging is not None:
+            return self._lodged_fd(digest, lodging)
+        if fd is not None:
+            return fd, 0, os.fstat(fd).st_size if size is None else size
         try:
             fd = os.open(self._spath(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -333,22 +356,70 @@ class ChunkStore:
         if digest not in self._verified and not self._verify_fd(digest, fd):
             os.close(fd)
             return None
+        fstat_size = os.fstat(fd).st_size
         with self._lock:
             self._reading += 1
             old = self._fds.get(digest)
             if old is not None:  # raced with another reader; ours was never shared
                 os.close(fd)
-                return old
+                return old, 0, self._lru.get(digest, fstat_size)
             self._fds[digest] = fd
             if digest not in self._lru:
-                size = os.fstat(fd).st_size
-                self._lru[digest] = size
-                self._total += size
+                self._lru[digest] = fstat_size
+                self._total += fstat_size
             self._lru.move_to_end(digest)
-            while len(self._fds) > _FD_CACHE:
-                _, victim = self._fds.popitem(last=False)
-                self._retire(victim)
-        return fd
+            size = self._lru[digest]
+            self._trim_fds()
+        return fd, 0, size
+
+    def _trim_fds(self) -> None:
+        while len(self._fds) > _FD_CACHE:
+            _, victim = self._fds.popitem(last=False)
+            self._retire(victim)
+
+    def _lodged_fd(self, digest: bytes, lodging: _Lodging) -> tuple[int, int, int] | None:
+        """``_fd`` for a lodged chunk: its lodging file's fd, the chunk checked on first use."""
+        with self._lock:
+            fd = self._fds.get(lodging.path)
+            if fd is not None:
+                self._fds.move_to_end(lodging.path)
+                self._reading += 1
+        if fd is None:
+            try:
+                opened = os.open(lodging.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                self.unlodge(lodging.path)  # removed behind our back
+                return None
+            with self._lock:
+                fd = self._fds.get(lodging.path)
+                if fd is None:
+                    self._fds[lodging.path] = fd = opened
+                    opened = -1
+                    self._trim_fds()
+                self._reading += 1
+            if opened >= 0:  # raced with another reader; ours was never shared
+                os.close(opened)
+        if digest not in self._verified and not self._verify_lodged(digest, fd, lodging):
+            self._done()
+            return None
+        return fd, lodging.offset, lodging.size
+
+    def _verify_lodged(self, digest: bytes, fd: int, lodging: _Lodging) -> bool:
+        data = os.pread(fd, lodging.size, lodging.offset)
+        if len(data) == lodging.size and hashlib.sha256(data).digest() == digest:
+            with self._lock:
+                if self._lodged.get(digest) is lodging:
+                    self._mark_verified(digest)
+            return True
+        log.error("chunk_corrupt", digest=digest.hex(), path=lodging.path, offset=lodging.offset,
+                  action="drop_and_refetch")
+        metrics.CORRUPT.inc()
+        with self._lock:
+            self.corrupt += 1
+            if self._lodged.get(digest) is lodging:
+                del self._lodged[digest]
+                self._unmark_verified(digest)
+        return False
 
     def _retire(self, fd: int) -> None:
         """Close a cached fd once no reader is between ``_fd`` and ``_done`` (lock held).
@@ -397,15 +468,15 @@ class ChunkStore:
             if staged is not None:
                 metrics.CACHE_HITS.inc()
                 return staged
-        fd = self._fd(digest)
-        if fd is None:
+        loc = self._fd(digest)
+        if loc is None:
             metrics.CACHE_MISSES.inc()
             return None
         metrics.CACHE_HITS.inc()
+        fd, base, size = loc
         try:
-            if length is None:
-                length = os.fstat(fd).st_size - offset
-            return os.pread(fd, length, offset)
+            left = max(0, size - offset)
+            return os.pread(fd, left if length is None else min(length, left), base + offset)
         finally:
             self._done()
 
@@ -416,6 +487,7 @@ class ChunkStore:
         Keeps page-cache hits inline on the FUSE loop while cold chunk reads run in worker
         threads, so several of them (kernel readahead) proceed in parallel.
         """
+        base = 0
         with self._lock:
             fd = self._fds.get(digest)
             if fd is None:
@@ -431,13 +503,15 @@ class ChunkStore:
         if fd is None:
             # hashed already (written by this process): opening costs no read, so do it
             # here; a worker-thread hop per freshly fetched chunk was ~1 ms on a busy node
-            fd = self._fd(digest)
-            if fd is None:
+            loc = self._fd(digest)
+            if loc is None:
                 return False  # gone (evicted): the plain path reports the miss
+            fd, base, size = loc
+            length = max(0, min(length, size - offset))
         try:
             buf = bytearray(length)
             try:
-                n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+                n = os.preadv(fd, [buf], base + offset, os.RWF_NOWAIT)
             except BlockingIOError:
                 return False
             except OSError as exc:
@@ -454,12 +528,15 @@ class ChunkStore:
     def hint(self, digest: bytes) -> None:
         """Start kernel readahead of a chunk file that is about to be read (no verification,
         no blocking): sequential readers then find the next chunk in the page cache."""
+        lodging = self._lodged.get(digest)
+        path, offset, size = (self._spath(digest), 0, 0) if lodging is None else (
+            lodging.path, lodging.offset, lodging.size)
         try:
-            fd = os.open(self._spath(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 
@@ -471,15 +548,70 @@ class ChunkStore:
                 buf[:len(staged)] = staged
                 metrics.CACHE_HITS.inc()
                 return len(staged)
-        fd = self._fd(digest)
-        if fd is None:
+        loc = self._fd(digest)
+        if loc is None:
             metrics.CACHE_MISSES.inc()
             return None
         metrics.CACHE_HITS.inc()
+        fd, base, size = loc
         try:
-            return os.preadv(fd, [buf], offset)
+            return os.preadv(fd, [buf[:max(0, size - offset)]], base + offset)
         finally:
             self._done()
+
+    # -- lodging ----------------------------------------------------------------------------
+    def lodge(self, path: Path | str, size: int, digests: Sequence[bytes], chunk_size: int, *,
+              verified: bool) -> None:
+        """The chunks of a file of ``size`` bytes are in ``path`` back to back (each
+        ``chunk_size`` bytes but the last): read them from there and delete their own files.
+        ``verified``: the caller has just hashed each of them in ``path``; otherwise each is
+        checked on its first read. A chunk lodged elsewhere already stays there."""
+        key = str(path)
+        victims: list[bytes] = []
+        with self._lock:
+            known = self._lodgings.get(key)
+            if known is not None:
+                if verified:
+                    for d in known:
+                        self._mark_verified(d)
+                return
+            mine: list[bytes] = []
+            for k, digest in enumerate(digests):
+                if digest in self._lodged:
+                    continue
+                self._lodged[digest] = _Lodging(key, k * chunk_size, min(chunk_size, size - k * chunk_size))
+                mine.append(digest)
+                stored = self._lru.pop(digest, None)
+                if stored is not None:
+                    self._total -= stored
+                    victims.append(digest)
+                fd = self._fds.pop(digest, None)
+                if fd is not None:
+                    self._retire(fd)
+                if verified:
+                    self._mark_verified(digest)
+                else:
+                    self._unmark_verified(digest)
+            self._lodgings[key] = mine
+            metrics.STORED_BYTES.set(self._total)
+        self._unlink(victims)
+
+    def unlodge(self, path: Path | str) -> None:
+        """``path`` is about to go: its lodged chunks are no longer in the store."""
+        key = str(path)
+        with self._lock:
+            for digest in self._lodgings.pop(key, ()):
+                lodging = self._lodged.get(digest)
+                if lodging is not None and lodging.path == key:
+                    del self._lodged[digest]
+                    self._unmark_verified(digest)
+            fd = self._fds.pop(key, None)
+            if fd is not None:
+                self._retire(fd)
+
+    def lodged_bytes(self) -> int:
+        with self._lock:
+            return sum(lodging.size for lodging in self._lodged.values())
 
     # -- pinning and eviction -------------------------------------------------------------
     def pin(self, layer: str, digests: Iterable[bytes]) -> None:
@@ -580,9 +712,9 @@ class ChunkStore:
         """How much of these chunks is stored (in-memory index only: no stat per absent chunk)."""
         n = nbytes = verified = 0
         with self._lock:
-            lru, staged, ver = self._lru, self._staged, self._verified
+            lru, staged, ver, lodged = self._lru, self._staged, self._verified, self._lodged
             for digest, size in zip(digests, sizes):
-                if digest in lru or digest in staged:
+                if digest in lru or digest in staged or digest in lodged:
                     n += 1
                     nbytes += size
                     if digest in ver:
