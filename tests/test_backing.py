@@ -32,7 +32,7 @@ def test_made_only_when_every_chunk_is_local_and_then_exact(tmp_path_factory: py
                                                             local: st.DataObject) -> None:
     root = tmp_path_factory.mktemp("node")
     store = ChunkStore(root)
-    files = BackingFiles(root, store)
+    files = BackingFiles(store)
     data, chunks, digests = _file(size)
     present = local.draw(st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)))
     for chunk, digest, here in zip(chunks, digests, present):
@@ -45,12 +45,12 @@ def test_made_only_when_every_chunk_is_local_and_then_exact(tmp_path_factory: py
         return
     assert path is not None and path.read_bytes() == data
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
-    assert files.total_bytes == size and store.external_bytes == size
+    assert files.total_bytes == size
 
 
 def test_a_damaged_chunk_file_is_never_copied(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path)
-    files = BackingFiles(tmp_path, store)
+    files = BackingFiles(store)
     data, chunks, digests = _file(3 * CHUNK)
     for c, d in zip(chunks, digests):
         store.put(d, c)
@@ -61,32 +61,65 @@ def test_a_damaged_chunk_file_is_never_copied(tmp_path: Path) -> None:
     assert files.total_bytes == 0
 
 
-def test_an_existing_file_is_checked_before_use_and_shared(tmp_path: Path) -> None:
+def _name(path: Path) -> str:
+    return path.parent.name + path.name
+
+
+def test_a_lodged_file_is_shared_then_cache_and_checked_before_reuse(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path)
     data, chunks, digests = _file(5 * CHUNK + 7)
     for c, d in zip(chunks, digests):
         store.put(d, c)
-    path = BackingFiles(tmp_path, store).make(len(data), digests, CHUNK)
+    files = BackingFiles(store)
+    path = files.make(len(data), digests, CHUNK)
     assert path is not None
-    # a later daemon finds it: damaged, it is made again from the chunks
+    store.lodge(path, len(data), digests, CHUNK, verified=True)  # the kernel has it (LazyFS)
+    assert not any(store.path_of(d).exists() for d in digests) and store.held_bytes == len(data)
+    # the same file in a second layer: one file, two users
+    assert files.make(len(data), digests, CHUNK) == path
+    files.release([_name(path)])
+    assert store.held_bytes == len(data)
+    files.release([_name(path)])  # no layer uses it: cache, evictable and prunable whole
+    assert path.exists() and files.total_bytes == 0 and store.held_bytes == 0
+    assert store.usage().evictable_bytes == len(data) and store.usage().evictable_chunks == len(digests)
+
+    # a later daemon finds it through its record, unchecked; reused, it is hashed first
+    store = ChunkStore(tmp_path)
+    assert all(store.known(d) for d in digests) and store.usage().evictable_bytes == len(data)
+    assert store.read(digests[2]) == chunks[2]
+    files = BackingFiles(store)
+    assert files.make(len(data), digests, CHUNK) == path
+
+    # damaged: dropped with its chunks (they were only there), made once they are back
+    store = ChunkStore(tmp_path)
     os.chmod(path, 0o600)
     with open(path, "r+b") as f:
         f.write(b"!")
-    files = BackingFiles(tmp_path, store)
-    again = files.make(len(data), digests, CHUNK)
-    assert again == path and path.read_bytes() == data
-    # the same file in a second layer: one file, two users
-    assert files.make(len(data), digests, CHUNK) == path
-    files.release([path.parent.name + path.name])
-    assert path.exists()
-    files.release([path.parent.name + path.name])
-    assert not path.exists() and files.total_bytes == 0 and store.external_bytes == 0
+    files = BackingFiles(store)
+    assert files.make(len(data), digests, CHUNK) is None
+    assert not path.exists() and not any(store.known(d) for d in digests)
+    for c, d in zip(chunks, digests):
+        store.put(d, c)
+    assert files.make(len(data), digests, CHUNK) == path and path.read_bytes() == data
 
 
-def test_room_is_half_the_store_limit(tmp_path: Path) -> None:
+def test_a_file_without_a_record_is_deleted_at_start(tmp_path: Path) -> None:
+    """A daemon died between making a file and lodging its chunks: nothing tracks it."""
+    store = ChunkStore(tmp_path)
+    data, chunks, digests = _file(2 * CHUNK)
+    for c, d in zip(chunks, digests):
+        store.put(d, c)
+    path = BackingFiles(store).make(len(data), digests, CHUNK)
+    assert path is not None
+    BackingFiles(ChunkStore(tmp_path))
+    assert not path.exists()
+    assert all(ChunkStore(tmp_path).read(d) == c for c, d in zip(chunks, digests))  # chunks untouched
+
+
+def test_room_is_the_store_limit(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path, limit_bytes=10 * CHUNK)
-    files = BackingFiles(tmp_path, store)
-    assert files.room_for(5 * CHUNK) and not files.room_for(5 * CHUNK + 1)
+    files = BackingFiles(store)
+    assert files.room_for(10 * CHUNK) and not files.room_for(10 * CHUNK + 1)
 
 
 def test_candidates_are_big_plain_files_biggest_first() -> None:

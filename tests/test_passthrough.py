@@ -78,6 +78,11 @@ def _wait(what, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def _backing_sizes(root: Path) -> list[int]:
+    """The sizes of the backing files (not their lodging records) under ``root``."""
+    return sorted(p.stat().st_size for p in (root / "files").rglob("*") if p.is_file() and p.suffix != ".chunks")
+
+
 def _drop_caches() -> None:
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
 
@@ -96,7 +101,7 @@ def test_complete_files_pass_through_and_partial_ones_never(tmp_path: Path, laye
         _wait(lambda: counters().get("backing_files", 0) >= 1)
         time.sleep(2.5 * lazyfs.BACKING_SETTLE_S)  # b's pass too
         assert counters()["backing_files"] == 1
-        assert sorted(p.stat().st_size for p in (root / "files").rglob("*") if p.is_file()) == [FILES["models/a.bin"]]
+        assert _backing_sizes(root) == [FILES["models/a.bin"]]
 
         _drop_caches()
         before = counters()
@@ -118,11 +123,20 @@ def test_complete_files_pass_through_and_partial_ones_never(tmp_path: Path, laye
         _wait(lambda: counters()["open_passthrough"] - before["open_passthrough"] == 2)
         assert REGISTRY.get_sample_value("lazysnap_fuse_passthrough") == 1
 
-        ft.run(lambda: ft.fs.remove_layer("abc"))  # its backing files go with it, and their chunks
-        assert not [p for p in (root / "files").rglob("*") if p.is_file()]
-        store = ChunkStore(root)  # what a daemon started now finds: no chunk of a.bin
+        # a.bin is on disk once, in its backing file
         want = _bytes("models/a.bin", FILES["models/a.bin"])
-        assert not any(store.known(hashlib.sha256(want[i:i + CHUNK]).digest()) for i in range(0, len(want), CHUNK))
+        a_chunks = [hashlib.sha256(want[i:i + CHUNK]).digest() for i in range(0, len(want), CHUNK)]
+        store = ft.fs.layer("abc").data.store
+        assert not any(store.path_of(c).exists() for c in a_chunks)
+        assert store.usage().bytes == sum(FILES.values())  # the layer's bytes, each once
+
+        ft.run(lambda: ft.fs.remove_layer("abc"))  # its backing files become cache, whole
+        assert _backing_sizes(root) == sorted([FILES["models/a.bin"], FILES["models/b.bin"]])
+        store = ChunkStore(root)  # what a daemon or `lazysnap prune` started now finds
+        assert all(store.known(c) for c in a_chunks) and store.usage().evictable_bytes >= len(want)
+        store.prune(apply=True)
+        assert not [p for p in (root / "files").rglob("*") if p.is_file()]
+        assert not any(store.known(c) for c in a_chunks)
     finally:
         ft.stop()
         if holder:

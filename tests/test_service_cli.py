@@ -152,7 +152,11 @@ def test_deploy_files_parse(tmp_path: Path) -> None:
     assert cfg.lazy.fuse_holder and cfg.lazy.fuse_holder_external
     holder = ds.split("name: lazysnap-fused\n", 1)[1].split("\n---", 1)[0]
     assert "type: OnDelete" in holder and "mountPropagation: Bidirectional" in holder
-    assert f'"fuse-holder", "--root", "{cfg.root}",\n' in holder and f'"--address", "{cfg.address}"]' in holder
+    assert f'"fuse-holder", "--root", "{cfg.root}",\n' in holder and f'"--address", "{cfg.address}"' in holder
+    # passthrough is the daemon's default: the holder must ask the kernel for it at INIT
+    assert cfg.lazy.fuse_passthrough and '"--passthrough"]' in holder
+    unit = (DEPLOY / "systemd" / "lazysnap-fused.service").read_text()
+    assert f"fuse-holder --root {cfg.root} --address {cfg.address} --passthrough" in unit
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd")

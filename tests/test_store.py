@@ -280,8 +280,8 @@ def test_a_vanished_chunk_is_unmarked_and_marked_again_when_stored(tmp_path: Pat
 
 def _lodging(tmp_path: Path, chunks: list[tuple[bytes, bytes]]) -> Path:
     """A file holding these chunks back to back (what a FUSE backing file is)."""
-    path = tmp_path / "files" / "f"
-    path.parent.mkdir(exist_ok=True)
+    path = tmp_path / "files" / "ab" / "cdef"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(data for _, data in chunks))
     return path
 
@@ -298,7 +298,9 @@ def test_lodged_chunks_are_read_from_their_file_and_their_own_files_go(tmp_path:
     size = path.stat().st_size
     store.lodge(path, size, [d for d, _ in chunks], 4096, verified=True)
     assert not any(store.path_of(d).exists() for d, _ in chunks)  # on disk once
-    assert store.stats().bytes == 0 and store.lodged_bytes() == size
+    assert store.stats().bytes == 0 and store.lodged_bytes() == store.held_bytes == size
+    usage = store.usage()  # status: on the node, held by the file's layer, not cache
+    assert (usage.chunks, usage.bytes, usage.pinned_bytes, usage.evictable_bytes) == (4, size, size, 0)
     for d, data in chunks:
         assert store.has(d) and store.known(d)
         assert store.read(d) == data
@@ -310,24 +312,61 @@ def test_lodged_chunks_are_read_from_their_file_and_their_own_files_go(tmp_path:
     assert not store.path_of(chunks[1][0]).exists()
     share = store.local_share([d for d, _ in chunks], [len(data) for _, data in chunks])
     assert share.chunks == 4 and share.bytes == size
-    store.unlodge(path)  # the file is going: its chunks are no longer here
+    assert store.prune(apply=True).chunks == 0  # held: not cache
+
+    # another process (a CLI, the next daemon) finds them through the record, unchecked
+    other = ChunkStore(tmp_path)
+    assert all(other.known(d) for d, _ in chunks) and other.read(chunks[3][0]) == chunks[3][1]
+
+    assert store.spare(path)  # no layer uses it any more: cache, pruned whole
+    dry = store.prune(apply=False)
+    assert (dry.chunks, dry.bytes) == (4, size)
+    assert store.prune(apply=True).chunks == 4
+    assert not path.exists() and not (path.parent / (path.name + ".chunks")).exists()
     assert not store.known(chunks[0][0]) and store.read(chunks[0][0]) is None
     assert sorted(dropped) == sorted(d for d, _ in chunks)
+
+
+def test_a_spare_lodging_file_is_evicted_whole_unless_a_layer_pins_its_chunks(tmp_path: Path) -> None:
+    chunks = [_chunk(i) for i in range(4)]
+    path = _lodging(tmp_path, chunks)
+    store = ChunkStore(tmp_path, limit_bytes=6 * 4096)
+    store.lodge(path, 4 * 4096, [d for d, _ in chunks], 4096, verified=True)
+    store.spare(path)
+    store.pin("L", [chunks[0][0]])
+    for i in range(10, 13):
+        store.put(*_chunk(i))
+    assert path.exists()  # over the limit, but a layer pins a chunk of it: the others go
+    store.unpin("L")
+    for i in range(20, 23):
+        store.put(*_chunk(i))
+    assert not path.exists() and not store.known(chunks[0][0])  # the oldest entry, whole
+    assert all(store.known(_chunk(i)[0]) for i in range(20, 23))
+    assert store.stats().bytes <= 6 * 4096
 
 
 def test_an_unchecked_lodging_is_checked_on_first_read(tmp_path: Path) -> None:
     """A file found on disk (a previous daemon's) is lodged unchecked: each chunk is hashed
     on its first read, and a damaged one is a miss (fetched again), never served."""
-    store = ChunkStore(tmp_path)
     chunks = [_chunk(i) for i in range(3)]
     path = _lodging(tmp_path, chunks)
+    ChunkStore(tmp_path).lodge(path, 3 * 4096, [d for d, _ in chunks], 4096, verified=True)
     with open(path, "r+b") as f:
         f.seek(4096 + 7)
         f.write(b"!")
-    store.lodge(path, 3 * 4096, [d for d, _ in chunks], 4096, verified=False)
+    store = ChunkStore(tmp_path)
     assert store.read(chunks[0][0]) == chunks[0][1]
     assert store.read(chunks[1][0]) is None
     assert store.stats().corrupt == 1 and not store.known(chunks[1][0])
     assert store.read(chunks[2][0], 1, 2) == chunks[2][1][1:3]
     assert store.put(*chunks[1]) is True  # fetched again: a chunk file of its own
     assert store.read(chunks[1][0]) == chunks[1][1]
+
+
+def test_a_record_without_its_file_is_ignored(tmp_path: Path) -> None:
+    chunks = [_chunk(i) for i in range(2)]
+    path = _lodging(tmp_path, chunks)
+    ChunkStore(tmp_path).lodge(path, 2 * 4096, [d for d, _ in chunks], 4096, verified=True)
+    path.unlink()
+    store = ChunkStore(tmp_path)
+    assert not store.known(chunks[0][0]) and store.usage().bytes == 0

@@ -12,12 +12,11 @@ same way before it is used again.
 Files are named by content (the SHA-256 of the size and the chunk digests), so a file that
 several layers or images share is made once. They live in ``<root>/files/`` beside the
 chunks (the same filesystem; it must stack on nothing for the kernel to accept them), are
-counted in the chunk store's usage (``ChunkStore.set_external_bytes``: chunks are evicted to
-make room) and take at most half of ``store_limit_bytes``. Once the kernel has a file, its
-chunks are lodged in it (``ChunkStore.lodge``): their own files are deleted and the store
-reads them from the backing file, so a passed-through file is on disk once. A file goes
-(with its lodged chunks) when no registered layer uses it any more; the kernel keeps the
-bytes of one still open.
+made within ``store_limit_bytes``. Once the kernel has a file, its chunks are lodged in
+it (``ChunkStore.lodge``): their own files are deleted and the store reads them from the
+backing file, so a passed-through file is on disk once, and counted once against the
+limit. When no registered layer uses a file any more it becomes cache (``ChunkStore.spare``),
+evicted or pruned whole like a chunk; the kernel keeps the bytes of one still open.
 """
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from snapshotter.fs.compiled import HEADER, NODE
 from snapshotter.fsutil import FILE_MODE, private_dirs
 from snapshotter.log import get_logger
 from snapshotter.store import ChunkStore
+from snapshotter.store.lodging import SUFFIX, record_path
 
 log = get_logger("lazysnap.fs")
 
@@ -81,8 +81,8 @@ def candidates(blob: bytes, min_bytes: int) -> list[Candidate]:
 class BackingFiles:
     """The backing files of one daemon; ``make`` runs in worker threads, the rest anywhere."""
 
-    def __init__(self, root: Path, store: ChunkStore) -> None:
-        self.dir = root / "files"
+    def __init__(self, store: ChunkStore) -> None:
+        self.dir = store.files_dir
         self.tmp = self.dir / ".tmp"
         self.store = store
         self._lock = threading.Lock()
@@ -92,6 +92,7 @@ class BackingFiles:
         private_dirs(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
         private_dirs(self.tmp)
+        self._delete_unrecorded()
 
     @staticmethod
     def name_of(size: int, digests: Sequence[bytes]) -> str:
@@ -108,10 +109,11 @@ class BackingFiles:
         return self._total
 
     def room_for(self, size: int) -> bool:
-        """Backing files take at most half of the store's limit (none: no bound here; the
-        disk's free space is checked as the file is written)."""
+        """Backing files fit in the store's limit (none: no bound here; the disk's free space
+        is checked as the file is written): a file's chunks move into it, so making one
+        needs room for that one file while it is copied, and then frees as much."""
         limit = self.store.limit
-        return limit is None or self._total + size <= limit // 2
+        return limit is None or self._total + size <= limit
 
     def make(self, size: int, digests: Sequence[bytes], chunk_size: int) -> Path | None:
         """The backing file of a file of ``size`` bytes made of the chunks ``digests`` (each
@@ -151,19 +153,9 @@ class BackingFiles:
         self._claim(name, size)
         return path
 
-    def existing(self, size: int, digests: Sequence[bytes]) -> Path | None:
-        """The backing file of these chunks if one is on disk (a previous daemon's, not
-        checked yet): its chunks can be lodged in the store at once, unverified, so that
-        nothing fetches them again before it is checked."""
-        path = self.path_of(self.name_of(size, digests))
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        return path if stat.S_ISREG(st.st_mode) and st.st_size == size else None
-
     def release(self, names: Sequence[str]) -> None:
-        """A layer using these files is gone: delete the ones no other layer uses."""
+        """A layer using these files is gone: the ones no other layer uses become cache
+        (deleted if their chunks were never lodged in them)."""
         gone: list[str] = []
         with self._lock:
             for name in names:
@@ -177,19 +169,8 @@ class BackingFiles:
             total = self._total
         metrics.BACKING_BYTES.set(total)
         for name in gone:
-            self.store.unlodge(self.path_of(name))
-            try:
-                os.unlink(self.path_of(name))
-            except FileNotFoundError:
-                pass
-        self.store.set_external_bytes(total)
-
-    def clear(self) -> None:
-        """Delete every backing file: at a start with no layer registered anywhere (no holder
-        keeps any), none is in use."""
-        for sub in self.dir.iterdir():
-            if sub.name != ".tmp":
-                shutil.rmtree(sub, ignore_errors=True)
+            if not self.store.spare(self.path_of(name)):
+                self.path_of(name).unlink(missing_ok=True)
 
     # -- internals ----------------------------------------------------------------------------
     def _claim(self, name: str, size: int) -> None:
@@ -200,7 +181,19 @@ class BackingFiles:
                 self._total += size
             total = self._total
         metrics.BACKING_BYTES.set(total)
-        self.store.set_external_bytes(total)
+
+    def _delete_unrecorded(self) -> None:
+        """Files without a lodging record: made by a daemon that died before the kernel had
+        them (or before it wrote the record). Nothing tracks them; the kernel keeps its own
+        reference to one it has."""
+        for sub in self.dir.iterdir():
+            if sub.name.startswith(".") or not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.endswith(SUFFIX):
+                    continue
+                if f.name.startswith(".tmp-") or not Path(record_path(str(f))).exists():
+                    f.unlink(missing_ok=True)
 
     def _usable(self, name: str, path: Path, size: int, digests: Sequence[bytes], chunk_size: int) -> bool:
         """``path`` exists and holds exactly these chunks (hashed again: it may be a previous
@@ -222,8 +215,7 @@ class BackingFiles:
             os.close(fd)
         if not ok:
             log.error("backing_file_damaged", path=str(path), action="made again")
-            self.store.unlodge(path)
-            path.unlink(missing_ok=True)
+            self.store.drop_lodging(path)
         return ok
 
     def _create(self) -> tuple[int, str]:

@@ -404,7 +404,7 @@ class LazyFS:
         log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files,
                  held=held is not None)
         if self._backing is not None and self._passthrough_off is None and data.failed is None:
-            found = await asyncio.to_thread(self._candidates, compiled, digests, data)
+            found = await asyncio.to_thread(candidates, compiled, self.passthrough_min_bytes)
             if found and self._layers.get(name) is layer:
                 layer.backing = LayerBacking(digests, found, {})
                 self._wake_backing()
@@ -472,9 +472,7 @@ class LazyFS:
         store.watch_verified(backend.mark_verified, backend.forget_verified)
         self._store = store
         if self.session_options.passthrough and self._passthrough_off is None:
-            self._backing = BackingFiles(store.root, store)
-            if not backend.held:  # nothing registered anywhere: no backing file is in use
-                self._backing.clear()
+            self._backing = BackingFiles(store)
             store.watch_verified(self._chunks_verified, _ignore)
             self._backing_task = asyncio.get_running_loop().create_task(self._back_files(), name="fuse-backing")
 
@@ -514,20 +512,6 @@ class LazyFS:
             self._passthrough_off = reason
             metrics.PASSTHROUGH.set(0)
             log.warning("passthrough_unavailable", reason=reason, fallback="reads served by lazysnap")
-
-    def _candidates(self, compiled: bytes, digests: bytes, data: LayerData) -> list[Candidate]:
-        """The layer's files that may pass through; the chunks of those whose backing file
-        is on disk already (this daemon restarted) are lodged in it at once. Worker thread."""
-        files = self._backing
-        assert files is not None
-        found = candidates(compiled, self.passthrough_min_bytes)
-        lb = LayerBacking(digests, [], {})
-        for c in found:
-            chunk_digests = lb.chunk_digests(c)
-            path = files.existing(c.size, chunk_digests)
-            if path is not None:
-                data.store.lodge(path, c.size, chunk_digests, data.chunk_size, verified=False)
-        return found
 
     def _chunks_verified(self, digests: bytes) -> None:
         """Store watcher (any thread, under the store's lock): have the backing task look."""
@@ -590,8 +574,10 @@ class LazyFS:
                 await asyncio.to_thread(files.release, [name])
                 return
             lb.backed[c.local] = name
-            # the kernel and the C workers read it now: the chunks' own files can go
-            await asyncio.to_thread(store.lodge, path, c.size, digests, layer.data.chunk_size, verified=True)
+            try:  # the kernel and the C workers read it now: the chunks' own files can go
+                await asyncio.to_thread(store.lodge, path, c.size, digests, layer.data.chunk_size, verified=True)
+            except OSError as exc:  # they stay where they are (on disk twice until evicted)
+                log.warning("backing_not_lodged", layer=layer.name, size=c.size, error=str(exc))
         lb.pending = waiting
 
     async def _back_again(self, backend: FuseBackend) -> None:

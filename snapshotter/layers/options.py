@@ -53,12 +53,12 @@ class LazyOptions:
     ``fuse_holder_external``: the holder is run by a supervisor of its own (a systemd unit,
     a DaemonSet): the daemon waits for it and never starts one, which would live and die
     with the daemon's cgroup or pod.
-    ``fuse_passthrough`` (off until measured across workloads, docs/design/passthrough.md):
-    a file of at least ``fuse_passthrough_min_bytes`` whose chunks are all local gets a
-    backing file in ``<root>/files/`` (its bytes copied from the verified chunks and hashed
-    again), and from its next open the kernel reads it directly (FUSE passthrough, Linux
-    >= 6.9), so model weights and shared objects read at the disk's speed after start-up.
-    Backing files count against ``store_limit_bytes`` (at most half of it). Needs
+    ``fuse_passthrough`` (docs/design/passthrough.md): a file of at least
+    ``fuse_passthrough_min_bytes`` whose chunks are all local gets a backing file in
+    ``<root>/files/`` (its bytes copied from the verified chunks and hashed again; the
+    chunks then live in it, not twice), and from its next open the kernel reads it directly
+    (FUSE passthrough, Linux >= 6.9), so model weights and shared objects read at the disk's
+    speed after start-up. Backing files count against ``store_limit_bytes``. Needs
     ``--root`` on a filesystem that stacks on nothing (not overlayfs); otherwise one log
     line and reads are served as without it. With a holder started by a supervisor, give
     it ``--passthrough`` too.
@@ -88,7 +88,7 @@ class LazyOptions:
     fuse_threads: int = 8
     fuse_holder: bool = True
     fuse_holder_external: bool = False
-    fuse_passthrough: bool = False
+    fuse_passthrough: bool = True
     fuse_passthrough_min_bytes: int = 1 << 20
 
     def validate(self) -> LazyOptions:

@@ -15,10 +15,12 @@ Why this shape:
   fails its first check and is refetched.
 - Size limit with LRU eviction (in-memory access order) of chunks no layer has pinned.
 - A chunk may instead be *lodged* in a file that holds it among others, back to back (a
-  FUSE backing file, ``snapshotter.fs.backing``, holds a whole file's chunks): its own
-  file is then deleted, so a file passed through to the kernel is on disk once. Lodged
-  chunks are read from there, checked like chunk files on their first read, and leave
-  with that file (``unlodge``); they count in the external bytes, not in the LRU.
+  FUSE backing file, ``snapshotter.fs.backing``, holds a whole file's chunks; a record
+  beside it says which, ``snapshotter.store.lodging``): its own file is then deleted, so
+  a file passed through to the kernel is on disk once. Lodged chunks are read from there,
+  checked like chunk files on their first read, and leave with that file. A lodging file
+  a registered layer uses is *held* (counted against the limit, never evicted); otherwise
+  it is one entry of the LRU, evicted or pruned whole like a chunk.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Literal
 from snapshotter import native
 from snapshotter.fsutil import private_dirs
 from snapshotter.store import metrics
+from snapshotter.store.lodging import FILES_DIR, LodgingRecord, delete_record, read_record, recorded_files, write_record
 from snapshotter.log import get_logger
 
 log = get_logger("lazysnap.store")
@@ -64,7 +67,8 @@ class StoreStats:
 @dataclass(slots=True, frozen=True)
 class StoreUsage:
     """What the store holds and why: pinned chunks belong to a layer some snapshot uses
-    (registered in this daemon); the rest is cache that eviction or ``prune`` may reclaim."""
+    (registered in this daemon), or are lodged in the backing file of one of its files; the
+    rest is cache that eviction or ``prune`` may reclaim."""
 
     chunks: int
     bytes: int
@@ -96,6 +100,13 @@ class _Lodging:
     size: int
 
 
+@dataclass(slots=True)
+class _LodgingFile:
+    digests: list[bytes]  # the chunks lodged in it (a chunk lodged elsewhere first stays there)
+    size: int
+    held: bool  # a registered layer uses it: not in the LRU
+
+
 @dataclass(slots=True, frozen=True)
 class LocalShare:
     """How much of a set of chunks (one layer's) is in the store: by chunk count, by bytes
@@ -122,14 +133,16 @@ class ChunkStore:
         self.fsync = fsync
         self._lock = threading.Lock()
         self.full = False  # the last chunk write failed for lack of space (see _note_write)
-        self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        # LRU entries: a chunk file by its digest, a lodging file no layer holds by its path
+        self._lru: collections.OrderedDict[bytes | str, int] = collections.OrderedDict()
         self._total = 0
-        self._external = 0  # bytes kept beside the chunks that count against the limit
+        self._held = 0  # bytes of held lodging files: count against the limit, never evicted
         self._verified: set[bytes] = set()
         # open fds: a chunk file's by its digest, a lodging file's by its path
         self._fds: collections.OrderedDict[bytes | str, int] = collections.OrderedDict()
+        self.files_dir = self.root / FILES_DIR
         self._lodged: dict[bytes, _Lodging] = {}
-        self._lodgings: dict[str, list[bytes]] = {}  # lodging file → the chunks lodged in it
+        self._lodgings: dict[str, _LodgingFile] = {}
         self._reading = 0  # readers holding a cached fd right now
         self._to_close: list[int] = []
         self._pins: dict[str, frozenset[bytes]] = {}
@@ -172,8 +185,15 @@ class ChunkStore:
         for _, digest, size in found:
             self._lru[digest] = size
             self._total += size
+        doubled: list[bytes | str] = []
+        for path, _ in sorted(recorded_files(str(self.files_dir)), key=lambda t: t[1]):
+            record = read_record(path)
+            if record is not None:  # unchecked: each chunk is hashed on its first read
+                doubled += self._lodge_locked(path, record, verified=False, held=False)
+        self._unlink(doubled)  # a crash between a record and its chunks' deletion
         metrics.STORED_BYTES.set(self._total)
-        log.info("store_open", root=self.root, chunks=len(self._lru), bytes=self._total, limit=self.limit, fsync=self.fsync)
+        log.info("store_open", root=self.root, chunks=len(self._lru), bytes=self._total, limit=self.limit,
+                 lodging_files=len(self._lodgings), fsync=self.fsync)
 
     def _clean_tmp(self) -> None:
         """Drop temp files of dead writers (a crash mid-write leaves them here, never in chunks/)."""
@@ -388,7 +408,7 @@ class ChunkStore:
             try:
                 opened = os.open(lodging.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except FileNotFoundError:
-                self.unlodge(lodging.path)  # removed behind our back
+                self.drop_lodging(lodging.path)  # removed behind our back
                 return None
             with self._lock:
                 fd = self._fds.get(lodging.path)
@@ -563,55 +583,129 @@ class ChunkStore:
     def lodge(self, path: Path | str, size: int, digests: Sequence[bytes], chunk_size: int, *,
               verified: bool) -> None:
         """The chunks of a file of ``size`` bytes are in ``path`` back to back (each
-        ``chunk_size`` bytes but the last): read them from there and delete their own files.
-        ``verified``: the caller has just hashed each of them in ``path``; otherwise each is
-        checked on its first read. A chunk lodged elsewhere already stays there."""
+        ``chunk_size`` bytes but the last), which a registered layer uses (held): read them
+        from there and delete their own files. ``verified``: the caller has just hashed each
+        of them in ``path``; otherwise each is checked on its first read. Lodging a file
+        lodged already holds it again. Raises OSError if the record cannot be written."""
         key = str(path)
-        victims: list[bytes] = []
+        record = LodgingRecord.of(size, chunk_size, digests)
+        if self._relodge(key, verified):
+            return
+        if os.stat(key, follow_symlinks=False).st_size != size:
+            raise OSError(errno.EINVAL, f"{key} is not a file of {size} bytes")
+        write_record(key, record)
         with self._lock:
-            known = self._lodgings.get(key)
-            if known is not None:
-                if verified:
-                    for d in known:
-                        self._mark_verified(d)
-                return
-            mine: list[bytes] = []
-            for k, digest in enumerate(digests):
-                if digest in self._lodged:
-                    continue
-                self._lodged[digest] = _Lodging(key, k * chunk_size, min(chunk_size, size - k * chunk_size))
-                mine.append(digest)
-                stored = self._lru.pop(digest, None)
-                if stored is not None:
-                    self._total -= stored
-                    victims.append(digest)
-                fd = self._fds.pop(digest, None)
-                if fd is not None:
-                    self._retire(fd)
-                if verified:
-                    self._mark_verified(digest)
-                else:
-                    self._unmark_verified(digest)
-            self._lodgings[key] = mine
+            victims = [] if key in self._lodgings else self._lodge_locked(key, record, verified, held=True)
             metrics.STORED_BYTES.set(self._total)
+        self._relodge(key, verified)
         self._unlink(victims)
 
-    def unlodge(self, path: Path | str) -> None:
-        """``path`` is about to go: its lodged chunks are no longer in the store."""
-        key = str(path)
+    def _relodge(self, key: str, verified: bool) -> bool:
         with self._lock:
-            for digest in self._lodgings.pop(key, ()):
-                lodging = self._lodged.get(digest)
-                if lodging is not None and lodging.path == key:
-                    del self._lodged[digest]
-                    self._unmark_verified(digest)
-            fd = self._fds.pop(key, None)
+            entry = self._lodgings.get(key)
+            if entry is None:
+                return False
+            if verified:
+                for d in entry.digests:
+                    self._mark_verified(d)
+            self._hold_locked(key, entry)
+            return True
+
+    def _lodge_locked(self, key: str, record: LodgingRecord, verified: bool, held: bool) -> list[bytes | str]:
+        """Register a lodging file; returns the chunk files it makes redundant."""
+        victims: list[bytes | str] = []
+        mine: list[bytes] = []
+        for digest, offset, size in record.extents():
+            if digest in self._lodged:
+                continue
+            self._lodged[digest] = _Lodging(key, offset, size)
+            mine.append(digest)
+            stored = self._lru.pop(digest, None)
+            if stored is not None:
+                self._total -= stored
+                victims.append(digest)
+            fd = self._fds.pop(digest, None)
             if fd is not None:
                 self._retire(fd)
+            if verified:
+                self._mark_verified(digest)
+            else:
+                self._unmark_verified(digest)
+        self._lodgings[key] = _LodgingFile(mine, record.size, held)
+        if held:
+            self._held += record.size
+        else:
+            self._lru[key] = record.size
+            self._total += record.size
+        return victims
+
+    def _hold_locked(self, key: str, entry: _LodgingFile) -> None:
+        if not entry.held:
+            self._total -= self._lru.pop(key, 0)
+            entry.held = True
+            self._held += entry.size
+
+    def spare(self, path: Path | str) -> bool:
+        """No registered layer uses the lodging file any more: it is cache, the LRU's most
+        recent entry. False if it is not a lodging file."""
+        key = str(path)
+        with self._lock:
+            entry = self._lodgings.get(key)
+            if entry is None:
+                return False
+            if entry.held:
+                entry.held = False
+                self._held -= entry.size
+                self._lru[key] = entry.size
+                self._total += entry.size
+                metrics.STORED_BYTES.set(self._total)
+        self._evict_if_needed()
+        return True
+
+    def drop_lodging(self, path: Path | str) -> None:
+        """Delete a lodging file, its record and its chunks from the store (found damaged)."""
+        key = str(path)
+        with self._lock:
+            entry = self._unlodge_locked(key)
+            if entry is not None and entry.held:
+                self._held -= entry.size
+            elif key in self._lru:
+                self._total -= self._lru.pop(key)
+        self._unlink([key])
+
+    def _unlodge_locked(self, key: str) -> _LodgingFile | None:
+        """Take a lodging file's chunks out of the store (no accounting, no file deleted)."""
+        entry = self._lodgings.pop(key, None)
+        for digest in entry.digests if entry is not None else ():
+            lodged = self._lodged.get(digest)
+            if lodged is not None and lodged.path == key:
+                del self._lodged[digest]
+                self._unmark_verified(digest)
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            self._retire(fd)
+        return entry
 
     def lodged_bytes(self) -> int:
         with self._lock:
-            return sum(lodging.size for lodging in self._lodged.values())
+            return sum(lodged.size for lodged in self._lodged.values())
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def _entry_pinned(self, key: bytes | str) -> bool:
+        counts = self._pin_count
+        if isinstance(key, str):
+            entry = self._lodgings.get(key)
+            return entry is not None and any(d in counts for d in entry.digests)
+        return key in counts
+
+    def _entry_chunks(self, key: bytes | str) -> int:
+        if isinstance(key, str):
+            entry = self._lodgings.get(key)
+            return len(entry.digests) if entry is not None else 0
+        return 1
 
     # -- pinning and eviction -------------------------------------------------------------
     def pin(self, layer: str, digests: Iterable[bytes]) -> None:
@@ -642,36 +736,25 @@ class ChunkStore:
         with self._lock:
             return self._pin_count.get(digest, 0) > 0
 
-    @property
-    def external_bytes(self) -> int:
-        return self._external
-
-    def set_external_bytes(self, n: int) -> None:
-        """Bytes kept beside the chunks that count against the limit (the FUSE backing
-        files, ``snapshotter.fs.backing``): chunks are evicted to leave them room."""
-        with self._lock:
-            self._external = n
-        self._evict_if_needed()
-
     def _evict_if_needed(self) -> None:
         if self.limit is None:
             return
-        victims: list[bytes] = []
+        victims: list[bytes | str] = []
         with self._lock:
-            if self._total + self._external <= self.limit:
+            if self._total + self._held <= self.limit:
                 return
-            target = int(self.limit * 0.9) - self._external  # low watermark: evict in batches, not per put
-            for digest, size in self._lru.items():
+            target = int(self.limit * 0.9) - self._held  # low watermark: evict in batches, not per put
+            for key, size in self._lru.items():
                 if self._total <= target:
                     break
-                if self._pin_count.get(digest, 0) > 0:
+                if self._entry_pinned(key):
                     continue
-                victims.append(digest)
+                victims.append(key)
                 self._total -= size
             self._forget_locked(victims)
             self.evictions += len(victims)
             metrics.STORED_BYTES.set(self._total)
-            over = self._total + self._external > self.limit
+            over = self._total + self._held > self.limit
         self._unlink(victims)
         metrics.EVICTIONS.inc(len(victims))
         if victims:
@@ -679,34 +762,46 @@ class ChunkStore:
         if over:
             log.warning("store_over_limit", bytes=self._total, limit=self.limit, reason="remaining_chunks_pinned")
 
-    def _forget_locked(self, victims: Iterable[bytes]) -> None:
-        """Take chunks (already subtracted from ``_total``) out of the index, the verified
-        set and the fd cache; the files go in ``_unlink`` after the lock is released."""
+    def _forget_locked(self, victims: Iterable[bytes | str]) -> None:
+        """Take LRU entries (already subtracted from ``_total``) out of the index, the
+        verified set and the fd cache; the files go in ``_unlink`` after the lock is released."""
         for digest in victims:
             del self._lru[digest]
+            if isinstance(digest, str):
+                self._unlodge_locked(digest)
+                continue
             self._unmark_verified(digest)
             fd = self._fds.pop(digest, None)
             if fd is not None:
                 self._retire(fd)
 
-    def _unlink(self, victims: Iterable[bytes]) -> None:
-        for digest in victims:
+    def _unlink(self, victims: Iterable[bytes | str]) -> None:
+        for key in victims:
+            if isinstance(key, str):
+                delete_record(key)  # the record first: never one without its file
             try:
-                os.unlink(self._spath(digest))
+                os.unlink(key if isinstance(key, str) else self._spath(key))
             except FileNotFoundError:
                 pass
 
     # -- usage and prune ------------------------------------------------------------------
     def usage(self) -> StoreUsage:
         with self._lock:
-            pinned_n = pinned_b = 0
-            counts = self._pin_count
-            for digest, size in self._lru.items():
-                if digest in counts:
-                    pinned_n += 1
+            chunks = pinned_n = pinned_b = 0
+            for key, size in self._lru.items():
+                n = self._entry_chunks(key)
+                chunks += n
+                if self._entry_pinned(key):
+                    pinned_n += n
                     pinned_b += size
-            return StoreUsage(len(self._lru), self._total, pinned_n, pinned_b, len(self._lru) - pinned_n,
-                              self._total - pinned_b, len(self._pins), self.limit)
+            for entry in self._lodgings.values():  # held: a registered layer uses them
+                if entry.held:
+                    chunks += len(entry.digests)
+                    pinned_n += len(entry.digests)
+                    pinned_b += entry.size
+            total = self._total + self._held
+            return StoreUsage(chunks, total, pinned_n, pinned_b, chunks - pinned_n, total - pinned_b,
+                              len(self._pins), self.limit)
 
     def local_share(self, digests: Iterable[bytes], sizes: Iterable[int]) -> LocalShare:
         """How much of these chunks is stored (in-memory index only: no stat per absent chunk)."""
@@ -724,19 +819,21 @@ class ChunkStore:
     def prune(self, *, apply: bool) -> PruneResult:
         """Every chunk no layer pins: counted (dry run) or deleted (``apply``)."""
         with self._lock:
-            victims = [d for d in self._lru if d not in self._pin_count]
-            freed = sum(self._lru[d] for d in victims)
+            victims = [key for key in self._lru if not self._entry_pinned(key)]
+            freed = sum(self._lru[key] for key in victims)
+            n = sum(self._entry_chunks(key) for key in victims)
             if apply:
                 self._total -= freed
                 self._forget_locked(victims)
                 metrics.STORED_BYTES.set(self._total)
-            kept = (len(self._lru) - (0 if apply else len(victims)), self._total - (0 if apply else freed))
+            everything = sum(self._entry_chunks(key) for key in self._lru)
+            kept = (everything - (0 if apply else n), self._total - (0 if apply else freed))
         if apply:
             self._unlink(victims)
             if victims:
                 metrics.PRUNED.inc(len(victims))
-                log.info("store_prune", chunks=len(victims), bytes=freed, bytes_now=kept[1])
-        return PruneResult(len(victims), freed, apply, kept[0], kept[1])
+                log.info("store_prune", chunks=n, bytes=freed, bytes_now=kept[1])
+        return PruneResult(n, freed, apply, kept[0], kept[1])
 
     def unpin_and_drop(self, layer: str) -> PruneResult:
         """``unpin`` a layer and delete its chunks that no other layer pins (the
@@ -744,17 +841,20 @@ class ChunkStore:
         with self._lock:
             mine = self._pins.get(layer, frozenset())
             self._unpin_locked(layer)
-            victims = [d for d in mine if d in self._lru and d not in self._pin_count]
-            freed = sum(self._lru[d] for d in victims)
+            victims: list[bytes | str] = [d for d in mine if d in self._lru and d not in self._pin_count]
+            files = {self._lodged[d].path for d in mine if d in self._lodged}
+            victims += [f for f in files if f in self._lru and not self._entry_pinned(f)]  # spare ones
+            freed = sum(self._lru[key] for key in victims)
+            n = sum(self._entry_chunks(key) for key in victims)
             self._total -= freed
             self._forget_locked(victims)
             metrics.STORED_BYTES.set(self._total)
-            kept = (len(self._lru), self._total)
+            kept = (sum(self._entry_chunks(key) for key in self._lru), self._total)
         self._unlink(victims)
         if victims:
-            metrics.PRUNED.inc(len(victims))
-            log.info("store_drop_layer", layer=layer, chunks=len(victims), bytes=freed, bytes_now=kept[1])
-        return PruneResult(len(victims), freed, True, kept[0], kept[1])
+            metrics.PRUNED.inc(n)
+            log.info("store_drop_layer", layer=layer, chunks=n, bytes=freed, bytes_now=kept[1])
+        return PruneResult(n, freed, True, kept[0], kept[1])
 
     def _drop(self, digest: bytes) -> None:
         with self._lock:
