@@ -6,6 +6,7 @@ Every test compares bytes with what was pushed.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -148,6 +149,25 @@ async def test_referrers_fallback_tag_and_push_artifact(tmp_path: Path, plain) -
         await c.push_artifact(ref, subject=subject, artifact_type="application/vnd.lazysnap.profile.v1",
                               blobs=[("application/json", b"{}")])
         assert len(await c.referrers(ref, subject.digest)) == 2
+
+
+async def test_artifacts_published_at_the_same_instant_are_all_listed(tmp_path: Path, plain) -> None:
+    """The fallback tag is a read-modify-write: writers of one process take turns, and a
+    writer in another process (another client) whose entry a concurrent PUT dropped writes
+    it again, so every artifact published at once is found (docker-registry 2.8)."""
+    ref = f"{plain.host}/lazysnap/race:v1"
+    async with client_for(tmp_path / "a") as a, client_for(tmp_path / "b") as b:
+        await push_image(a, ref, [b"L1"])
+        subject = (await a.resolve(ref)).manifest_descriptor
+
+        async def publish(c: RegistryClient, n: int) -> str:
+            desc = await c.push_artifact(ref, subject=subject, artifact_type="application/vnd.lazysnap.index.v1",
+                                         blobs=[("application/vnd.lazysnap.index.layer.v1", b"IDX%d" % n)])
+            return desc.digest
+
+        pushed = await asyncio.gather(*(publish(a if n % 2 else b, n) for n in range(8)))
+        assert len(set(pushed)) == 8
+        assert {d.digest for d in await a.referrers(ref, subject.digest)} == set(pushed)
 
 
 async def test_htpasswd_basic_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -123,6 +123,8 @@ class RegistryClient:
         self._sizes: dict[tuple[str, str, str], int] = {}
         self._blob_urls: dict[tuple[str, str, str], str] = {}
         self._mirror_down: dict[str, float] = {}  # mirror host → monotonic time it may be retried
+        # one writer at a time of each referrers fallback tag from this client (referrers.py)
+        self.fallback_tag_locks: dict[str, asyncio.Lock] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> RegistryClient:

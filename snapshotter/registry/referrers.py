@@ -8,6 +8,8 @@ image index whose ``manifests`` are the referrers.
 """
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from snapshotter.registry.client import RegistryClient
 
 log = get_logger("lazysnap.registry")
+
+FALLBACK_ATTEMPTS = 5  # writes of one entry into a fallback tag that concurrent writers keep undoing
+FALLBACK_SETTLE_S = 0.1  # then jittered up to twice that: how long a concurrent PUT may take to land
 
 
 def fallback_tag(digest: str) -> str:
@@ -140,18 +145,45 @@ async def push_artifact(client: RegistryClient, ref: str | Reference, *, subject
 
 
 async def _add_to_fallback(client: RegistryClient, r: Reference, subject: str, desc: Descriptor) -> None:
+    """Add ``desc`` to the fallback tag: a read-modify-write the registry cannot make atomic
+    (no conditional manifest PUT in the distribution API). Writers in this process take
+    turns; against other writers (other nodes, a CLI), the tag is read again after a settle
+    and the entry merged in again while it is missing, so two artifacts published at the
+    same instant are both listed."""
     tag = fallback_tag(subject)
+    lock = client.fallback_tag_locks.setdefault(f"{r.registry}/{r.repository}@{subject}", asyncio.Lock())
+    async with lock:
+        for attempt in range(1, FALLBACK_ATTEMPTS + 1):
+            index = await _fallback_index(client, r, tag)
+            if attempt > 1 and desc.digest in _digests(index):
+                return  # listed (re-read after the settle below)
+            if attempt > 1:
+                log.info("fallback_tag_rewrite", host=r.registry, repo=r.repository, tag=tag,
+                         artifact=desc.digest, attempt=attempt, reason="a concurrent writer dropped the entry")
+            manifests = [m for m in index.get("manifests") or [] if isinstance(m, dict) and m.get("digest") != desc.digest]
+            manifests.append(desc.to_dict())
+            index["manifests"] = manifests
+            await put_manifest(client, r, index, OCI_INDEX, tag=tag)
+            # a writer that read the tag before our PUT lands its own PUT within a round trip
+            await asyncio.sleep(FALLBACK_SETTLE_S * (1 + random.random()))
+        if desc.digest not in _digests(await _fallback_index(client, r, tag)):
+            raise ProtocolError(f"tag {tag} keeps losing artifact {desc.digest} to concurrent writers "
+                                f"({FALLBACK_ATTEMPTS} attempts)", host=r.registry, repo=r.repository)
+
+
+async def _fallback_index(client: RegistryClient, r: Reference, tag: str) -> dict[str, Any]:
     try:
         body, mt, _ = await client.get_manifest(r, tag)
-        index = parse_json(body, "referrers index")
-        if mt not in INDEX_TYPES:
-            raise ProtocolError(f"tag {tag} is not an image index", host=r.registry, repo=r.repository)
     except NotFoundError:
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    manifests = [m for m in index.get("manifests") or [] if m.get("digest") != desc.digest]
-    manifests.append(desc.to_dict())
-    index["manifests"] = manifests
-    await put_manifest(client, r, index, OCI_INDEX, tag=tag)
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    index = parse_json(body, "referrers index")
+    if mt not in INDEX_TYPES:
+        raise ProtocolError(f"tag {tag} is not an image index", host=r.registry, repo=r.repository)
+    return index
+
+
+def _digests(index: dict[str, Any]) -> set[str]:
+    return {m.get("digest") for m in index.get("manifests") or [] if isinstance(m, dict)}
 
 
 async def referrers(client: RegistryClient, ref: str | Reference, subject_digest: str,
