@@ -181,6 +181,45 @@ async def test_record_then_prefetch_in_first_access_order(tmp_path: Path, blob: 
     await mgr2.close()
 
 
+async def _profile_saved(root: Path, recordings: int) -> P.Profile:
+    deadline = time.monotonic() + 10
+    while True:
+        prof = P.load(root, MANIFEST)
+        if prof is not None and prof.recordings >= recordings:
+            return prof
+        assert time.monotonic() < deadline, "no profile saved"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_first_start_without_a_profile_is_recorded_by_the_daemon(tmp_path: Path, blob: Any) -> None:
+    """[prefetch] record_first_start: the reads of an image's start become its local profile,
+    recorded from its first Prepare (before the profile lookup answers); an image that has
+    one is not recorded again, and the next start prefetches it."""
+    opts = PrefetchOptions(background=False, registry_lookup=False, record_first_start=True, record_first_start_s=0.3)
+    host, mgr, layer, src = _setup(tmp_path, blob, opts)
+    root = tmp_path / "root"
+    mgr.image_started("img", MANIFEST, [layer.digest])
+    await asyncio.sleep(0)  # the image's task runs up to its profile lookup
+    assert await _start(layer) == [FILES[p][off:off + n] for p, off, n in READS]
+    prof = await _profile_saved(root, 1)
+    e7, e2, e9 = (_entry(layer.index, f"app/f{i}.bin") for i in (7, 2, 9))
+    assert prof.layers[0].ordered_chunks() == [e7.first_chunk, e2.first_chunk + 1, e2.first_chunk + 2,
+                                               e9.first_chunk + 2]
+    await mgr._images[MANIFEST]
+    # the next start finds the profile: prefetched, not recorded again
+    host2, mgr2, layer2, src2 = _setup(tmp_path / "b", blob, opts)
+    P.save(tmp_path / "b" / "root", prof)
+    mgr2.image_started("img", MANIFEST, [layer2.digest])
+    await mgr2._images[MANIFEST]
+    codec = layer2.fetcher.codec
+    assert all(mgr2.store.has(codec.digest(c)) for c in prof.layers[0].ordered_chunks())
+    assert not mgr2.recorder._recordings and not mgr2._recordings
+    await asyncio.sleep(2 * opts.record_first_start_s)
+    assert P.load(tmp_path / "b" / "root", MANIFEST).recordings == 1
+    await mgr.close()
+    await mgr2.close()
+
+
 async def test_profile_layer_for_other_index_is_not_used(tmp_path: Path, blob: Any) -> None:
     host, mgr, layer, src = _setup(tmp_path, blob, PrefetchOptions(background=False))
     lp = P.LayerProfile(layer.digest, layer.index.chunk_count + 1, [P.ChunkAccess(0, CHUNK, "x", 0, 1, [1])])

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.containerd import Containerd, LazysnapDaemon, start_containerd, start_lazysnap, unmount_under
+from harness.containerd import (
+    Containerd,
+    LazysnapDaemon,
+    lazysnap_node,
+    start_containerd,
+    start_lazysnap,
+    unmount_under,
+)
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Fault, Proxy, start_proxy
 from harness.registry import Registry, start_registry
@@ -205,6 +212,31 @@ def test_record_push_prefetch_on_fresh_node(world: World, nodes) -> None:  # noq
           "every layer complete")
     assert b.metric("lazysnap_layers_complete_total", 'result="failed"') == 0
     assert "layer_verified" in b.log()
+
+
+def test_a_first_start_is_recorded_by_the_daemon_and_prefetched_next_time(world: World, tmp_path: Path) -> None:
+    """[prefetch] record_first_start: no `lazysnap record`; the daemon records the image's
+    first start and the next start of it (image and chunks gone, profile kept) prefetches."""
+    ref = world.ref(world.img)
+    config = "[prefetch]\nrecord_first_start = true\nrecord_first_start_s = 3\nregistry_lookup = false\n"
+    with lazysnap_node(tmp_path / "n", config=config) as (daemon, cd):
+        node = Node(daemon, cd)
+        assert node.run(ref, "first") == world.expected
+        profile_file = daemon.root / "profiles" / f"{world.img.manifest_digest.replace(':', '-')}.json"
+        _wait(profile_file.exists, 30, "the profile of the first start")
+        doc = json.loads(profile_file.read_bytes())
+        assert doc["manifest"] == world.img.manifest_digest and doc["chunks"] > 0 and doc["recordings"] == 1
+        cd.ctr("images", "rm", "--sync", ref)
+        prune = _lazysnap("prune", "--address", daemon.address, "--apply")
+        assert prune.returncode == 0 and prune.stdout.startswith("reclaimed "), prune.stdout + prune.stderr
+        assert node.metric("lazysnap_profile_lookups_total", 'result="local"') == 0
+        assert node.run(ref, "second") == world.expected
+        # the second start found the daemon's profile and fetched its chunks ahead of the reads
+        assert node.metric("lazysnap_profile_lookups_total", 'result="local"') == 1
+        assert node.metric("lazysnap_prefetch_chunks_total", 'state="fetched"') >= doc["chunks"] * 0.9
+        time.sleep(4)  # past the recording time: nothing recorded again (it has a profile)
+        assert json.loads(profile_file.read_bytes())["recordings"] == 1
+        assert node.log().count("profile_recording_started") == 1
 
 
 def _push_profile_artifact(ref: str, profile: bytes, *, signed: bool) -> None:

@@ -80,6 +80,7 @@ class ProfileManager:
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, background.FillProgress] = {}  # by layer, for status
         self._layer_tasks: dict[str, set[asyncio.Task[Any]]] = {}
+        self._recordings: set[asyncio.Task[None]] = set()  # first starts being recorded
 
     # -- provider events ------------------------------------------------------------------------
     def image_started(self, ref: str, manifest: str | None, layers: Sequence[str]) -> None:
@@ -128,7 +129,8 @@ class ProfileManager:
         return self._progress.get(digest)
 
     async def close(self) -> None:
-        tasks = [*self._images.values(), *self._fills.values(), *(t for s in self._layer_tasks.values() for t in s)]
+        tasks = [*self._images.values(), *self._fills.values(), *self._recordings,
+                 *(t for s in self._layer_tasks.values() for t in s)]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -141,23 +143,34 @@ class ProfileManager:
         released = False
         try:
             self.recorder.open_windows(layers, opts.startup_window_s)
-            if opts.prefetch:
+            found = None
+            recording = None
+            if opts.prefetch or opts.record_first_start:
                 if manifest is None:
                     try:
                         manifest = (await self.host.client.resolve(ref)).manifest_digest
                     except Exception as exc:  # noqa: BLE001 - no manifest digest: no profile
                         log.warning("prefetch_skipped", image=ref, reason="resolve_failed", error=str(exc)[:300])
+                if manifest is not None and opts.record_first_start:
+                    # from now: the container's first reads may come while the lookup runs
+                    recording = self.recorder.start(manifest, layers).id
+            if opts.prefetch or recording is not None:
                 if manifest is not None:
                     try:
                         found = await find(self.root, self.host.client, ref, manifest, self.voucher,
                                            registry=opts.registry_lookup)
-                        if found is not None:
+                        if found is not None and recording is not None:
+                            self.recorder.stop(recording)  # it has a profile: nothing to record
+                            recording = None
+                        if found is not None and opts.prefetch:
                             if found.pack is not None and opts.pack:
                                 await self._prefetch_pack(ref, found, layers)
                             await self._prefetch(ref, found.profile, layers)
                     except Exception as exc:  # noqa: BLE001 - a prefetch problem never fails a start
                         log.warning("prefetch_failed", image=ref, manifest=manifest,
                                     error=f"{type(exc).__name__}: {exc}"[:300])
+            if recording is not None:
+                self._finish_recording(ref, manifest, recording)
             asyncio.get_running_loop().call_later(opts.pause_after_start_s, self.pause.release)
             released = True
             if opts.background:
@@ -404,6 +417,24 @@ class ProfileManager:
             return await coro
         finally:
             self._layer_tasks.get(digest, set()).discard(task)
+
+    def _finish_recording(self, ref: str, manifest: str | None, recording: str) -> None:
+        """An image with no profile: its start's reads, recorded since its first Prepare,
+        become its local profile ``record_first_start_s`` later."""
+        seconds = self.options.record_first_start_s
+        log.info("profile_recording_started", image=ref, manifest=manifest, recording=recording, seconds=seconds,
+                 reason="no profile for this image")
+
+        async def finish() -> None:
+            await asyncio.sleep(seconds)
+            try:
+                await self.stop_recording(recording)
+            except Exception as exc:  # noqa: BLE001 - a profile that cannot be saved never fails a start
+                log.warning("profile_recording_failed", image=ref, manifest=manifest, error=str(exc)[:300])
+
+        task = asyncio.get_running_loop().create_task(finish(), name=f"record-{recording}")
+        self._recordings.add(task)
+        task.add_done_callback(self._recordings.discard)
 
     # -- control service (recordings) ------------------------------------------------------------------
     async def start_recording(self, ref: str, manifest: str, layers: Iterable[str]) -> tuple[str, str]:

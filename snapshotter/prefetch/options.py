@@ -19,7 +19,10 @@ class PrefetchOptions:
     published profile when there is no local one. ``pack``: when the published profile
     carries a pack of its chunks (``lazysnap profile push``), stream that one blob first
     (each chunk verified against the layer index) instead of decoding every chunk from its
-    layer's checkpoint; at most ``max_pack_bytes`` uncompressed.
+    layer's checkpoint; at most ``max_pack_bytes`` uncompressed. ``record_first_start``:
+    when an image starts with no profile found (local or published), record its reads for
+    ``record_first_start_s`` and save them as its local profile, so the next start of it on
+    this node prefetches without anyone running ``lazysnap record``.
     """
 
     prefetch: bool = True
@@ -34,10 +37,14 @@ class PrefetchOptions:
     registry_lookup: bool = True
     pack: bool = True
     max_pack_bytes: int = 8 << 30
+    record_first_start: bool = False
+    record_first_start_s: float = 30.0
 
     def validate(self) -> PrefetchOptions:
         if min(self.prefetch_window, self.background_concurrency, self.batch_bytes, self.max_pack_bytes) < 1:
             raise ValueError("prefetch_window, background_concurrency, batch_bytes and max_pack_bytes must be >= 1")
+        if self.record_first_start_s <= 0:
+            raise ValueError("record_first_start_s must be > 0")
         if min(self.background_bytes_per_s, self.pause_after_start_s, self.startup_window_s,
                self.idle_before_background_s) < 0:
             raise ValueError("background_bytes_per_s, pause_after_start_s, startup_window_s must be >= 0")
