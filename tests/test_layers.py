@@ -7,6 +7,7 @@ that lies about its blob is quarantined after the completeness check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import gzip
@@ -29,8 +30,8 @@ from snapshotter.index.builder import index_file
 from snapshotter.index.format import serialize_index
 from snapshotter.layers import LazyLayerProvider, LazyOptions, indexes
 from snapshotter.prefetch.options import PrefetchOptions
-from snapshotter.registry import RegistryClient, RegistryConfig, RetryPolicy
-from snapshotter.registry.signatures import load_private_key, push_signature
+from snapshotter.registry import NotFoundError, RegistryClient, RegistryConfig, RetryPolicy
+from snapshotter.registry.signatures import load_private_key, push_signature, signature_tag
 from snapshotter.service.provider import RemoteLayerRequest
 from tests.test_fs import make_layer_tar
 
@@ -224,6 +225,58 @@ def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
     assert p.layer(env.layers[0]).source == "built"
     assert _sample("lazysnap_layer_index_fallbacks_total", reason="wrong_layer") == before + 1
     _check_tree(d0, env.tars[0])
+
+
+def _index_artifacts(env: Env) -> tuple[int, int]:
+    """Index artifacts published for the image, and how many of them carry a signature."""
+    async def count() -> tuple[int, int]:
+        async with RegistryClient(RegistryConfig()) as c:
+            img = await c.resolve(env.ref)
+            arts = await c.referrers(env.ref, img.manifest_digest, indexes.INDEX_ARTIFACT)
+            signed = 0
+            for art in arts:
+                with contextlib.suppress(NotFoundError):
+                    await c.get_manifest(env.ref, signature_tag(art.digest))
+                    signed += 1
+            return len(arts), signed
+
+    return env.loop.run(count)
+
+
+def _wait_artifacts(env: Env, n: int, signed: int) -> None:
+    deadline = time.monotonic() + 30
+    while any(got < want for got, want in zip(_index_artifacts(env), (n, signed))):
+        assert time.monotonic() < deadline, f"not {n} index artifacts published, {signed} signed"
+        time.sleep(0.1)
+
+
+def test_what_a_node_builds_reaches_the_next_node_when_signed(env: Env, tmp_path: Path) -> None:
+    """[lazy] publish_built_indexes: the first node streams the layer once and publishes
+    its index in the background; unsigned, the next node (default trust: signed) builds
+    again; signed with publish_sign_key, the next node uses it and streams nothing."""
+    a = env.provider(tmp_path / "a", publish_built_indexes=True)
+    env.provide(a, 0)
+    assert a.layer(env.layers[0]).source == "built"
+    _wait_artifacts(env, 1, 0)
+    b = env.provider(tmp_path / "b")
+    before = _sample("lazysnap_layer_index_fallbacks_total", reason="unsigned")
+    env.provide(b, 0)
+    assert b.layer(env.layers[0]).source == "built"
+    assert _sample("lazysnap_layer_index_fallbacks_total", reason="unsigned") > before
+
+    c = env.provider(tmp_path / "c", publish_built_indexes=True, publish_sign_key=str(publisher_keys().private))
+    env.provide(c, 0)
+    assert c.layer(env.layers[0]).source == "built"
+    _wait_artifacts(env, 1, 1)  # the same index, the same artifact: now signed
+    d = env.provider(tmp_path / "d")
+    d0 = env.provide(d, 0)
+    assert d.layer(env.layers[0]).source == "referrer"
+    _check_tree(d0, env.tars[0])
+
+
+def test_an_unreadable_publish_sign_key_fails_the_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="signing key"):
+        LazyOptions(publish_built_indexes=True, publish_sign_key=str(tmp_path / "missing.key")).validate()
 
 
 def test_pinned_trust_mode(env: Env, tmp_path: Path) -> None:

@@ -40,6 +40,10 @@ class LazyOptions:
     digest is listed in ``pinned_indexes``: layer digest → index blob digest),
     ``local-only`` (never; build locally). Without a trusted index the layer is indexed
     by streaming it once, which serves only bytes decoded from the blob itself.
+    ``publish_built_indexes``: push each index built that way as an artifact of the image
+    (in the background), signed with ``publish_sign_key`` (a PEM private key, cosign's
+    simple-signing format as ``lazysnap index --push --sign-key``) so that nodes trusting
+    its public half use it; unsigned, nodes with the default ``signed`` trust ignore it.
     ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
     the blob on disk and serve reads from it instead of fetching ranges again.
     ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
@@ -77,6 +81,7 @@ class LazyOptions:
     pinned_indexes: dict[str, str] = field(default_factory=dict)
     trusted_keys: list[str] = field(default_factory=list)
     publish_built_indexes: bool = False
+    publish_sign_key: str = ""
     keep_streamed_blobs: bool = True
     verify_complete_layers: bool = True
     layer_parallel: int = 3
@@ -104,6 +109,14 @@ class LazyOptions:
         from snapshotter.registry.signatures import load_public_keys
 
         load_public_keys(self.trusted_keys)  # a key that cannot be read fails the start, not each pull
+        if self.publish_sign_key:
+            from snapshotter.registry.signatures import load_private_key
+
+            load_private_key(self.publish_sign_key)
+        elif self.publish_built_indexes:
+            log.warning("publish_unsigned", note="[lazy] publish_built_indexes without publish_sign_key: nodes "
+                                                 "that require signed indexes (index_trust = \"signed\", the "
+                                                 "default) will not use what this node publishes")
         if self.store_policy not in STORE_POLICIES:
             raise ValueError(f"store_policy must be one of {', '.join(STORE_POLICIES)}, got {self.store_policy!r}")
         if self.fsync not in ("none", "file", "full"):

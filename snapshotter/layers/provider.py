@@ -42,7 +42,7 @@ from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
 from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
-from snapshotter.registry.signatures import Voucher, load_public_keys
+from snapshotter.registry.signatures import Voucher, load_private_key, load_public_keys, push_signature
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
 
@@ -82,6 +82,8 @@ class LazyLayerProvider:
         self.root = Path(root)
         self.options = (options or LazyOptions()).validate()
         self._keys = load_public_keys(self.options.trusted_keys)
+        self._signer = load_private_key(self.options.publish_sign_key) if self.options.publish_sign_key else None
+        self._publishing: set[asyncio.Task[None]] = set()  # built indexes being pushed
         self.client = client
         self.store = ChunkStore(self.root, limit_bytes=self.options.store_limit_bytes,
                                 fsync=self.options.fsync)  # type: ignore[arg-type]
@@ -195,7 +197,7 @@ class LazyLayerProvider:
 
     async def _close(self) -> None:
         await self.profiles.close()
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._publishing]:
             task.cancel()
         for layer in list(self._layers.values()):
             layer.fetcher.close()
@@ -379,8 +381,11 @@ class LazyLayerProvider:
                      note="streaming the layer once")
             idx = await indexes.build_by_streaming(self.client, ref, digest, self.options, self.root, keep)
             indexes.INDEX_SOURCES.labels("built").inc()
-            if self.options.publish_built_indexes:
-                await self._publish(image, digest)
+            if self.options.publish_built_indexes:  # in the background: Prepare does not wait for it
+                task = asyncio.get_running_loop().create_task(self._publish(image, digest),
+                                                              name=f"publish-{digest[:19]}")
+                self._publishing.add(task)
+                task.add_done_callback(self._publishing.discard)
             return await self._register(digest, ref, idx, "built", verified=True, local_blob=keep)
 
     async def _prepare_whole(self, ref: str, digest: str, size: int) -> ProvidedLayer:
@@ -438,11 +443,14 @@ class LazyLayerProvider:
                 image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
             resolved = await self.client.resolve(image.ref)
             data = indexes.index_path(self.root, digest).read_bytes()
-            await self.client.push_artifact(image.ref, subject=resolved.manifest_descriptor,
-                                            artifact_type=indexes.INDEX_ARTIFACT,
-                                            blobs=[(indexes.INDEX_LAYER_MEDIA, data,
-                                                    {indexes.LAYER_ANNOTATION: digest})])
-            log.info("index_published", layer=digest, image=image.ref)
+            art = await self.client.push_artifact(image.ref, subject=resolved.manifest_descriptor,
+                                                  artifact_type=indexes.INDEX_ARTIFACT,
+                                                  blobs=[(indexes.INDEX_LAYER_MEDIA, data,
+                                                          {indexes.LAYER_ANNOTATION: digest})])
+            if self._signer is not None:
+                await push_signature(self.client, image.ref, art.digest, self._signer)
+            log.info("index_published", layer=digest, image=image.ref, artifact=art.digest,
+                     signed=self._signer is not None)
         except Exception as exc:  # noqa: BLE001
             log.warning("index_publish_failed", layer=digest, error=str(exc))
 
