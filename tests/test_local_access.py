@@ -8,11 +8,14 @@ image: the control checks prove ``nobody`` does reach that far.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +99,13 @@ def _expected(paths: list[str]) -> dict[str, str]:
     return {p: hashlib.sha256(FILES[p][0]).hexdigest() for p in paths}
 
 
+def _passed_through(address: str) -> int:
+    """Files of the node's layers that have a backing file (``status --json``)."""
+    out = subprocess.run([sys.executable, "-m", "snapshotter", "status", "--address", address, "--json"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    return sum(layer.get("passthrough_files") or 0 for img in json.loads(out)["images"] for layer in img["layers"])
+
+
 def _store_entries(root: Path) -> Iterator[Path]:
     """Everything lazysnap wrote: not the FUSE mount, not a container's own tree."""
     for top, dirs, names in os.walk(root):
@@ -152,6 +162,11 @@ def test_old_wide_root_is_tightened_and_every_chunk_still_serves(world: World, n
     root = daemon.root
     cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", "lazysnap", world.ref)
     assert _read_all(cd, world.ref, "first") == _expected(list(FILES))
+    # weights.bin passes through: its chunks move into its backing file (once, then stable)
+    deadline = time.monotonic() + 30
+    while _passed_through(daemon.address) < 1:
+        assert time.monotonic() < deadline, "weights.bin got no backing file"
+        time.sleep(0.2)
     assert daemon.terminate() == 0
     # what an older version left: 0755 directories, 0644 files
     for p in [root, *_store_entries(root)]:
