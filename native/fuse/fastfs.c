@@ -1067,6 +1067,20 @@ static void chunk_path(const layer_t *l, uint64_t chunk, char *out)
     *p = 0;
 }
 
+static int pread_all(int fd, char *dst, size_t n, uint64_t off) /* 0, or -EIO on error or a short file */
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, dst + got, n - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    return got == n ? 0 : -EIO;
+}
+
 static int read_chunk(const layer_t *l, uint64_t chunk, uint64_t lo, size_t n, char *dst)
 {
     char path[4200];
@@ -1076,17 +1090,9 @@ static int read_chunk(const layer_t *l, uint64_t chunk, uint64_t lo, size_t n, c
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, dst + got, n - got, (off_t)(lo + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
+    int r = pread_all(fd, dst, n, lo);
     close(fd);
-    return got == n ? 0 : -EIO;
+    return r;
 }
 
 static void hint_chunk(const layer_t *l, uint64_t chunk)
@@ -1150,18 +1156,9 @@ static void read_backed(req_t req, int bfd, uint64_t ino, uint64_t off, size_t l
 {
     lzfs *fs = req.fs;
     char *buf = malloc(len);
-    size_t got = 0;
-    while (buf && got < len) {
-        ssize_t r = pread(bfd, buf + got, len - got, (off_t)(off + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
+    int err = !buf ? ENOMEM : pread_all(bfd, buf, len, off) ? EIO : 0;
     pthread_rwlock_unlock(&fs->table_lock);
-    if (got != len) {
-        int err = buf ? EIO : ENOMEM;
+    if (err) {
         free(buf);
         reply_err(req, err);
         return;

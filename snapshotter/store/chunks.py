@@ -620,13 +620,8 @@ class ChunkStore:
                 continue
             self._lodged[digest] = _Lodging(key, offset, size)
             mine.append(digest)
-            stored = self._lru.pop(digest, None)
-            if stored is not None:
-                self._total -= stored
+            if self._forget_file_locked(digest):
                 victims.append(digest)
-            fd = self._fds.pop(digest, None)
-            if fd is not None:
-                self._retire(fd)
             if verified:
                 self._mark_verified(digest)
             else:
@@ -856,15 +851,20 @@ class ChunkStore:
             log.info("store_drop_layer", layer=layer, chunks=n, bytes=freed, bytes_now=kept[1])
         return PruneResult(n, freed, True, kept[0], kept[1])
 
+    def _forget_file_locked(self, digest: bytes) -> bool:
+        """Take a chunk's own file out of the LRU and the fd cache; whether it was stored."""
+        size = self._lru.pop(digest, None)
+        if size is not None:
+            self._total -= size
+        fd = self._fds.pop(digest, None)
+        if fd is not None:
+            self._retire(fd)
+        return size is not None
+
     def _drop(self, digest: bytes) -> None:
         with self._lock:
-            size = self._lru.pop(digest, None)
-            if size is not None:
-                self._total -= size
+            self._forget_file_locked(digest)
             self._unmark_verified(digest)
-            fd = self._fds.pop(digest, None)
-            if fd is not None:
-                self._retire(fd)
         try:
             os.unlink(self.path_of(digest))
         except FileNotFoundError:
