@@ -112,6 +112,9 @@ class Config:
             self.prefetch.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.prefetch.publish_recorded_profiles and not self.lazy.publish_sign_key:
+            raise ConfigError("prefetch.publish_recorded_profiles needs lazy.publish_sign_key: nodes use only "
+                              "signed profiles")
         return self
 
 

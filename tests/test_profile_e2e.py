@@ -32,7 +32,7 @@ from harness.containerd import (
 from harness.images import File, LayerSpec, PushedImage, build_image, busybox_rootfs
 from harness.proxy import Fault, Proxy, start_proxy
 from harness.registry import Registry, start_registry
-from harness.signing import sign_flags
+from harness.signing import publisher_keys, sign_flags
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +237,31 @@ def test_a_first_start_is_recorded_by_the_daemon_and_prefetched_next_time(world:
         time.sleep(4)  # past the recording time: nothing recorded again (it has a profile)
         assert json.loads(profile_file.read_bytes())["recordings"] == 1
         assert node.log().count("profile_recording_started") == 1
+
+
+def test_a_recorded_first_start_reaches_the_next_node(world: World, tmp_path: Path) -> None:
+    """[prefetch] publish_recorded_profiles: the first node records its first start and
+    publishes the profile with its pack, signed with [lazy] publish_sign_key; a fresh node
+    trusting that key prefetches it on its own first start (nobody ran a lazysnap command)."""
+    ref = world.ref(world.img)
+    config = (f'[lazy]\npublish_sign_key = "{publisher_keys().private}"\n'
+              "[prefetch]\nrecord_first_start = true\nrecord_first_start_s = 3\npublish_recorded_profiles = true\n"
+              "registry_lookup = false\n")  # the first node: another test of the module may have published one
+    with lazysnap_node(tmp_path / "a", config=config) as (daemon, cd):
+        first = Node(daemon, cd)
+        assert first.run(ref, "first") == world.expected
+        _wait(lambda: "event=profile_published" in first.log(), 60, "the recorded profile published")
+        line = next(x for x in first.log().splitlines() if "event=profile_published" in x)
+        artifact = line.split("artifact=")[1].split()[0]
+        assert "signed=True" in line and "pack_chunks=0 " not in line, line
+    with lazysnap_node(tmp_path / "b") as (daemon, cd):
+        fresh = Node(daemon, cd)
+        assert fresh.run(ref, "fresh") == world.expected
+        found = next(x for x in fresh.log().splitlines() if "event=profile_found" in x)
+        assert "source=registry" in found and f"artifact={artifact}" in found, found
+        assert fresh.metric("lazysnap_packs_total", 'result="done"') == 1
+        hits, misses = _share(fresh)
+        assert hits / (hits + misses) >= 0.95, (hits, misses, fresh.log()[-3000:])
 
 
 def _push_profile_artifact(ref: str, profile: bytes, *, signed: bool) -> None:

@@ -42,6 +42,8 @@ def test_example_config_loads_and_flags_override(tmp_path: Path) -> None:
     ("log_level = 'loud'\n", "log_level must be one of"),
     ("root = \n", "invalid TOML"),
     (b"root = '/var/lib/\xff'\n", "not UTF-8"),
+    ("[prefetch]\npublish_recorded_profiles = true\n", "needs lazy.publish_sign_key"),
+    ("[lazy]\npublish_sign_key = '/nonexistent/node.key'\n", "signing key /nonexistent/node.key"),
 ])
 def test_config_errors_are_one_line(tmp_path: Path, text: str | bytes, message: str) -> None:
     p = tmp_path / "c.toml"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ from snapshotter.cli import CLIError
 from snapshotter.cli.progress import progress
 from snapshotter.cli.remote_cmds import _config, _run
 from snapshotter.cli.units import human_bytes as _human
-from snapshotter.prefetch import pack as packs
 
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
 CTR_REMOTE = shutil.which("ctr-remote") or "/usr/bin/ctr-remote"
@@ -146,8 +144,10 @@ def _run_resolve(args: argparse.Namespace) -> Any:
 
 # -- profile push / show ---------------------------------------------------------------------------
 def cmd_profile_push(args: argparse.Namespace) -> int:
-    from snapshotter.prefetch.profile import ARTIFACT_TYPE, MEDIA_TYPE, ProfileError, dumps, load
-    from snapshotter.registry.signatures import load_private_key, push_signature, signature_tag
+    from snapshotter.prefetch.profile import ProfileError, load
+    from snapshotter.prefetch.publish import build_pack, publish_profile
+    from snapshotter.registry.signatures import load_private_key, signature_tag
+    from snapshotter.store import ChunkStore
 
     async def go() -> int:
         from snapshotter.registry import RegistryClient
@@ -155,73 +155,34 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
         signer = load_private_key(args.sign_key) if args.sign_key else None  # a bad key fails before any work
         async with RegistryClient(_config(args)) as client:
             resolved = await client.resolve(args.ref)
+            root = Path(args.root)
             try:
-                profile = load(Path(args.root), resolved.manifest_digest)
+                profile = load(root, resolved.manifest_digest)
             except ProfileError as exc:
                 raise CLIError(f"local profile unusable: {exc}") from None
             if profile is None:
                 raise CLIError(f"no profile for {resolved.manifest_digest} under {args.root}/profiles "
                                f"(record one with `lazysnap record`)")
-            created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            blobs: list[tuple[str, bytes]] = [(MEDIA_TYPE, dumps(profile))]
             packed = None
             shown = progress("profile push", steps=2 if args.pack else 1, unit="steps")
             try:
                 if args.pack:
-                    packed = await asyncio.to_thread(_build_pack, Path(args.root), profile)
-                    if packed is not None:
-                        blobs.append((packs.MEDIA_TYPE, packed[0]))
+                    packed = await asyncio.to_thread(lambda: build_pack(root, ChunkStore(root), profile))
                     shown.step(f"pack of {packed[1] if packed else 0} chunks, "
                                f"{_human(len(packed[0]) if packed else 0)}")
-                desc = await client.push_artifact(args.ref, subject=resolved.manifest_descriptor,
-                                                  artifact_type=ARTIFACT_TYPE, blobs=blobs,
-                                                  annotations={"org.opencontainers.image.created": created})
-                shown.step(f"pushed {_human(sum(len(b) for _, b in blobs))}")
-                if signer is not None:
-                    await push_signature(client, args.ref, desc.digest, signer)
+                done = await publish_profile(client, args.ref, resolved.manifest_descriptor, profile, packed, signer)
+                shown.step(f"pushed {_human(done.pushed_bytes)}")
             finally:
                 shown.close()
-            print(f"{desc.digest} profile of {resolved.manifest_digest}: {profile.chunks} chunks, "
+            print(f"{done.artifact.digest} profile of {resolved.manifest_digest}: {profile.chunks} chunks, "
                   f"{profile.bytes} bytes, {profile.recordings} recording(s)")
             if packed is not None:
                 print(f"pack: {packed[1]} of {profile.chunks} chunks, {len(packed[0])} bytes")
             if signer is not None:
-                print(f"signature: {signature_tag(desc.digest)}")
+                print(f"signature: {signature_tag(done.artifact.digest)}")
         return 0
 
     return _run(go())
-
-
-def _build_pack(root: Path, profile: Any) -> tuple[bytes, int] | None:
-    """The pack of the profile's chunks found in this node's store (verified again before
-    they leave it), in first-access order over all layers; None if there are none."""
-    from snapshotter.layers.indexes import open_local
-    from snapshotter.native import sha256
-    from snapshotter.store import ChunkStore
-
-    store = ChunkStore(root)
-    order = sorted(((a.first_us, n, lp.digest, a.chunk) for lp in profile.layers
-                    for n, a in enumerate(lp.accesses)), key=lambda t: (t[0], t[1]))
-    indexes: dict[str, Any] = {}
-    found: list[tuple[str, int, bytes]] = []
-    try:
-        for _, _, layer, chunk in order:
-            if layer not in indexes:
-                indexes[layer] = open_local(root, layer)
-            index = indexes[layer]
-            if index is None or not 0 <= chunk < index.chunk_count:
-                continue
-            digest = index.chunk(chunk).digest
-            data = store.read(digest)
-            if data is not None and sha256(data) == digest:
-                found.append((layer, chunk, data))
-    finally:
-        for index in indexes.values():
-            if index is not None:
-                index.close()
-    if not found:
-        return None
-    return packs.build_pack(profile.manifest, found)
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:

@@ -115,7 +115,8 @@ class LazyLayerProvider:
         from snapshotter.prefetch.manager import ProfileManager  # start-up profiles: record, prefetch, fill
 
         self.profiles = ProfileManager(self.root, self, self.store, prefetch,
-                                       voucher=Voucher(self.options.index_trust, tuple(self._keys)))
+                                       voucher=Voucher(self.options.index_trust, tuple(self._keys)),
+                                       signer=self._signer)
 
     # -- public API: every call runs on the provider's own loop -------------------------------
     # The FUSE filesystem must be served by a loop no other code blocks: the service checks

@@ -31,6 +31,7 @@ from snapshotter.prefetch.lookup import Found, find
 from snapshotter.prefetch.pack import PackBatch, PackError, PackReader
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, merge, save
+from snapshotter.prefetch.publish import build_pack, publish_profile
 from snapshotter.prefetch.recorder import AccessRecorder
 from snapshotter.registry.signatures import Voucher
 
@@ -60,11 +61,12 @@ class ProfileManager:
     """One per daemon, owned by the layer provider (``host``)."""
 
     def __init__(self, root: Path, host: LayerHost, store: Any, options: PrefetchOptions | None = None, *,
-                 voucher: Voucher) -> None:
+                 voucher: Voucher, signer: Any | None = None) -> None:
         self.root = Path(root)
         self.host = host
         self.store = store
         self.voucher = voucher  # who may vouch for a published profile
+        self.signer = signer  # signs the recorded profiles this node publishes
         self.options = (options or PrefetchOptions()).validate()
         self.recorder = AccessRecorder(store.has)
         self.pause = background.Pause(lambda: self.recorder.last_startup_read, self.options.idle_before_background_s)
@@ -428,13 +430,27 @@ class ProfileManager:
         async def finish() -> None:
             await asyncio.sleep(seconds)
             try:
-                await self.stop_recording(recording)
+                profile, _ = await self.stop_recording(recording)
+                if self.options.publish_recorded_profiles and self.signer is not None:
+                    await self._publish(ref, profile)
             except Exception as exc:  # noqa: BLE001 - a profile that cannot be saved never fails a start
                 log.warning("profile_recording_failed", image=ref, manifest=manifest, error=str(exc)[:300])
 
         task = asyncio.get_running_loop().create_task(finish(), name=f"record-{recording}")
         self._recordings.add(task)
         task.add_done_callback(self._recordings.discard)
+
+    async def _publish(self, ref: str, profile: Profile) -> None:
+        """Push a recorded profile, with the pack of its chunks, signed (as ``profile push``)."""
+        resolved = await self.host.client.resolve(ref)
+        if resolved.manifest_digest != profile.manifest:
+            log.warning("profile_not_published", image=ref, manifest=profile.manifest,
+                        reason="the reference now names another manifest")
+            return
+        pack = await asyncio.to_thread(build_pack, self.root, self.store, profile)
+        done = await publish_profile(self.host.client, ref, resolved.manifest_descriptor, profile, pack, self.signer)
+        log.info("profile_published", image=ref, manifest=profile.manifest, artifact=done.artifact.digest,
+                 pack_chunks=done.pack_chunks, bytes=done.pushed_bytes, signed=done.signed)
 
     # -- control service (recordings) ------------------------------------------------------------------
     async def start_recording(self, ref: str, manifest: str, layers: Iterable[str]) -> tuple[str, str]:

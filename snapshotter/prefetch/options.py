@@ -23,6 +23,9 @@ class PrefetchOptions:
     when an image starts with no profile found (local or published), record its reads for
     ``record_first_start_s`` and save them as its local profile, so the next start of it on
     this node prefetches without anyone running ``lazysnap record``.
+    ``publish_recorded_profiles``: then push it as an artifact of the image with a pack of
+    its chunks, signed with ``[lazy] publish_sign_key``, as ``lazysnap profile push`` does,
+    so other nodes trusting that key prefetch it on their first start.
     """
 
     prefetch: bool = True
@@ -39,6 +42,7 @@ class PrefetchOptions:
     max_pack_bytes: int = 8 << 30
     record_first_start: bool = False
     record_first_start_s: float = 30.0
+    publish_recorded_profiles: bool = False
 
     def validate(self) -> PrefetchOptions:
         if min(self.prefetch_window, self.background_concurrency, self.batch_bytes, self.max_pack_bytes) < 1:
