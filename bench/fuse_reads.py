@@ -218,6 +218,14 @@ def bench_passthrough(work: Path, size: int, model_size: int, runs: int, samples
         k: {"warm": [], "cold": [], "pread": [], "mmap": [], "model": []} for k in ("ext4", "served", "through")}
     try:
         d_served, index = mount_layer(served_ft, store, fetcher, "L", tar, pt / "layer.idx")
+        # fetch_all answers once every chunk is verified; some may still be on their way to
+        # disk (write-behind): link them only once all are there
+        chunk_paths = [store.path_of(index.chunk(i).digest) for i in range(index.chunk_count)]
+        t_wait = time.monotonic()
+        while not all(p.exists() for p in chunk_paths):
+            if time.monotonic() - t_wait > 60:
+                raise RuntimeError("the chunks were not all written within 60 s")
+            time.sleep(0.1)
         shutil.copytree(pt / "store" / "chunks", pt / "store-pt" / "chunks", copy_function=os.link)
         pt_store = ChunkStore(pt / "store-pt")
         d_through = through_ft.run(lambda: through_ft.fs.add_layer(

@@ -111,7 +111,7 @@ def test_a_file_without_a_record_is_deleted_at_start(tmp_path: Path) -> None:
         store.put(d, c)
     path = BackingFiles(store).make(len(data), digests, CHUNK)
     assert path is not None
-    BackingFiles(ChunkStore(tmp_path))
+    BackingFiles(ChunkStore(tmp_path)).prepare()
     assert not path.exists()
     assert all(ChunkStore(tmp_path).read(d) == c for c, d in zip(chunks, digests))  # chunks untouched
 

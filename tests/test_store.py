@@ -298,7 +298,7 @@ def test_lodged_chunks_are_read_from_their_file_and_their_own_files_go(tmp_path:
     size = path.stat().st_size
     store.lodge(path, size, [d for d, _ in chunks], 4096, verified=True)
     assert not any(store.path_of(d).exists() for d, _ in chunks)  # on disk once
-    assert store.stats().bytes == 0 and store.lodged_bytes() == store.held_bytes == size
+    assert store.stats().bytes == 0 and store.usage().bytes == store.held_bytes == size
     usage = store.usage()  # status: on the node, held by the file's layer, not cache
     assert (usage.chunks, usage.bytes, usage.pinned_bytes, usage.evictable_bytes) == (4, size, size, 0)
     for d, data in chunks:

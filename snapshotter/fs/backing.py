@@ -90,6 +90,10 @@ class BackingFiles:
         self._sizes: dict[str, int] = {}
         self._total = 0
         private_dirs(self.tmp)
+
+    def prepare(self) -> None:
+        """At a daemon's start, before its first ``make`` (worker thread: it walks
+        ``files/``): empty ``.tmp`` and delete files without a lodging record."""
         shutil.rmtree(self.tmp, ignore_errors=True)
         private_dirs(self.tmp)
         self._delete_unrecorded()

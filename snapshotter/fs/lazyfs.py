@@ -526,6 +526,8 @@ class LazyFS:
     async def _back_files(self) -> None:
         """Give backing files to the files whose chunks are all local, biggest first, one
         at a time (it is disk work; reads go on meanwhile), after each burst of new chunks."""
+        assert self._backing is not None
+        await asyncio.to_thread(self._backing.prepare)
         while self._passthrough_off is None:
             await self._backing_wake.wait()
             await asyncio.sleep(BACKING_SETTLE_S)  # chunks come in bursts: one look per burst

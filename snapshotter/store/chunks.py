@@ -681,10 +681,6 @@ class ChunkStore:
             self._retire(fd)
         return entry
 
-    def lodged_bytes(self) -> int:
-        with self._lock:
-            return sum(lodged.size for lodged in self._lodged.values())
-
     @property
     def held_bytes(self) -> int:
         return self._held
