@@ -8,6 +8,7 @@
 
 #include "buildinfo.h"
 #include "chunkfiles.h"
+#include "indexbuild.h"
 #include "range.h"
 #include "scanner.h"
 #include "window_refs.h"
@@ -254,7 +255,7 @@ static void put_le64(uint8_t *p, uint64_t v)
 }
 
 static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8_t diff[32],
-                              int want_diff)
+                              int want_diff, int with_entries)
 {
     tar_t *t = &sc->tar;
     PyObject *d = PyDict_New(), *v = NULL;
@@ -284,7 +285,7 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
     SET("sequential_only", PyBool_FromLong(sc->format == FMT_ZSTD && nframes <= 1));
     SET("hash_thread_cpu_ns", u64(sc->thread_cpu_ns));
 
-    size_t ne = tar_entry_count(t);
+    size_t ne = with_entries ? tar_entry_count(t) : 0;
     v = PyList_New((Py_ssize_t)ne);
     if (!v)
         goto fail;
@@ -298,7 +299,7 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
         goto fail;
     Py_CLEAR(v);
 
-    size_t nc = tar_chunk_count(t);
+    size_t nc = with_entries ? tar_chunk_count(t) : 0;
     v = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nc * LZ_CHUNK_RECORD));
     if (!v)
         goto fail;
@@ -350,19 +351,65 @@ fail:
     return NULL;
 }
 
-static PyObject *Scanner_finish(ScannerObject *self, PyObject *unused)
+static PyObject *bytes_of(const lz_buf *b)
 {
+    return PyBytes_FromStringAndSize((const char *)b->p, (Py_ssize_t)b->len);
+}
+
+/* The "index" item of a finish(index_chunk_size=N) result: the sections, or None. */
+static int set_index(PyObject *d, int built, lz_index_sections *ix)
+{
+    PyObject *v = built ? Py_BuildValue("(NNNNKKK)", bytes_of(&ix->blocks), bytes_of(&ix->blockidx),
+                                        bytes_of(&ix->extras), bytes_of(&ix->chunks),
+                                        (unsigned long long)ix->entry_count,
+                                        (unsigned long long)ix->reg_count,
+                                        (unsigned long long)ix->chunk_count)
+                        : (Py_INCREF(Py_None), Py_None);
+    if (!v || PyDict_SetItemString(d, "index", v)) {
+        Py_XDECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    v = built ? (Py_INCREF(Py_None), Py_None) : PyUnicode_FromString(ix->declined);
+    int r = !v || PyDict_SetItemString(d, "index_declined", v);
+    Py_XDECREF(v);
+    return r ? -1 : 0;
+}
+
+static PyObject *Scanner_finish(ScannerObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"index_chunk_size", NULL};
+    unsigned long long index_chunk = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|K:finish", kwlist, &index_chunk))
+        return NULL;
+    if (index_chunk > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "index_chunk_size must be below 2**32");
+        return NULL;
+    }
     if (acquire(self))
         return NULL;
     scanner_t *sc = self->sc;
     uint8_t blob[32], diff[32];
-    int rc;
+    int rc, built = LZ_INDEX_DECLINED;
+    lz_index_sections ix = {0};
+    lz_err ierr = {0};
     Py_BEGIN_ALLOW_THREADS
     rc = scanner_finish(sc, blob, diff);
+    if (!rc && index_chunk)
+        built = lz_index_build(&sc->tar, index_chunk, 6, &ix, &ierr);
     Py_END_ALLOW_THREADS
     self->busy = 0;
-    PyObject *res = rc ? raise_err(get_state(self->module), &sc->err)
-                       : build_result(sc, blob, diff, self->want_diff);
+    PyObject *res = NULL;
+    if (rc)
+        raise_err(get_state(self->module), &sc->err);
+    else if (built < 0)
+        raise_err(get_state(self->module), &ierr);
+    else {
+        res = build_result(sc, blob, diff, self->want_diff, built != LZ_INDEX_BUILT);
+        if (res && index_chunk && set_index(res, built == LZ_INDEX_BUILT, &ix))
+            Py_CLEAR(res);
+    }
+    lz_index_sections_free(&ix);
     self->sc = NULL;
     Py_BEGIN_ALLOW_THREADS
     scanner_free(sc);
@@ -373,8 +420,9 @@ static PyObject *Scanner_finish(ScannerObject *self, PyObject *unused)
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)Scanner_feed, METH_O,
      "feed(buffer): the next compressed bytes of the layer, in order."},
-    {"finish", (PyCFunction)Scanner_finish, METH_NOARGS,
-     "finish() -> dict: end of input; returns the scan result (see snapshotter/native.py)."},
+    {"finish", (PyCFunction)(void (*)(void))Scanner_finish, METH_VARARGS | METH_KEYWORDS,
+     "finish(index_chunk_size=0) -> dict: end of input; returns the scan result, with the "
+     "index sections built in C when index_chunk_size is given (see snapshotter/native.py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -800,7 +848,10 @@ static int core_exec(PyObject *m)
         return -1;
     if (PyModule_AddIntConstant(m, "CHUNK_RECORD_SIZE", LZ_CHUNK_RECORD) ||
         PyModule_AddIntConstant(m, "WINDOW_SIZE", LZ_HIST) ||
-        PyModule_AddIntConstant(m, "MAX_SPARSE_SEGMENTS", LZ_MAX_SPARSE_SEGMENTS))
+        PyModule_AddIntConstant(m, "MAX_SPARSE_SEGMENTS", LZ_MAX_SPARSE_SEGMENTS) ||
+        PyModule_AddIntConstant(m, "INDEX_ENTRY_RECORD_SIZE", LZ_INDEX_ENTRY_RECORD) ||
+        PyModule_AddIntConstant(m, "INDEX_CHUNK_RECORD_SIZE", LZ_INDEX_CHUNK_RECORD) ||
+        PyModule_AddIntConstant(m, "INDEX_BLOCK_RECORDS", LZ_INDEX_BLOCK_RECORDS))
         return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
     if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))

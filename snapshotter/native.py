@@ -11,14 +11,26 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from snapshotter import _core
-from snapshotter.index.model import CHUNK_RECORD, MAX_SPARSE_SEGMENTS, WINDOW_SIZE  # re-exported
+from snapshotter.index.model import (  # re-exported
+    CHUNK_RECORD,
+    ENTRY_BLOCK_RECORDS,
+    ENTRY_RECORD,
+    INDEX_CHUNK_RECORD,
+    EntrySections,
+    MAX_SPARSE_SEGMENTS,
+    WINDOW_SIZE,
+)
 
-# The layouts Python packs and the C core reads are one contract: refuse a mismatched build.
-if (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE, _core.MAX_SPARSE_SEGMENTS) != \
-        (CHUNK_RECORD.size, WINDOW_SIZE, MAX_SPARSE_SEGMENTS):
-    raise ImportError(f"snapshotter._core was built for chunk records of {_core.CHUNK_RECORD_SIZE} bytes, "
-                      f"{_core.WINDOW_SIZE}-byte windows and {_core.MAX_SPARSE_SEGMENTS} sparse segments, "
-                      f"Python has {CHUNK_RECORD.size}, {WINDOW_SIZE} and {MAX_SPARSE_SEGMENTS}")
+# The layouts Python packs and the C core reads and writes are one contract: refuse a
+# mismatched build.
+_C_LAYOUT = (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE, _core.MAX_SPARSE_SEGMENTS, _core.INDEX_ENTRY_RECORD_SIZE,
+             _core.INDEX_CHUNK_RECORD_SIZE, _core.INDEX_BLOCK_RECORDS)
+_PY_LAYOUT = (CHUNK_RECORD.size, WINDOW_SIZE, MAX_SPARSE_SEGMENTS, ENTRY_RECORD.size, INDEX_CHUNK_RECORD.size,
+              ENTRY_BLOCK_RECORDS)
+if _C_LAYOUT != _PY_LAYOUT:
+    raise ImportError(f"snapshotter._core was built for layouts {_C_LAYOUT} (scan chunk record, window, sparse "
+                      f"segments, index entry record, index chunk record, records per block); Python has "
+                      f"{_PY_LAYOUT}")
 
 LayerError = _core.LayerError  # base class: a ValueError and an index.errors.LayerDataError
 CorruptLayerError = _core.CorruptLayerError  # bad bytes: checksum, header, stream data
@@ -80,8 +92,13 @@ class ScanResult:
     entries: list[RawEntry]
     chunks: bytes  # packed CHUNK_RECORD records, in file order
     checkpoints: list[RawCheckpoint]
-    hash_thread_cpu_ns: int = 0
-    marks: bytes = b""  # packed MARK_RECORD end marks (uoff, coff), ascending; none for plain tar  # CPU time of the scanner's hash thread (benchmarks)
+    hash_thread_cpu_ns: int = 0  # CPU time of the scanner's hash thread (benchmarks)
+    marks: bytes = b""  # packed MARK_RECORD end marks (uoff, coff), ascending; none for plain tar
+    #: ``finish(index_chunk_size=N)``: the index's entry sections built in C (``entries`` and
+    #: ``chunks`` are then empty), or None with ``index_declined`` saying why the C builder
+    #: left this layer to the Python one (snapshotter.index.builder)
+    index: EntrySections | None = None
+    index_declined: str | None = None
 
     def iter_chunks(self) -> Iterator[tuple[int, int, bytes]]:
         return iter_chunk_records(self.chunks)
@@ -118,8 +135,11 @@ class Scanner:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)
 
-    def finish(self) -> ScanResult:
-        r = self._core.finish()
+    def finish(self, *, index_chunk_size: int = 0) -> ScanResult:
+        """End of input. With ``index_chunk_size`` (the chunk size the scanner was made
+        with), also the index's entry sections, built in C with the GIL released."""
+        r = self._core.finish(index_chunk_size=index_chunk_size)
+        built = r.get("index")
         return ScanResult(
             format=r["format"], compressed_size=r["compressed_size"],
             uncompressed_size=r["uncompressed_size"], blob_digest=r["blob_digest"],
@@ -127,6 +147,7 @@ class Scanner:
             entries=[RawEntry._make(e) for e in r["entries"]], chunks=r["chunks"],
             checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
             hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0), marks=r.get("marks", b""),
+            index=EntrySections(*built) if built is not None else None, index_declined=r.get("index_declined"),
         )
 
 

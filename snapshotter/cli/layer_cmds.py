@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator
 
 from snapshotter.cli import CLIError
-from snapshotter.index.builder import DEFAULT_SPAN, clean_path, index_file
+from snapshotter.fsutil import write_atomic
+from snapshotter.index.builder import DEFAULT_SPAN, clean_path, index_file_bytes
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
-from snapshotter.index.format import IndexFile, write_index
+from snapshotter.index.format import IndexFile
 from snapshotter.index.model import Entry, EntryType
 from snapshotter.index.reader import FileRangeSource, LayerReader
 
@@ -87,18 +88,21 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise CLIError("--span and --chunk-size must be positive (chunk size < 4 GiB)", status=2)
     started = time.monotonic()
     try:
-        index = index_file(args.source, span=args.span, chunk_size=args.chunk_size, diff_id=args.diff_id)
-        size = write_index(args.output, index)
+        data = index_file_bytes(args.source, span=args.span, chunk_size=args.chunk_size, diff_id=args.diff_id)
+        write_atomic(args.output, data)
     except OSError as exc:
         raise _os_fail("index", exc.filename or args.source, exc) from None
     except _ERRORS as exc:
         raise CLIError(f"{args.source}: {_fail(exc)}") from None
-    info = index.info
-    files = sum(1 for e in index.entries if e.type == EntryType.REG)
+    with IndexFile.from_bytes(data) as index:
+        info = index.info
+        entries, files, chunks, checkpoints = (index.entry_count, index.file_count, index.chunk_count,
+                                               index.checkpoint_count)
+    size = len(data)
     pct = 100.0 * size / info.compressed_size if info.compressed_size else 0.0
     elapsed = time.monotonic() - started
-    print(f"indexed {args.source}: format={info.format.value} entries={len(index.entries)} files={files} "
-          f"chunks={len(index.chunks)} checkpoints={len(index.checkpoints)} index_bytes={size} "
+    print(f"indexed {args.source}: format={info.format.value} entries={entries} files={files} "
+          f"chunks={chunks} checkpoints={checkpoints} index_bytes={size} "
           f"({pct:.2f}% of blob) seconds={elapsed:.2f}"
           + (" sequential_only=true" if info.sequential_only else ""))
     return 0

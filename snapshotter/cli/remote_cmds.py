@@ -29,10 +29,10 @@ from snapshotter.index.builder import (
     DEFAULT_CHUNK,
     DEFAULT_SPAN,
     clean_path,
-    index_stream,
+    index_stream_bytes,
 )
 from snapshotter.index.errors import LAYER_ERRORS, LayerIndexError
-from snapshotter.index.format import IndexFile, serialize_index, serialize_split
+from snapshotter.index.format import IndexFile, serialize_split
 from snapshotter.index.model import Entry, EntryType
 from snapshotter.index.reader import (
     assemble_range,
@@ -107,9 +107,8 @@ async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor,
         cached.close()
         return index_path(root, layer.digest).read_bytes(), False
     stream = client.stream_blob(ref, layer.digest, purpose="layer")
-    index = await index_stream(stream if on_bytes is None else _counted(stream, on_bytes), span=span,
-                               chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
-    data = await asyncio.to_thread(serialize_index, index)
+    data = await index_stream_bytes(stream if on_bytes is None else _counted(stream, on_bytes), span=span,
+                                    chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
     await asyncio.to_thread(write_trusted, root, layer.digest, data, "built")
     return data, True
 

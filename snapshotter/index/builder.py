@@ -361,22 +361,77 @@ def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
                      sequential_only=bool(_field(scan, "sequential_only")))
 
 
+def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK) -> bytes:
+    """The serialized index of a layer fed whole to ``scanner``. The C core builds the
+    entries' sections straight from its scan (no per-entry Python, the GIL released); a
+    layer it declines (hard links, sparse files, anything the reference refuses) is built
+    here by :func:`build_index`, the reference, which also words any error. Worker thread."""
+    from snapshotter import native
+    from snapshotter.index.format import assemble, serialize_index
+
+    if not isinstance(scanner, native.Scanner):
+        return serialize_index(build_index(scanner.finish(), span_size=span, chunk_size=chunk_size))
+    scan = scanner.finish(index_chunk_size=chunk_size)
+    if scan.index is None:
+        log.debug("event=index_built_in_python reason=%s", (scan.index_declined or "").replace(" ", "_"))
+        return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
+    return assemble(_info(scan, span, chunk_size), scan.index, [_checkpoint(c) for c in scan.checkpoints],
+                    _marks(scan))[0]
+
+
+def _scan_file(path: str, sc: Scanner) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(READ_SIZE):
+            sc.feed(block)
+
+
+def index_file_bytes(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
+                     diff_id: bool = False) -> bytes:
+    """The serialized index of a local layer file (format from magic bytes); see
+    :func:`index_bytes`. Raises UnknownFormatError for a file that is neither gzip, zstd
+    nor tar."""
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, format=_format_of(path))
+    _scan_file(path, sc)
+    return index_bytes(sc, span=span, chunk_size=chunk_size)
+
+
+def _format_of(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise TruncatedLayerError(f"{path}: empty layer file")
+    return detect_format(head)
+
+
 def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
                scanner: str = "auto") -> LayerIndex:
     """Scan a local layer file (format from magic bytes) and build its index.
 
     Raises UnknownFormatError for a file that is neither gzip, zstd nor tar.
     """
-    with open(path, "rb") as f:
-        head = f.read(512)
-        if not head:
-            raise TruncatedLayerError(f"{path}: empty layer file")
-        fmt = detect_format(head)
-        sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner, format=fmt)
-        sc.feed(head)
-        while block := f.read(READ_SIZE):
-            sc.feed(block)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner, format=_format_of(path))
+    _scan_file(path, sc)
     return build_index(sc.finish(), span_size=span, chunk_size=chunk_size)
+
+
+async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN,
+                             chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
+                             expected_digest: str | None = None) -> bytes:
+    """The serialized index of a layer arriving as an async byte stream (a registry blob
+    GET), fed and built on worker threads as :func:`index_stream` does; see :func:`index_bytes`."""
+    from snapshotter.index.format import IndexFile
+
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id)
+    async for block in stream:
+        if block:
+            await asyncio.to_thread(sc.feed, block)
+    data = await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size)
+    if expected_digest is not None:
+        with IndexFile.from_bytes(data) as built:
+            if built.info.blob_digest != expected_digest:
+                raise IndexBuildError(f"blob digest {built.info.blob_digest} does not match expected "
+                                      f"{expected_digest}")
+    return data
 
 
 async def index_stream(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,

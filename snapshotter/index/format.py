@@ -59,7 +59,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import xxhash
@@ -72,8 +72,12 @@ from snapshotter.index.model import (
     Checkpoint,
     CheckpointKind,
     Chunk,
+    ENTRY_BLOCK_RECORDS,
+    ENTRY_RECORD,
     Entry,
+    EntrySections,
     EntryType,
+    INDEX_CHUNK_RECORD,
     WINDOW_SIZE,
     LayerFormat,
     LayerInfo,
@@ -89,7 +93,7 @@ _READABLE = (3, 4)  # version 3 is version 4 without the windows-apart flag
 _FLAG_WINDOWS_APART = 1
 _NO_WINDOW = bytes(32)
 MAX_PACKED_WINDOW = 64 << 10  # zlib of a 32 KiB window never comes near this
-BLOCK_RECORDS = 256
+BLOCK_RECORDS = ENTRY_BLOCK_RECORDS
 _BLOCK_CACHE = 512  # decompressed entry blocks kept per open index (≈ 8 MB max)
 _BULK_BLOCKS = 64  # entry blocks decompressed per call when walking all entries (~1 MB)
 _CHECKSUM_AT = 16  # the u64 checksum covers every byte of the file except itself
@@ -102,14 +106,14 @@ def _checksum(buf: bytes | bytearray | memoryview) -> int:
     h.update(mv[_CHECKSUM_AT + 8:])
     return h.intdigest()
 HEADER = struct.Struct("<8sHHIQQBBBBIQQQ32s32sIIII14Q")
-ENTRY = struct.Struct("<IIHBBHIIQqQIII")
+ENTRY = ENTRY_RECORD
 # Names and link targets longer than Linux's PATH_MAX cannot be created by any applier, so
 # no index holds one (serialize refuses them); that bounds an entry block to ~2 MiB, what a
 # hostile frame header may make a reader allocate before the block is refused.
 MAX_NAME_BYTES = 4096
 MAX_LINK_BYTES = 4096
 MAX_ENTRY_BLOCK = BLOCK_RECORDS * (ENTRY.size + MAX_NAME_BYTES + MAX_LINK_BYTES)
-CHUNK = struct.Struct("<QI32s")
+CHUNK = INDEX_CHUNK_RECORD
 CHECKPOINT = struct.Struct("<BBHIQQQ")
 MARK = struct.Struct("<QQ")
 _NONE = 0xFFFFFFFF
@@ -160,6 +164,10 @@ def serialize_split(index: LayerIndex) -> tuple[bytes, bytes]:
 
 
 def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
+    return assemble(index.info, _entry_sections(index), index.checkpoints, index.marks, apart=apart)
+
+
+def _entry_sections(index: LayerIndex) -> EntrySections:
     by_path = {e.path: e for e in index.entries}
     if "" not in by_path or by_path[""].type != EntryType.DIR:
         raise ValueError("index has no root directory entry")
@@ -244,16 +252,24 @@ def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
             string_at.clear()
 
     chunk_recs = b"".join(CHUNK.pack(c.uncompressed_offset, c.length, c.digest) for c in index.chunks)
+    blockidx = struct.pack(f"<{len(block_offsets)}Q", *block_offsets)
+    return EntrySections(bytes(blocks), blockidx, bytes(extras), chunk_recs, len(order), reg_count,
+                         len(index.chunks))
+
+
+def assemble(info: LayerInfo, entries: EntrySections, checkpoints: Sequence[Checkpoint],
+             marks: Sequence[tuple[int, int]], *, apart: bool = False) -> tuple[bytes, bytes]:
+    """(index bytes, windows blob if ``apart``): the header, the entry sections, the
+    checkpoints with their windows and the marks, checksummed."""
     windows = bytearray()
     ck_recs = bytearray()
-    for c in index.checkpoints:
+    for c in checkpoints:
         packed = zlib.compress(c.window, 9) if c.window else b""
         ck_recs += CHECKPOINT.pack(int(c.kind), c.bits, 0, len(packed), c.compressed_offset,
                                    c.uncompressed_offset, len(windows))
         windows += packed
 
-    blockidx = struct.pack(f"<{len(block_offsets)}Q", *block_offsets)
-    marks = b"".join(MARK.pack(u, c) for u, c in index.marks)
+    mark_recs = b"".join(MARK.pack(u, c) for u, c in marks)
     apart_blob = b""
     win_section = bytes(windows)
     if apart:
@@ -263,20 +279,20 @@ def _serialize(index: LayerIndex, *, apart: bool) -> tuple[bytes, bytes]:
             clen, woff = rec[3], rec[6]
             digests.append(hashlib.sha256(apart_blob[woff:woff + clen]).digest() if clen else _NO_WINDOW)
         win_section = b"".join(digests)
-    sections = [bytes(blocks), blockidx, bytes(extras), chunk_recs, bytes(ck_recs), win_section, marks]
+    sections = [entries.blocks, entries.blockidx, entries.extras, entries.chunks, bytes(ck_recs), win_section,
+                mark_recs]
     offsets: list[int] = []
     pos = HEADER.size
     for s in sections:
         offsets += [pos, len(s)]
         pos += len(s)
-    info = index.info
     diff = bytes.fromhex(info.diff_id.split(":", 1)[1]) if info.diff_id else bytes(32)
     header = HEADER.pack(MAGIC, VERSION, HEADER.size, _FLAG_WINDOWS_APART if apart else 0, 0, pos,
                          _FORMATS.index(info.format),
                          int(info.sequential_only), int(info.diff_id is not None), 0, info.chunk_size,
                          info.span_size, info.compressed_size, info.uncompressed_size,
-                         bytes.fromhex(info.blob_digest.split(":", 1)[1]), diff, len(order),
-                         len(index.chunks), len(index.checkpoints), reg_count, *offsets)
+                         bytes.fromhex(info.blob_digest.split(":", 1)[1]), diff, entries.entry_count,
+                         entries.chunk_count, len(checkpoints), entries.reg_count, *offsets)
     body = bytearray(header)
     for s in sections:
         body += s

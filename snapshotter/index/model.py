@@ -74,6 +74,30 @@ class Chunk:
 #: A Chunk packed as the C core reads and writes it (native/lz.h LZ_CHUNK_RECORD): u64 LE
 #: offset in the tar stream, u64 LE length, SHA-256. snapshotter.native checks the sizes agree.
 CHUNK_RECORD = struct.Struct("<QQ32s")
+#: The index file's records (format.py), built in C too (native/indexbuild.h, checked at
+#: import by snapshotter.native): an entry (parent record, name offset and length in its
+#: block's strings, type, flags, mode, uid, gid, size, mtime_ns, data offset, a, b, extras
+#: offset), a chunk (offset, length, SHA-256), and the records per compressed entry block.
+ENTRY_RECORD = struct.Struct("<IIHBBHIIQqQIII")
+INDEX_CHUNK_RECORD = struct.Struct("<QI32s")
+ENTRY_BLOCK_RECORDS = 256
+
+
+@dataclass(slots=True, frozen=True)
+class EntrySections:
+    """The index sections its entries and chunks make, as format.py serializes a LayerIndex
+    and as the C core builds them straight from a scan (``native.ScanResult.index``):
+    compressed entry blocks, their offsets (u64 each, plus the end), the deduplicated
+    extras, the chunk records, and the counts the header holds."""
+
+    blocks: bytes
+    blockidx: bytes
+    extras: bytes
+    chunks: bytes
+    entry_count: int
+    reg_count: int
+    chunk_count: int
+
 #: One end mark as the scanner returns it: every uncompressed byte before ``uoff`` is
 #: produced by decoding compressed bytes before ``coff`` (from the preceding checkpoint).
 MARK_RECORD = struct.Struct("<QQ")

@@ -29,9 +29,9 @@ from typing import Any
 from prometheus_client import Counter
 
 from snapshotter.fsutil import create_private, private_dirs, write_atomic
-from snapshotter.index.builder import index_stream
+from snapshotter.index.builder import index_stream_bytes
 from snapshotter.index.errors import LayerIndexError
-from snapshotter.index.format import IndexFile, serialize_index
+from snapshotter.index.format import IndexFile
 from snapshotter.layers.options import LazyOptions
 from snapshotter.log import get_logger
 from snapshotter.registry.signatures import TrustedKey, Voucher
@@ -231,8 +231,8 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
             yield block
 
     try:
-        index = await index_stream(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
-                                   expected_digest=layer_digest)
+        data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
+                                        expected_digest=layer_digest)
         if fobj is not None:
             fobj.close()
             fobj = None
@@ -244,7 +244,6 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
         if part is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
-    data = await asyncio.to_thread(serialize_index, index)
     path = await asyncio.to_thread(write_trusted, root, layer_digest, data, "built")
     return IndexFile.open(path)
 

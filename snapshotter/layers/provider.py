@@ -35,7 +35,7 @@ from snapshotter.fs import LayerData, LayerTree, LazyFS
 from snapshotter.fs.mount import HOLDER_SOCKET, detach
 from snapshotter.fs.compiled import CompiledTree, build_compiled, compile_tree
 from snapshotter.fsutil import create_private, write_atomic
-from snapshotter.index.builder import index_file
+from snapshotter.index.builder import index_file_bytes
 from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile
 from snapshotter.layers import indexes
@@ -396,13 +396,12 @@ class LazyLayerProvider:
         data = await self.client.fetch_blob(ref, digest, self.options.small_layer_bytes + 1, purpose="layer")
         blob = self._blob_path(digest)
         await asyncio.to_thread(write_atomic, blob, data, fsync=False)
-        built = await asyncio.to_thread(index_file, str(blob), span=self.options.span_size,
-                                        chunk_size=self.options.chunk_size)
-        from snapshotter.index.format import serialize_index
-
-        if built.info.blob_digest != digest:
-            raise ProviderError(f"layer {digest} indexed as {built.info.blob_digest}", reason="digest_mismatch")
-        path = await asyncio.to_thread(indexes.write_trusted, self.root, digest, serialize_index(built), "built")
+        data = await asyncio.to_thread(index_file_bytes, str(blob), span=self.options.span_size,
+                                       chunk_size=self.options.chunk_size)
+        with IndexFile.from_bytes(data) as built:
+            if built.info.blob_digest != digest:
+                raise ProviderError(f"layer {digest} indexed as {built.info.blob_digest}", reason="digest_mismatch")
+        path = await asyncio.to_thread(indexes.write_trusted, self.root, digest, data, "built")
         idx = IndexFile.open(path)
         indexes.INDEX_SOURCES.labels("whole").inc()
         layer = await self._register(digest, ref, idx, "whole", verified=True, local_blob=blob)

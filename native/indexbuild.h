@@ -1,0 +1,52 @@
+/* A layer's index entry, chunk and extras sections straight from the tar scan: the tree
+ * containerd's applier would make (snapshotter/index/builder.py) serialized as the index
+ * file holds it (snapshotter/index/format.py), with no per-entry Python.
+ *
+ * The Python builder stays the reference: this one declines (returns LZ_INDEX_DECLINED
+ * with the reason) every layer it does not handle byte for byte the same way (hard
+ * links, sparse files, a directory replaced by a non-directory, merged directory xattrs,
+ * non-ASCII xattr names) and every layer the reference refuses, which the reference then
+ * builds or refuses with its own message. Tests compare the two on generated layers. */
+#ifndef LZ_INDEXBUILD_H
+#define LZ_INDEXBUILD_H
+
+#include "lz.h"
+#include "tar.h"
+
+/* The index's binary records (format.py ENTRY, CHUNK, BLOCK_RECORDS; snapshotter.native
+ * refuses a core whose sizes differ). An entry record, little-endian: u32 parent record,
+ * u32 name offset and u16 name length in its block's string area, u8 type, u8 flags, u16
+ * mode, u32 uid, u32 gid, u64 size, i64 mtime_ns, u64 data offset, u32 a, u32 b (first
+ * chunk and count; child block; device numbers; symlink target offset and length; hard
+ * link target record), u32 extras offset (0xFFFFFFFF: none). */
+#define LZ_INDEX_ENTRY_RECORD 58
+#define LZ_INDEX_CHUNK_RECORD 44  /* u64 offset, u32 length, SHA-256 */
+#define LZ_INDEX_BLOCK_RECORDS 256
+#define LZ_INDEX_MAX_NAME 4096
+#define LZ_INDEX_MAX_LINK 4096
+#define LZ_INDEX_NO_EXTRA 0xFFFFFFFFu
+#define LZ_INDEX_FLAG_EXTRA 1
+/* Linux's xattr limits (index/model.py MAX_XATTR_*) */
+#define LZ_XATTR_NAME_MAX 255
+#define LZ_XATTR_VALUE_MAX 65536
+#define LZ_XATTR_ENTRY_MAX (1u << 20)
+
+enum { LZ_INDEX_BUILT = 0, LZ_INDEX_DECLINED = 1 };
+
+typedef struct {
+    lz_buf blocks;       /* entry blocks, each zstd-compressed on its own */
+    lz_buf blockidx;     /* u64 LE offsets of the blocks inside `blocks`, plus the end */
+    lz_buf extras;       /* deduplicated xattr records */
+    lz_buf chunks;       /* LZ_INDEX_CHUNK_RECORD records of live files, in stream order */
+    uint64_t entry_count, reg_count, chunk_count;
+    char declined[160];  /* why, when LZ_INDEX_DECLINED */
+} lz_index_sections;
+
+/* Returns LZ_INDEX_BUILT, LZ_INDEX_DECLINED (out->declined says why), or -1 with err set
+ * (out of memory, compression failure). out must be zeroed; free it with
+ * lz_index_sections_free either way. */
+int lz_index_build(const tar_t *t, uint64_t chunk_size, int zstd_level, lz_index_sections *out,
+                   lz_err *err);
+void lz_index_sections_free(lz_index_sections *s);
+
+#endif
