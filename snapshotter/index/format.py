@@ -264,7 +264,7 @@ def assemble(info: LayerInfo, entries: EntrySections, checkpoints: Sequence[Chec
     windows = bytearray()
     ck_recs = bytearray()
     for c in checkpoints:
-        packed = zlib.compress(c.window, 9) if c.window else b""
+        packed = zlib.compress(c.window, 6) if c.window else b""  # 9: 6x the time for 2 % less
         ck_recs += CHECKPOINT.pack(int(c.kind), c.bits, 0, len(packed), c.compressed_offset,
                                    c.uncompressed_offset, len(windows))
         windows += packed
