@@ -293,6 +293,23 @@ async def test_background_fill_bounded_pausable_and_verified(tmp_path: Path, blo
     await mgr.close()
 
 
+async def test_background_waits_for_every_layer_of_the_image(tmp_path: Path, blob: Any) -> None:
+    """No layer of an image is filled while another is still being provided (an image without
+    a published index streams its layers to build one: they need the cores, and so does the
+    container's start right after)."""
+    opts = PrefetchOptions(prefetch=False, registry_lookup=False, pause_after_start_s=0, idle_before_background_s=0)
+    host, mgr, layer, src = _setup(tmp_path, blob, opts)
+    building = "sha256:" + "cd" * 32
+    mgr.image_started("img", MANIFEST, [layer.digest, building])
+    await asyncio.sleep(0.5)
+    assert src.ranges == [], "a layer was filled while another was still being provided"
+    mgr.layer_ready(building)  # provided (here: not lazily, so the fill skips it)
+    await asyncio.wait_for(mgr._images[MANIFEST], 5)
+    await asyncio.wait_for(mgr._fills[layer.digest], 30)
+    assert layer.fetcher.missing_chunks() == [] and src.ranges
+    await mgr.close()
+
+
 async def test_release_cancels_background(tmp_path: Path, blob: Any) -> None:
     host, mgr, layer, src = _setup(tmp_path, blob, PrefetchOptions(background_bytes_per_s=64 << 10,
                                                                    background_concurrency=1,

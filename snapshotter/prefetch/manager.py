@@ -173,6 +173,10 @@ class ProfileManager:
                                     error=f"{type(exc).__name__}: {exc}"[:300])
             if recording is not None:
                 self._finish_recording(ref, manifest, recording)
+            # background work waits for the whole image: a layer still streaming to build its
+            # index (an image without a published one) needs every core, and so does the
+            # container's start right after the last layer is ready
+            await asyncio.gather(*(self._wait_layer(d) for d in layers))
             asyncio.get_running_loop().call_later(opts.pause_after_start_s, self.pause.release)
             released = True
             if opts.background:
