@@ -36,8 +36,11 @@ sanitize-test:
 # link libFuzzer instead: see the target's header). RUNS inputs from SEED.
 RUNS ?= 2000000
 SEED ?= 1
+FUZZ_CC = gcc -std=c11 -O1 -g -D_GNU_SOURCE -fsanitize=address,undefined -fno-sanitize-recover=undefined
 fuzz:
 	mkdir -p .work
-	gcc -std=c11 -O1 -g -D_GNU_SOURCE -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-	  -Inative/fuse native/fuzz/fuse_request.c native/fuzz/driver.c native/fuse/kproto.c -o .work/fuzz_fuse_request
+	$(FUZZ_CC) -Inative/fuse native/fuzz/fuse_request.c native/fuzz/driver.c native/fuse/kproto.c -o .work/fuzz_fuse_request
+	$(FUZZ_CC) -Inative native/fuzz/tar_index.c native/fuzz/driver.c native/tar.c native/sha_mb.c native/indexbuild.c \
+	  -lcrypto -lzstd -o .work/fuzz_tar_index
 	LZ_FUZZ_RUNS=$(RUNS) LZ_FUZZ_SEED=$(SEED) .work/fuzz_fuse_request
+	LZ_FUZZ_RUNS=$(RUNS) LZ_FUZZ_SEED=$(SEED) .work/fuzz_tar_index

@@ -463,7 +463,7 @@ static int intern(block_state *bs, const uint8_t *s, size_t n, uint32_t *off)
 {
     size_t j = hash_bytes(s, n) & 1023;
     while (bs->slot_len[j]) {
-        if (bs->slot_len[j] - 1 == n && memcmp(bs->strings.p + bs->slot_off[j], s, n) == 0) {
+        if (bs->slot_len[j] - 1 == n && (n == 0 || memcmp(bs->strings.p + bs->slot_off[j], s, n) == 0)) {
             *off = bs->slot_off[j];
             return 0;
         }

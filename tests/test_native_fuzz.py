@@ -31,3 +31,21 @@ def test_fuse_request_parser(tmp_path: Path, seed: int) -> None:
     run = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "200000 generated inputs, no crash" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tar_stage_and_index_build(tmp_path: Path, seed: int) -> None:
+    """Hostile layers through the tar stage and the C index build (native/fuzz/tar_index.c)."""
+    exe = tmp_path / "tar_index"
+    subprocess.run(["gcc", "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+                    "-D_GNU_SOURCE", *SANITIZE, f"-I{NATIVE}", str(NATIVE / "fuzz/tar_index.c"),
+                    str(NATIVE / "fuzz/driver.c"), *(str(NATIVE / f) for f in ("tar.c", "sha_mb.c", "indexbuild.c")),
+                    "-lcrypto", "-lzstd", "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    env = {**os.environ, "LZ_FUZZ_RUNS": "100000", "LZ_FUZZ_SEED": str(seed),
+           "ASAN_OPTIONS": "abort_on_error=1", "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    env.pop("LD_PRELOAD", None)
+    run = subprocess.run([str(exe)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "100000 generated inputs, no crash" in run.stdout

@@ -12,9 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz.h"
 #include "kproto.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -77,4 +76,46 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     (void)sink;
     free(buf);
     return 0;
+}
+
+static const uint32_t opcodes[] = {FUSE_INIT,    FUSE_LOOKUP,   FUSE_FORGET,   FUSE_BATCH_FORGET, FUSE_GETATTR,
+                                   FUSE_READLINK, FUSE_OPEN,    FUSE_OPENDIR,  FUSE_READ,         FUSE_READDIR,
+                                   FUSE_READDIRPLUS, FUSE_RELEASE, FUSE_RELEASEDIR, FUSE_STATFS,   FUSE_GETXATTR,
+                                   FUSE_LISTXATTR, FUSE_INTERRUPT, FUSE_DESTROY, FUSE_FLUSH,       9999};
+
+/* for driver.c: mostly well-formed FUSE requests of the opcodes the filesystem answers, then
+ * damaged (length, cut, missing NUL, random bytes) */
+size_t lz_fuzz_generate(uint8_t *buf, size_t cap)
+{
+    size_t arg = lz_fuzz_rnd() % 300;
+    if (lz_fuzz_rnd() % 8 == 0)
+        arg = lz_fuzz_rnd() % 5000;
+    size_t n = sizeof(struct fuse_in_header) + arg;
+    if (n > cap)
+        n = cap;
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (uint8_t)lz_fuzz_rnd();
+    struct fuse_in_header h = {.len = (uint32_t)n,
+                               .opcode = opcodes[lz_fuzz_rnd() % (sizeof opcodes / sizeof *opcodes)],
+                               .unique = lz_fuzz_rnd() | 1,
+                               .nodeid = lz_fuzz_rnd() % 4 ? 1 + lz_fuzz_rnd() % 8 : lz_fuzz_rnd()};
+    memcpy(buf, &h, sizeof h);
+    if (h.opcode == FUSE_INIT && n >= sizeof h + 8) { /* mostly plausible versions */
+        uint32_t v[2] = {lz_fuzz_rnd() % 4 ? 7 : (uint32_t)lz_fuzz_rnd() % 9, (uint32_t)(lz_fuzz_rnd() % 45)};
+        memcpy(buf + sizeof h, v, sizeof v);
+    }
+    if (lz_fuzz_rnd() % 3 == 0 && n > sizeof h) /* a terminated name somewhere */
+        buf[sizeof h + lz_fuzz_rnd() % (n - sizeof h)] = 0;
+    switch (lz_fuzz_rnd() % 6) {
+    case 0: /* the header lies about the length */
+        h.len = (uint32_t)lz_fuzz_rnd();
+        memcpy(buf, &h.len, sizeof h.len);
+        break;
+    case 1: /* cut short */
+        n = lz_fuzz_rnd() % (n + 1);
+        break;
+    default:
+        break;
+    }
+    return n;
 }

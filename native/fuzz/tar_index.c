@@ -1,0 +1,148 @@
+/* Fuzz target: an uncompressed layer through the tar stage and the C index build, as a
+ * hostile registry could serve it: whatever the bytes, the stage refuses them with a
+ * message or the builder builds or declines with a reason, and the built entry blocks
+ * decompress to whole records.
+ *
+ * libFuzzer: clang -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Inative \
+ *            native/fuzz/tar_index.c native/tar.c native/sha_mb.c native/indexbuild.c -lcrypto -lzstd
+ * gcc (no libFuzzer): tests/test_native_fuzz.py links native/fuzz/driver.c instead. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+#include "fuzz.h"
+#include "indexbuild.h"
+#include "tar.h"
+
+#define CHUNK 1024
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    tar_t t;
+    if (tar_init(&t, CHUNK, 0, 0))
+        return 0;
+    uint8_t diff[32];
+    size_t cut = size ? (size_t)data[0] * 37 % (size + 1) : 0;  /* fed in two slices */
+    int rc = tar_feed(&t, data, cut);
+    if (!rc)
+        rc = tar_feed(&t, data + cut, size - cut);
+    if (!rc)
+        rc = tar_finish(&t, diff);
+    if (rc) {
+        if (!t.err.msg[0])
+            abort();  /* every refusal says why */
+        tar_free(&t);
+        return 0;
+    }
+    lz_index_sections out = {0};
+    lz_err err = {0};
+    int r = lz_index_build(&t, CHUNK, 1, &out, &err);
+    if (r == LZ_INDEX_DECLINED && !out.declined[0])
+        abort();
+    if (r == LZ_INDEX_BUILT) {
+        size_t nblocks = out.blockidx.len / 8 - 1, records = 0;
+        if (out.entry_count < 1 || out.blockidx.len % 8 || out.chunks.len != out.chunk_count * LZ_INDEX_CHUNK_RECORD)
+            abort();
+        for (size_t b = 0; b < nblocks; b++) {
+            uint64_t lo, hi;
+            memcpy(&lo, out.blockidx.p + 8 * b, 8);
+            memcpy(&hi, out.blockidx.p + 8 * (b + 1), 8);
+            unsigned long long n = ZSTD_getFrameContentSize(out.blocks.p + lo, hi - lo);
+            uint8_t *blk = malloc(n ? n : 1);
+            if (!blk || ZSTD_isError(ZSTD_decompress(blk, n, out.blocks.p + lo, hi - lo)))
+                abort();
+            size_t in_block = LZ_MIN(out.entry_count - records, LZ_INDEX_BLOCK_RECORDS);
+            if (n < in_block * LZ_INDEX_ENTRY_RECORD)
+                abort();
+            records += in_block;
+            free(blk);
+        }
+        if (records != out.entry_count)
+            abort();
+    }
+    lz_index_sections_free(&out);
+    tar_free(&t);
+    return 0;
+}
+
+/* ---- generator: small tars of the awkward entries, then damaged ---- */
+
+static const char *const names[] = {"a", "a/b", "./a/c", "a/./d", "a//e", "a/../x", "../up", "/abs", "",
+                                    ".", "a/b/", "dir", "dir/f", "dir/g/h", "link", "\xc3\xa9t\xc3\xa9"};
+#define NNAMES (sizeof names / sizeof *names)
+
+static void octal(char *field, size_t len, uint64_t v)
+{
+    snprintf(field, len, "%0*llo", (int)len - 1, (unsigned long long)v);
+}
+
+static size_t header(uint8_t *p, const char *name, char type, uint64_t size, const char *link)
+{
+    memset(p, 0, 512);
+    char *h = (char *)p;
+    strncpy(h, name, 100);
+    octal(h + 100, 8, lz_fuzz_rnd() % 2 ? 0644 : 04755);
+    octal(h + 108, 8, lz_fuzz_rnd() % 4 ? 0 : lz_fuzz_rnd() % 70000);
+    octal(h + 116, 8, 0);
+    octal(h + 124, 12, size);
+    octal(h + 136, 12, 1700000000);
+    h[156] = type;
+    strncpy(h + 157, link, 100);
+    memcpy(h + 257, "ustar\0" "00", 8);
+    memset(h + 148, ' ', 8);
+    unsigned sum = 0;
+    for (int i = 0; i < 512; i++)
+        sum += p[i];
+    snprintf(h + 148, 8, "%06o", sum);
+    return 512;
+}
+
+static size_t pax(uint8_t *p, size_t cap, const char *records)
+{
+    size_t n = strlen(records), padded = (n + 511) / 512 * 512;
+    if (512 + padded > cap)
+        return 0;
+    header(p, "PaxHeader", 'x', n, "");
+    memset(p + 512, 0, padded);
+    memcpy(p + 512, records, n);
+    return 512 + padded;
+}
+
+size_t lz_fuzz_generate(uint8_t *buf, size_t cap)
+{
+    size_t n = 0, entries = 1 + lz_fuzz_rnd() % 12;
+    static const char types[] = {'0', '0', '0', '5', '5', '2', '1', '1', '3', '6'};
+    for (size_t e = 0; e < entries && n + 8192 < cap; e++) {
+        const char *name = names[lz_fuzz_rnd() % NNAMES], *link = names[lz_fuzz_rnd() % NNAMES];
+        char type = types[lz_fuzz_rnd() % sizeof types];
+        if (lz_fuzz_rnd() % 5 == 0) {  /* xattrs (or a PAX path) for the next entry */
+            char rec[128];
+            int k = (int)(lz_fuzz_rnd() % 3);
+            const char *key = k == 0 ? "SCHILY.xattr.user.a=1" : k == 1 ? "SCHILY.xattr.security.capability=c"
+                                                                       : "path=dir/pax";
+            snprintf(rec, sizeof rec, "%d %s\n", (int)strlen(key) + 4, key);
+            n += pax(buf + n, cap - n, rec);
+        }
+        uint64_t size = type == '0' ? lz_fuzz_rnd() % (3 * CHUNK + 2) : 0;
+        n += header(buf + n, name, type, size, link);
+        for (uint64_t i = 0; i < (size + 511) / 512 * 512; i++)
+            buf[n + i] = i < size ? (uint8_t)(i * 7) : 0;
+        n += (size + 511) / 512 * 512;
+    }
+    memset(buf + n, 0, 1024);
+    n += 1024;
+    switch (lz_fuzz_rnd() % 6) {
+    case 0:  /* a few bytes changed */
+        for (int i = 0; i < 4; i++)
+            buf[lz_fuzz_rnd() % n] = (uint8_t)lz_fuzz_rnd();
+        break;
+    case 1:  /* cut short */
+        n = lz_fuzz_rnd() % (n + 1);
+        break;
+    default:
+        break;
+    }
+    return n;
+}
