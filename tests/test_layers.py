@@ -31,6 +31,7 @@ from snapshotter.index.format import serialize_index
 from snapshotter.layers import LazyLayerProvider, LazyOptions, indexes
 from snapshotter.prefetch.options import PrefetchOptions
 from snapshotter.registry import NotFoundError, RegistryClient, RegistryConfig, RetryPolicy
+from snapshotter.registry.reference import shared_in
 from snapshotter.registry.signatures import load_private_key, push_signature, signature_tag
 from snapshotter.service.provider import RemoteLayerRequest
 from tests.test_fs import make_layer_tar
@@ -227,25 +228,28 @@ def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
     _check_tree(d0, env.tars[0])
 
 
-def _index_artifacts(env: Env) -> tuple[int, int]:
-    """Index artifacts published for the image, and how many of them carry a signature."""
+def _index_artifacts(env: Env, where: str | None = None) -> tuple[int, int]:
+    """Index artifacts published for the image (in its own repository, or ``where``), and
+    how many of them carry a signature."""
+    where = where or env.ref
+
     async def count() -> tuple[int, int]:
         async with RegistryClient(RegistryConfig()) as c:
             img = await c.resolve(env.ref)
-            arts = await c.referrers(env.ref, img.manifest_digest, indexes.INDEX_ARTIFACT)
+            arts = await c.referrers(where, img.manifest_digest, indexes.INDEX_ARTIFACT)
             signed = 0
             for art in arts:
                 with contextlib.suppress(NotFoundError):
-                    await c.get_manifest(env.ref, signature_tag(art.digest))
+                    await c.get_manifest(where, signature_tag(art.digest))
                     signed += 1
             return len(arts), signed
 
     return env.loop.run(count)
 
 
-def _wait_artifacts(env: Env, n: int, signed: int) -> None:
+def _wait_artifacts(env: Env, n: int, signed: int, where: str | None = None) -> None:
     deadline = time.monotonic() + 30
-    while any(got < want for got, want in zip(_index_artifacts(env), (n, signed))):
+    while any(got < want for got, want in zip(_index_artifacts(env, where), (n, signed))):
         assert time.monotonic() < deadline, f"not {n} index artifacts published, {signed} signed"
         time.sleep(0.1)
 
@@ -272,6 +276,68 @@ def test_what_a_node_builds_reaches_the_next_node_when_signed(env: Env, tmp_path
     d0 = env.provide(d, 0)
     assert d.layer(env.layers[0]).source == "referrer"
     _check_tree(d0, env.tars[0])
+
+
+def test_a_node_without_push_rights_shares_through_the_share_registry(env: Env, tmp_path: Path) -> None:
+    """[lazy] share_registry: what a node builds is published under the share registry (the
+    image's repository path there), signed, and nothing in the image's own repository; a node
+    with the same share_registry uses it and streams nothing, one without builds again."""
+    share = start_registry(tmp_path / "share")
+    try:
+        place = f"{share.host}/fleet"
+        a = env.provider(tmp_path / "a", publish_built_indexes=True, share_registry=place,
+                         publish_sign_key=str(publisher_keys().private))
+        env.provide(a, 0)
+        assert a.layer(env.layers[0]).source == "built"
+        shared = shared_in(env.ref, place)
+        assert shared == f"{share.host}/fleet/lazy/img:v1"
+        _wait_artifacts(env, 1, 1, where=shared)
+        assert _index_artifacts(env) == (0, 0)
+        b = env.provider(tmp_path / "b", share_registry=place)
+        b0 = env.provide(b, 0)
+        assert b.layer(env.layers[0]).source == "referrer"
+        _check_tree(b0, env.tars[0])
+        c = env.provider(tmp_path / "c")
+        env.provide(c, 0)
+        assert c.layer(env.layers[0]).source == "built"
+    finally:
+        share.stop()
+
+
+def test_profiles_are_looked_for_in_the_share_registry_too(env: Env, tmp_path: Path) -> None:
+    """A signed profile published under the share registry (as a node without push rights to
+    the image's repository publishes what it records) is found there after the image's own
+    repository, and its pack is fetched from where it was found; without the share registry
+    in the places looked at, there is none."""
+    from snapshotter.prefetch.lookup import find
+    from snapshotter.prefetch.profile import ChunkAccess, LayerProfile, Profile
+    from snapshotter.prefetch.publish import publish_profile
+    from snapshotter.registry.signatures import Voucher, load_public_keys
+
+    share = start_registry(tmp_path / "share")
+    try:
+        shared = shared_in(env.ref, f"{share.host}/fleet")
+        profile = Profile(env.manifest, [LayerProfile(env.layers[1], 1, [ChunkAccess(0, 10, "f", 0, 10, [5])])])
+        voucher = Voucher("signed", tuple(load_public_keys([str(publisher_keys().public)])))
+
+        async def go() -> None:
+            async with RegistryClient(RegistryConfig()) as c:
+                resolved = await c.resolve(env.ref)
+                await publish_profile(c, shared, resolved.manifest_descriptor, profile, None,
+                                      load_private_key(str(publisher_keys().private)))
+                assert await find(tmp_path / "r1", c, [env.ref], env.manifest, voucher) is None
+                found = await find(tmp_path / "r2", c, [env.ref, shared], env.manifest, voucher)
+                assert found is not None and found.ref == shared and found.profile == profile
+
+        env.loop.run(go)
+    finally:
+        share.stop()
+
+
+@pytest.mark.parametrize("bad", ["fleet", "https://reg.example/x", "reg.example/UPPER"])
+def test_a_share_registry_that_names_no_registry_fails_the_start(bad: str) -> None:
+    with pytest.raises(ValueError, match="share_registry|invalid repository"):
+        LazyOptions(share_registry=bad).validate()
 
 
 def test_an_unreadable_publish_sign_key_fails_the_start(tmp_path: Path) -> None:

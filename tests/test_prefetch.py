@@ -156,7 +156,7 @@ async def test_record_then_prefetch_in_first_access_order(tmp_path: Path, blob: 
     # fresh node (empty store): the profile's chunks become local, spans in first-access order
     host2, mgr2, layer2, src2 = _setup(tmp_path / "b", blob, PrefetchOptions(background=False, prefetch_window=1))
     P.save(tmp_path / "b" / "root", prof)
-    found = await find(tmp_path / "b" / "root", None, "img", MANIFEST, LOCAL_ONLY, registry=False)
+    found = await find(tmp_path / "b" / "root", None, ["img"], MANIFEST, LOCAL_ONLY, registry=False)
     assert found is not None and found.profile == prof
     await mgr2._prefetch("img", found.profile, [layer2.digest])
     codec = layer2.fetcher.codec
@@ -236,17 +236,17 @@ async def test_other_manifest_and_corrupt_local_profiles_are_ignored(tmp_path: P
     path = P.profile_path(root, MANIFEST)
     path.parent.mkdir(parents=True)
     path.write_bytes(P.dumps(P.Profile(other, [])))
-    assert await find(root, None, "img", MANIFEST, LOCAL_ONLY, registry=False) is None
+    assert await find(root, None, ["img"], MANIFEST, LOCAL_ONLY, registry=False) is None
     path.write_bytes(b'{"schema": "lazysnap.profile.v1", "manifest": ')
-    assert await find(root, None, "img", MANIFEST, LOCAL_ONLY, registry=False) is None
+    assert await find(root, None, ["img"], MANIFEST, LOCAL_ONLY, registry=False) is None
     path.write_bytes(b" " * (P.MAX_PROFILE_BYTES + 1))
-    assert await find(root, None, "img", MANIFEST, LOCAL_ONLY, registry=False) is None
+    assert await find(root, None, ["img"], MANIFEST, LOCAL_ONLY, registry=False) is None
     lines = [str(r.fields.get("reason")) for r in caplog.records  # type: ignore[attr-defined]
              if r.getMessage() == "profile_rejected"]
     assert len(lines) == 3, lines
     assert "is for manifest" in lines[0] and "not JSON" in lines[1] and "byte limit" in lines[2]
     path.write_bytes(P.dumps(P.Profile(MANIFEST, [])))
-    found = await find(root, None, "img", MANIFEST, LOCAL_ONLY, registry=False)
+    found = await find(root, None, ["img"], MANIFEST, LOCAL_ONLY, registry=False)
     assert found is not None and found.profile == P.Profile(MANIFEST, [])
 
 

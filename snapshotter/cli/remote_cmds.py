@@ -218,9 +218,9 @@ class _Image:
             # the daemon's rule: a published index only if signed by a trusted key
             opts = LazyOptions(trusted_keys=self.trusted_keys, max_index_bytes=MAX_INDEX_BLOB)
             if self._published is None:
-                self._published = await published_indexes(self.client, self.ref, self.image.manifest_digest, opts,
+                self._published = await published_indexes(self.client, [self.ref], self.image.manifest_digest, opts,
                                                           load_public_keys(self.trusted_keys))
-            found = await fetch_published(self.client, self.ref, layer.digest,
+            found = await fetch_published(self.client, layer.digest,
                                           self._published.blobs.get(layer.digest, []), opts, self.root)
             if found is not None:
                 idx = found[0]

@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,7 @@ class Candidate:
     artifact: str
     blob: Any  # registry Descriptor of the index blob
     vouched: str  # "signed:<key fingerprint>" or "pinned" (checked per blob)
+    ref: str  # where the artifact is: the image's repository or the share registry's
 
 
 @dataclass(slots=True)
@@ -136,20 +137,28 @@ class PublishedIndexes:
     unsigned: int = 0  # of them, not signed by a trusted key (signed mode)
 
 
-async def published_indexes(client: Any, ref: str, manifest_digest: str | None, opts: LazyOptions,
+async def published_indexes(client: Any, refs: Sequence[str], manifest_digest: str | None, opts: LazyOptions,
                             keys: list[TrustedKey]) -> PublishedIndexes:
-    """The vouched-for index candidates of every layer of one image."""
+    """The vouched-for index candidates of every layer of one image, looked for in each of
+    ``refs`` in turn (the image's own repository, then the share registry's)."""
     out = PublishedIndexes()
     if not manifest_digest or opts.index_trust == "local-only":
         return out
     if opts.index_trust == "signed" and not keys:
         return out  # nothing could be vouched for: do not even ask
+    for ref in refs:
+        await _published_in(client, ref, manifest_digest, opts, keys, out)
+    return out
+
+
+async def _published_in(client: Any, ref: str, manifest_digest: str, opts: LazyOptions, keys: list[TrustedKey],
+                        out: PublishedIndexes) -> None:
     from snapshotter.registry import Descriptor
 
     voucher = Voucher("signed", tuple(keys))
     arts = await client.referrers(ref, manifest_digest, INDEX_ARTIFACT)
     arts.sort(key=lambda d: d.annotations.get("org.opencontainers.image.created", ""), reverse=True)
-    out.artifacts = len(arts)
+    out.artifacts += len(arts)
     for art in arts[:MAX_ARTIFACTS]:
         vouched = "pinned"
         if opts.index_trust == "signed":
@@ -179,11 +188,10 @@ async def published_indexes(client: Any, ref: str, manifest_digest: str | None, 
             desc = Descriptor.from_dict(d)
             layer = desc.annotations.get(LAYER_ANNOTATION)
             if layer and desc.media_type == INDEX_LAYER_MEDIA:  # not the windows blobs beside them
-                out.blobs.setdefault(layer, []).append(Candidate(art.digest, desc, vouched))
-    return out
+                out.blobs.setdefault(layer, []).append(Candidate(art.digest, desc, vouched, ref))
 
 
-async def fetch_published(client: Any, ref: str, layer_digest: str, candidates: list[Candidate],
+async def fetch_published(client: Any, layer_digest: str, candidates: list[Candidate],
                           opts: LazyOptions, root: Path) -> tuple[IndexFile, str] | None:
     """The first candidate that is vouched for, readable and describes this layer,
     cached with its provenance; None (each rejection logged and counted) if none is."""
@@ -194,7 +202,7 @@ async def fetch_published(client: Any, ref: str, layer_digest: str, candidates: 
             log.warning("index_rejected", layer=layer_digest, index_blob=desc.digest, reason="not_pinned")
             continue
         try:
-            data = await client.fetch_blob(ref, desc.digest, opts.max_index_bytes, purpose="index")
+            data = await client.fetch_blob(cand.ref, desc.digest, opts.max_index_bytes, purpose="index")
             probe = await asyncio.to_thread(IndexFile.from_bytes, data)  # checksums MBs: not on the loop
         except (LayerIndexError, ValueError) as exc:
             INDEX_FALLBACKS.labels("unreadable").inc()

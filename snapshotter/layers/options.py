@@ -44,6 +44,11 @@ class LazyOptions:
     (in the background), signed with ``publish_sign_key`` (a PEM private key, cosign's
     simple-signing format as ``lazysnap index --push --sign-key``) so that nodes trusting
     its public half use it; unsigned, nodes with the default ``signed`` trust ignore it.
+    ``share_registry``: ``host[:port][/prefix]`` where this node publishes what it builds and
+    records (indexes, start-up profiles) when it may not push to an image's own repository
+    (the image's repository path under it, ``registry.reference.shared_in``), and where it
+    looks for what others published there, after the image's own repository; the same
+    trust rules apply (signed by a trusted key). Empty: the image's own repository only.
     ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
     the blob on disk and serve reads from it instead of fetching ranges again.
     ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
@@ -82,6 +87,7 @@ class LazyOptions:
     trusted_keys: list[str] = field(default_factory=list)
     publish_built_indexes: bool = False
     publish_sign_key: str = ""
+    share_registry: str = ""
     keep_streamed_blobs: bool = True
     verify_complete_layers: bool = True
     layer_parallel: int = 3
@@ -117,6 +123,13 @@ class LazyOptions:
             log.warning("publish_unsigned", note="[lazy] publish_built_indexes without publish_sign_key: nodes "
                                                  "that require signed indexes (index_trust = \"signed\", the "
                                                  "default) will not use what this node publishes")
+        if self.share_registry:
+            from snapshotter.registry.reference import InvalidReferenceError, check_share_registry
+
+            try:
+                check_share_registry(self.share_registry)
+            except InvalidReferenceError as exc:
+                raise ValueError(str(exc)) from None
         if self.store_policy not in STORE_POLICIES:
             raise ValueError(f"store_policy must be one of {', '.join(STORE_POLICIES)}, got {self.store_policy!r}")
         if self.fsync not in ("none", "file", "full"):

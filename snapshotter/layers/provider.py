@@ -42,6 +42,7 @@ from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
 from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
+from snapshotter.registry.reference import shared_in
 from snapshotter.registry.signatures import Voucher, load_private_key, load_public_keys, push_signature
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
@@ -116,7 +117,7 @@ class LazyLayerProvider:
 
         self.profiles = ProfileManager(self.root, self, self.store, prefetch,
                                        voucher=Voucher(self.options.index_trust, tuple(self._keys)),
-                                       signer=self._signer)
+                                       signer=self._signer, places=self._places)
 
     # -- public API: every call runs on the provider's own loop -------------------------------
     # The FUSE filesystem must be served by a loop no other code blocks: the service checks
@@ -417,7 +418,7 @@ class LazyLayerProvider:
                 try:
                     if image.manifest_digest is None:
                         image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
-                    image.published = await indexes.published_indexes(self.client, image.ref,
+                    image.published = await indexes.published_indexes(self.client, self._places(image.ref),
                                                                        image.manifest_digest, self.options,
                                                                        self._keys)
                 except Exception as exc:  # noqa: BLE001 - no artifact: build instead
@@ -430,7 +431,7 @@ class LazyLayerProvider:
                 indexes.INDEX_FALLBACKS.labels("layer_not_in_artifact").inc()
             return None
         try:
-            return await indexes.fetch_published(self.client, image.ref, digest, candidates, self.options, self.root)
+            return await indexes.fetch_published(self.client, digest, candidates, self.options, self.root)
         except Exception as exc:  # noqa: BLE001
             indexes.INDEX_FALLBACKS.labels("index_fetch_failed").inc()
             log.warning("index_fetch_failed", layer=digest, error=str(exc))
@@ -443,16 +444,23 @@ class LazyLayerProvider:
                 image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
             resolved = await self.client.resolve(image.ref)
             data = indexes.index_path(self.root, digest).read_bytes()
-            art = await self.client.push_artifact(image.ref, subject=resolved.manifest_descriptor,
+            to = self._places(image.ref)[-1]  # the share registry when there is one
+            art = await self.client.push_artifact(to, subject=resolved.manifest_descriptor,
                                                   artifact_type=indexes.INDEX_ARTIFACT,
                                                   blobs=[(indexes.INDEX_LAYER_MEDIA, data,
                                                           {indexes.LAYER_ANNOTATION: digest})])
             if self._signer is not None:
-                await push_signature(self.client, image.ref, art.digest, self._signer)
-            log.info("index_published", layer=digest, image=image.ref, artifact=art.digest,
+                await push_signature(self.client, to, art.digest, self._signer)
+            log.info("index_published", layer=digest, image=image.ref, artifact=art.digest, to=to,
                      signed=self._signer is not None)
         except Exception as exc:  # noqa: BLE001
             log.warning("index_publish_failed", layer=digest, error=str(exc))
+
+    def _places(self, ref: str) -> list[str]:
+        """Where what nodes learn of ``ref`` is published: its own repository, then the share
+        registry's copy of that repository path ([lazy] share_registry)."""
+        share = self.options.share_registry
+        return [ref, shared_in(ref, share)] if share else [ref]
 
     async def _register(self, digest: str, ref: str, idx: IndexFile, source: str, *, verified: bool,
                         local_blob: Path | None = None) -> ProvidedLayer:

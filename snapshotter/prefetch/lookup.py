@@ -14,6 +14,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from snapshotter.log import get_logger
@@ -49,6 +50,7 @@ class Found:
     source: str  # "local" | artifact digest
     pack: PackRef | None = None  # only for a profile fetched from the registry
     vouched: str = "local"  # who vouched for a published one: "signed:<key fingerprint>"
+    ref: str = ""  # where a published one was found (its pack is there too)
 
 
 async def published_profile(client: Any, ref: str, manifest: str, voucher: Voucher) -> Found | None:
@@ -100,13 +102,14 @@ async def _profile_of(client: Any, ref: str, manifest: str, artifact: str, vouch
             pack = PackRef(str(pack_layers[0]["digest"]), int(pack_layers[0]["size"]))
         except (KeyError, TypeError, ValueError):
             log.warning("pack_rejected", image=ref, manifest=manifest, reason="bad descriptor")
-    return Found(loads(data, expect_manifest=manifest), artifact, pack, vouched)
+    return Found(loads(data, expect_manifest=manifest), artifact, pack, vouched, ref)
 
 
-async def find(root: Path, client: Any, ref: str, manifest: str, voucher: Voucher, *,
+async def find(root: Path, client: Any, refs: Sequence[str], manifest: str, voucher: Voucher, *,
                registry: bool = True) -> Found | None:
     """Local profile, else the published one vouched for by ``voucher`` (cached locally)
-    with its pack; None if none is usable."""
+    with its pack, looked for in each of ``refs`` in turn (the image's repository, then the
+    share registry's); None if none is usable."""
     try:
         p = await asyncio.to_thread(load, root, manifest)
     except (ProfileError, OSError) as exc:
@@ -121,22 +124,26 @@ async def find(root: Path, client: Any, ref: str, manifest: str, voucher: Vouche
     if not registry or client is None:
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         return None
-    try:
-        found = await published_profile(client, ref, manifest, voucher)
-    except ProfileError:
-        return None  # each rejected artifact was logged and counted
-    except Exception as exc:  # noqa: BLE001 - no profile is never a reason to fail a start
-        metrics.PROFILE_LOOKUPS.labels("none").inc()
-        log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
-                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        return None
+    found = None
+    rejected = False
+    for ref in refs:
+        try:
+            found = await published_profile(client, ref, manifest, voucher)
+        except ProfileError:
+            rejected = True  # each rejected artifact was logged and counted
+        except Exception as exc:  # noqa: BLE001 - no profile is never a reason to fail a start
+            log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
+                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        if found is not None:
+            break
     if found is None:
-        metrics.PROFILE_LOOKUPS.labels("none").inc()
-        log.info("profile_not_found", image=ref, manifest=manifest)
+        if not rejected:
+            metrics.PROFILE_LOOKUPS.labels("none").inc()
+            log.info("profile_not_found", image=refs[0], manifest=manifest)
         return None
     p, art = found.profile, found.source
     metrics.PROFILE_LOOKUPS.labels("registry").inc()
-    log.info("profile_found", source="registry", image=ref, manifest=manifest, artifact=art,
+    log.info("profile_found", source="registry", image=found.ref, manifest=manifest, artifact=art,
              vouched=found.vouched, chunks=p.chunks,
              bytes=p.bytes, recordings=p.recordings, pack_bytes=found.pack.size if found.pack else 0)
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,12 +61,14 @@ class ProfileManager:
     """One per daemon, owned by the layer provider (``host``)."""
 
     def __init__(self, root: Path, host: LayerHost, store: Any, options: PrefetchOptions | None = None, *,
-                 voucher: Voucher, signer: Any | None = None) -> None:
+                 voucher: Voucher, signer: Any | None = None,
+                 places: Callable[[str], list[str]] = lambda ref: [ref]) -> None:
         self.root = Path(root)
         self.host = host
         self.store = store
         self.voucher = voucher  # who may vouch for a published profile
         self.signer = signer  # signs the recorded profiles this node publishes
+        self.places = places  # where profiles of an image are looked for, in turn; published to the last
         self.options = (options or PrefetchOptions()).validate()
         self.recorder = AccessRecorder(store.has)
         self.pause = background.Pause(lambda: self.recorder.last_startup_read, self.options.idle_before_background_s)
@@ -159,7 +161,7 @@ class ProfileManager:
             if opts.prefetch or recording is not None:
                 if manifest is not None:
                     try:
-                        found = await find(self.root, self.host.client, ref, manifest, self.voucher,
+                        found = await find(self.root, self.host.client, self.places(ref), manifest, self.voucher,
                                            registry=opts.registry_lookup)
                         if found is not None and recording is not None:
                             self.recorder.stop(recording)  # it has a profile: nothing to record
@@ -225,7 +227,7 @@ class ProfileManager:
                 raise PackError(f"pack of {pack.size} bytes is over the {limit}-byte limit")
             reader = PackReader(found.profile.manifest, layers, max_bytes=limit)
             loop = asyncio.get_running_loop()
-            receiver = loop.create_task(self._receive_pack(ref, pack.digest, blocks, slots))
+            receiver = loop.create_task(self._receive_pack(found.ref or ref, pack.digest, blocks, slots))
             end = False
             while not end:
                 got = [await blocks.get()]
@@ -452,7 +454,8 @@ class ProfileManager:
                         reason="the reference now names another manifest")
             return
         pack = await asyncio.to_thread(build_pack, self.root, self.store, profile)
-        done = await publish_profile(self.host.client, ref, resolved.manifest_descriptor, profile, pack, self.signer)
+        to = self.places(ref)[-1]
+        done = await publish_profile(self.host.client, to, resolved.manifest_descriptor, profile, pack, self.signer)
         log.info("profile_published", image=ref, manifest=profile.manifest, artifact=done.artifact.digest,
                  pack_chunks=done.pack_chunks, bytes=done.pushed_bytes, signed=done.signed)
 

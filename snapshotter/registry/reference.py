@@ -92,3 +92,25 @@ class Reference:
 
 def as_reference(ref: str | Reference) -> Reference:
     return ref if isinstance(ref, Reference) else Reference.parse(ref)
+
+
+def shared_in(ref: str | Reference, share: str) -> str:
+    """``ref``'s repository under ``share`` (``host[:port][/prefix]``): where a node that may
+    not push to the image's own repository publishes what it learns of the image (indexes,
+    start-up profiles), and where nodes look for them after the image's own repository
+    (``[lazy] share_registry``). The artifacts name the image's manifest as their subject."""
+    r = as_reference(ref)
+    host, _, prefix = share.strip().strip("/").partition("/")
+    return str(Reference(host, f"{prefix}/{r.repository}" if prefix else r.repository, r.tag, r.digest))
+
+
+def check_share_registry(share: str) -> str:
+    """``share`` if it is ``host[:port][/prefix]`` with a registry host, else
+    InvalidReferenceError."""
+    text = share.strip().strip("/")
+    host = text.partition("/")[0]
+    if not ("." in host or ":" in host or host == "localhost"):
+        raise InvalidReferenceError(f"share_registry {share!r} must start with a registry host "
+                                    "(host[:port][/prefix])")
+    Reference.parse(f"{text}/probe")  # the prefix must be a repository path
+    return share
