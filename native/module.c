@@ -853,6 +853,31 @@ static int core_exec(PyObject *m)
         PyModule_AddIntConstant(m, "INDEX_CHUNK_RECORD_SIZE", LZ_INDEX_CHUNK_RECORD) ||
         PyModule_AddIntConstant(m, "INDEX_BLOCK_RECORDS", LZ_INDEX_BLOCK_RECORDS))
         return -1;
+    /* the enums the scan results carry, by name: snapshotter.native checks them against
+     * index.model's EntryType and CheckpointKind */
+    static const struct { const char *name; int value; } entry_types[] = {
+        {"REG", ET_REG}, {"HARDLINK", ET_HARDLINK}, {"SYMLINK", ET_SYMLINK}, {"CHAR", ET_CHAR},
+        {"BLOCK", ET_BLOCK}, {"DIR", ET_DIR}, {"FIFO", ET_FIFO}};
+    static const struct { const char *name; int value; } checkpoint_kinds[] = {
+        {"STREAM_START", CK_STREAM_START}, {"DEFLATE", CK_DEFLATE}, {"GZIP_MEMBER", CK_GZIP_MEMBER},
+        {"ZSTD_FRAME", CK_ZSTD_FRAME}};
+    PyObject *types = PyDict_New(), *kinds = PyDict_New();
+    int bad = !types || !kinds;
+    for (size_t i = 0; !bad && i < sizeof entry_types / sizeof *entry_types; i++) {
+        PyObject *v = PyLong_FromLong(entry_types[i].value);
+        bad = !v || PyDict_SetItemString(types, entry_types[i].name, v);
+        Py_XDECREF(v);
+    }
+    for (size_t i = 0; !bad && i < sizeof checkpoint_kinds / sizeof *checkpoint_kinds; i++) {
+        PyObject *v = PyLong_FromLong(checkpoint_kinds[i].value);
+        bad = !v || PyDict_SetItemString(kinds, checkpoint_kinds[i].name, v);
+        Py_XDECREF(v);
+    }
+    bad = bad || PyModule_AddObjectRef(m, "ENTRY_TYPES", types) || PyModule_AddObjectRef(m, "CHECKPOINT_KINDS", kinds);
+    Py_XDECREF(types);
+    Py_XDECREF(kinds);
+    if (bad)
+        return -1;
     st->ScannerType = PyType_FromModuleAndSpec(m, &Scanner_spec, NULL);
     if (!st->ScannerType || PyModule_AddObjectRef(m, "Scanner", st->ScannerType))
         return -1;

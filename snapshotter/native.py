@@ -16,7 +16,9 @@ from snapshotter.index.model import (  # re-exported
     ENTRY_BLOCK_RECORDS,
     ENTRY_RECORD,
     INDEX_CHUNK_RECORD,
+    CheckpointKind,
     EntrySections,
+    EntryType,
     MAX_SPARSE_SEGMENTS,
     WINDOW_SIZE,
 )
@@ -27,6 +29,10 @@ _C_LAYOUT = (_core.CHUNK_RECORD_SIZE, _core.WINDOW_SIZE, _core.MAX_SPARSE_SEGMEN
              _core.INDEX_CHUNK_RECORD_SIZE, _core.INDEX_BLOCK_RECORDS)
 _PY_LAYOUT = (CHUNK_RECORD.size, WINDOW_SIZE, MAX_SPARSE_SEGMENTS, ENTRY_RECORD.size, INDEX_CHUNK_RECORD.size,
               ENTRY_BLOCK_RECORDS)
+_PY_ENUMS = ({t.name: t.value for t in EntryType}, {k.name: k.value for k in CheckpointKind})
+if (_core.ENTRY_TYPES, _core.CHECKPOINT_KINDS) != _PY_ENUMS:
+    raise ImportError(f"snapshotter._core numbers entry types and checkpoint kinds "
+                      f"{_core.ENTRY_TYPES} {_core.CHECKPOINT_KINDS}; Python has {_PY_ENUMS[0]} {_PY_ENUMS[1]}")
 if _C_LAYOUT != _PY_LAYOUT:
     raise ImportError(f"snapshotter._core was built for layouts {_C_LAYOUT} (scan chunk record, window, sparse "
                       f"segments, index entry record, index chunk record, records per block); Python has "

@@ -681,3 +681,17 @@ def test_zstd_stream_corrupt_input_is_an_error() -> None:
             assert not eof
     with pytest.raises(ValueError):
         native.ZstdStream().decompress(b"", -1)
+
+
+def test_the_c_core_and_python_share_one_binary_contract() -> None:
+    """Record layouts and enums the C core writes and Python reads agree (snapshotter.native
+    also refuses to import a core that disagrees)."""
+    from snapshotter import _core
+    from snapshotter.index.model import (CHUNK_RECORD, ENTRY_BLOCK_RECORDS, ENTRY_RECORD, INDEX_CHUNK_RECORD,
+                                         CheckpointKind, EntryType)
+
+    assert (_core.CHUNK_RECORD_SIZE, _core.INDEX_ENTRY_RECORD_SIZE, _core.INDEX_CHUNK_RECORD_SIZE,
+            _core.INDEX_BLOCK_RECORDS) == (CHUNK_RECORD.size, ENTRY_RECORD.size, INDEX_CHUNK_RECORD.size,
+                                           ENTRY_BLOCK_RECORDS)
+    assert _core.ENTRY_TYPES == {t.name: t.value for t in EntryType}
+    assert _core.CHECKPOINT_KINDS == {k.name: k.value for k in CheckpointKind}
