@@ -28,6 +28,10 @@ from pathlib import Path
 import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.synthetic import add_parent_dirs  # noqa: E402
+
 CACHE = ROOT / "bench" / ".cache" / "index_command"
 LAZYSNAP = [str(Path(sys.executable).parent / "lazysnap")]  # the installed command, as users run it
 ZSTD_FRAME = 8 << 20
@@ -56,14 +60,6 @@ def generate(files: int) -> Path:
         made: set[str] = set()
         for i in range(files):
             d = f"usr/lib/python3/site-packages/pkg{i // 1500:04d}/sub{(i // 60) % 25:02d}"
-            parts = d.split("/")
-            for k in range(1, len(parts) + 1):
-                p = "/".join(parts[:k])
-                if p not in made:
-                    made.add(p)
-                    ti = tarfile.TarInfo(p)
-                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-                    tf.addfile(ti)
             size = min(int(rng.lognormvariate(7.3, 1.1)), 1 << 20)
             if rng.random() < 0.7:
                 buf = bytearray()
@@ -74,12 +70,7 @@ def generate(files: int) -> Path:
                 half = size // 2
                 text = b" ".join(rng.choice(words) for _ in range(half // 6 + 1))[:size - half]
                 data, name = rng.randbytes(half) + text, f"{d}/__pycache__/mod_{i:06d}.cpython-311.pyc"
-                pc = name.rpartition("/")[0]
-                if pc not in made:
-                    made.add(pc)
-                    ti = tarfile.TarInfo(pc)
-                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-                    tf.addfile(ti)
+            add_parent_dirs(tf, name, made)
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
             tf.addfile(ti, io.BytesIO(data))

@@ -173,20 +173,28 @@ class _Content(io.RawIOBase):
         return n
 
 
+def add_parent_dirs(tar: tarfile.TarFile, path: str, made: set[str]) -> int:
+    """Directory entries (0755, fixed mtime) for the parents of ``path`` not in ``made`` yet,
+    as image builders write them before a file; how many were added."""
+    count = 0
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        d = "/".join(parts[:i])
+        if d not in made:
+            made.add(d)
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tar.addfile(ti)
+            count += 1
+    return count
+
+
 def _write_data_layer(path: Path, spec: SyntheticSpec, files: list[SynFile], pool: memoryview) -> int:
     count = 0
     made: set[str] = set()
     with open(path, "wb") as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for f in files:
-            parts = f.path.split("/")
-            for i in range(1, len(parts)):
-                d = "/".join(parts[:i])
-                if d not in made:
-                    made.add(d)
-                    ti = tarfile.TarInfo(d)
-                    ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-                    tar.addfile(ti)
-                    count += 1
+            count += add_parent_dirs(tar, f.path, made)
             ti = tarfile.TarInfo(f.path)
             ti.size, ti.mode, ti.mtime = f.size, 0o644, 1_700_000_000
             tar.addfile(ti, io.BufferedReader(_Content(pool, spec, f), 1 << 20))

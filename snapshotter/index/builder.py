@@ -20,7 +20,9 @@ layer:
   first entry holding the data); if that entry is later replaced, the link keeps the old
   content, as it would on disk.
 
-Streaming helpers :func:`index_file` and :func:`index_stream` feed a scanner and build.
+:func:`index_file_bytes` and :func:`index_stream_bytes` feed a scanner and return the serialized
+index, built in C where it can be (:func:`index_bytes`); :func:`index_file` returns the
+reference's ``LayerIndex``.
 """
 from __future__ import annotations
 
@@ -363,7 +365,8 @@ def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
 def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK) -> bytes:
     """The serialized index of a layer fed whole to ``scanner``. The C core builds the
     entries' sections straight from its scan (no per-entry Python, the GIL released); a
-    layer it declines (hard links, sparse files, anything the reference refuses) is built
+    layer it declines (sparse files, a directory replaced by a non-directory, anything the
+    reference refuses) is built
     here by :func:`build_index`, the reference, which also words any error. Worker thread."""
     from snapshotter import native
     from snapshotter.index.format import assemble, serialize_index
@@ -417,7 +420,14 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
                              chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
                              expected_digest: str | None = None) -> bytes:
     """The serialized index of a layer arriving as an async byte stream (a registry blob
-    GET), fed and built on worker threads as :func:`index_stream` does; see :func:`index_bytes`."""
+    GET); see :func:`index_bytes`. Raises IndexBuildError when ``expected_digest`` (what the
+    manifest pinned) is not the blob's.
+
+    Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
+    for a few MiB. Run on the event loop it would stall every other request (FUSE reads,
+    gRPC), so each slice is fed on a worker thread with ``asyncio.to_thread``; the C core
+    releases the GIL there, so the loop keeps running. Slices are fed strictly in order
+    (one ``to_thread`` at a time), which the scanner requires."""
     import asyncio  # here: `lazysnap index FILE` starts ~25 ms sooner without it
 
     from snapshotter.index.format import IndexFile
@@ -433,28 +443,3 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
                 raise IndexBuildError(f"blob digest {built.info.blob_digest} does not match expected "
                                       f"{expected_digest}")
     return data
-
-
-async def index_stream(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
-                       diff_id: bool = False, scanner: str = "auto",
-                       expected_digest: str | None = None) -> LayerIndex:
-    """Index a layer arriving as an async byte stream (e.g. a registry blob GET).
-
-    Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
-    for a few MiB. Run on the event loop it would stall every other request (FUSE reads,
-    gRPC), so each slice is fed on a worker thread with ``asyncio.to_thread``; the C core
-    releases the GIL there, so the loop keeps running. Slices are fed strictly in order
-    (one ``to_thread`` at a time), which the scanner requires. Optionally checks the
-    blob digest the manifest pinned.
-    """
-    import asyncio
-
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner)
-    async for block in stream:
-        if block:
-            await asyncio.to_thread(sc.feed, block)
-    scan = await asyncio.to_thread(sc.finish)
-    index = await asyncio.to_thread(build_index, scan, span_size=span, chunk_size=chunk_size)
-    if expected_digest is not None and index.info.blob_digest != expected_digest:
-        raise IndexBuildError(f"blob digest {index.info.blob_digest} does not match expected {expected_digest}")
-    return index

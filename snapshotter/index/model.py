@@ -98,6 +98,7 @@ class EntrySections:
     reg_count: int
     chunk_count: int
 
+
 #: One end mark as the scanner returns it: every uncompressed byte before ``uoff`` is
 #: produced by decoding compressed bytes before ``coff`` (from the preceding checkpoint).
 MARK_RECORD = struct.Struct("<QQ")
