@@ -694,4 +694,10 @@ def test_the_c_core_and_python_share_one_binary_contract() -> None:
             _core.INDEX_BLOCK_RECORDS) == (CHUNK_RECORD.size, ENTRY_RECORD.size, INDEX_CHUNK_RECORD.size,
                                            ENTRY_BLOCK_RECORDS)
     assert _core.ENTRY_TYPES == {t.name: t.value for t in EntryType}
+    from snapshotter import _fuse
+    from snapshotter.fs import compiled
+
+    assert (_fuse.TREE_HEADER_SIZE, _fuse.TREE_NODE_SIZE, _fuse.TREE_CHILD_SIZE, _fuse.TREE_XATTR_SIZE,
+            _fuse.INDEX_ENTRY_RECORD_SIZE) == (compiled.HEADER.size, compiled.NODE.size, compiled.CHILD.size,
+                                               compiled.XATTR.size, ENTRY_RECORD.size)
     assert _core.CHECKPOINT_KINDS == {k.name: k.value for k in CheckpointKind}

@@ -555,7 +555,14 @@ static int fuse_exec(PyObject *m)
         return -1;
     }
     Py_DECREF(t);
-    return PyModule_AddIntConstant(m, "TREE_MAGIC", LZT_MAGIC) || PyModule_AddIntConstant(m, "NODE_PYDATA", LZT_NODE_PYDATA);
+    /* the tree blob's records and the index entry record the tree builder reads, by size:
+     * snapshotter/fs/compiled.py refuses an extension that lays them out differently */
+    return PyModule_AddIntConstant(m, "TREE_MAGIC", LZT_MAGIC) || PyModule_AddIntConstant(m, "NODE_PYDATA", LZT_NODE_PYDATA) ||
+           PyModule_AddIntConstant(m, "TREE_HEADER_SIZE", sizeof(lzt_header)) ||
+           PyModule_AddIntConstant(m, "TREE_NODE_SIZE", sizeof(lzt_node)) ||
+           PyModule_AddIntConstant(m, "TREE_CHILD_SIZE", sizeof(lzt_child)) ||
+           PyModule_AddIntConstant(m, "TREE_XATTR_SIZE", sizeof(lzt_xattr)) ||
+           PyModule_AddIntConstant(m, "INDEX_ENTRY_RECORD_SIZE", LZT_ENTRY_SIZE);
 }
 
 static PyModuleDef_Slot fuse_slots[] = {

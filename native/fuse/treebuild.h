@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LZT_ENTRY_SIZE 58 /* snapshotter/index/format.py ENTRY: "<IIHBBHIIQqQIII" */
+#define LZT_ENTRY_SIZE 58 /* index/model.py ENTRY_RECORD, native/indexbuild.h LZ_INDEX_ENTRY_RECORD (checked at import) */
 
 typedef struct {
     const uint8_t *const *blocks; /* decompressed entry blocks: records, then their strings */

@@ -22,7 +22,7 @@ from snapshotter._fuse import NODE_PYDATA, TREE_MAGIC
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.index.format import BLOCK_RECORDS, IndexFile
-from snapshotter.index.model import Entry
+from snapshotter.index.model import ENTRY_RECORD, Entry
 
 VERSION = 1
 HEADER = struct.Struct("<6IQ")
@@ -30,6 +30,15 @@ NODE = struct.Struct("<QqQQ14I")
 CHILD = struct.Struct("<3I")
 XATTR = struct.Struct("<4I")
 _U32 = 0xFFFFFFFF
+
+# The tree blob's records as C reads them (native/fuse/fastfs.h) and the index entry record
+# the C tree builder reads (native/fuse/treebuild.h): one contract, refused if they differ.
+_C_LAYOUT = (_fuse.TREE_HEADER_SIZE, _fuse.TREE_NODE_SIZE, _fuse.TREE_CHILD_SIZE, _fuse.TREE_XATTR_SIZE,
+             _fuse.INDEX_ENTRY_RECORD_SIZE)
+_PY_LAYOUT = (HEADER.size, NODE.size, CHILD.size, XATTR.size, ENTRY_RECORD.size)
+if _C_LAYOUT != _PY_LAYOUT:
+    raise ImportError(f"snapshotter._fuse was built for tree header, node, child, xattr and index entry records of "
+                      f"{_C_LAYOUT} bytes; Python has {_PY_LAYOUT}")
 
 
 def compile_tree(tree: LayerTree) -> bytes:
