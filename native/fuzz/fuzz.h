@@ -9,7 +9,8 @@
 #define LZ_FUZZ_MAX (1u << 20)  /* the largest generated input */
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-/* One input of at most cap bytes into buf; draws its randomness from lz_fuzz_rnd. */
+/* One input of at most cap bytes into buf; draws its randomness from lz_fuzz_rnd. The
+ * driver cuts some of them short itself. */
 size_t lz_fuzz_generate(uint8_t *buf, size_t cap);
 uint64_t lz_fuzz_rnd(void);
 
