@@ -362,23 +362,34 @@ def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
                      sequential_only=bool(_field(scan, "sequential_only")))
 
 
-def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK) -> bytes:
+def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
+                expected_digest: str | None = None) -> bytes:
     """The serialized index of a layer fed whole to ``scanner``. The C core builds the
     entries' sections straight from its scan (no per-entry Python, the GIL released); a
     layer it declines (sparse files, a directory replaced by a non-directory, anything the
-    reference refuses) is built
-    here by :func:`build_index`, the reference, which also words any error. Worker thread."""
+    reference refuses) is built here by :func:`build_index`, the reference, which also
+    words any error. Raises IndexBuildError when ``expected_digest`` (what the manifest
+    pinned) is not the blob's. Worker thread."""
     from snapshotter import native
     from snapshotter.index.format import assemble, serialize_index
 
     if not isinstance(scanner, native.Scanner):
-        return serialize_index(build_index(scanner.finish(), span_size=span, chunk_size=chunk_size))
+        scan = scanner.finish()
+        _check_digest(scan, expected_digest)
+        return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
     scan = scanner.finish(index_chunk_size=chunk_size)
+    _check_digest(scan, expected_digest)
     if scan.index is None:
         log.debug("event=index_built_in_python reason=%s", (scan.index_declined or "").replace(" ", "_"))
         return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
     return assemble(_info(scan, span, chunk_size), scan.index, [_checkpoint(c) for c in scan.checkpoints],
                     _marks(scan))[0]
+
+
+def _check_digest(scan: Any, expected: str | None) -> None:
+    blob = _digest(_field(scan, "blob_digest"))
+    if expected is not None and blob != expected:
+        raise IndexBuildError(f"blob digest {blob} does not match expected {expected}")
 
 
 def _scan_file(path: str, sc: Scanner) -> None:
@@ -430,16 +441,9 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
     (one ``to_thread`` at a time), which the scanner requires."""
     import asyncio  # here: `lazysnap index FILE` starts ~25 ms sooner without it
 
-    from snapshotter.index.format import IndexFile
-
     sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id)
     async for block in stream:
         if block:
             await asyncio.to_thread(sc.feed, block)
-    data = await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size)
-    if expected_digest is not None:
-        with IndexFile.from_bytes(data) as built:
-            if built.info.blob_digest != expected_digest:
-                raise IndexBuildError(f"blob digest {built.info.blob_digest} does not match expected "
-                                      f"{expected_digest}")
-    return data
+    return await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size,
+                                   expected_digest=expected_digest)

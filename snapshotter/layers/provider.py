@@ -440,10 +440,10 @@ class LazyLayerProvider:
     async def _publish(self, image: _Image, digest: str) -> None:
         """Publish one built index as its own artifact (best effort, logged)."""
         try:
-            if image.manifest_digest is None:
-                image.manifest_digest = (await self.client.resolve(image.ref)).manifest_digest
             resolved = await self.client.resolve(image.ref)
-            data = indexes.index_path(self.root, digest).read_bytes()
+            if image.manifest_digest is None:
+                image.manifest_digest = resolved.manifest_digest
+            data = await asyncio.to_thread(indexes.index_path(self.root, digest).read_bytes)
             to = self._places(image.ref)[-1]  # the share registry when there is one
             art = await self.client.push_artifact(to, subject=resolved.manifest_descriptor,
                                                   artifact_type=indexes.INDEX_ARTIFACT,
