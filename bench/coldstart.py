@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -52,6 +53,32 @@ LOCAL_CONFIG = NO_PROFILE_CONFIG + "background = false\n"
 # default index_trust = "signed"): every layer is indexed by streaming it once
 UNSIGNED_CONFIG = '[lazy]\nindex_trust = "local-only"\n' + NO_PROFILE_CONFIG
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
+
+
+def merge_toml(*snippets: str) -> str:
+    """One config from a variant's TOML and --lazysnap-config: the same table in both (say
+    [lazy]) is one table, the later snippet's keys winning. Scalars and lists of scalars,
+    which is what lazysnap's config holds."""
+    tables: dict[str, dict[str, object]] = {}
+    for snippet in snippets:
+        for name, table in tomllib.loads(snippet).items():
+            if not isinstance(table, dict):
+                raise ValueError(f"top-level key {name!r}: lazysnap's config has tables only")
+            tables.setdefault(name, {}).update(table)
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+                   for name, table in tables.items())
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {v!r} as TOML")
 
 
 def log(event: str, **kv: object) -> None:
@@ -173,7 +200,7 @@ class Bench:
     def _node(self, tag: str, *, lazy: bool, config: str = "") -> Node:
         self._seq += 1
         return Node(self.workdir / f"{self._seq:03d}-{tag}", self.proxy.host, lazysnap=lazy, keep=self.keep,
-                    lazysnap_config=config + self.extra_config)
+                    lazysnap_config=merge_toml(config, self.extra_config))
 
     def _check(self, output: str) -> None:
         if self.image.expected not in output:
@@ -551,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy = ByteProxy(reg.host, rate=args.rate_bps)
         bench = Bench(image, proxy, workdir / "nodes", args.runs, keep=args.keep, settle_s=args.settle_s)
         if args.lazysnap_config is not None:
-            bench.extra_config = "\n" + args.lazysnap_config.read_text()
+            bench.extra_config = args.lazysnap_config.read_text()
         outcomes = bench.run_rounds(args.variants)
         notes = bench.notes
     finally:

@@ -89,6 +89,13 @@ static inline void lz_buf_free(lz_buf *b)
     b->len = b->cap = 0;
 }
 
+/* A record field as the index and the scan results store it: little-endian. */
+static inline void lz_put_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
 #define LZ_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define LZ_MAX(a, b) ((a) > (b) ? (a) : (b))
 

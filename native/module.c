@@ -68,17 +68,52 @@ typedef struct {
     scanner_t *sc;
     int busy;
     int want_diff;
+    lz_chunk_sink *sink;  /* chunk_store=: the scan stores its chunks as chunk files */
 } ScannerObject;
+
+static void sink_free(lz_chunk_sink *s)
+{
+    if (!s)
+        return;
+    free(s->dir);
+    free(s->tmp);
+    free(s->tag);
+    free(s);
+}
+
+/* chunk_store=(dir, tmp, tag, fsync policy, budget bytes, smallest file), as
+ * ChunkStore.scan_target gives it. */
+static lz_chunk_sink *sink_new(PyObject *spec, unsigned long long *min_file)
+{
+    const char *dir, *tmp, *tag;
+    int policy;
+    unsigned long long budget;
+    if (!PyArg_ParseTuple(spec, "sssiKK:chunk_store", &dir, &tmp, &tag, &policy, &budget, min_file))
+        return NULL;
+    if (policy < LZ_FSYNC_NONE || policy > LZ_FSYNC_FULL) {
+        PyErr_SetString(PyExc_ValueError, "chunk_store fsync policy must be 0, 1 or 2");
+        return NULL;
+    }
+    lz_chunk_sink *s = calloc(1, sizeof *s);
+    if (s && (s->dir = strdup(dir)) && (s->tmp = strdup(tmp)) && (s->tag = strdup(tag))) {
+        s->fsync_policy = policy;
+        s->budget = budget;
+        return s;
+    }
+    sink_free(s);
+    PyErr_NoMemory();
+    return NULL;
+}
 
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
-                             "simd", "sparse_windows", NULL};
+                             "simd", "sparse_windows", "chunk_store", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
     int diff = 0, threaded = 1, simd = 1, sparse = 1;
-    PyObject *fmt_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOppp:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded, &simd, &sparse))
+    PyObject *fmt_o = Py_None, *store_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppO:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd, &sparse, &store_o))
         return -1;
     if (span < 1024 || chunk < 1 || chunk > (1ull << 40)) {
         PyErr_SetString(PyExc_ValueError, "span_size must be >= 1024 and chunk_size in 1..2**40");
@@ -91,16 +126,24 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "Scanner already initialised");
         return -1;
     }
+    lz_chunk_sink *sink = NULL;
+    unsigned long long min_file = 0;
+    if (store_o != Py_None && !(sink = sink_new(store_o, &min_file)))
+        return -1;
     lz_err err = {0};
     scanner_t *sc;
     Py_BEGIN_ALLOW_THREADS
     sc = scanner_new(span, chunk, diff, fmt, threaded, simd, sparse, &err);
     Py_END_ALLOW_THREADS
     if (!sc) {
+        sink_free(sink);
         raise_err(get_state(self->module), &err);
         return -1;
     }
+    if (sink)
+        tar_set_sink(&sc->tar, lz_chunk_sink_write, sink, min_file);
     self->sc = sc;
+    self->sink = sink;
     self->want_diff = diff;
     return 0;
 }
@@ -129,6 +172,7 @@ static void Scanner_dealloc(ScannerObject *self)
         scanner_free(sc);
         Py_END_ALLOW_THREADS
     }
+    sink_free(self->sink);
     Py_XDECREF(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -248,12 +292,6 @@ fail:
     return NULL;
 }
 
-static void put_le64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
 static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8_t diff[32],
                               int want_diff, int with_entries)
 {
@@ -284,6 +322,8 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
         nframes += cp[i].kind == CK_STREAM_START || cp[i].kind == CK_ZSTD_FRAME;
     SET("sequential_only", PyBool_FromLong(sc->format == FMT_ZSTD && nframes <= 1));
     SET("hash_thread_cpu_ns", u64(sc->thread_cpu_ns));
+    SET("stored", PyBytes_FromStringAndSize((const char *)t->stored.p, (Py_ssize_t)t->stored.len));
+    SET("store_errno", PyLong_FromLong(t->sink_errno));
 
     size_t ne = with_entries ? tar_entry_count(t) : 0;
     v = PyList_New((Py_ssize_t)ne);
@@ -306,8 +346,8 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(v);
     const tar_chunk *c = (const tar_chunk *)t->chunks.p;
     for (size_t i = 0; i < nc; i++) {
-        put_le64(out + LZ_CHUNK_RECORD * i, c[i].offset);
-        put_le64(out + LZ_CHUNK_RECORD * i + 8, c[i].length);
+        lz_put_le64(out + LZ_CHUNK_RECORD * i, c[i].offset);
+        lz_put_le64(out + LZ_CHUNK_RECORD * i + 8, c[i].length);
         memcpy(out + LZ_CHUNK_RECORD * i + 16, c[i].sha, 32);
     }
     if (PyDict_SetItemString(d, "chunks", v))
@@ -322,7 +362,7 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
         const uint64_t *m = (const uint64_t *)sc->marks.p;
         uint8_t *mo = (uint8_t *)PyBytes_AS_STRING(v);
         for (size_t i = 0; i < sc->marks.len / sizeof *m; i++)
-            put_le64(mo + 8 * i, m[i]);
+            lz_put_le64(mo + 8 * i, m[i]);
     }
     if (PyDict_SetItemString(d, "marks", v))
         goto fail;

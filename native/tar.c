@@ -1,6 +1,7 @@
 /* Streaming tar parser with file-aligned chunk hashing (see tar.h). */
 #include "tar.h"
 
+#include <errno.h>
 #include <limits.h>
 
 enum { T_HDR, T_EXT, T_DATA, T_SKIP, T_SPARSE_MAP, T_GNU_SPARSE_EXT, T_END, T_FAILED };
@@ -40,7 +41,17 @@ void tar_free(tar_t *t)
     lz_buf_free(&t->xattrs);
     lz_buf_free(&t->sparse);
     lz_buf_free(&t->finals);
+    lz_buf_free(&t->keep);
+    lz_buf_free(&t->sunk_flags);
+    lz_buf_free(&t->stored);
     lz_mh_free(&t->mh);
+}
+
+void tar_set_sink(tar_t *t, tar_sink_fn sink, void *ctx, uint64_t min_file)
+{
+    t->sink = sink;
+    t->sink_ctx = ctx;
+    t->sink_min_file = min_file;
 }
 
 static int fail(tar_t *t, int kind, const char *fmt, ...)
@@ -197,10 +208,14 @@ static int chunk_finish(tar_t *t)
     memset(&c, 0, sizeof c);
     c.offset = t->chunk_start;
     c.length = t->chunk_fill;
+    uint8_t sunk = t->cur_sunk && t->sink;
+    if (t->sink && lz_buf_append(&t->sunk_flags, &sunk, 1))
+        return nomem(t);
     size_t fin[2] = {t->chunk_slot, tar_chunk_count(t)};
     if (lz_buf_append(&t->chunks, &c, sizeof c) || lz_buf_append(&t->finals, fin, sizeof fin) ||
         lz_mh_new(&t->mh, &t->chunk_slot))
         return nomem(t);
+    t->keep_done = t->keep.len;
     t->chunk_start += t->chunk_fill;
     t->chunk_fill = 0;
     return 0;
@@ -470,6 +485,7 @@ static void start_data(tar_t *t, uint64_t stored)
     e->stored_size = stored;
     e->first_chunk = tar_chunk_count(t);
     e->chunk_count = stored ? (stored + t->chunk_size - 1) / t->chunk_size : 0;
+    t->cur_sunk = t->sink && stored >= t->sink_min_file;
     if (stored) {
         t->state = T_DATA;
         t->remaining = stored;
@@ -766,6 +782,67 @@ static int sparse10_try(tar_t *t)
     return 1;
 }
 
+static void drop_sink(tar_t *t, int err)
+{
+    t->sink = NULL;
+    t->sink_errno = err;
+    lz_buf_free(&t->keep);
+    lz_buf_free(&t->sunk_flags);
+    t->keep_done = 0;
+}
+
+/* Hand the chunks finished since the last flush (digests known) to the sink, then keep only
+ * the open chunk's bytes. */
+static void sink_run(tar_t *t)
+{
+    size_t first = t->sunk, n = tar_chunk_count(t) - first;
+    const tar_chunk *c = (const tar_chunk *)t->chunks.p + first;
+    const uint8_t **digest = malloc(n * sizeof *digest), **data = malloc(n * sizeof *data);
+    size_t *len = malloc(n * sizeof *len), *which = malloc(n * sizeof *which);
+    int *status = malloc(n * sizeof *status);
+    int rc = -ENOMEM;
+    if (digest && data && len && which && status) {
+        size_t pos = 0, m = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!t->sunk_flags.p[first + i])
+                continue;
+            which[m] = i;
+            digest[m] = c[i].sha;
+            data[m] = t->keep.p + pos;
+            len[m] = (size_t)c[i].length;
+            pos += len[m++];
+        }
+        rc = m ? t->sink(t->sink_ctx, m, digest, data, len, status) : 0;
+        for (size_t j = 0; j < m; j++) {
+            uint8_t rec[LZ_CHUNK_RECORD];
+            const tar_chunk *ci = c + which[j];
+            if (status[j] != 1)
+                continue;
+            lz_put_le64(rec, ci->offset);
+            lz_put_le64(rec + 8, ci->length);
+            memcpy(rec + 16, ci->sha, 32);
+            if (lz_buf_append(&t->stored, rec, sizeof rec)) {
+                rc = -ENOMEM;
+                break;
+            }
+        }
+    }
+    free(digest);
+    free(data);
+    free(len);
+    free(which);
+    free(status);
+    t->sunk = tar_chunk_count(t);
+    if (rc < 0) {
+        drop_sink(t, -rc);
+        return;
+    }
+    if (t->keep_done && t->keep.len > t->keep_done)
+        memmove(t->keep.p, t->keep.p + t->keep_done, t->keep.len - t->keep_done);
+    t->keep.len -= t->keep_done;
+    t->keep_done = 0;
+}
+
 /* Run the queued hashing and fill in the digests of the chunks finished since. */
 static void tar_flush(tar_t *t)
 {
@@ -775,6 +852,10 @@ static void tar_flush(tar_t *t)
     for (size_t i = 0; i < t->finals.len / sizeof *f; i += 2)
         lz_mh_final(&t->mh, f[i], c[f[i + 1]].sha);
     t->finals.len = 0;
+    if (t->sink && tar_chunk_count(t) > t->sunk)
+        sink_run(t);
+    else if (!t->sink)
+        t->sunk = tar_chunk_count(t);
 }
 
 static int tar_feed_queued(tar_t *t, const uint8_t *p, size_t n);
@@ -918,6 +999,8 @@ static int tar_feed_queued(tar_t *t, const uint8_t *p, size_t n)
             uint64_t room = t->chunk_size - t->chunk_fill;
             size_t take = (size_t)LZ_MIN((uint64_t)n, LZ_MIN(room, t->remaining));
             lz_mh_update(&t->mh, t->chunk_slot, p, take);
+            if (t->cur_sunk && t->sink && lz_buf_append(&t->keep, p, take))
+                drop_sink(t, ENOMEM);
             t->chunk_fill += take;
             p += take;
             n -= take;

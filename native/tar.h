@@ -49,6 +49,13 @@ typedef struct {
     int64_t pending_offset; /* PAX 0.0: GNU.sparse.offset waiting for numbytes */
 } tar_pending;
 
+/* Where finished chunks go once their digest is known (tar_set_sink): n chunks, their
+ * digests, bytes and lengths.  status[i]: 1 stored, 0 there already, < 0 not stored (-errno).
+ * Returns 0, or -errno to be called no more (the scan itself goes on: a sink that cannot
+ * keep chunks costs their copies, never the scan). */
+typedef int (*tar_sink_fn)(void *ctx, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
+                           const size_t *len, int *status);
+
 typedef struct {
     /* configuration */
     uint64_t chunk_size;
@@ -75,12 +82,23 @@ typedef struct {
     lz_buf finals;          /* (slot, chunk index) pairs whose digest is due at the flush */
     uint64_t sparse_map_numbers_needed;  /* PAX 1.0 sparse map parsing: lines needed */
     uint64_t sparse_map_newlines;        /* and lines seen so far */
+    /* the chunk sink (tar_set_sink): finished chunks' bytes wait in keep for their digest */
+    tar_sink_fn sink;
+    void *sink_ctx;
+    uint64_t sink_min_file; /* smaller files' chunks are not handed to the sink */
+    int cur_sunk;           /* the current file's chunks go to the sink */
+    lz_buf keep;            /* bytes of the chunks finished since the last flush, then the open one's */
+    size_t keep_done;       /* bytes of keep that belong to finished chunks */
+    size_t sunk;            /* chunks handed to the sink (or skipped) so far */
+    lz_buf sunk_flags;      /* with a sink: one byte per chunk, 1 if its bytes go to the sink */
+    int sink_errno;         /* why the sink was dropped, 0 while it is in use */
     /* results */
     lz_buf entries;         /* tar_entry[] */
     lz_buf chunks;          /* tar_chunk[] */
     lz_buf arena;
     lz_buf xattrs;          /* tar_xattr[] */
     lz_buf sparse;          /* uint64_t pairs */
+    lz_buf stored;          /* LZ_CHUNK_RECORD records of the chunks the sink stored */
     lz_err err;
 } tar_t;
 
@@ -90,6 +108,9 @@ void tar_free(tar_t *t);
 /* Returns 0, or -1 with t->err set (further calls keep failing).  Hashing of p's bytes is
  * batched and done before it returns, so p need not outlive the call. */
 int tar_feed(tar_t *t, const uint8_t *p, size_t n);
+/* Hand every chunk of each file of at least `min_file` bytes to `sink` as soon as its
+ * digest is known (before any tar_feed). */
+void tar_set_sink(tar_t *t, tar_sink_fn sink, void *ctx, uint64_t min_file);
 /* End of the uncompressed stream; checks the tar did not end inside an entry. */
 int tar_finish(tar_t *t, uint8_t diff_out[32]);
 

@@ -85,6 +85,21 @@ class RawCheckpoint(NamedTuple):
     window: bytes
 
 
+@dataclass(slots=True, frozen=True)
+class ChunkTarget:
+    """Where a scan stores the chunks it cuts (``Scanner(chunk_store=)``): chunk files of the
+    store at ``chunks_dir`` written through ``tmp_dir`` (temp names carry ``tag``), with the
+    store's fsync policy code, up to ``budget`` bytes written, the chunks of files of at
+    least ``min_file`` bytes only (``ChunkStore.scan_target``)."""
+
+    chunks_dir: str
+    tmp_dir: str
+    tag: str
+    fsync: int
+    budget: int
+    min_file: int = 0
+
+
 @dataclass(slots=True)
 class ScanResult:
     """Everything one pass over a layer produced (see ``Scanner``)."""
@@ -105,6 +120,11 @@ class ScanResult:
     #: left this layer to the Python one (snapshotter.index.builder)
     index: EntrySections | None = None
     index_declined: str | None = None
+    #: ``Scanner(chunk_store=)``: packed CHUNK_RECORD records of the chunks whose files the
+    #: scan wrote (hashed from the bytes written), and the errno that made it stop storing
+    #: (EDQUOT: its budget), 0 if it did not
+    stored: bytes = b""
+    store_errno: int = 0
 
     def iter_chunks(self) -> Iterator[tuple[int, int, bytes]]:
         return iter_chunk_records(self.chunks)
@@ -133,10 +153,12 @@ class Scanner:
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
                  format: str | None = None, hash_thread: bool = True, simd: bool = True,
-                 sparse_windows: bool = True) -> None:
+                 sparse_windows: bool = True, chunk_store: ChunkTarget | None = None) -> None:
+        target = None if chunk_store is None else (chunk_store.chunks_dir, chunk_store.tmp_dir, chunk_store.tag,
+                                                   chunk_store.fsync, chunk_store.budget, chunk_store.min_file)
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
                                    diff_id=diff_id, format=format, hash_thread=hash_thread,
-                                   simd=simd, sparse_windows=sparse_windows)
+                                   simd=simd, sparse_windows=sparse_windows, chunk_store=target)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)
@@ -154,6 +176,7 @@ class Scanner:
             checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
             hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0), marks=r.get("marks", b""),
             index=EntrySections(*built) if built is not None else None, index_declined=r.get("index_declined"),
+            stored=r["stored"], store_errno=r["store_errno"],
         )
 
 

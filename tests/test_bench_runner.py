@@ -105,3 +105,16 @@ def test_fetch_floor_replays_reads_against_an_index(tmp_path: Path) -> None:
         assert 0 < one < size / 5
         data = [one_grids[g][0] for g in sorted(GRID)]
         assert data == sorted(data) and all(used == 1 for _, used in one_grids.values())
+
+
+def test_coldstart_merges_the_extra_config_into_the_variants_tables() -> None:
+    """--lazysnap-config may set keys of a table a variant writes too ([lazy] of
+    lazysnap-unsigned): one table, the extra keys winning, and TOML that parses."""
+    import tomllib
+
+    from bench.coldstart import UNSIGNED_CONFIG, merge_toml
+
+    merged = tomllib.loads(merge_toml(UNSIGNED_CONFIG, '[lazy]\nfuse_passthrough = false\nindex_trust = "signed"\n'
+                                                      '[fetch]\nhosts = ["a", "b"]\n'))
+    assert merged["lazy"] == {"index_trust": "signed", "fuse_passthrough": False}
+    assert merged["prefetch"]["prefetch"] is False and merged["fetch"]["hosts"] == ["a", "b"]

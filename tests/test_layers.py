@@ -205,6 +205,26 @@ def test_build_by_streaming_then_restore_after_restart(env: Env, tmp_path: Path)
     assert not (root / "mnt" / env.layers[0].split(":")[1]).exists()
 
 
+def test_the_streaming_pass_stores_the_layer(env: Env, tmp_path: Path) -> None:
+    """``store_streamed_chunks``: the one pass that learns an unindexed layer's tree also
+    writes its chunks, so the layer is whole on the node when Prepare answers and reading
+    every file costs the registry nothing more; the chunks are verified and pinned."""
+    p = env.provider(tmp_path / "node", store_streamed_chunks=True, store_streamed_min_file_bytes=0,
+                     keep_streamed_blobs=False)
+    env.proxy.reset_stats()
+    d0 = env.provide(p, 0)
+    layer = p.layer(env.layers[0])
+    assert layer.source == "built"
+    streamed = env.proxy.stats.body_bytes
+    assert streamed <= len(env.blobs[0]) + (64 << 10)
+    digests = layer.index.chunk_digests()
+    share = p.store.local_share(digests, [layer.index.chunk(i).length for i in range(layer.index.chunk_count)])
+    assert share.chunks == share.verified == len(digests)
+    assert all(p.store.is_pinned(d) for d in digests)
+    _check_tree(d0, env.tars[0])
+    assert env.proxy.stats.body_bytes == streamed
+
+
 def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
     """A published artifact whose blob for layer 0 actually indexes layer 1: not used, even
     signed by a trusted key (a publisher's mistake is not a reason to serve wrong bytes)."""

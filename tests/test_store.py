@@ -1,6 +1,7 @@
 """Chunk store: atomic writes, dedup, eviction, corruption detection, concurrent writers."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -370,3 +371,117 @@ def test_a_record_without_its_file_is_ignored(tmp_path: Path) -> None:
     path.unlink()
     store = ChunkStore(tmp_path)
     assert not store.known(chunks[0][0]) and store.usage().bytes == 0
+
+
+def _scanned_layer(tmp_path: Path, files: int, min_file: int = 0) -> tuple[bytes, dict[bytes, bytes]]:
+    """A gzip layer of ``files`` files (most with several chunks, two with the same bytes),
+    and the bytes of every chunk of its files of at least ``min_file`` bytes, by digest
+    (chunk size 64 KiB)."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    chunks: dict[bytes, bytes] = {}
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for i in range(files):
+            data = (b"same" * 100 if i in (1, 2) else hashlib.sha256(b"%d" % i).digest() * (1000 + 700 * i))
+            info = tarfile.TarInfo(f"d/f{i}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            for off in range(0, len(data) if len(data) >= min_file else 0, 64 << 10):
+                part = data[off:off + (64 << 10)]
+                chunks[hashlib.sha256(part).digest()] = part
+    return gzip.compress(raw.getvalue(), 1), chunks
+
+
+def _scan_into(store: ChunkStore, blob: bytes) -> tuple[bytes, int]:
+    from snapshotter.native import Scanner
+
+    target = store.scan_target()
+    assert target is not None
+    sc = Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=target)
+    for k in range(0, len(blob), 100_000):  # chunks cross feeds
+        sc.feed(blob[k:k + 100_000])
+    r = sc.finish()
+    return r.stored, r.store_errno
+
+
+@pytest.mark.parametrize("hash_thread", [True, False])
+def test_a_scan_stores_every_chunk_it_cuts(tmp_path: Path, hash_thread: bool) -> None:
+    """One pass stores the layer: each chunk file holds exactly its bytes, the store takes
+    them in as verified, and a chunk already present is neither rewritten nor reported."""
+    from snapshotter.native import Scanner, iter_chunk_records
+
+    blob, chunks = _scanned_layer(tmp_path, 40)
+    store = ChunkStore(tmp_path / "store")
+    first = next(iter(chunks))
+    store.put(first, chunks[first])
+    target = store.scan_target()
+    assert target is not None
+    sc = Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=target, hash_thread=hash_thread)
+    for k in range(0, len(blob), 100_000):
+        sc.feed(blob[k:k + 100_000])
+    r = sc.finish()
+    stored = {digest for _, _, digest in iter_chunk_records(r.stored)}
+    assert r.store_errno == 0 and stored == set(chunks) - {first}
+    assert store.adopt_scanned(r.stored, r.store_errno) == len(chunks) - 1
+    for digest, data in chunks.items():
+        assert (Path(store.path_of(digest))).read_bytes() == data
+        assert store.read(digest) == data
+    assert store.stats().bytes == sum(map(len, chunks.values()))
+    assert store.local_share(chunks, [len(v) for v in chunks.values()]).verified == len(chunks)
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_a_scan_stores_the_chunks_of_big_enough_files_only(tmp_path: Path) -> None:
+    """``min_file``: a small file's chunk (one file each) is left to be fetched when read."""
+    from snapshotter.native import Scanner
+
+    blob, wanted = _scanned_layer(tmp_path, 40, min_file=500_000)
+    _, every = _scanned_layer(tmp_path, 40)
+    assert 0 < len(wanted) < len(every)
+    store = ChunkStore(tmp_path / "store")
+    target = store.scan_target(min_file=500_000)
+    assert target is not None
+    sc = Scanner(chunk_size=64 << 10, chunk_store=target)
+    sc.feed(blob)
+    r = sc.finish()
+    assert {digest for _, _, digest in r.iter_chunks()} == set(every)
+    store.adopt_scanned(r.stored, r.store_errno)
+    assert {d for d in every if store.has(d)} == set(wanted)
+
+
+def test_a_scan_stores_no_more_than_the_room_under_the_limit(tmp_path: Path) -> None:
+    blob, chunks = _scanned_layer(tmp_path, 40)
+    total = sum(map(len, chunks.values()))
+    store = ChunkStore(tmp_path / "store", limit_bytes=total // 3)
+    stored, err = _scan_into(store, blob)
+    assert err == errno.EDQUOT
+    store.adopt_scanned(stored, err)
+    assert 0 < store.stats().bytes <= total // 3
+    on_disk = sum(p.stat().st_size for p in store.chunks_dir.glob("??/*"))
+    assert on_disk == store.stats().bytes
+    full = ChunkStore(tmp_path / "full", limit_bytes=32)
+    digest, data = _chunk(9, 32)
+    full.pin("layer", [digest])
+    full.put(digest, data)
+    assert full.scan_target() is None
+
+
+def test_a_scan_that_cannot_write_goes_on_and_says_why(tmp_path: Path) -> None:
+    """A store whose directory went read-only: the scan still indexes the layer, stores
+    nothing and reports the errno; the store notes it once."""
+    from snapshotter.native import Scanner
+
+    blob, chunks = _scanned_layer(tmp_path, 10)
+    store = ChunkStore(tmp_path / "store")
+    target = store.scan_target()
+    assert target is not None
+    broken = type(target)(str(tmp_path / "missing"), str(tmp_path / "missing"), target.tag, 0, target.budget)
+    sc = Scanner(chunk_size=64 << 10, chunk_store=broken)
+    sc.feed(blob)
+    r = sc.finish()
+    assert r.stored == b"" and r.store_errno == errno.ENOENT
+    assert {digest for _, _, digest in r.iter_chunks()} == set(chunks)
+    assert store.adopt_scanned(r.stored, r.store_errno) == 0

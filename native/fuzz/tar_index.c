@@ -1,11 +1,15 @@
 /* Fuzz target: an uncompressed layer through the tar stage and the C index build, as a
  * hostile registry could serve it: whatever the bytes, the stage refuses them with a
  * message or the builder builds or declines with a reason, and the built entry blocks
- * decompress to whole records.
+ * decompress to whole records.  A chunk sink (what stores a streamed layer's chunks) gets
+ * every chunk once, in order, each chunk's bytes hashing to its digest, and may give up
+ * half way without changing what the stage produces.
  *
  * libFuzzer: clang -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Inative \
  *            native/fuzz/tar_index.c native/tar.c native/sha_mb.c native/indexbuild.c -lcrypto -lzstd
  * gcc (no libFuzzer): tests/test_native_fuzz.py links native/fuzz/driver.c instead. */
+#include <errno.h>
+#include <openssl/sha.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,11 +22,40 @@
 
 #define CHUNK 1024
 
+typedef struct {
+    size_t seen, fail_at;  /* chunks received; the call that fails (0: none) */
+    size_t calls;
+} sink_check;
+
+static int check_sink(void *ctx, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
+                      const size_t *len, int *status)
+{
+    sink_check *c = ctx;
+    if (++c->calls == c->fail_at) {
+        for (size_t i = 0; i < n; i++)
+            status[i] = -EIO;
+        return -EIO;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint8_t md[32];
+        if (len[i] == 0 || len[i] > CHUNK)
+            abort();
+        SHA256(data[i], len[i], md);
+        if (memcmp(md, digest[i], 32))
+            abort();  /* the sink would store bytes under another chunk's name */
+        status[i] = 1;
+    }
+    c->seen += n;
+    return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     tar_t t;
     if (tar_init(&t, CHUNK, 0, 0))
         return 0;
+    sink_check sink = {0, size > 1 ? data[1] % 4 : 0, 0};
+    tar_set_sink(&t, check_sink, &sink, size > 2 && data[2] % 2 ? 700 : 0);
     uint8_t diff[32];
     size_t cut = size ? (size_t)data[0] * 37 % (size + 1) : 0;  /* fed in two slices */
     int rc = tar_feed(&t, data, cut);
@@ -36,6 +69,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         tar_free(&t);
         return 0;
     }
+    size_t stored = t.stored.len / LZ_CHUNK_RECORD, sunk = 0;
+    for (size_t i = 0; i < t.sunk_flags.len; i++)
+        sunk += t.sunk_flags.p[i];
+    if (t.sink_errno ? stored > sink.seen : (stored != sink.seen || sink.seen != sunk))
+        abort();
     lz_index_sections out = {0};
     lz_err err = {0};
     int r = lz_index_build(&t, CHUNK, 1, &out, &err);

@@ -27,9 +27,9 @@ reference's ``LayerIndex``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from snapshotter.index.errors import IndexBuildError, TruncatedLayerError
 from snapshotter.index.layerindex import LayerIndex
@@ -46,7 +46,13 @@ from snapshotter.index.model import (
     LayerInfo,
 )
 
+if TYPE_CHECKING:
+    from snapshotter.native import ChunkTarget
+
 log = logging.getLogger(__name__)
+
+#: Takes in what a scan stored (``ScanResult.stored``, ``store_errno``): ChunkStore.adopt_scanned
+StoredHook = Callable[[bytes, int], object]
 
 DEFAULT_SPAN = 4 << 20
 DEFAULT_CHUNK = 1 << 20
@@ -60,8 +66,9 @@ class Scanner(Protocol):
 
 
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                 scanner: str = "auto", format: str | None = None) -> Scanner:
-    """A native scanner (C core), or the pure-Python one when asked or when C is missing."""
+                 scanner: str = "auto", format: str | None = None, chunk_store: ChunkTarget | None = None) -> Scanner:
+    """A native scanner (C core), or the pure-Python one when asked or when C is missing
+    (which ignores ``chunk_store``: it stores nothing)."""
     if scanner not in ("auto", "native", "python"):
         raise ValueError(f"unknown scanner {scanner!r}")
     if scanner != "python":
@@ -72,7 +79,8 @@ def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, d
                 raise
             log.warning("event=native_missing msg=%s", "C core not built; using pure-Python scanner")
         else:
-            return native.Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
+            return native.Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
+                                  chunk_store=chunk_store)
     from snapshotter.index.pyscan import PyScanner
 
     return PyScanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
@@ -363,13 +371,15 @@ def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
 
 
 def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
-                expected_digest: str | None = None) -> bytes:
+                expected_digest: str | None = None, stored: StoredHook | None = None) -> bytes:
     """The serialized index of a layer fed whole to ``scanner``. The C core builds the
     entries' sections straight from its scan (no per-entry Python, the GIL released); a
     layer it declines (sparse files, a directory replaced by a non-directory, anything the
     reference refuses) is built here by :func:`build_index`, the reference, which also
     words any error. Raises IndexBuildError when ``expected_digest`` (what the manifest
-    pinned) is not the blob's. Worker thread."""
+    pinned) is not the blob's. ``stored`` gets the chunk files a scanner made with
+    ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the digest: each file
+    holds exactly the bytes its name hashes. Worker thread."""
     from snapshotter import native
     from snapshotter.index.format import assemble, serialize_index
 
@@ -378,6 +388,8 @@ def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int =
         _check_digest(scan, expected_digest)
         return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
     scan = scanner.finish(index_chunk_size=chunk_size)
+    if stored is not None and (scan.stored or scan.store_errno):
+        stored(scan.stored, scan.store_errno)
     _check_digest(scan, expected_digest)
     if scan.index is None:
         log.debug("event=index_built_in_python reason=%s", (scan.index_declined or "").replace(" ", "_"))
@@ -429,10 +441,12 @@ def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT
 
 async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN,
                              chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                             expected_digest: str | None = None) -> bytes:
+                             expected_digest: str | None = None, chunk_store: ChunkTarget | None = None,
+                             stored: StoredHook | None = None) -> bytes:
     """The serialized index of a layer arriving as an async byte stream (a registry blob
     GET); see :func:`index_bytes`. Raises IndexBuildError when ``expected_digest`` (what the
-    manifest pinned) is not the blob's.
+    manifest pinned) is not the blob's. With ``chunk_store`` the scan also writes every
+    chunk it cuts as a chunk file and hands them to ``stored``.
 
     Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
     for a few MiB. Run on the event loop it would stall every other request (FUSE reads,
@@ -441,9 +455,9 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
     (one ``to_thread`` at a time), which the scanner requires."""
     import asyncio  # here: `lazysnap index FILE` starts ~25 ms sooner without it
 
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, chunk_store=chunk_store)
     async for block in stream:
         if block:
             await asyncio.to_thread(sc.feed, block)
     return await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size,
-                                   expected_digest=expected_digest)
+                                   expected_digest=expected_digest, stored=stored)

@@ -35,6 +35,7 @@ from snapshotter.index.format import IndexFile
 from snapshotter.layers.options import LazyOptions
 from snapshotter.log import get_logger
 from snapshotter.registry.signatures import TrustedKey, Voucher
+from snapshotter.store.chunks import ChunkStore
 from snapshotter.store.metrics import REGISTRY
 
 log = get_logger("lazysnap.layers")
@@ -223,8 +224,9 @@ async def fetch_published(client: Any, layer_digest: str, candidates: list[Candi
 
 
 async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: LazyOptions, root: Path,
-                             keep_blob: Path | None) -> IndexFile:
-    """Stream the layer once through the indexer (digest checked); optionally keep the blob."""
+                             keep_blob: Path | None, store: ChunkStore | None = None) -> IndexFile:
+    """Stream the layer once through the indexer (digest checked); optionally keep the blob
+    and write its chunks into ``store`` on the way."""
     part = None
     fobj = None
     if keep_blob is not None:
@@ -239,8 +241,10 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
             yield block
 
     try:
+        target = store.scan_target(opts.store_streamed_min_file_bytes) if store is not None else None
         data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
-                                        expected_digest=layer_digest)
+                                        expected_digest=layer_digest, chunk_store=target,
+                                        stored=store.adopt_scanned if store is not None else None)
         if fobj is not None:
             fobj.close()
             fobj = None

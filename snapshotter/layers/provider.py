@@ -381,7 +381,8 @@ class LazyLayerProvider:
             keep = self._blob_path(digest) if self.options.keep_streamed_blobs else None
             log.info("layer_index_build", layer=digest, size=size, reason="no_local_or_published_index",
                      note="streaming the layer once")
-            idx = await indexes.build_by_streaming(self.client, ref, digest, self.options, self.root, keep)
+            store = self.store if self.options.store_streamed_chunks else None
+            idx = await indexes.build_by_streaming(self.client, ref, digest, self.options, self.root, keep, store)
             indexes.INDEX_SOURCES.labels("built").inc()
             if self.options.publish_built_indexes:  # in the background: Prepare does not wait for it
                 task = asyncio.get_running_loop().create_task(self._publish(image, digest),

@@ -302,6 +302,47 @@ class ChunkStore:
             raise failed
         return new
 
+    def scan_target(self, min_file: int = 0) -> native.ChunkTarget | None:
+        """Where a scan may write the chunks it cuts (``native.Scanner(chunk_store=)``) of
+        files of at least ``min_file`` bytes, with the room left under the limit as its
+        budget; None when there is none."""
+        with self._lock:
+            room = (1 << 62) if self.limit is None else self.limit - self._total - self._held
+        if room <= 0:
+            return None
+        tag = f"{os.getpid()}.{threading.get_ident()}.{next(_counter)}"
+        return native.ChunkTarget(self._chunks_s, self._tmp_s, tag, _FSYNC_CODES[self.fsync], room, min_file)
+
+    def adopt_scanned(self, stored: bytes, errno_: int) -> int:
+        """Take in the chunk files a scan wrote (``ScanResult.stored``): verified, since the
+        scan hashed the very bytes it wrote. Nothing is evicted here: the layer that asked
+        pins them next, and the scan kept within the room it was given. Returns how many
+        were new to the store."""
+        new = 0
+        doubled: list[bytes | str] = []  # lodged in a backing file already: one copy is enough
+        with self._lock:
+            for _, length, digest in native.iter_chunk_records(stored):
+                if digest in self._lodged:
+                    doubled.append(digest)
+                    continue
+                if digest not in self._lru:
+                    self._lru[digest] = length
+                    self._total += length
+                    new += 1
+                self._mark_verified(digest)
+            metrics.STORED_BYTES.set(self._total)
+        self._unlink(doubled)
+        if errno_ == errno.EDQUOT:
+            log.info("scan_store_stopped", reason="store_limit", stored_chunks=new, limit_bytes=self.limit or 0,
+                     note="the rest of the layer's chunks are fetched when read")
+        elif errno_:
+            self._note_write(OSError(errno_, os.strerror(errno_)))
+            log.warning("scan_store_stopped", reason=errno.errorcode.get(errno_, str(errno_)), stored_chunks=new,
+                        path=self._chunks_s, note="the rest of the layer's chunks are fetched when read")
+        elif new:
+            self._note_write(None)
+        return new
+
     def _note_write(self, failed: OSError | None) -> None:
         """A full disk is one episode: one error line (path, free space, the limit) when the
         first write fails for lack of space, one line when writes succeed again; the span
