@@ -169,3 +169,54 @@ def test_cli_auth_error_is_one_line_without_secret(tmp_path: Path) -> None:
         err = bad.stderr.decode()
         assert bad.returncode == 1 and len(err.strip().splitlines()) == 1
         assert "erin" in err and "rejected" in err and secret not in err
+
+
+def test_index_push_and_cat_through_a_share_registry(tmp_path: Path) -> None:
+    """--share-registry: a publisher without push rights to the image's repository publishes
+    under the share registry's copy of its path; `cat` finds the indexes there only when told
+    to look, and a bad value is one usage error."""
+    keys = publisher_keys()
+    with start_registry(tmp_path / "reg") as reg:
+        img = build_image(tmp_path, [LayerSpec.files({"/data/big": BIG})], cmd=None,
+                          ref=f"{reg.host}/lazysnap/shared:v1")
+        share = f"{reg.host}/fleet-cache"
+        out = lazysnap("index", img.ref, "--push", "--sign-key", str(keys.private), "--share-registry", share,
+                       "--root", str(tmp_path / "publisher"))
+        assert "pushed=sha256:" in out.stdout.decode()
+
+        def sources(root: str, *flags: str) -> set[str]:
+            res = lazysnap("cat", img.ref, "/data/big", "--length", "4096", "--stats", "--root",
+                           str(tmp_path / root), "--trusted-key", str(keys.public), *flags)
+            assert res.stdout == BIG[:4096]
+            return set(json.loads(res.stderr.decode().strip().splitlines()[-1])["index_sources"].values())
+
+        assert sources("a") == {"built"}  # nothing in the image's own repository
+        assert sources("b", "--share-registry", share) == {"referrer"}
+        bad = lazysnap("cat", img.ref, "/data/big", "--share-registry", "not a registry", check=False)
+        assert bad.returncode == 2 and "share_registry" in bad.stderr.decode()
+        bad = lazysnap("index", img.ref, "--share-registry", share, check=False)
+        assert bad.returncode == 2 and "needs --push" in bad.stderr.decode()
+
+
+def test_profile_push_and_show_through_a_share_registry(tmp_path: Path) -> None:
+    """A profile pushed with --share-registry lands there, not in the image's repository;
+    `profile show` finds it there only when told to look."""
+    from snapshotter.prefetch.profile import ChunkAccess, LayerProfile, Profile, save
+
+    keys = publisher_keys()
+    with start_registry(tmp_path / "reg") as reg:
+        img = build_image(tmp_path, [LayerSpec.files({"/app": b"app\n"})], cmd=None,
+                          ref=f"{reg.host}/lazysnap/profiled:v1")
+        share = f"{reg.host}/fleet-cache"
+        publisher = tmp_path / "publisher"
+        save(publisher, Profile(img.manifest_digest, [LayerProfile(img.layer_digests[0], 1, [
+            ChunkAccess(0, 4, "app", 0, 4, [100])])]))
+        lazysnap("profile", "push", img.ref, "--no-pack", "--sign-key", str(keys.private), "--share-registry",
+                 share, "--root", str(publisher))
+        shown = lazysnap("profile", "show", img.ref, "--trusted-key", str(keys.public), "--share-registry",
+                         share, "--root", str(tmp_path / "fresh"), "--json")
+        doc = json.loads(shown.stdout)
+        assert doc["chunks"] == 1 and doc["vouched"].startswith("signed:")
+        assert f"in {share}/lazysnap/profiled:v1" in doc["source"]
+        missing = lazysnap("profile", "show", img.ref, "--root", str(tmp_path / "fresh"), check=False)
+        assert missing.returncode == 1 and "no profile" in missing.stderr.decode()

@@ -64,6 +64,23 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
                    help="containerd hosts.toml directory (mirrors, TLS, plain http)")
 
 
+def _share_registry(value: str) -> str:
+    """``--share-registry`` checked as ``[lazy] share_registry`` is ("": none, the default)."""
+    from snapshotter.registry.reference import InvalidReferenceError, check_share_registry
+
+    if not value:
+        return ""
+    try:
+        return check_share_registry(value)
+    except InvalidReferenceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _share_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--share-registry", metavar="HOST[:PORT][/PREFIX]", type=_share_registry, default="",
+                   help=f"{what} (the image's repository path under it), as nodes with [lazy] share_registry do")
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -113,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-key", metavar="KEY",
                    help="with --push: sign the artifact (cosign format) with this PEM private key; nodes "
                         "serve a published index only if signed by a key in their [lazy] trusted_keys")
+    _share_flag(p, "with --push: publish in this registry instead of the image's own repository")
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_index"))
 
@@ -133,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", metavar="PUBKEY", action="append", default=[],
                    help="use a published index signed by this PEM public key (repeatable); otherwise "
                         "the layers are indexed by streaming them")
+    _share_flag(p, "also look for published indexes in this registry, after the image's repository")
     _remote_flags(p)
     p.set_defaults(func=_handler("layer_cmds", "cmd_cat"))
 
@@ -245,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--sign-key", metavar="KEY",
                     help="sign the artifact (cosign format) with this PEM private key; nodes use a "
                          "published profile only if signed by a key in their [lazy] trusted_keys")
+    _share_flag(pp, "publish in this registry instead of the image's own repository")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_push"))
     pp = psub.add_parser("show", help="summarise the profile of an image",
@@ -255,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--trusted-key", metavar="PUBKEY", action="append", default=[],
                     help="show the published profile a node trusting this PEM public key would use "
                          "(repeatable); otherwise the newest one, unverified")
+    _share_flag(pp, "also look for published profiles in this registry, after the image's repository")
     _remote_flags(pp)
     pp.set_defaults(func=_handler("profile_cmds", "cmd_profile_show"))
 

@@ -70,6 +70,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         args.span = PUBLISH_SPAN if args.push else DEFAULT_SPAN
     if args.windows_apart and not args.push:
         raise CLIError("--windows-apart publishes: it needs --push", status=2)
+    if args.share_registry and not args.push:
+        raise CLIError("--share-registry is where --push publishes: it needs --push", status=2)
     if os.path.isdir(args.source):
         raise CLIError(f"{args.source} is a directory, not a layer file")
     if not os.path.isfile(args.source):

@@ -146,6 +146,7 @@ def _run_resolve(args: argparse.Namespace) -> Any:
 def cmd_profile_push(args: argparse.Namespace) -> int:
     from snapshotter.prefetch.profile import ProfileError, load
     from snapshotter.prefetch.publish import build_pack, publish_profile
+    from snapshotter.registry.reference import places
     from snapshotter.registry.signatures import load_private_key, signature_tag
     from snapshotter.store import ChunkStore
 
@@ -170,7 +171,8 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
                     packed = await asyncio.to_thread(lambda: build_pack(root, ChunkStore(root), profile))
                     shown.step(f"pack of {packed[1] if packed else 0} chunks, "
                                f"{_human(len(packed[0]) if packed else 0)}")
-                done = await publish_profile(client, args.ref, resolved.manifest_descriptor, profile, packed, signer)
+                done = await publish_profile(client, places(args.ref, args.share_registry)[-1],
+                                             resolved.manifest_descriptor, profile, packed, signer)
                 shown.step(f"pushed {_human(done.pushed_bytes)}")
             finally:
                 shown.close()
@@ -186,9 +188,26 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
-    from snapshotter.prefetch.lookup import published_profile
+    from snapshotter.prefetch.lookup import Found, published_profile
     from snapshotter.prefetch.profile import ProfileError, load, profile_path
+    from snapshotter.registry.reference import places
     from snapshotter.registry.signatures import Voucher, load_public_keys
+
+    async def look(client: Any, manifest: str, voucher: Voucher) -> Found | None:
+        """The image's repository, then the share registry's; a place whose artifacts are all
+        rejected does not hide a usable one in the next (its reason is kept for the error)."""
+        rejected: ProfileError | None = None
+        for where in places(args.ref, args.share_registry):
+            try:
+                found = await published_profile(client, where, manifest, voucher)
+            except ProfileError as exc:
+                rejected = rejected or exc
+                continue
+            if found is not None:
+                return found
+        if rejected is not None:
+            raise rejected
+        return None
 
     async def go() -> int:
         from snapshotter.registry import RegistryClient
@@ -203,12 +222,13 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
                 if profile is None:
                     keys = load_public_keys(args.trusted_key)
                     voucher = Voucher("signed", tuple(keys)) if keys else Voucher("unverified")
-                    found = await published_profile(client, args.ref, manifest, voucher)
+                    found = await look(client, manifest, voucher)
                     if found is None:
                         raise CLIError(f"no profile for {manifest} (neither under {args.root} nor in the registry)")
                     profile = found.profile
                     vouched = found.vouched
-                    source = f"registry {found.source} ({vouched})"
+                    where = f" in {found.ref}" if found.ref != args.ref else ""
+                    source = f"registry {found.source}{where} ({vouched})"
                     if found.pack is not None:
                         source += f" (pack {found.pack.digest}, {_human(found.pack.size)})"
             except ProfileError as exc:

@@ -61,6 +61,7 @@ from snapshotter.registry import (
     RegistryError,
     ResolvedImage,
 )
+from snapshotter.registry.reference import places
 from snapshotter.registry.signatures import (
     SignatureError,
     load_private_key,
@@ -159,14 +160,15 @@ async def _index(args: argparse.Namespace) -> int:
                 datas = [b for media, b, _ in blobs if media == INDEX_LAYER_MEDIA]
                 if args.windows_apart:
                     windows = f" windows_bytes={sum(len(b) for media, b, _ in blobs if media == WINDOWS_LAYER_MEDIA)}"
-                art = await client.push_artifact(args.source, subject=image.manifest_descriptor,
+                to = places(args.source, args.share_registry)[-1]
+                art = await client.push_artifact(to, subject=image.manifest_descriptor,
                                                  artifact_type=INDEX_ARTIFACT, blobs=blobs,
                                                  annotations={"org.opencontainers.image.created":
                                                               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 pushed = f" pushed={art.digest}"
                 shown.step(f"indexes published as {art.digest[:19]}")
                 if signer is not None:
-                    await push_signature(client, args.source, art.digest, signer)
+                    await push_signature(client, to, art.digest, signer)
                     pushed += f" signature={signature_tag(art.digest)}"
         finally:
             shown.close()
@@ -205,6 +207,7 @@ class _Image:
     sources: dict[str, str] = field(default_factory=dict)  # layer digest → cache|referrer|built
     _indexes: dict[str, IndexFile] = field(default_factory=dict)
     trusted_keys: list[str] = field(default_factory=list)
+    share_registry: str = ""  # looked in after the image's repository
     _published: PublishedIndexes | None = None
 
     async def index(self, layer: Descriptor) -> IndexFile:
@@ -218,7 +221,8 @@ class _Image:
             # the daemon's rule: a published index only if signed by a trusted key
             opts = LazyOptions(trusted_keys=self.trusted_keys, max_index_bytes=MAX_INDEX_BLOB)
             if self._published is None:
-                self._published = await published_indexes(self.client, [self.ref], self.image.manifest_digest, opts,
+                self._published = await published_indexes(self.client, places(self.ref, self.share_registry),
+                                                          self.image.manifest_digest, opts,
                                                           load_public_keys(self.trusted_keys))
             found = await fetch_published(self.client, layer.digest,
                                           self._published.blobs.get(layer.digest, []), opts, self.root)
@@ -343,7 +347,8 @@ async def _cat(args: argparse.Namespace) -> int:
     clean = clean_path(path)
     started = time.monotonic()
     async with RegistryClient(_config(args)) as client:
-        image = _Image(client, ref, await client.resolve(ref), Path(args.root), trusted_keys=args.trusted_key)
+        image = _Image(client, ref, await client.resolve(ref), Path(args.root), trusted_keys=args.trusted_key,
+                       share_registry=args.share_registry)
         written = 0
         try:
             layer, idx, entry = await image.resolve(clean)

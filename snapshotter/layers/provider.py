@@ -42,7 +42,7 @@ from snapshotter.layers import indexes
 from snapshotter.layers.options import LazyOptions
 from snapshotter.layers.status import FillStatus, ImageStatus, LayerStatus, ProviderStatus
 from snapshotter.log import get_logger
-from snapshotter.registry.reference import shared_in
+from snapshotter.registry.reference import places
 from snapshotter.registry.signatures import Voucher, load_private_key, load_public_keys, push_signature
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
@@ -460,8 +460,7 @@ class LazyLayerProvider:
     def _places(self, ref: str) -> list[str]:
         """Where what nodes learn of ``ref`` is published: its own repository, then the share
         registry's copy of that repository path ([lazy] share_registry)."""
-        share = self.options.share_registry
-        return [ref, shared_in(ref, share)] if share else [ref]
+        return places(ref, self.options.share_registry)
 
     async def _register(self, digest: str, ref: str, idx: IndexFile, source: str, *, verified: bool,
                         local_blob: Path | None = None) -> ProvidedLayer:

@@ -104,6 +104,13 @@ def shared_in(ref: str | Reference, share: str) -> str:
     return str(Reference(host, f"{prefix}/{r.repository}" if prefix else r.repository, r.tag, r.digest))
 
 
+def places(ref: str, share: str) -> list[str]:
+    """Where what nodes learn of ``ref`` is published and looked for: its own repository,
+    then the share registry's copy of that repository path when ``share`` is set. Publishers
+    push to the last place."""
+    return [ref, shared_in(ref, share)] if share else [ref]
+
+
 def check_share_registry(share: str) -> str:
     """``share`` if it is ``host[:port][/prefix]`` with a registry host, else
     InvalidReferenceError."""
