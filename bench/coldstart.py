@@ -41,10 +41,11 @@ from bench.byteproxy import ByteProxy, parse_rate
 from bench.node import Node, NodeError, Skip, drop_caches, lazysnap_has, publish_index, quiesce, write_hosts
 from harness.images import PushedImage
 from harness.registry import Registry, start_registry
+from harness.signing import publisher_keys
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ["overlayfs", "overlayfs-warm", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm", "lazysnap-local",
-            "lazysnap-unsigned"]
+            "lazysnap-unsigned", "lazysnap-fleet"]
 NO_PROFILE_CONFIG = "[prefetch]\nprefetch = false\nregistry_lookup = false\n"
 # lazysnap-local: the second start must measure the FUSE path alone, not a background fill
 # still running beside it (the first start's reads and read-ahead already hold its chunks)
@@ -52,6 +53,12 @@ LOCAL_CONFIG = NO_PROFILE_CONFIG + "background = false\n"
 # lazysnap-unsigned: a node that uses no published index (an image nobody signed, under the
 # default index_trust = "signed"): every layer is indexed by streaming it once
 UNSIGNED_CONFIG = '[lazy]\nindex_trust = "local-only"\n' + NO_PROFILE_CONFIG
+# lazysnap-fleet: node A starts a copy of the image nobody indexed, and its daemon publishes the
+# indexes it builds and the start it records, signed with the fleet's key (the bench publisher's,
+# which every node trusts); node B, fresh, is the one measured
+FLEET_A_CONFIG = ('[lazy]\npublish_built_indexes = true\npublish_sign_key = "{key}"\n'
+                  '[prefetch]\nrecord_first_start = true\nrecord_first_start_s = {window}\n'
+                  'publish_recorded_profiles = true\n')
 DEFAULT_VARIANTS = ["overlayfs", "floor", "lazysnap", "lazysnap-profile", "lazysnap-warm"]
 
 
@@ -206,9 +213,11 @@ class Bench:
         if self.image.expected not in output:
             raise NodeError(f"container printed {output.strip()[-200:]!r}, expected {self.image.expected!r}")
 
-    def _measure(self, node: Node, *, lazy: bool, streams: bool = False) -> Sample:
-        """One timed pull + run on ``node``; ``streams``: the variant downloads every layer
-        at pull time by design (lazysnap-unsigned), which is otherwise taken for a fallback."""
+    def _measure(self, node: Node, *, lazy: bool, streams: bool = False, ref: str | None = None) -> Sample:
+        """One timed pull + run of the image (or of its copy ``ref``) on ``node``; ``streams``:
+        the variant downloads every layer at pull time by design (lazysnap-unsigned), which is
+        otherwise taken for a fallback."""
+        ref = ref or self.ref
         before = node.daemon.fetched_by_purpose() if node.daemon else {}
         earlier_rss = 0.0
         if node.daemon is not None:
@@ -216,13 +225,13 @@ class Bench:
             node.daemon.reset_peak_rss()  # the peak of this start, not of what the node did before
         self._cold()
         self.proxy.reset()
-        pull = node.pull(self.ref, lazy=lazy)
+        pull = node.pull(ref, lazy=lazy)
         pull_bytes = self.proxy.downstream_bytes
         if lazy and not streams and pull_bytes > 0.9 * self.image.target.compressed_size:
             raise Skip(f"lazysnap fell back to a full pull ({pull_bytes / 1e6:.0f} of "
                        f"{self.image.target.compressed_size / 1e6:.0f} MB fetched during rpull): "
                        "layers are not provided lazily yet")
-        run = node.run(self.ref, lazy=lazy, name=f"c{self._seq}")
+        run = node.run(ref, lazy=lazy, name=f"c{self._seq}")
         total_bytes = self.proxy.downstream_bytes
         after = node.daemon.fetched_by_purpose() if node.daemon else {}
         self._check(run.output)
@@ -279,7 +288,7 @@ class Bench:
             w = re.search(r"windows_bytes=(\d+)", summary)
             size = f", {int(m.group(1)) / 1e6:.1f} MB of indexes" if m else ""
             size += f" (+ {int(w.group(1)) / 1e6:.1f} MB of windows apart, fetched where used)" if w else ""
-            self.notes.append(f"`lazysnap index --push …/{ref.rsplit('/', 1)[-1]}`: "
+            self.notes.append(f"Publisher step (untimed): `lazysnap index --push …/{ref.rsplit('/', 1)[-1]}`: "
                               f"{time.monotonic() - t:.1f} s{size}")
             log("published", ref=ref, seconds=f"{time.monotonic() - t:.1f}")
         self._published = "ok"
@@ -350,6 +359,57 @@ class Bench:
         self._require_lazysnap()
         with self._node("lazysnap-unsigned", lazy=True, config=UNSIGNED_CONFIG) as node:
             return self._measure(node, lazy=True, streams=True)
+
+    def lazysnap_fleet(self, i: int) -> Sample:
+        """Zero-touch fleet (issue 19): nobody ran ``lazysnap index`` or ``record``. Node A
+        starts a copy of the image in a repository of its own (no index or profile there),
+        streaming every layer; its daemon publishes each index it builds and the start it
+        records. Node B, fresh, is measured: every streamed layer's index and A's profile
+        must come from the registry, or the run fails."""
+        self._require_lazysnap()
+        ref = self._fleet_copy()
+        window = max(15, int(self.image.target.compressed_size / 30e6))  # the start, with room
+        config = FLEET_A_CONFIG.format(key=publisher_keys().private, window=window)
+        with self._node("fleet-a", lazy=True, config=config) as a:
+            first = self._measure(a, lazy=True, streams=True, ref=ref)
+            assert a.daemon is not None
+            built = a.daemon.index_sources().get("built", 0)
+            self._wait_for(a, "event=profile_published", 1, timeout=window + 300)
+            self._wait_for(a, "event=index_published ", built, timeout=300)
+        with self._node("fleet-b", lazy=True) as b:
+            sample = self._measure(b, lazy=True, ref=ref)
+            assert b.daemon is not None
+            sources, profiles = b.daemon.index_sources(), b.daemon.profile_lookups()
+        if sources.get("referrer", 0) != built or sources.get("built", 0) or profiles.get("registry", 0) != 1:
+            raise NodeError(f"node B did not start from what node A published: index sources {sources}, "
+                            f"profile lookups {profiles} (A built {built})")
+        self.notes.append(f"lazysnap-fleet run {i}: node A's first start {first.total:.2f} s "
+                          f"({built} layers streamed and published, its start published as a profile); "
+                          f"node B: indexes {sources}, profile from the registry")
+        return sample
+
+    def _fleet_copy(self) -> str:
+        """The image copied (digests kept) to a repository no index or profile refers to, as
+        the proxy serves it."""
+        src = self.image.target.ref
+        base, _, tag = src.rpartition(":")
+        dst = f"{base}-fleet{self._seq}:{tag}"
+        subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--src-tls-verify=false",
+                        "--dest-tls-verify=false", f"docker://{src}", f"docker://{dst}"],
+                       check=True, capture_output=True, timeout=1800)
+        return dst.replace(self.image.registry_host, self.proxy.host, 1)
+
+    @staticmethod
+    def _wait_for(node: Node, event: str, count: int, timeout: float) -> None:
+        """Until ``node``'s daemon log has ``count`` lines with ``event`` (what it publishes
+        in the background after the start)."""
+        assert node.daemon is not None
+        deadline = time.monotonic() + timeout
+        while node.daemon.log_path.read_text(errors="replace").count(event) < count:
+            if time.monotonic() > deadline:
+                raise NodeError(f"node A logged {event!r} fewer than {count} times in {timeout:.0f} s: "
+                                f"{node.daemon.log_tail()}")
+            time.sleep(0.5)
 
     def lazysnap_local(self, i: int) -> Sample:
         """The FUSE path alone: a second start on a lazysnap node that holds every chunk the
@@ -508,7 +568,7 @@ def append_results(path: Path, outcomes: list[Outcome], image: BenchImage, args:
         f"{t.compressed_size / 1e6:.1f} MB compressed"
         + (f", {image.uncompressed / 1e9:.2f} GB / {image.files:,} entries uncompressed" if image.uncompressed else "")
         + f"; manifest `{t.manifest_digest[:19]}…`",
-        *(f"- Publisher step (untimed): {n}" for n in notes),
+        *(f"- {n}" for n in notes),
         "",
         table(outcomes, image),
         "",

@@ -163,6 +163,14 @@ class LazysnapDaemon:
         """``lazysnap_registry_bytes_fetched`` per purpose (on_demand/prefetch/background)."""
         return self._by_label("lazysnap_registry_bytes_fetched_total", "purpose")
 
+    def index_sources(self) -> dict[str, int]:
+        """``lazysnap_layer_index_sources`` per source (local/referrer/built/whole)."""
+        return self._by_label("lazysnap_layer_index_sources_total", "source")
+
+    def profile_lookups(self) -> dict[str, int]:
+        """``lazysnap_profile_lookups`` per result (local/registry/none/rejected)."""
+        return self._by_label("lazysnap_profile_lookups_total", "result")
+
     def reset_peak_rss(self) -> None:
         """Start the daemon's peak RSS (VmHWM) afresh from its current RSS (Linux clear_refs 5),
         so ``peak_rss_mb`` covers only what follows (one measured start, not a previous

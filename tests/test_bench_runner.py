@@ -75,6 +75,23 @@ def test_coldstart_demo_image_writes_results(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "nodes").exists()  # nodes cleaned up
 
 
+@ROOT
+@pytest.mark.root
+def test_coldstart_fleet_node_b_starts_from_what_node_a_published(tmp_path: Path) -> None:
+    """lazysnap-fleet through containerd: node A starts an image nobody indexed with the
+    daemon publishing its built indexes and its recorded start; node B (fresh) must get
+    every streamed layer's index and the profile from the registry, or the run fails."""
+    from bench.coldstart import main
+    results = tmp_path / "RESULTS.md"
+    rc = main(["--image", "demo", "--variants", "lazysnap-fleet", "--runs", "1", "--settle-s", "1",
+               "--results", str(results), "--workdir", str(tmp_path / "work")])
+    assert rc == 0
+    text = results.read_text()
+    note = next(line for line in text.splitlines() if line.startswith("- lazysnap-fleet run 0: node A"))
+    assert "'referrer': 1" in note and "profile from the registry" in note
+    assert "| lazysnap-fleet |" in text
+
+
 def test_fetch_floor_replays_reads_against_an_index(tmp_path: Path) -> None:
     """bench.fetch_floor: reading every chunk needs (about) the whole blob, one chunk much
     less, and denser checkpoints never need more data."""

@@ -144,6 +144,37 @@ def test_complete_files_pass_through_and_partial_ones_never(tmp_path: Path, laye
         unmount_under(tmp_path)
 
 
+def test_backing_files_wait_while_images_start(tmp_path: Path, layer) -> None:
+    """``backing_gate`` (the prefetch manager's Pause in the daemon): a complete file gets its
+    backing file only once the gate opens, so the copy does not compete with a start."""
+    import asyncio
+
+    blob, index = layer
+    root = tmp_path / "root"
+    ft, d = _mount(root, blob, index, False)
+    counters = ft.fs.counters
+
+    async def closed_gate() -> asyncio.Event:
+        return asyncio.Event()
+
+    gate = ft.run(closed_gate)
+    ft.fs.backing_gate = gate.wait
+    try:
+        assert (d / "models/a.bin").read_bytes() == _bytes("models/a.bin", FILES["models/a.bin"])
+        time.sleep(3 * lazyfs.BACKING_SETTLE_S)
+        assert counters().get("backing_files", 0) == 0 and _backing_sizes(root) == []
+
+        async def open_gate() -> None:
+            gate.set()
+
+        ft.run(open_gate)
+        _wait(lambda: counters().get("backing_files", 0) >= 1)
+        assert _backing_sizes(root) == [FILES["models/a.bin"]]
+    finally:
+        ft.stop()
+        unmount_under(tmp_path)
+
+
 def test_a_file_completed_while_open_passes_through_from_its_next_open(tmp_path: Path, layer) -> None:
     blob, index = layer
     root = tmp_path / "root"

@@ -29,7 +29,7 @@ import asyncio
 import errno
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -220,6 +220,9 @@ class LazyFS:
         self._backing_wake = asyncio.Event()
         self._backing_dirty = False  # chunks were verified since the last look (any thread sets it)
         self._backing_task: asyncio.Task[None] | None = None
+        # awaited before each round of backing files: copying whole files is disk and CPU
+        # work that should not compete with an image's start (the prefetch manager's Pause)
+        self.backing_gate: Callable[[], Awaitable[object]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -531,6 +534,8 @@ class LazyFS:
         while self._passthrough_off is None:
             await self._backing_wake.wait()
             await asyncio.sleep(BACKING_SETTLE_S)  # chunks come in bursts: one look per burst
+            if self.backing_gate is not None:
+                await self.backing_gate()
             self._backing_wake.clear()
             self._backing_dirty = False
             try:

@@ -118,6 +118,7 @@ class LazyLayerProvider:
         self.profiles = ProfileManager(self.root, self, self.store, prefetch,
                                        voucher=Voucher(self.options.index_trust, tuple(self._keys)),
                                        signer=self._signer, places=self._places)
+        self.fs.backing_gate = self.profiles.pause.wait  # no backing files while images start
 
     # -- public API: every call runs on the provider's own loop -------------------------------
     # The FUSE filesystem must be served by a loop no other code blocks: the service checks
