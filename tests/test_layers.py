@@ -205,6 +205,20 @@ def test_build_by_streaming_then_restore_after_restart(env: Env, tmp_path: Path)
     assert not (root / "mnt" / env.layers[0].split(":")[1]).exists()
 
 
+def test_reads_from_the_kept_blob_are_not_registry_bytes(env: Env, tmp_path: Path) -> None:
+    """A streamed layer's reads decode its kept blob: nothing more crosses the network, and
+    lazysnap_registry_bytes_fetched (what operators watch) does not count them."""
+    p = env.provider(tmp_path / "node")
+    d0 = env.provide(p, 0)
+    assert p.layer(env.layers[0]).source == "built"
+    streamed = env.proxy.stats.body_bytes
+    before = _sample("lazysnap_registry_bytes_fetched_total", purpose="on_demand")
+    _check_tree(d0, env.tars[0])
+    assert p.layer(env.layers[0]).fetcher.bytes_fetched > 0  # read from the kept blob
+    assert env.proxy.stats.body_bytes == streamed
+    assert _sample("lazysnap_registry_bytes_fetched_total", purpose="on_demand") == before
+
+
 def test_the_streaming_pass_stores_the_layer(env: Env, tmp_path: Path) -> None:
     """``store_streamed_chunks``: the one pass that learns an unindexed layer's tree also
     writes its chunks, so the layer is whole on the node when Prepare answers and reading

@@ -50,6 +50,10 @@ class Priority(enum.IntEnum):
 class BlobSource(Protocol):
     """Compressed bytes [start, end) of one layer blob."""
 
+    #: its bytes come over the network (counted in ``lazysnap_registry_bytes_fetched``); a
+    #: kept local copy of the blob is not
+    remote: bool
+
     async def read_range(self, start: int, end: int) -> bytes: ...
 
     def distrust(self, start: int, end: int) -> bool:
@@ -561,7 +565,8 @@ class LayerFetcher:
             if len(rest) != end - at:
                 raise FetchError(f"short range {at}-{end}: got {len(rest)} bytes")
             self.bytes_fetched += len(rest)
-            metrics.REGISTRY_BYTES.labels(priority.purpose).inc(len(rest))
+            if self.source.remote:
+                metrics.REGISTRY_BYTES.labels(priority.purpose).inc(len(rest))
             ranges.put(self.key, at, rest)
             fut.set_result(None)
         except BaseException as exc:

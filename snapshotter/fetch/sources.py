@@ -26,6 +26,7 @@ class RegistryBlobSource:
     """
 
     SERVED_KEPT = 256  # recent (start, end, host) remembered for ``distrust``
+    remote = True
 
     def __init__(self, client: Any, ref: str, digest: str, *, purpose: str = "range") -> None:
         self.client = client
@@ -59,6 +60,8 @@ class RegistryBlobSource:
 
 class FileBlobSource:
     """Ranges of a local blob file (tests, and layers already downloaded whole)."""
+
+    remote = False
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
