@@ -174,3 +174,16 @@ def test_cat_usage(tmp_path: Path) -> None:
     p = run("cat", "a", "b", "c", "d", ok=False)
     assert p.returncode == 2
     assert os.path.exists(ROOT / "snapshotter" / "cli" / "layer_cmds.py")
+
+
+def test_indexing_a_local_layer_loads_no_registry_or_event_loop_code(layer: dict, tmp_path: Path) -> None:
+    """`lazysnap index FILE` is timed as a whole command against `gzip -dc`: the registry
+    client (aiohttp, ~0.2 s to import) and asyncio have no part in it."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "snapshotter", "index",
+                        str(layer["paths"]["gzip"]), "-o", str(tmp_path / "l.idx")],  # type: ignore[index]
+                       cwd=ROOT, capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert not {m for m in imported if m.split(".")[0] in ("aiohttp", "asyncio")}
+    assert "snapshotter.registry.client" not in imported

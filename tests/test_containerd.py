@@ -351,6 +351,9 @@ class ExtractedLayerProvider:
     async def restore_finished(self, referenced: Collection[str]) -> None:
         return None
 
+    def add_services(self, server: object) -> None:
+        return None
+
 
 def content_digests(cd: Containerd) -> set[str]:
     lines = cd.ctr("content", "ls", "-q").stdout.split()

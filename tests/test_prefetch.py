@@ -64,21 +64,24 @@ class Layer:
     fetcher: Any
     data: LayerData
     verified: bool = False
-    verify_task: Any = None
 
 
 class Host:
-    """The provider's side of the manager's contract: ``layer``, ``client``, ``_verify_layer``."""
+    """The provider's side of the manager's contract (``prefetch.manager.LayerHost``)."""
 
     def __init__(self) -> None:
         self.layers: dict[str, Layer] = {}
         self.client = None
         self.verified: list[str] = []
+        self.failed: set[str] = set()
 
     def layer(self, digest: str) -> Layer | None:
         return self.layers.get(digest)
 
-    async def _verify_layer(self, layer: Layer) -> bool:
+    def prepare_failed(self, digest: str) -> bool:
+        return digest in self.failed
+
+    async def check_complete(self, layer: Layer) -> bool:
         # the provider streams the blob and re-indexes it; here the blob is the local file
         layer.verified = True
         self.verified.append(layer.digest)

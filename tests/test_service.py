@@ -52,6 +52,9 @@ class DirProvider:
     async def restore_finished(self, referenced: Collection[str]) -> None:
         self.finished.append(set(referenced))
 
+    def add_services(self, server: object) -> None:
+        return None
+
 
 class Client:
     def __init__(self, channel: grpc.aio.Channel) -> None:

@@ -65,11 +65,12 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _share_registry(value: str) -> str:
-    """``--share-registry`` checked as ``[lazy] share_registry`` is ("": none, the default)."""
-    from snapshotter.registry.reference import InvalidReferenceError, check_share_registry
-
+    """``--share-registry`` checked as ``[lazy] share_registry`` is ("": none, the default;
+    argparse converts the default of every command's parser, so that costs no import)."""
     if not value:
         return ""
+    from snapshotter.registry.reference import InvalidReferenceError, check_share_registry
+
     try:
         return check_share_registry(value)
     except InvalidReferenceError as exc:

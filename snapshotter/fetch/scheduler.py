@@ -25,12 +25,13 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from snapshotter.fetch import metrics
 from snapshotter.index.errors import ChunkVerificationError, CorruptLayerError, TruncatedLayerError
+from snapshotter.index.model import Chunk, LayerInfo
 from snapshotter.store import ChunkStore
 from snapshotter.log import get_logger
 
@@ -56,6 +57,10 @@ class BlobSource(Protocol):
 
     async def read_range(self, start: int, end: int) -> bytes: ...
 
+    def stream(self) -> AsyncIterator[bytes]:
+        """The whole blob from its start (a layer with no random access is filled this way)."""
+        ...
+
     def distrust(self, start: int, end: int) -> bool:
         """Bytes read from ``[start, end)`` failed verification: avoid whoever served them.
         True if another source is left to try."""
@@ -63,7 +68,17 @@ class BlobSource(Protocol):
 
 
 class SpanCodec(Protocol):
-    """The index reader: ``plan_chunks`` and ``decode_span`` bound to one index."""
+    """The index reader bound to one layer's index (``fetch.sources.IndexCodec``): which
+    compressed span serves which chunks, and the chunks decoded from a span."""
+
+    info: LayerInfo
+
+    @property
+    def chunk_count(self) -> int: ...
+
+    def digest(self, chunk_id: int) -> bytes: ...
+
+    def chunk(self, chunk_id: int) -> Chunk: ...
 
     def plan(self, chunk_ids: Sequence[int], max_bytes: int = ...) -> list[Any]: ...
 
@@ -71,10 +86,24 @@ class SpanCodec(Protocol):
 
     def decode(self, plan: Any, compressed: bytes) -> dict[int, bytes]: ...
 
-    def digest(self, chunk_id: int) -> bytes: ...
+    def widen(self, plan: Any) -> Any | None:
+        """The plan fetching on to the next checkpoint (an end mark proved short), or None."""
+        ...
 
-    @property
-    def chunk_count(self) -> int: ...
+    def span_mates(self, chunk_ids: Sequence[int]) -> list[int]:
+        """The chunks an on-demand miss on ``chunk_ids`` makes local in the same fetch."""
+        ...
+
+    def readahead_chunks(self, chunk_ids: Sequence[int]) -> list[int]:
+        """What a reader missing on ``chunk_ids`` most likely reads next."""
+        ...
+
+    async def prepare(self, plan: Any, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Make what decoding ``plan`` needs besides its range local (a checkpoint window
+        published apart); ``on_bytes`` counts what that fetched."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -235,8 +264,7 @@ class LayerFetcher:
                 return
             if self.sequential_only:
                 futs = self._launch_stream(missing, priority)
-            elif (self.fetcher.options.whole_spans and priority != Priority.PREFETCH
-                  and hasattr(self.codec, "span_mates")):
+            elif self.fetcher.options.whole_spans and priority != Priority.PREFETCH:
                 # A profile names exactly the chunks a start reads: decoding, hashing and
                 # storing their span mates too made prefetch ~3x the work (measured: 24k
                 # chunk files instead of ~1.2k for the inference image); on-demand misses
@@ -321,9 +349,7 @@ class LayerFetcher:
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        close_codec = getattr(self.codec, "close", None)
-        if close_codec is not None:
-            close_codec()
+        self.codec.close()
 
     # -- internals --------------------------------------------------------------------------
     def _readahead(self, chunk_ids: list[int]) -> None:
@@ -334,11 +360,9 @@ class LayerFetcher:
         miss (a package's files are adjacent in the tar, big files are read forward), so
         fetching it at background priority overlaps its latency with the reader's work.
         """
-        ahead_of = getattr(self.codec, "readahead_chunks", None)
-        if ahead_of is None:
-            return
         known = self.fetcher.store.known
-        ahead = [c for c in ahead_of(chunk_ids) if c not in self._inflight and not known(self.codec.digest(c))]
+        ahead = [c for c in self.codec.readahead_chunks(chunk_ids)
+                 if c not in self._inflight and not known(self.codec.digest(c))]
         if not ahead:
             return
         metrics.READAHEAD_SPANS.inc()
@@ -403,15 +427,12 @@ class LayerFetcher:
 
         loop = asyncio.get_running_loop()
         store = self.fetcher.store
-        stream = getattr(self.source, "stream", None)
         gate = self.fetcher.gate
         await gate.acquire(priority)
         try:
-            if stream is None:
-                raise FetchError("blob source cannot stream")
             wanted = []
             for c in range(self.codec.chunk_count):
-                ch = self.codec.index.chunk(c)  # type: ignore[attr-defined]
+                ch = self.codec.chunk(c)
                 if not store.has(ch.digest):
                     wanted.append((ch.uncompressed_offset, ch.length, c, ch.digest))
 
@@ -419,9 +440,8 @@ class LayerFetcher:
                 store.put(self.codec.digest(cid), data, verified=True)
                 loop.call_soon_threadsafe(self._arrived, cid)
 
-            counted = _Counted(stream(), self, priority)
-            n = await stream_fill(counted, self.codec.info.format, wanted, put,  # type: ignore[attr-defined]
-                                  asyncio.to_thread)
+            counted = _Counted(self.source.stream(), self, priority)
+            n = await stream_fill(counted, self.codec.info.format, wanted, put, asyncio.to_thread)
             log.info("layer_stream_done", layer=self.key, chunks=n, bytes=counted.bytes)
         except asyncio.CancelledError:
             self._fail_inflight(FetchError("stream cancelled"))
@@ -463,7 +483,7 @@ class LayerFetcher:
                     except TruncatedLayerError:
                         # an end mark proved short (a hostile or buggy index): fetch on
                         # to the next checkpoint once; a second shortfall is a real error
-                        wider = self.codec.widen(plan) if hasattr(self.codec, "widen") else None
+                        wider = self.codec.widen(plan)
                         if wider is None:
                             raise
                         log.warning("end_mark_short", layer=self.key, range=f"{start}-{end}")
@@ -521,15 +541,11 @@ class LayerFetcher:
         """The span's range and, for an index with its windows apart, its checkpoint's
         window: two requests in flight at once, so a missing window costs its bytes and one
         more request, not a serial round trip."""
-        prepare = getattr(self.codec, "prepare", None)
-        if prepare is None:
-            return await self._read_compressed(start, end, priority)
-
         def count(n: int) -> None:
             self.bytes_fetched += n
             metrics.REGISTRY_BYTES.labels(priority.purpose).inc(n)
 
-        got = await asyncio.gather(self._read_compressed(start, end, priority), prepare(plan, count),
+        got = await asyncio.gather(self._read_compressed(start, end, priority), self.codec.prepare(plan, count),
                                    return_exceptions=True)
         for r in got:
             if isinstance(r, BaseException):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.index import reader
-from snapshotter.index.model import LayerInfo
+from snapshotter.index.model import Chunk, LayerInfo
 from snapshotter.log import get_logger
 
 log = get_logger("lazysnap.fetch")
@@ -111,6 +111,9 @@ class IndexCodec:
         if d is None:
             d = self._digests[chunk_id] = self.index.chunk(chunk_id).digest
         return d
+
+    def chunk(self, chunk_id: int) -> Chunk:
+        return self.index.chunk(chunk_id)
 
     def plan(self, chunk_ids: Sequence[int], max_bytes: int = reader.MAX_PLAN_BYTES) -> list[Any]:
         return reader.plan_chunks(self.index, list(chunk_ids), max_plan_bytes=max_bytes)

@@ -28,6 +28,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from snapshotter.fetch import Priority
+from snapshotter.fetch.metrics import REGISTRY_BYTES
 from snapshotter.fsutil import create_private, private_dirs, write_atomic
 from snapshotter.index.builder import index_stream_bytes
 from snapshotter.index.errors import LayerIndexError
@@ -236,6 +238,7 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
 
     async def tee() -> AsyncIterator[bytes]:
         async for block in client.stream_blob(ref, layer_digest, purpose="layer"):
+            REGISTRY_BYTES.labels(Priority.ON_DEMAND.purpose).inc(len(block))  # Prepare waits for it
             if fobj is not None:
                 await asyncio.to_thread(fobj.write, block)
             yield block

@@ -26,9 +26,10 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapshotter.fetch import Fetcher, FetchOptions, LayerFetcher, Priority
+from snapshotter.fetch.metrics import REGISTRY_BYTES
 from snapshotter.fetch.sources import FileBlobSource, IndexCodec, RegistryBlobSource
 from snapshotter.fetch.windows import WindowCache, windows_path
 from snapshotter.fs import LayerData, LayerTree, LazyFS
@@ -46,6 +47,9 @@ from snapshotter.registry.reference import places
 from snapshotter.registry.signatures import Voucher, load_private_key, load_public_keys, push_signature
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
+
+if TYPE_CHECKING:
+    import grpc
 
 log = get_logger("lazysnap.layers")
 
@@ -155,10 +159,16 @@ class LazyLayerProvider:
             self._thread = None
             loop.close()
 
+    def add_services(self, server: grpc.aio.Server) -> None:
+        """lazysnap.v1.Control: `lazysnap record` starts and stops recordings through it."""
+        from snapshotter.prefetch.control import add_control
+
+        add_control(server, self.profiles, self._hop)
+
     async def verify_layer(self, digest: str) -> bool:
-        """Run the completeness check of a provided layer now (see ``_verify_layer``)."""
+        """Run the completeness check of a provided layer now (see ``check_complete``)."""
         layer = self._layers[digest]
-        return await self._hop(self._verify_layer(layer))
+        return await self._hop(self.check_complete(layer))
 
     async def wait_verified(self, digest: str, timeout: float = 120) -> bool:
         """Wait for a scheduled completeness check; True if the layer is verified."""
@@ -397,6 +407,7 @@ class LazyLayerProvider:
         log.info("layer_fetch_whole", layer=digest, size=size, reason="below_small_layer_threshold",
                  threshold=self.options.small_layer_bytes)
         data = await self.client.fetch_blob(ref, digest, self.options.small_layer_bytes + 1, purpose="layer")
+        REGISTRY_BYTES.labels(Priority.ON_DEMAND.purpose).inc(len(data))  # what the start waited for
         blob = self._blob_path(digest)
         await asyncio.to_thread(write_atomic, blob, data, fsync=False)
         data = await asyncio.to_thread(index_file_bytes, str(blob), span=self.options.span_size,
@@ -506,9 +517,10 @@ class LazyLayerProvider:
             layer.verify_task.add_done_callback(_quiet)
         return layer.verify_task  # type: ignore[return-value]
 
-    async def _verify_layer(self, layer: ProvidedLayer) -> bool:
+    async def check_complete(self, layer: ProvidedLayer) -> bool:
         """The completeness check, at most once per layer however many callers ask
-        (the fetcher's on_complete hook, the profile manager's background fill, the API)."""
+        (the fetcher's on_complete hook, the profile manager's background fill, the API);
+        True if the layer is verified. On the provider's loop."""
         task = self._schedule_verify(layer)
         if task is None:
             return layer.verified
@@ -551,6 +563,12 @@ class LazyLayerProvider:
         self.fs.quarantine(_dirname(layer.digest), reason)
         layer.fetcher.quarantine(reason)
         indexes.quarantine(self.root, layer.digest, reason)
+
+    def prepare_failed(self, digest: str) -> bool:
+        """The layer's Prepare ended without providing it (containerd pulls it instead): what
+        waits for it to be registered need wait no more. On the provider's loop."""
+        task = self._tasks.get(digest)
+        return task is not None and task.done() and (task.cancelled() or task.exception() is not None)
 
     def _blob_path(self, digest: str) -> Path:
         return self.blobs_dir / digest.replace(":", "-")

@@ -1,12 +1,13 @@
 """``lazysnap.v1.Control`` on the daemon's socket: start/stop recordings, read profiles.
 
 The recorder lives on the layer provider's event loop (next to the filesystem); each call
-hops there through the provider's ``_hop`` and back.
+hops there and back (``on_loop``). The lazy provider registers it (``add_services``).
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -15,23 +16,25 @@ from snapshotter.api.lazysnap.v1 import control_pb2_grpc as pb_grpc
 from snapshotter.log import get_logger
 from snapshotter.prefetch.profile import ProfileError
 
+if TYPE_CHECKING:
+    from snapshotter.prefetch.manager import ProfileManager
+
 log = get_logger("lazysnap.prefetch")
 SERVICE_NAME = "lazysnap.v1.Control"
+T = TypeVar("T")
+OnLoop = Callable[[Coroutine[Any, Any, T]], Awaitable[T]]
 
 
 class ControlServicer(pb_grpc.ControlServicer):
-    def __init__(self, provider: Any) -> None:
-        self.provider = provider
-
-    @property
-    def _profiles(self) -> Any:
-        return self.provider.profiles
+    def __init__(self, profiles: ProfileManager, on_loop: OnLoop[Any]) -> None:
+        self._profiles = profiles
+        self._on_loop = on_loop
 
     async def StartRecording(self, request: pb.StartRecordingRequest, context: grpc.aio.ServicerContext) -> Any:
         if not request.image_ref and not request.manifest_digest:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image_ref or manifest_digest is required")
         try:
-            rec_id, manifest = await self.provider._hop(self._profiles.start_recording(
+            rec_id, manifest = await self._on_loop(self._profiles.start_recording(
                 request.image_ref, request.manifest_digest, list(request.layer_digests)))
         except Exception as exc:  # noqa: BLE001 - e.g. the image cannot be resolved
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}"[:500])
@@ -39,7 +42,7 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     async def StopRecording(self, request: pb.StopRecordingRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            profile, path = await self.provider._hop(
+            profile, path = await self._on_loop(
                 self._profiles.stop_recording(request.recording_id, save_profile=not request.discard))
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no active recording {request.recording_id!r}")
@@ -56,9 +59,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         return pb.GetProfileResponse(found=data is not None, profile_json=data or b"")
 
 
-def add_control(server: grpc.aio.Server, provider: Any) -> bool:
-    """Register the control service if the provider records profiles; True if registered."""
-    if getattr(provider, "profiles", None) is None or not hasattr(provider, "_hop"):
-        return False
-    pb_grpc.add_ControlServicer_to_server(ControlServicer(provider), server)
-    return True
+def add_control(server: grpc.aio.Server, profiles: ProfileManager, on_loop: OnLoop[Any]) -> None:
+    """Serve ``profiles`` as lazysnap.v1.Control; ``on_loop`` runs a coroutine on the loop
+    the profiles live on."""
+    pb_grpc.add_ControlServicer_to_server(ControlServicer(profiles, on_loop), server)

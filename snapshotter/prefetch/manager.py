@@ -49,11 +49,16 @@ class LayerHost(Protocol):
     client: Any  # RegistryClient: resolve, referrers, get_manifest, fetch_blob
 
     def layer(self, digest: str) -> Any:
-        """The registered layer (``.digest .fetcher .index .verified .verify_task``) or None."""
+        """The registered layer (``.digest .fetcher .index .verified``) or None."""
         ...
 
-    async def _verify_layer(self, layer: Any) -> bool:
-        """Stream the blob (digest checked), re-index it, compare; quarantine on mismatch."""
+    def prepare_failed(self, digest: str) -> bool:
+        """The layer's Prepare ended without providing it: it will never be registered."""
+        ...
+
+    async def check_complete(self, layer: Any) -> bool:
+        """The completeness check (once per layer): stream the blob (digest checked),
+        re-index it, compare; quarantine on mismatch. True if the layer is verified."""
         ...
 
 
@@ -367,11 +372,7 @@ class ProfileManager:
                 return
             progress.state = "verifying"
             if not layer.verified:
-                task = getattr(layer, "verify_task", None)
-                if task is not None:
-                    await asyncio.shield(task)
-                if not layer.verified:
-                    await self.host._verify_layer(layer)
+                await self.host.check_complete(layer)
             if layer.verified:
                 await asyncio.to_thread(background.mark_complete, self.root, digest, "blob-digest+index")
                 metrics.LAYERS_COMPLETE.labels("verified").inc()
@@ -406,8 +407,7 @@ class ProfileManager:
         ev = self._event(digest)
         deadline = time.monotonic() + LAYER_WAIT_S
         while not ev.is_set():
-            task = getattr(self.host, "_tasks", {}).get(digest)
-            if task is not None and task.done() and (task.cancelled() or task.exception() is not None):
+            if self.host.prepare_failed(digest):
                 return None
             if time.monotonic() > deadline:
                 return None

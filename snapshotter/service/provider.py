@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = ["LABEL_SNAPSHOT_REF", "RemoteLayerRequest", "ProviderError", "LayerProvider", "NoRemoteProvider",
            "parse_remote_request"]
@@ -69,6 +72,11 @@ class LayerProvider(Protocol):
         process left serving (a FUSE holder keeps layers across restarts) can go."""
         ...
 
+    def add_services(self, server: grpc.aio.Server) -> None:
+        """Register the provider's own gRPC services on the daemon's socket (the lazy
+        provider's ``lazysnap.v1.Control``: recordings and profiles)."""
+        ...
+
 
 class NoRemoteProvider:
     """Remote layers are disabled: every layer is downloaded by containerd."""
@@ -83,6 +91,9 @@ class NoRemoteProvider:
         return None
 
     async def restore_finished(self, referenced: Collection[str]) -> None:
+        return None
+
+    def add_services(self, server: grpc.aio.Server) -> None:
         return None
 
 

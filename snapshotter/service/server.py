@@ -218,9 +218,7 @@ class SnapshotService:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(self.snapshotter), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        from snapshotter.prefetch.control import add_control  # lazysnap.v1.Control (profiles)
-
-        add_control(server, self.snapshotter.provider)
+        self.snapshotter.provider.add_services(server)
         pb_node.add_NodeServicer_to_server(NodeServicer(self.snapshotter, self.errors, self.address), server)
         server.add_insecure_port(f"unix:{self.address}")
         old = os.umask(0o777 & ~self.mode)  # created with its mode: never wider, even briefly
