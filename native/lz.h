@@ -96,6 +96,14 @@ static inline void lz_put_le64(uint8_t *p, uint64_t v)
         p[i] = (uint8_t)(v >> (8 * i));
 }
 
+static inline uint64_t lz_get_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
 #define LZ_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define LZ_MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -346,9 +346,7 @@ static PyObject *build_result(scanner_t *sc, const uint8_t blob[32], const uint8
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(v);
     const tar_chunk *c = (const tar_chunk *)t->chunks.p;
     for (size_t i = 0; i < nc; i++) {
-        lz_put_le64(out + LZ_CHUNK_RECORD * i, c[i].offset);
-        lz_put_le64(out + LZ_CHUNK_RECORD * i + 8, c[i].length);
-        memcpy(out + LZ_CHUNK_RECORD * i + 16, c[i].sha, 32);
+        tar_put_chunk_record(out + LZ_CHUNK_RECORD * i, &c[i]);
     }
     if (PyDict_SetItemString(d, "chunks", v))
         goto fail;
@@ -628,14 +626,6 @@ static PyObject *core_sha256(PyObject *module, PyObject *arg)
     return PyBytes_FromStringAndSize((const char *)md, 32);
 }
 
-static uint64_t get_le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
 static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
 {
     Py_buffer data, rec;
@@ -650,7 +640,7 @@ static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
     size_t n = (size_t)rec.len / LZ_CHUNK_RECORD;
     const uint8_t *r = rec.buf;
     for (size_t i = 0; i < n; i++) {
-        uint64_t off = get_le64(r + LZ_CHUNK_RECORD * i), len = get_le64(r + LZ_CHUNK_RECORD * i + 8);
+        uint64_t off = lz_get_le64(r + LZ_CHUNK_RECORD * i), len = lz_get_le64(r + LZ_CHUNK_RECORD * i + 8);
         if (off < base || off - base > (uint64_t)data.len || len > (uint64_t)data.len - (off - base)) {
             PyErr_Format(PyExc_ValueError, "chunk record %zu lies outside the data", i);
             goto done;
@@ -660,7 +650,7 @@ static PyObject *core_verify_chunks(PyObject *module, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) {
         uint8_t md[32];
-        uint64_t off = get_le64(r + LZ_CHUNK_RECORD * i), len = get_le64(r + LZ_CHUNK_RECORD * i + 8);
+        uint64_t off = lz_get_le64(r + LZ_CHUNK_RECORD * i), len = lz_get_le64(r + LZ_CHUNK_RECORD * i + 8);
         SHA256((const uint8_t *)data.buf + (off - base), (size_t)len, md);
         if (memcmp(md, r + LZ_CHUNK_RECORD * i + 16, 32)) {
             bad = (long long)i;

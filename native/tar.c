@@ -815,12 +815,9 @@ static void sink_run(tar_t *t)
         rc = m ? t->sink(t->sink_ctx, m, digest, data, len, status) : 0;
         for (size_t j = 0; j < m; j++) {
             uint8_t rec[LZ_CHUNK_RECORD];
-            const tar_chunk *ci = c + which[j];
             if (status[j] != 1)
                 continue;
-            lz_put_le64(rec, ci->offset);
-            lz_put_le64(rec + 8, ci->length);
-            memcpy(rec + 16, ci->sha, 32);
+            tar_put_chunk_record(rec, c + which[j]);
             if (lz_buf_append(&t->stored, rec, sizeof rec)) {
                 rc = -ENOMEM;
                 break;

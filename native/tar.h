@@ -117,4 +117,12 @@ int tar_finish(tar_t *t, uint8_t diff_out[32]);
 static inline size_t tar_entry_count(const tar_t *t) { return t->entries.len / sizeof(tar_entry); }
 static inline size_t tar_chunk_count(const tar_t *t) { return t->chunks.len / sizeof(tar_chunk); }
 
+/* A chunk as an LZ_CHUNK_RECORD (index.model.CHUNK_RECORD): offset, length, SHA-256. */
+static inline void tar_put_chunk_record(uint8_t *out, const tar_chunk *c)
+{
+    lz_put_le64(out, c->offset);
+    lz_put_le64(out + 8, c->length);
+    memcpy(out + 16, c->sha, 32);
+}
+
 #endif
