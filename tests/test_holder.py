@@ -126,7 +126,12 @@ def test_reads_survive_the_daemon_stopping_and_a_new_one_attaching(held) -> None
     d1.settle(d1.dir / "etc/hostname")
     direct_before = REGISTRY.get_sample_value("lazysnap_fuse_holder_direct_replies_total") or 0
     assert _uncached_read(d1.dir / "data/big.bin", 0, 1 << 20) == want["data/big.bin"][:1 << 20]
-    # fetched by the daemon and answered on its own copy of the session's fd
+    # fetched by the daemon and answered on its own copy of the session's fd (counted just
+    # after the reply is written, so the reader may wake first: wait a moment for it)
+    deadline = time.monotonic() + 5
+    while ((REGISTRY.get_sample_value("lazysnap_fuse_holder_direct_replies_total") or 0) <= direct_before
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
     assert (REGISTRY.get_sample_value("lazysnap_fuse_holder_direct_replies_total") or 0) > direct_before
     kept = os.open(d1.dir / "many/f0200", os.O_RDONLY)  # open across the restart
     results: dict[str, bytes | BaseException] = {}
