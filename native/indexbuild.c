@@ -7,58 +7,68 @@
 #include <zstd.h>
 
 #define NO_NODE UINT32_MAX
-#define IN_TAR (1ull << 63)  /* a path's bytes are the tar arena's own (most are) */
+#define NO_XATTRS UINT32_MAX
 
-/* One path of the tree being applied: 88 bytes, the builder's memory per entry. */
+/* One path of the tree being applied, 80 bytes, plus its name in b->bytes. Its attributes
+ * are the applied entry's (or, for owners, mode and mtime, a later hard link header's:
+ * builder.py _apply_link_header). */
 typedef struct {
-    uint64_t path;         /* offset in b->paths, or | IN_TAR: in the tar arena */
-    uint32_t path_len, name_at;   /* the last component starts at name_at */
-    uint32_t parent;       /* node id (the root's is NO_NODE) */
-    int32_t entry;         /* tar entry holding the attributes, -1: a synthesized directory */
-    int32_t xattr_entry;   /* tar entry whose xattrs apply, -1: none */
-    int32_t target_entry;  /* hard links: the target's entry when linked (another later: replaced) */
-    uint32_t target;       /* hard links: the node holding the data */
-    uint32_t first_kid, next_sib, rec;
-    uint32_t kids_at, kid_count;  /* record of the first child, number of children */
-    uint32_t first_chunk;  /* renumbered */
-    /* owners, mode and mtime: the entry's, or a later hard link's header (builder.py
-     * _apply_link_header) */
-    uint32_t uid, gid, mode;
+    uint64_t name;        /* offset of the last path component in b->bytes */
+    uint64_t size;
     int64_t mtime_ns;
+    uint64_t data;        /* regular file: data offset; symlink: target offset in b->bytes */
+    uint32_t name_len, parent;  /* the root's parent is NO_NODE */
+    uint32_t uid, gid;
+    uint32_t entry;       /* ordinal of the tar entry applied (NO_NODE: a synthesized directory) */
+    uint32_t xattrs;      /* its xattr set in b->sets, NO_XATTRS: none */
+    uint32_t rec, next_sib;
+    /* regular file: scanner's first chunk, chunk count, renumbered first chunk;
+     * directory: first child, record of the first child, number of children;
+     * device: major, minor; symlink: target length;
+     * hard link: the node holding the data, that node's entry when linked */
+    uint32_t u1, u2, u3;
+    uint16_t mode;
     uint8_t type;
 } node;
 
 typedef struct {
-    uint32_t id;           /* node id + 1, 0 = empty */
+    uint64_t off;         /* an extra record (format.py _encode_extra) in b->bytes */
+    uint32_t len;
+} xattr_set;
+
+typedef struct {
+    uint32_t id;          /* node id + 1, 0 = empty */
     uint32_t hash;
 } slot;
 
-typedef struct {
-    const tar_t *t;
-    lz_buf nodes;          /* node[] */
-    lz_buf paths;          /* cleaned paths that are not the tar's own bytes */
-    slot *slots;           /* path hash table, open addressing */
+struct lz_index_builder {
+    uint64_t chunk_size;
+    lz_buf nodes;         /* node[] */
+    lz_buf bytes;         /* names, link targets, xattr sets */
+    lz_buf sets;          /* xattr_set[] */
+    slot *slots;          /* (parent, name) -> node, open addressing */
     size_t nslots;
-    lz_buf scratch;        /* path cleaning */
-    uint32_t *node_of;     /* tar entry -> the node it was applied to */
-    lz_index_sections *out;
-    lz_err *err;
-} builder;
+    lz_buf scratch;       /* path cleaning */
+    lz_buf dir;           /* the parent path resolved last, and its node: entries come */
+    uint32_t dir_node;    /* grouped by directory, so most need no walk from the root */
+    uint32_t applied;     /* entries applied: the next one's ordinal */
+    int state;            /* 0, LZ_INDEX_DECLINED or -1 */
+    char declined[160];
+    lz_err err;
+    lz_index_sections *out;  /* lz_index_finish's */
+};
+
+typedef lz_index_builder builder;
 
 static inline node *N(builder *b, uint32_t i) { return (node *)b->nodes.p + i; }
 static inline size_t node_count(const builder *b) { return b->nodes.len / sizeof(node); }
-static inline const tar_entry *E(const builder *b, int64_t i) { return (const tar_entry *)b->t->entries.p + i; }
-
-static inline const uint8_t *path_of(builder *b, const node *n)
-{
-    return n->path & IN_TAR ? b->t->arena.p + (n->path & ~IN_TAR) : b->paths.p + n->path;
-}
+static inline const uint8_t *name_of(builder *b, const node *n) { return b->bytes.p + n->name; }
 
 static int decline(builder *b, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(b->out->declined, sizeof b->out->declined, fmt, ap);
+    vsnprintf(b->declined, sizeof b->declined, fmt, ap);
     va_end(ap);
     return LZ_INDEX_DECLINED;
 }
@@ -71,6 +81,11 @@ static uint64_t hash_bytes(const uint8_t *p, size_t n)
     return h ^ (h >> 29);
 }
 
+static uint32_t hash_child(uint32_t parent, const uint8_t *name, size_t len)
+{
+    return (uint32_t)(hash_bytes(name, len) ^ ((uint64_t)parent * 0x9E3779B97F4A7C15ull >> 32));
+}
+
 static int grow_slots(builder *b, size_t want)
 {
     size_t ns = b->nslots ? b->nslots : 1024;
@@ -78,7 +93,7 @@ static int grow_slots(builder *b, size_t want)
         ns *= 2;
     slot *s = calloc(ns, sizeof *s);
     if (!s)
-        return lz_nomem(b->err);
+        return lz_nomem(&b->err);
     for (size_t i = 0; i < b->nslots; i++) {
         if (!b->slots[i].id)
             continue;
@@ -93,14 +108,14 @@ static int grow_slots(builder *b, size_t want)
     return 0;
 }
 
-/* The slot of `path` (hash h): holding its node, or empty where it would go. */
-static size_t find_slot(builder *b, const uint8_t *path, size_t len, uint32_t h)
+/* The slot of `parent`'s child `name` (hash h): holding its node, or empty where it goes. */
+static size_t find_slot(builder *b, uint32_t parent, const uint8_t *name, size_t len, uint32_t h)
 {
     size_t j = h & (b->nslots - 1);
     while (b->slots[j].id) {
         if (b->slots[j].hash == h) {
             node *n = N(b, b->slots[j].id - 1);
-            if (n->path_len == len && (len == 0 || memcmp(path_of(b, n), path, len) == 0))
+            if (n->parent == parent && n->name_len == len && (len == 0 || memcmp(name_of(b, n), name, len) == 0))
                 break;
         }
         j = (j + 1) & (b->nslots - 1);
@@ -108,61 +123,31 @@ static size_t find_slot(builder *b, const uint8_t *path, size_t len, uint32_t h)
     return j;
 }
 
-static uint32_t lookup(builder *b, const uint8_t *path, size_t len)
+static uint32_t child(builder *b, uint32_t parent, const uint8_t *name, size_t len)
 {
-    size_t j = find_slot(b, path, len, (uint32_t)hash_bytes(path, len));
+    size_t j = find_slot(b, parent, name, len, hash_child(parent, name, len));
     return b->slots[j].id ? b->slots[j].id - 1 : NO_NODE;
 }
 
-static void set_entry(builder *b, node *n, int64_t ei)
-{
-    const tar_entry *e = E(b, ei);
-    n->entry = (int32_t)ei;
-    n->type = (uint8_t)e->type;
-    n->uid = (uint32_t)e->uid;
-    n->gid = (uint32_t)e->gid;
-    n->mtime_ns = e->mtime_ns;
-    n->mode = e->mode & 07777;
-    n->target = NO_NODE;
-    b->node_of[ei] = (uint32_t)(n - N(b, 0));
-}
-
-/* A new node for `path`, whose parent is `parent`: the path's bytes are referenced where
- * they are the tar's own, else copied. */
-static int add_node(builder *b, const uint8_t *path, size_t len, uint32_t parent, int64_t entry,
-                    int type, uint32_t *id)
+/* A new node `name` under `parent` (a synthesized directory until an entry is taken). */
+static int add_node(builder *b, uint32_t parent, const uint8_t *name, size_t len, uint32_t *id)
 {
     if ((node_count(b) + 1) * 2 > b->nslots && grow_slots(b, node_count(b) + 1))
         return -1;
-    if (node_count(b) >= NO_NODE - 1 || len > UINT32_MAX)
-        return lz_fail(b->err, LZ_INVALID, "too many entries");
-    if (lz_buf_reserve(&b->nodes, sizeof(node)))
-        return lz_nomem(b->err);
-    const uint8_t *arena = b->t->arena.p;
-    uint64_t ref;
-    if (len && arena && path >= arena && path + len <= arena + b->t->arena.len) {
-        ref = (uint64_t)(path - arena) | IN_TAR;
-    } else {
-        ref = b->paths.len;
-        if (lz_buf_append(&b->paths, path, len))
-            return lz_nomem(b->err);
-    }
-    size_t name_at = len;
-    while (name_at && path[name_at - 1] != '/')
-        name_at--;
+    if (node_count(b) >= NO_NODE - 1)
+        return decline(b, "more entries than an index holds");
+    if (len > LZ_INDEX_MAX_NAME)
+        return decline(b, "a name longer than Linux allows");
+    uint64_t at = b->bytes.len;
+    if (lz_buf_append(&b->bytes, name, len) || lz_buf_reserve(&b->nodes, sizeof(node)))
+        return lz_nomem(&b->err);
     *id = (uint32_t)node_count(b);
     node *n = (node *)(b->nodes.p + b->nodes.len);
     b->nodes.len += sizeof(node);
-    *n = (node){.path = ref, .path_len = (uint32_t)len, .name_at = (uint32_t)name_at, .parent = parent,
-                .entry = -1, .xattr_entry = -1, .target_entry = -1, .target = NO_NODE,
-                .first_kid = NO_NODE, .next_sib = NO_NODE, .type = (uint8_t)type, .mode = 0755};
-    if (entry >= 0) {
-        set_entry(b, n, entry);
-        n->xattr_entry = E(b, entry)->xattr_count ? (int32_t)entry : -1;
-    }
-    uint32_t h = (uint32_t)hash_bytes(path, len);
-    size_t j = find_slot(b, path, len, h);
-    b->slots[j] = (slot){*id + 1, h};
+    *n = (node){.name = at, .name_len = (uint32_t)len, .parent = parent, .entry = NO_NODE,
+                .xattrs = NO_XATTRS, .u1 = NO_NODE, .type = ET_DIR, .mode = 0755};
+    size_t j = find_slot(b, parent, name, len, hash_child(parent, name, len));
+    b->slots[j] = (slot){*id + 1, hash_child(parent, name, len)};
     return 0;
 }
 
@@ -173,38 +158,44 @@ static size_t parent_len(const uint8_t *p, size_t len)
     return len ? len - 1 : 0;
 }
 
-/* The node of `path`'s parent directory, synthesizing missing ancestors (mode 0755,
- * owner 0, mtime 0) as builder.py's _ensure_parents does; NO_NODE when declined. */
-static int ensure_parent(builder *b, const uint8_t *path, size_t len, uint32_t *out, int *declined)
+/* The node of the directory `path` (cleaned, "" the root): with `create`, missing
+ * directories are synthesized (mode 0755, owner 0, mtime 0: builder.py _ensure_parents);
+ * else NO_NODE when missing. A non-directory on the way declines. */
+static int resolve_dir(builder *b, const uint8_t *path, size_t len, int create, uint32_t *out)
 {
-    size_t plen = parent_len(path, len);
-    uint32_t id = lookup(b, path, plen);
-    if (id == NO_NODE) {
-        /* find the nearest existing ancestor, then create downwards */
-        size_t have = plen;
-        uint32_t anc;
-        do {
-            have = parent_len(path, have);
-            anc = lookup(b, path, have);
-        } while (anc == NO_NODE);
-        if (N(b, anc)->type != ET_DIR) {
-            *declined = decline(b, "a path below a non-directory");
-            return 0;
-        }
-        while (have < plen) {
-            size_t next = have ? have + 1 : 0;
-            while (next < plen && path[next] != '/')
-                next++;
-            if (add_node(b, path, next, anc, -1, ET_DIR, &anc))
-                return -1;
-            have = next;
-        }
-        id = anc;
-    } else if (N(b, id)->type != ET_DIR) {
-        *declined = decline(b, "a path below a non-directory");
+    if (len == b->dir.len && (len == 0 || memcmp(path, b->dir.p, len) == 0)) {
+        *out = b->dir_node;
         return 0;
     }
-    *out = id;
+    uint32_t at = 0;
+    for (size_t i = 0; i < len;) {
+        size_t j = i;
+        while (j < len && path[j] != '/')
+            j++;
+        uint32_t next = child(b, at, path + i, j - i);
+        if (next == NO_NODE) {
+            if (!create) {
+                *out = NO_NODE;
+                return 0;
+            }
+            int r = add_node(b, at, path + i, j - i, &next);
+            if (r)
+                return r;
+        } else if (N(b, next)->type != ET_DIR) {
+            if (!create) {  /* nothing is below a non-directory */
+                *out = NO_NODE;
+                return 0;
+            }
+            return decline(b, "a path below a non-directory");
+        }
+        at = next;
+        i = j + 1;
+    }
+    b->dir.len = 0;
+    if (lz_buf_append(&b->dir, path, len))
+        return lz_nomem(&b->err);
+    b->dir_node = at;
+    *out = at;
     return 0;
 }
 
@@ -230,7 +221,7 @@ static int clean_path(builder *b, const uint8_t *raw, size_t len, const uint8_t 
     }
     b->scratch.len = 0;
     if (lz_buf_reserve(&b->scratch, len + 1))
-        return lz_nomem(b->err);
+        return lz_nomem(&b->err);
     uint8_t *s = b->scratch.p;
     size_t n = 0;
     for (size_t i = 0; i <= len;) {
@@ -257,7 +248,81 @@ static int clean_path(builder *b, const uint8_t *raw, size_t len, const uint8_t 
     return 0;
 }
 
-static int check_entry(builder *b, const tar_entry *e)
+/* The node of a cleaned path, NO_NODE when missing. */
+static int lookup(builder *b, const uint8_t *path, size_t len, uint32_t *out)
+{
+    if (len == 0) {
+        *out = 0;
+        return 0;
+    }
+    size_t plen = parent_len(path, len), at = plen ? plen + 1 : 0;
+    uint32_t dir;
+    int r = resolve_dir(b, path, plen, 0, &dir);
+    if (r)
+        return r;
+    *out = dir == NO_NODE ? NO_NODE : child(b, dir, path + at, len - at);
+    return 0;
+}
+
+static int by_key(const void *pa, const void *pb, void *ctx)
+{
+    const uint8_t *a = ctx;
+    const tar_xattr *x = pa, *y = pb;
+    int c = memcmp(a + x->key_off, a + y->key_off, LZ_MIN(x->key_len, y->key_len));
+    return c ? c : (x->key_len > y->key_len) - (x->key_len < y->key_len);
+}
+
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+
+/* The entry's xattrs as an extra record (format.py _encode_extra, no sparse map) kept in
+ * b->bytes: its index in b->sets. */
+static int add_xattrs(builder *b, const tar_t *t, const tar_entry *e, uint32_t *set)
+{
+    const uint8_t *a = t->arena.p;
+    if (e->xattr_count > UINT16_MAX)
+        return decline(b, "more xattrs than an index entry holds");
+    if (b->sets.len / sizeof(xattr_set) >= NO_XATTRS - 1)
+        return decline(b, "more xattr sets than an index holds");
+    tar_xattr xs[64], *x = xs;
+    if (e->xattr_count > 64 && !(x = malloc(e->xattr_count * sizeof *x)))
+        return lz_nomem(&b->err);
+    memcpy(x, (const tar_xattr *)t->xattrs.p + e->xattr_first, e->xattr_count * sizeof *x);
+    qsort_r(x, e->xattr_count, sizeof *x, by_key, (void *)a);
+    uint8_t h[10];
+    size_t total = 0;
+    int r = 0;
+    xattr_set xset = {b->bytes.len, 0};
+    put16(h, (uint16_t)e->xattr_count);
+    put32(h + 2, 0);
+    put32(h + 6, 0);
+    if (lz_buf_append(&b->bytes, h, 10))
+        r = lz_nomem(&b->err);
+    for (size_t i = 0; i < e->xattr_count && !r; i++) {
+        total += x[i].key_len + x[i].val_len;
+        if (x[i].key_len > LZ_XATTR_NAME_MAX || x[i].val_len > LZ_XATTR_VALUE_MAX || total > LZ_XATTR_ENTRY_MAX) {
+            r = decline(b, "an xattr larger than Linux allows");
+            break;
+        }
+        put16(h, (uint16_t)x[i].key_len);
+        put32(h + 2, (uint32_t)x[i].val_len);
+        if (lz_buf_append(&b->bytes, h, 6) || lz_buf_append(&b->bytes, a + x[i].key_off, x[i].key_len) ||
+            lz_buf_append(&b->bytes, a + x[i].val_off, x[i].val_len))
+            r = lz_nomem(&b->err);
+    }
+    if (x != xs)
+        free(x);
+    if (r)
+        return r;
+    xset.len = (uint32_t)(b->bytes.len - xset.off);
+    *set = (uint32_t)(b->sets.len / sizeof(xattr_set));
+    if (lz_buf_append(&b->sets, &xset, sizeof xset))
+        return lz_nomem(&b->err);
+    return 0;
+}
+
+static int check_entry(builder *b, const tar_t *t, const tar_entry *e)
 {
     const int64_t u32 = UINT32_MAX;
     if (e->sparse_count >= 0)
@@ -270,10 +335,14 @@ static int check_entry(builder *b, const tar_entry *e)
         return decline(b, "a header number out of range");
     if (e->type == ET_REG && (uint64_t)e->size != e->stored_size)
         return decline(b, "a stored size differing from the size");
-    const uint8_t *a = b->t->arena.p;
+    if (e->type == ET_REG && (e->first_chunk > UINT32_MAX || e->chunk_count > UINT32_MAX - e->first_chunk))
+        return decline(b, "more chunks than an index holds");
+    const uint8_t *a = t->arena.p;
     if (e->link_len && memchr(a + e->link_off, 0, e->link_len))
         return decline(b, "a NUL byte in a link target");
-    const tar_xattr *x = (const tar_xattr *)b->t->xattrs.p + e->xattr_first;
+    if (e->type == ET_SYMLINK && e->link_len > LZ_INDEX_MAX_LINK)
+        return decline(b, "a symlink target longer than Linux allows");
+    const tar_xattr *x = (const tar_xattr *)t->xattrs.p + e->xattr_first;
     for (size_t i = 0; i < e->xattr_count; i++) {
         const uint8_t *k = a + x[i].key_off;
         for (size_t c = 0; c < x[i].key_len; c++)
@@ -288,169 +357,257 @@ static int check_entry(builder *b, const tar_entry *e)
 
 /* The node a hard link's data is in (builder.py: the link's target path cleaned, looked up
  * before the link is applied, chains of links followed). */
-static int link_target(builder *b, const tar_entry *e, uint32_t *out)
+static int link_target(builder *b, const tar_t *t, const tar_entry *e, uint32_t *out)
 {
     const uint8_t *path = NULL;
     size_t len = 0;
-    int r = clean_path(b, b->t->arena.p + e->link_off, e->link_len, &path, &len);
-    if (r)
+    int r = clean_path(b, t->arena.p + e->link_off, e->link_len, &path, &len);
+    uint32_t n = NO_NODE;
+    if (r || (len && (r = lookup(b, path, len, &n))))
         return r;
-    uint32_t t = len ? lookup(b, path, len) : NO_NODE;
-    if (t == NO_NODE)
+    if (n == NO_NODE)
         return decline(b, "a hard link to a missing entry");
-    for (size_t hops = 0; N(b, t)->type == ET_HARDLINK; hops++) {
-        if (hops > node_count(b) || N(b, t)->target == NO_NODE)
+    for (size_t hops = 0; N(b, n)->type == ET_HARDLINK; hops++) {
+        const node *link = N(b, n);
+        if (hops > node_count(b) || link->u1 == NO_NODE)
             return decline(b, "a hard link chain that does not end");
-        t = N(b, t)->target;
+        if (N(b, link->u1)->entry != link->u2)  /* the data is an entry no path holds now */
+            return decline(b, "a hard link whose target was replaced");
+        n = link->u1;
     }
-    if (N(b, t)->type == ET_DIR)
+    if (N(b, n)->type == ET_DIR)
         return decline(b, "a hard link to a directory");
-    *out = t;
+    *out = n;
+    return 0;
+}
+
+/* Node n takes entry e (the applied entry's ordinal: b->applied). */
+static int take_entry(builder *b, const tar_t *t, node *n, const tar_entry *e)
+{
+    uint32_t id = (uint32_t)(n - N(b, 0));
+    n->entry = b->applied;
+    n->type = (uint8_t)e->type;
+    n->uid = (uint32_t)e->uid;
+    n->gid = (uint32_t)e->gid;
+    n->mtime_ns = e->mtime_ns;
+    n->mode = (uint16_t)(e->mode & 07777);
+    n->size = e->type == ET_HARDLINK ? 0 : (uint64_t)e->size;
+    n->data = 0;
+    n->u1 = n->u2 = n->u3 = 0;
+    if (e->type == ET_REG) {
+        n->data = e->data_offset;
+        n->u1 = (uint32_t)e->first_chunk;
+        n->u2 = (uint32_t)e->chunk_count;
+    } else if (e->type == ET_CHAR || e->type == ET_BLOCK) {
+        n->u1 = (uint32_t)e->devmajor;
+        n->u2 = (uint32_t)e->devminor;
+    } else if (e->type == ET_SYMLINK) {
+        uint64_t at = b->bytes.len;
+        if (lz_buf_append(&b->bytes, t->arena.p + e->link_off, e->link_len))
+            return lz_nomem(&b->err);
+        n = N(b, id);
+        n->data = at;
+        n->u1 = (uint32_t)e->link_len;
+    } else if (e->type == ET_HARDLINK) {
+        n->u1 = NO_NODE;
+    }
     return 0;
 }
 
 /* builder.py _Tree.put */
-static int apply(builder *b, int64_t ei)
+static int apply(builder *b, const tar_t *t, const tar_entry *e)
 {
-    const tar_entry *e = E(b, ei);
-    int r = check_entry(b, e);
+    int r = check_entry(b, t, e);
     if (r)
         return r;
-    uint32_t target = NO_NODE;
-    if (e->type == ET_HARDLINK && (r = link_target(b, e, &target)))
+    if (b->applied >= INT32_MAX)
+        return decline(b, "more entries than an index holds");
+    uint32_t target = NO_NODE, set = NO_XATTRS;
+    if (e->type == ET_HARDLINK && (r = link_target(b, t, e, &target)))
+        return r;
+    if (e->xattr_count && (r = add_xattrs(b, t, e, &set)))
         return r;
     const uint8_t *path = NULL;
     size_t len = 0;
-    if ((r = clean_path(b, b->t->arena.p + e->path_off, e->path_len, &path, &len)))
+    if ((r = clean_path(b, t->arena.p + e->path_off, e->path_len, &path, &len)))
         return r;
     if (len == 0) {
         if (e->type != ET_DIR)
             return decline(b, "a layer root that is not a directory");
-        node *root = N(b, 0);
-        set_entry(b, root, ei);
-        root->xattr_entry = e->xattr_count ? (int32_t)ei : -1;
+        if ((r = take_entry(b, t, N(b, 0), e)))
+            return r;
+        N(b, 0)->xattrs = set;
         return 0;
     }
-    uint32_t parent = NO_NODE;
-    int declined = 0;
-    if (ensure_parent(b, path, len, &parent, &declined))
-        return -1;
-    if (declined)
-        return declined;
-    uint32_t id = lookup(b, path, len);
+    size_t plen = parent_len(path, len), at = plen ? plen + 1 : 0;
+    uint32_t parent;
+    if ((r = resolve_dir(b, path, plen, 1, &parent)))
+        return r;
+    uint32_t id = child(b, parent, path + at, len - at);
     if (target != NO_NODE && target == id)
         return decline(b, "a hard link replacing its own target");
     if (target != NO_NODE) {  /* containerd links, then applies the link's header to the inode */
-        node *t = N(b, target);
-        t->uid = e->uid;
-        t->gid = e->gid;
-        t->mtime_ns = e->mtime_ns;
-        if (t->type != ET_SYMLINK)
-            t->mode = e->mode & 07777;
-        if (e->xattr_count && t->xattr_entry >= 0)
+        node *tn = N(b, target);
+        tn->uid = (uint32_t)e->uid;
+        tn->gid = (uint32_t)e->gid;
+        tn->mtime_ns = e->mtime_ns;
+        if (tn->type != ET_SYMLINK)
+            tn->mode = (uint16_t)(e->mode & 07777);
+        if (set != NO_XATTRS && tn->xattrs != NO_XATTRS)
             return decline(b, "hard link xattrs to merge");
-        if (e->xattr_count)
-            t->xattr_entry = (int32_t)ei;
+        if (set != NO_XATTRS)
+            tn->xattrs = set;
     }
     if (id == NO_NODE) {
-        if (add_node(b, path, len, parent, ei, e->type, &id))
-            return -1;
+        if ((r = add_node(b, parent, path + at, len - at, &id)))
+            return r;
+        N(b, id)->xattrs = set;
     } else {
         node *n = N(b, id);
         if (n->type == ET_DIR && e->type != ET_DIR)
             return decline(b, "a directory replaced by a non-directory");
         if (n->type == ET_DIR) {  /* a directory entry merges into the existing one */
-            if (e->xattr_count && n->xattr_entry >= 0)
+            if (set != NO_XATTRS && n->xattrs != NO_XATTRS)
                 return decline(b, "directory xattrs to merge");
-            if (e->xattr_count)
-                n->xattr_entry = (int32_t)ei;
+            if (set != NO_XATTRS)
+                n->xattrs = set;
         } else {
-            n->xattr_entry = e->xattr_count ? (int32_t)ei : -1;
+            n->xattrs = set;
         }
-        set_entry(b, n, ei);
     }
+    if ((r = take_entry(b, t, N(b, id), e)))
+        return r;
     if (target != NO_NODE) {
-        N(b, id)->target = target;
-        N(b, id)->target_entry = N(b, target)->entry;
+        N(b, id)->u1 = target;
+        N(b, id)->u2 = N(b, target)->entry;
     }
     return 0;
 }
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+lz_index_builder *lz_index_builder_new(uint64_t chunk_size)
+{
+    builder *b = calloc(1, sizeof *b);
+    uint32_t root;
+    if (!b || grow_slots(b, 1024) || add_node(b, NO_NODE, (const uint8_t *)"", 0, &root)) {
+        lz_index_builder_free(b);
+        return NULL;
+    }
+    b->chunk_size = chunk_size;
+    b->dir_node = root;  /* the root's path is "" (b->dir empty) */
+    return b;
+}
+
+void lz_index_builder_free(lz_index_builder *b)
+{
+    if (!b)
+        return;
+    lz_buf_free(&b->nodes);
+    lz_buf_free(&b->bytes);
+    lz_buf_free(&b->sets);
+    lz_buf_free(&b->scratch);
+    lz_buf_free(&b->dir);
+    free(b->slots);
+    free(b);
+}
+
+int lz_index_apply(void *ctx, const tar_t *t, size_t i)
+{
+    builder *b = ctx;
+    if (b->state)
+        return b->state;
+    b->state = apply(b, t, (const tar_entry *)t->entries.p + i);
+    b->applied++;
+    return b->state;
+}
+
+
+static int by_entry(const void *pa, const void *pb, void *ctx)
+{
+    builder *b = ctx;
+    uint32_t x = N(b, *(const uint32_t *)pa)->entry, y = N(b, *(const uint32_t *)pb)->entry;
+    return (x > y) - (x < y);
+}
 
 /* builder.py _renumber_chunks + _check_chunking: live files' chunks in stream order (the
- * tar entries' order; the scanner numbers chunks in it, which is checked) */
-static int renumber_chunks(builder *b, uint64_t cs)
+ * entries' order; the scanner numbers chunks in it, which is checked). *live gets the
+ * regular files with chunks in that order, for write_chunks. */
+static int renumber_chunks(builder *b, const tar_t *t, uint32_t **live, size_t *nlive)
 {
-    size_t ne = tar_entry_count(b->t);
-    size_t total = tar_chunk_count(b->t);
-    const tar_chunk *tc = (const tar_chunk *)b->t->chunks.p;
+    uint64_t cs = b->chunk_size;
+    size_t nn = node_count(b), total = tar_chunk_count(t), k = 0;
+    const tar_chunk *tc = (const tar_chunk *)t->chunks.p;
+    uint32_t *l = malloc((nn ? nn : 1) * sizeof *l);
+    if (!l)
+        return lz_nomem(&b->err);
+    *live = l;
+    for (uint32_t i = 0; i < nn; i++)
+        if (N(b, i)->type == ET_REG && N(b, i)->u2)
+            l[k++] = i;
+    *nlive = k;
+    qsort_r(l, k, sizeof *l, by_entry, b);
     uint64_t next = 0, seen = 0;
-    if (total && lz_buf_reserve(&b->out->chunks, total * LZ_INDEX_CHUNK_RECORD))
-        return lz_nomem(b->err);
-    for (size_t ei = 0; ei < ne; ei++) {
-        const tar_entry *e = E(b, (int64_t)ei);
-        if (e->type != ET_REG || !e->chunk_count)
-            continue;
-        node *n = N(b, b->node_of[ei]);
-        if (n->entry != (int32_t)ei)
-            continue;  /* replaced by a later entry */
-        if (e->first_chunk < seen || e->first_chunk > total || e->chunk_count > total - e->first_chunk)
+    for (size_t i = 0; i < k; i++) {
+        node *n = N(b, l[i]);
+        uint64_t first = n->u1, count = n->u2, stored = n->size;
+        if (first < seen || first > total || count > total - first)
             return decline(b, "a chunk range beyond the chunk table");
-        seen = e->first_chunk + e->chunk_count;
-        n->first_chunk = (uint32_t)next;
-        for (uint64_t k = 0; k < e->chunk_count; k++) {
-            const tar_chunk *c = tc + e->first_chunk + k;
-            if (k * cs >= e->stored_size || c->offset != e->data_offset + k * cs ||
-                c->length != LZ_MIN(cs, e->stored_size - k * cs))
+        seen = first + count;
+        n->u3 = (uint32_t)next;
+        for (uint64_t c = 0; c < count; c++) {
+            const tar_chunk *ch = tc + first + c;
+            if (c * cs >= stored || ch->offset != n->data + c * cs || ch->length != LZ_MIN(cs, stored - c * cs))
                 return decline(b, "chunks not matching the chunk size");
-            uint8_t *rec = b->out->chunks.p + b->out->chunks.len;
-            put64(rec, c->offset);
-            put32(rec + 8, (uint32_t)c->length);
-            memcpy(rec + 12, c->sha, 32);
-            b->out->chunks.len += LZ_INDEX_CHUNK_RECORD;
         }
-        if (e->chunk_count * cs < e->stored_size)
+        if (count * cs < stored)
             return decline(b, "chunks not covering a file");
-        next += e->chunk_count;
+        next += count;
         if (next > UINT32_MAX)
             return decline(b, "more chunks than an index holds");
     }
-    size_t nn = node_count(b);
     for (uint32_t i = 0; i < nn; i++) {
         node *n = N(b, i);
-        if (n->type != ET_REG)
-            continue;
-        const tar_entry *e = E(b, n->entry);
-        if (!e->chunk_count) {
-            if (e->stored_size)
+        if (n->type == ET_REG && !n->u2) {
+            if (n->size)
                 return decline(b, "chunks not covering a file");
-            n->first_chunk = (uint32_t)next;
+            n->u3 = (uint32_t)next;
         }
     }
     b->out->chunk_count = next;
     return 0;
 }
 
-/* ---- serialization (format.py _entry_sections) ---- */
-
-static void name_of(builder *b, const node *n, const uint8_t **p, size_t *len)
+/* The live files' chunk records, written over the tar's chunk table in place (a record
+ * is smaller than a table entry and never ahead of the entry it comes from), which then
+ * becomes out->chunks. */
+static void write_chunks(builder *b, tar_t *t, const uint32_t *live, size_t nlive)
 {
-    *p = path_of(b, n) + n->name_at;
-    *len = n->path_len - n->name_at;
+    const tar_chunk *tc = (const tar_chunk *)t->chunks.p;
+    uint8_t *rec = t->chunks.p;
+    size_t w = 0;
+    for (size_t i = 0; i < nlive; i++) {
+        const node *n = N(b, live[i]);
+        for (uint32_t c = 0; c < n->u2; c++, w++) {
+            tar_chunk ch = tc[n->u1 + c];
+            put64(rec + w * LZ_INDEX_CHUNK_RECORD, ch.offset);
+            put32(rec + w * LZ_INDEX_CHUNK_RECORD + 8, (uint32_t)ch.length);
+            memcpy(rec + w * LZ_INDEX_CHUNK_RECORD + 12, ch.sha, 32);
+        }
+    }
+    lz_buf_free(&b->out->chunks);
+    b->out->chunks = t->chunks;
+    b->out->chunks.len = w * LZ_INDEX_CHUNK_RECORD;
+    t->chunks = (lz_buf){0};
 }
+
+/* ---- serialization (format.py _entry_sections) ---- */
 
 static int by_name(const void *pa, const void *pb, void *ctx)
 {
     builder *b = ctx;
-    const uint8_t *x, *y;
-    size_t xl, yl;
-    name_of(b, N(b, *(const uint32_t *)pa), &x, &xl);
-    name_of(b, N(b, *(const uint32_t *)pb), &y, &yl);
-    int c = memcmp(x, y, LZ_MIN(xl, yl));
-    return c ? c : (xl > yl) - (xl < yl);
+    const node *x = N(b, *(const uint32_t *)pa), *y = N(b, *(const uint32_t *)pb);
+    size_t n = LZ_MIN(x->name_len, y->name_len);
+    int c = n ? memcmp(name_of(b, x), name_of(b, y), n) : 0;
+    return c ? c : (x->name_len > y->name_len) - (x->name_len < y->name_len);
 }
 
 typedef struct {
@@ -483,58 +640,18 @@ typedef struct {
     size_t nslots, count;
 } extras_table;
 
-static int by_key(const void *pa, const void *pb, void *ctx)
+/* format.py _encode_extra: xattr set `set` in out->extras, deduplicated */
+static int extra_of(builder *b, extras_table *et, uint32_t set, uint32_t *off)
 {
-    const uint8_t *a = ctx;
-    const tar_xattr *x = pa, *y = pb;
-    int c = memcmp(a + x->key_off, a + y->key_off, LZ_MIN(x->key_len, y->key_len));
-    return c ? c : (x->key_len > y->key_len) - (x->key_len < y->key_len);
-}
-
-/* format.py _encode_extra for an entry with xattrs and no sparse map, deduplicated */
-static int extra_of(builder *b, extras_table *et, int64_t ei, lz_buf *tmp, uint32_t *off)
-{
-    const tar_entry *e = E(b, ei);
-    const uint8_t *a = b->t->arena.p;
-    tar_xattr xs[64], *x = xs;
-    if (e->xattr_count > 64 && !(x = malloc(e->xattr_count * sizeof *x)))
-        return lz_nomem(b->err);
-    memcpy(x, (const tar_xattr *)b->t->xattrs.p + e->xattr_first, e->xattr_count * sizeof *x);
-    qsort_r(x, e->xattr_count, sizeof *x, by_key, (void *)a);
-    tmp->len = 0;
-    uint8_t h[10];
-    size_t total = 0;
-    int r = 0;
-    put16(h, (uint16_t)e->xattr_count);
-    put32(h + 2, 0);
-    put32(h + 6, 0);
-    if (e->xattr_count > UINT16_MAX)
-        r = decline(b, "more xattrs than an index entry holds");
-    else if (lz_buf_append(tmp, h, 10))
-        r = lz_nomem(b->err);
-    for (size_t i = 0; i < e->xattr_count && !r; i++) {
-        total += x[i].key_len + x[i].val_len;
-        if (x[i].key_len > LZ_XATTR_NAME_MAX || x[i].val_len > LZ_XATTR_VALUE_MAX || total > LZ_XATTR_ENTRY_MAX) {
-            r = decline(b, "an xattr larger than Linux allows");
-            break;
-        }
-        put16(h, (uint16_t)x[i].key_len);
-        put32(h + 2, (uint32_t)x[i].val_len);
-        if (lz_buf_append(tmp, h, 6) || lz_buf_append(tmp, a + x[i].key_off, x[i].key_len) ||
-            lz_buf_append(tmp, a + x[i].val_off, x[i].val_len))
-            r = lz_nomem(b->err);
-    }
-    if (x != xs)
-        free(x);
-    if (r)
-        return r;
+    const xattr_set *xs = (const xattr_set *)b->sets.p + set;
+    const uint8_t *rec = b->bytes.p + xs->off;
     if ((et->count + 1) * 2 > et->nslots) {
         size_t ns = et->nslots ? et->nslots * 2 : 256;
         uint32_t *s = calloc(ns, sizeof *s), *l = calloc(ns, sizeof *l);
         if (!s || !l) {
             free(s);
             free(l);
-            return lz_nomem(b->err);
+            return lz_nomem(&b->err);
         }
         for (size_t i = 0; i < et->nslots; i++) {
             if (!et->slots[i])
@@ -551,21 +668,21 @@ static int extra_of(builder *b, extras_table *et, int64_t ei, lz_buf *tmp, uint3
         et->lens = l;
         et->nslots = ns;
     }
-    size_t j = hash_bytes(tmp->p, tmp->len) & (et->nslots - 1);
+    size_t j = hash_bytes(rec, xs->len) & (et->nslots - 1);
     while (et->slots[j]) {
-        if (et->lens[j] == tmp->len && memcmp(b->out->extras.p + et->slots[j] - 1, tmp->p, tmp->len) == 0) {
+        if (et->lens[j] == xs->len && memcmp(b->out->extras.p + et->slots[j] - 1, rec, xs->len) == 0) {
             *off = et->slots[j] - 1;
             return 0;
         }
         j = (j + 1) & (et->nslots - 1);
     }
-    if (b->out->extras.len + tmp->len >= UINT32_MAX)
+    if (b->out->extras.len + xs->len >= UINT32_MAX)
         return decline(b, "more extras than an index holds");
     *off = (uint32_t)b->out->extras.len;
-    if (lz_buf_append(&b->out->extras, tmp->p, tmp->len))
-        return lz_nomem(b->err);
+    if (lz_buf_append(&b->out->extras, rec, xs->len))
+        return lz_nomem(&b->err);
     et->slots[j] = *off + 1;
-    et->lens[j] = (uint32_t)tmp->len;
+    et->lens[j] = xs->len;
     et->count++;
     return 0;
 }
@@ -574,18 +691,18 @@ static int flush_block(builder *b, block_state *bs, ZSTD_CCtx *cctx, int level)
 {
     lz_index_sections *o = b->out;
     if (lz_buf_append(&bs->recs, bs->strings.p, bs->strings.len))
-        return lz_nomem(b->err);
+        return lz_nomem(&b->err);
     size_t bound = ZSTD_compressBound(bs->recs.len);
     if (lz_buf_reserve(&o->blocks, bound))
-        return lz_nomem(b->err);
+        return lz_nomem(&b->err);
     size_t n = ZSTD_compressCCtx(cctx, o->blocks.p + o->blocks.len, bound, bs->recs.p, bs->recs.len, level);
     if (ZSTD_isError(n))
-        return lz_fail(b->err, LZ_INVALID, "zstd: %s", ZSTD_getErrorName(n));
+        return lz_fail(&b->err, LZ_INVALID, "zstd: %s", ZSTD_getErrorName(n));
     o->blocks.len += n;
     uint8_t off[8];
     put64(off, o->blocks.len);
     if (lz_buf_append(&o->blockidx, off, 8))
-        return lz_nomem(b->err);
+        return lz_nomem(&b->err);
     bs->recs.len = bs->strings.len = 0;
     memset(bs->slot_len, 0, sizeof bs->slot_len);
     return 0;
@@ -595,19 +712,21 @@ static int serialize(builder *b, int level)
 {
     size_t nn = node_count(b);
     /* children lists, then breadth-first order with each directory's children by name */
+    for (uint32_t i = 0; i < nn; i++)
+        if (N(b, i)->type == ET_DIR)
+            N(b, i)->u1 = NO_NODE;
     for (uint32_t i = (uint32_t)nn; i-- > 1;) {
         node *n = N(b, i), *p = N(b, n->parent);
-        n->next_sib = p->first_kid;
-        p->first_kid = i;
+        n->next_sib = p->u1;
+        p->u1 = i;
     }
     uint32_t *order = malloc(nn * sizeof *order);
     block_state *bs = calloc(1, sizeof *bs);
     ZSTD_CCtx *cctx = ZSTD_createCCtx();
     extras_table et = {0};
-    lz_buf tmp = {0};
     int r = 0;
     if (!order || !bs || !cctx) {
-        r = lz_nomem(b->err);
+        r = lz_nomem(&b->err);
         goto out;
     }
     size_t len = 1;
@@ -618,81 +737,68 @@ static int serialize(builder *b, int level)
         if (d->type != ET_DIR)
             continue;
         size_t start = len;
-        for (uint32_t k = d->first_kid; k != NO_NODE; k = N(b, k)->next_sib)
+        for (uint32_t k = d->u1; k != NO_NODE; k = N(b, k)->next_sib)
             order[len++] = k;
         qsort_r(order + start, len - start, sizeof *order, by_name, b);
-        d->kids_at = (uint32_t)start;  /* format.py: where the block starts, even when empty */
-        d->kid_count = (uint32_t)(len - start);
+        d->u2 = (uint32_t)start;  /* format.py: where the block starts, even when empty */
+        d->u3 = (uint32_t)(len - start);
         for (size_t k = start; k < len; k++)
             N(b, order[k])->rec = (uint32_t)k;
     }
     uint8_t zero[8] = {0};
     if (lz_buf_append(&b->out->blockidx, zero, 8)) {
-        r = lz_nomem(b->err);
+        r = lz_nomem(&b->err);
         goto out;
     }
-    const uint8_t *arena = b->t->arena.p;
     for (size_t i = 0; i < len && !r; i++) {
         node *n = N(b, order[i]);
-        const tar_entry *e = n->entry >= 0 ? E(b, n->entry) : NULL;
-        const uint8_t *name;
-        size_t name_len;
-        name_of(b, n, &name, &name_len);
-        if (name_len > LZ_INDEX_MAX_NAME) {
-            r = decline(b, "a name longer than Linux allows");
-            break;
-        }
         uint32_t a = 0, bb = 0, name_off, extra = LZ_INDEX_NO_EXTRA;
         uint8_t flags = 0;
         if (n->type == ET_REG) {
             b->out->reg_count++;
-            a = (uint32_t)n->first_chunk;
-            bb = (uint32_t)e->chunk_count;
+            a = n->u3;
+            bb = n->u2;
         } else if (n->type == ET_DIR) {
-            a = n->kids_at;
-            bb = n->kid_count;
+            a = n->u2;
+            bb = n->u3;
         } else if (n->type == ET_CHAR || n->type == ET_BLOCK) {
-            a = (uint32_t)e->devmajor;
-            bb = (uint32_t)e->devminor;
+            a = n->u1;
+            bb = n->u2;
         } else if (n->type == ET_HARDLINK) {
-            a = N(b, n->target)->rec;
+            a = N(b, n->u1)->rec;
         } else if (n->type == ET_SYMLINK) {
-            if (e->link_len > LZ_INDEX_MAX_LINK) {
-                r = decline(b, "a symlink target longer than Linux allows");
+            if (intern(bs, b->bytes.p + n->data, n->u1, &a)) {
+                r = lz_nomem(&b->err);
                 break;
             }
-            if (intern(bs, arena + e->link_off, e->link_len, &a)) {
-                r = lz_nomem(b->err);
-                break;
-            }
-            bb = (uint32_t)e->link_len;
+            bb = n->u1;
         }
-        if (n->xattr_entry >= 0) {
-            if ((r = extra_of(b, &et, n->xattr_entry, &tmp, &extra)))
+        if (n->xattrs != NO_XATTRS) {
+            if ((r = extra_of(b, &et, n->xattrs, &extra)))
                 break;
             flags |= LZ_INDEX_FLAG_EXTRA;
         }
-        if (intern(bs, name, name_len, &name_off)) {
-            r = lz_nomem(b->err);
+        if (intern(bs, name_of(b, n), n->name_len, &name_off)) {
+            r = lz_nomem(&b->err);
             break;
         }
         uint8_t rec[LZ_INDEX_ENTRY_RECORD];
         put32(rec, i ? N(b, n->parent)->rec : 0);
         put32(rec + 4, name_off);
-        put16(rec + 8, (uint16_t)name_len);
+        put16(rec + 8, (uint16_t)n->name_len);
         rec[10] = (uint8_t)n->type;
         rec[11] = flags;
-        put16(rec + 12, (uint16_t)n->mode);
-        put32(rec + 14, (uint32_t)n->uid);
-        put32(rec + 18, (uint32_t)n->gid);
-        put64(rec + 22, e && n->type != ET_HARDLINK ? (uint64_t)e->size : 0);
+        put16(rec + 12, n->mode);
+        put32(rec + 14, n->uid);
+        put32(rec + 18, n->gid);
+        put64(rec + 22, n->size);
         put64(rec + 30, (uint64_t)n->mtime_ns);
-        put64(rec + 38, e && n->type == ET_REG ? e->data_offset : 0);
+        put64(rec + 38, n->type == ET_REG ? n->data : 0);
         put32(rec + 46, a);
         put32(rec + 50, bb);
         put32(rec + 54, extra);
         if (lz_buf_append(&bs->recs, rec, sizeof rec)) {
-            r = lz_nomem(b->err);
+            r = lz_nomem(&b->err);
             break;
         }
         if ((i + 1) % LZ_INDEX_BLOCK_RECORDS == 0 || i + 1 == len)
@@ -709,49 +815,47 @@ out:
     ZSTD_freeCCtx(cctx);
     free(et.slots);
     free(et.lens);
-    lz_buf_free(&tmp);
     return r;
 }
 
-int lz_index_build(const tar_t *t, uint64_t chunk_size, int zstd_level, lz_index_sections *out,
-                   lz_err *err)
+int lz_index_finish(lz_index_builder *b, tar_t *t, int zstd_level, lz_index_sections *out, lz_err *err)
 {
-    builder b = {.t = t, .out = out, .err = err};
-    int r;
-    if (chunk_size == 0 || chunk_size > UINT32_MAX)
-        return lz_fail(err, LZ_INVALID, "chunk size must be in 1..2**32-1");
-    uint32_t root;
+    b->out = out;
+    int r = b->state;
+    uint32_t *live = NULL;
+    size_t nlive = 0;
+    if (b->chunk_size == 0 || b->chunk_size > UINT32_MAX)
+        r = lz_fail(&b->err, LZ_INVALID, "chunk size must be in 1..2**32-1");
+    for (size_t i = 0; i < node_count(b) && !r; i++) {
+        const node *n = N(b, (uint32_t)i);
+        if (n->type == ET_HARDLINK && N(b, n->u1)->entry != n->u2)
+            r = decline(b, "a hard link whose target was replaced");  /* builder.py promotes one */
+    }
+    if (!r)
+        r = renumber_chunks(b, t, &live, &nlive);
+    if (!r)
+        r = serialize(b, zstd_level);
+    if (!r)
+        write_chunks(b, t, live, nlive);
+    free(live);
+    b->state = r ? r : b->state;
+    if (r == LZ_INDEX_DECLINED)
+        memcpy(out->declined, b->declined, sizeof out->declined);
+    else if (r < 0)
+        *err = b->err;
+    return r;
+}
+
+int lz_index_build(tar_t *t, uint64_t chunk_size, int zstd_level, lz_index_sections *out, lz_err *err)
+{
+    lz_index_builder *b = lz_index_builder_new(chunk_size);
+    if (!b)
+        return lz_nomem(err);
     size_t ne = tar_entry_count(t);
-    if (ne >= INT32_MAX)
-        return lz_fail(err, LZ_INVALID, "too many entries");
-    b.node_of = malloc((ne + 1) * sizeof *b.node_of);
-    /* sized for every entry a node at once: synthesized directories are few */
-    if (!b.node_of || lz_buf_reserve(&b.paths, 4096) || lz_buf_reserve(&b.nodes, (ne + 64) * sizeof(node))) {
-        r = lz_nomem(err);
-        goto out;
-    }
-    if (grow_slots(&b, ne + 64) || add_node(&b, (const uint8_t *)"", 0, NO_NODE, -1, ET_DIR, &root)) {
-        r = -1;
-        goto out;
-    }
-    r = 0;
-    for (size_t i = 0; i < ne && !r; i++)
-        r = apply(&b, (int64_t)i);
-    for (size_t i = 0; i < node_count(&b) && !r; i++) {
-        const node *n = N(&b, (uint32_t)i);
-        if (n->type == ET_HARDLINK && N(&b, n->target)->entry != n->target_entry)
-            r = decline(&b, "a hard link whose target was replaced");  /* builder.py promotes one */
-    }
-    if (!r)
-        r = renumber_chunks(&b, chunk_size);
-    if (!r)
-        r = serialize(&b, zstd_level);
-out:
-    lz_buf_free(&b.nodes);
-    lz_buf_free(&b.paths);
-    lz_buf_free(&b.scratch);
-    free(b.slots);
-    free(b.node_of);
+    for (size_t i = 0; i < ne && !b->state; i++)
+        lz_index_apply(b, t, i);
+    int r = lz_index_finish(b, t, zstd_level, out, err);
+    lz_index_builder_free(b);
     return r;
 }
 

@@ -42,11 +42,26 @@ typedef struct {
     char declined[160];  /* why, when LZ_INDEX_DECLINED */
 } lz_index_sections;
 
-/* Returns LZ_INDEX_BUILT, LZ_INDEX_DECLINED (out->declined says why), or -1 with err set
+/* The tree being applied. It copies what it needs of each entry (names, link targets,
+ * xattrs: ~80 bytes and the name per path), so the tar stage need not keep entries: made
+ * the tar stage's consumer (tar_set_consumer(t, lz_index_apply, b)) it builds as the layer
+ * is scanned, in memory that grows with the tree, not with the layer's headers. */
+typedef struct lz_index_builder lz_index_builder;
+
+/* NULL when out of memory. */
+lz_index_builder *lz_index_builder_new(uint64_t chunk_size);
+void lz_index_builder_free(lz_index_builder *b);
+/* A tar_entry_fn: applies entry i of t. 0, LZ_INDEX_DECLINED (the build is over: the
+ * reason is kept for lz_index_finish), or -1 (out of memory, kept likewise). */
+int lz_index_apply(void *builder, const tar_t *t, size_t i);
+/* The sections of what was applied. Uses t's chunk table (the digests are only final once
+ * the tar stage finished) and, when built, takes it over in place as out->chunks.
+ * Returns LZ_INDEX_BUILT, LZ_INDEX_DECLINED (out->declined says why), or -1 with err set
  * (out of memory, compression failure). out must be zeroed; free it with
  * lz_index_sections_free either way. */
-int lz_index_build(const tar_t *t, uint64_t chunk_size, int zstd_level, lz_index_sections *out,
-                   lz_err *err);
+int lz_index_finish(lz_index_builder *b, tar_t *t, int zstd_level, lz_index_sections *out, lz_err *err);
+/* Every entry t kept, applied, then lz_index_finish. */
+int lz_index_build(tar_t *t, uint64_t chunk_size, int zstd_level, lz_index_sections *out, lz_err *err);
 void lz_index_sections_free(lz_index_sections *s);
 
 #endif

@@ -69,6 +69,7 @@ typedef struct {
     int busy;
     int want_diff;
     lz_chunk_sink *sink;  /* chunk_store=: the scan stores its chunks as chunk files */
+    lz_index_builder *builder;  /* build_index=True: entries applied as scanned, none kept */
 } ScannerObject;
 
 static void sink_free(lz_chunk_sink *s)
@@ -108,13 +109,17 @@ static lz_chunk_sink *sink_new(PyObject *spec, unsigned long long *min_file)
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
-                             "simd", "sparse_windows", "chunk_store", NULL};
+                             "simd", "sparse_windows", "chunk_store", "build_index", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
-    int diff = 0, threaded = 1, simd = 1, sparse = 1;
+    int diff = 0, threaded = 1, simd = 1, sparse = 1, build = 0;
     PyObject *fmt_o = Py_None, *store_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppO:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded, &simd, &sparse, &store_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppOp:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd, &sparse, &store_o, &build))
         return -1;
+    if (build && chunk > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "build_index needs a chunk_size below 2**32");
+        return -1;
+    }
     if (span < 1024 || chunk < 1 || chunk > (1ull << 40)) {
         PyErr_SetString(PyExc_ValueError, "span_size must be >= 1024 and chunk_size in 1..2**40");
         return -1;
@@ -130,6 +135,12 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     unsigned long long min_file = 0;
     if (store_o != Py_None && !(sink = sink_new(store_o, &min_file)))
         return -1;
+    lz_index_builder *builder = NULL;
+    if (build && !(builder = lz_index_builder_new(chunk))) {
+        sink_free(sink);
+        PyErr_NoMemory();
+        return -1;
+    }
     lz_err err = {0};
     scanner_t *sc;
     Py_BEGIN_ALLOW_THREADS
@@ -137,13 +148,17 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     Py_END_ALLOW_THREADS
     if (!sc) {
         sink_free(sink);
+        lz_index_builder_free(builder);
         raise_err(get_state(self->module), &err);
         return -1;
     }
     if (sink)
         tar_set_sink(&sc->tar, lz_chunk_sink_write, sink, min_file);
+    if (builder)
+        tar_set_consumer(&sc->tar, lz_index_apply, builder);
     self->sc = sc;
     self->sink = sink;
+    self->builder = builder;
     self->want_diff = diff;
     return 0;
 }
@@ -173,6 +188,7 @@ static void Scanner_dealloc(ScannerObject *self)
         Py_END_ALLOW_THREADS
     }
     sink_free(self->sink);
+    lz_index_builder_free(self->builder);
     Py_XDECREF(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -431,10 +447,15 @@ static PyObject *Scanner_finish(ScannerObject *self, PyObject *args, PyObject *k
     int rc, built = LZ_INDEX_DECLINED;
     lz_index_sections ix = {0};
     lz_err ierr = {0};
+    lz_index_builder *builder = self->builder;
+    self->builder = NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = scanner_finish(sc, blob, diff);
-    if (!rc && index_chunk)
+    if (!rc && builder)
+        built = lz_index_finish(builder, &sc->tar, 6, &ix, &ierr);
+    else if (!rc && index_chunk)
         built = lz_index_build(&sc->tar, index_chunk, 6, &ix, &ierr);
+    lz_index_builder_free(builder);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     PyObject *res = NULL;
@@ -443,9 +464,13 @@ static PyObject *Scanner_finish(ScannerObject *self, PyObject *args, PyObject *k
     else if (built < 0)
         raise_err(get_state(self->module), &ierr);
     else {
-        res = build_result(sc, blob, diff, self->want_diff, built != LZ_INDEX_BUILT);
-        if (res && index_chunk && set_index(res, built == LZ_INDEX_BUILT, &ix))
+        res = build_result(sc, blob, diff, self->want_diff, built != LZ_INDEX_BUILT && !builder);
+        if (res && (index_chunk || builder) && set_index(res, built == LZ_INDEX_BUILT, &ix))
             Py_CLEAR(res);
+        PyObject *kept = PyBool_FromLong(!builder);
+        if (res && PyDict_SetItemString(res, "entries_kept", kept))
+            Py_CLEAR(res);
+        Py_DECREF(kept);
     }
     lz_index_sections_free(&ix);
     self->sc = NULL;
@@ -460,7 +485,8 @@ static PyMethodDef Scanner_methods[] = {
      "feed(buffer): the next compressed bytes of the layer, in order."},
     {"finish", (PyCFunction)(void (*)(void))Scanner_finish, METH_VARARGS | METH_KEYWORDS,
      "finish(index_chunk_size=0) -> dict: end of input; returns the scan result, with the "
-     "index sections built in C when index_chunk_size is given (see snapshotter/native.py)."},
+     "index sections built in C when index_chunk_size is given or the scanner was made with "
+     "build_index=True (see snapshotter/native.py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -470,7 +496,8 @@ static PyType_Slot Scanner_slots[] = {
     {Py_tp_dealloc, Scanner_dealloc},
     {Py_tp_methods, Scanner_methods},
     {Py_tp_doc, "Scanner(span_size=4<<20, chunk_size=1<<20, diff_id=False, format=None, "
-                "hash_thread=True, simd=True, sparse_windows=True): one-pass streaming layer indexer."},
+                "hash_thread=True, simd=True, sparse_windows=True, chunk_store=None, build_index=False): "
+                "one-pass streaming layer indexer."},
     {0, NULL},
 };
 

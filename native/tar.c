@@ -54,6 +54,24 @@ void tar_set_sink(tar_t *t, tar_sink_fn sink, void *ctx, uint64_t min_file)
     t->sink_min_file = min_file;
 }
 
+void tar_set_consumer(tar_t *t, tar_entry_fn fn, void *ctx)
+{
+    t->consume = fn;
+    t->consume_ctx = ctx;
+}
+
+/* The complete entries to the consumer, then forgotten (the chunk table stays: chunks
+ * are numbered across the layer and their digests come at flushes). */
+static void hand_over(tar_t *t)
+{
+    if (!t->consume)
+        return;
+    size_t n = tar_entry_count(t);
+    for (size_t i = 0; i < n && !t->consume_done; i++)
+        t->consume_done = t->consume(t->consume_ctx, t, i) != 0;
+    t->entries.len = t->arena.len = t->xattrs.len = t->sparse.len = 0;
+}
+
 static int fail(tar_t *t, int kind, const char *fmt, ...)
 {
     if (t->err.kind == LZ_OK) {
@@ -569,6 +587,7 @@ static int handle_header(tar_t *t)
         return 0;
     }
 
+    hand_over(t);  /* every entry before this header is complete */
     tar_pending *p = &t->pend;
     tar_entry e;
     memset(&e, 0, sizeof e);
@@ -1067,5 +1086,6 @@ int tar_finish(tar_t *t, uint8_t diff_out[32])
     tar_flush(t);
     if (t->want_diff)
         lz_mh_final(&t->mh, t->diff_slot, diff_out);
+    hand_over(t);
     return 0;
 }

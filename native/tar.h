@@ -56,7 +56,13 @@ typedef struct {
 typedef int (*tar_sink_fn)(void *ctx, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
                            const size_t *len, int *status);
 
-typedef struct {
+typedef struct tar_t tar_t;
+
+/* Where complete entries go (tar_set_consumer): entry i of t, its arena bytes, xattrs and
+ * sparse map readable for the call only. Returns 0, or nonzero to be called no more. */
+typedef int (*tar_entry_fn)(void *ctx, const tar_t *t, size_t i);
+
+struct tar_t {
     /* configuration */
     uint64_t chunk_size;
     int want_diff;
@@ -92,6 +98,10 @@ typedef struct {
     size_t sunk;            /* chunks handed to the sink (or skipped) so far */
     lz_buf sunk_flags;      /* with a sink: one byte per chunk, 1 if its bytes go to the sink */
     int sink_errno;         /* why the sink was dropped, 0 while it is in use */
+    /* the entry consumer (tar_set_consumer): entries are handed over, then forgotten */
+    tar_entry_fn consume;
+    void *consume_ctx;
+    int consume_done;       /* it asked to be called no more */
     /* results */
     lz_buf entries;         /* tar_entry[] */
     lz_buf chunks;          /* tar_chunk[] */
@@ -100,7 +110,7 @@ typedef struct {
     lz_buf sparse;          /* uint64_t pairs */
     lz_buf stored;          /* LZ_CHUNK_RECORD records of the chunks the sink stored */
     lz_err err;
-} tar_t;
+};
 
 /* simd: allow AVX-512 batched hashing (0 forces one message at a time). */
 int tar_init(tar_t *t, uint64_t chunk_size, int want_diff, int simd);
@@ -111,6 +121,10 @@ int tar_feed(tar_t *t, const uint8_t *p, size_t n);
 /* Hand every chunk of each file of at least `min_file` bytes to `sink` as soon as its
  * digest is known (before any tar_feed). */
 void tar_set_sink(tar_t *t, tar_sink_fn sink, void *ctx, uint64_t min_file);
+/* Hand each entry to `fn` once it is complete (its headers and data seen: when the next
+ * entry's header or the end comes), then forget it (before any tar_feed): the entries,
+ * arena, xattrs and sparse tables then hold the entry being read and nothing before it. */
+void tar_set_consumer(tar_t *t, tar_entry_fn fn, void *ctx);
 /* End of the uncompressed stream; checks the tar did not end inside an entry. */
 int tar_finish(tar_t *t, uint8_t diff_out[32]);
 

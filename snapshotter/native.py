@@ -120,6 +120,9 @@ class ScanResult:
     #: left this layer to the Python one (snapshotter.index.builder)
     index: EntrySections | None = None
     index_declined: str | None = None
+    #: False for a scanner made with ``build_index``: it kept no entries or chunks, so a
+    #: layer its C build declined must be scanned again to be built by the reference
+    entries_kept: bool = True
     #: ``Scanner(chunk_store=)``: packed CHUNK_RECORD records of the chunks whose files the
     #: scan wrote (hashed from the bytes written), and the errno that made it stop storing
     #: (EDQUOT: its budget), 0 if it did not
@@ -144,8 +147,11 @@ class Scanner:
     AVX-512 lanes where the CPU has them (``simd=False`` forces one at a time; tests
     compare the two). ``sparse_windows`` zeroes the bytes of each gzip checkpoint's
     window that the data after it never refers to (``native/window_refs.h``): decoding
-    is unchanged and the packed windows get several times smaller. Separate scanners are
-    independent and may run in separate threads.
+    is unchanged and the packed windows get several times smaller. ``build_index`` applies
+    each entry to the index as the scan completes it and keeps none (memory grows with the
+    tree, ~100 bytes a path, not with the layer's headers): ``finish()`` then returns the
+    index sections, or ``index_declined`` with nothing to build from. Separate scanners
+    are independent and may run in separate threads.
     """
 
     __slots__ = ("_core",)
@@ -153,12 +159,14 @@ class Scanner:
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
                  format: str | None = None, hash_thread: bool = True, simd: bool = True,
-                 sparse_windows: bool = True, chunk_store: ChunkTarget | None = None) -> None:
+                 sparse_windows: bool = True, chunk_store: ChunkTarget | None = None,
+                 build_index: bool = False) -> None:
         target = None if chunk_store is None else (chunk_store.chunks_dir, chunk_store.tmp_dir, chunk_store.tag,
                                                    chunk_store.fsync, chunk_store.budget, chunk_store.min_file)
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
                                    diff_id=diff_id, format=format, hash_thread=hash_thread,
-                                   simd=simd, sparse_windows=sparse_windows, chunk_store=target)
+                                   simd=simd, sparse_windows=sparse_windows, chunk_store=target,
+                                   build_index=build_index)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)
@@ -176,6 +184,7 @@ class Scanner:
             checkpoints=[RawCheckpoint._make(c) for c in r["checkpoints"]],
             hash_thread_cpu_ns=r.get("hash_thread_cpu_ns", 0), marks=r.get("marks", b""),
             index=EntrySections(*built) if built is not None else None, index_declined=r.get("index_declined"),
+            entries_kept=r["entries_kept"],
             stored=r["stored"], store_errno=r["store_errno"],
         )
 

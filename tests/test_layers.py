@@ -205,6 +205,45 @@ def test_build_by_streaming_then_restore_after_restart(env: Env, tmp_path: Path)
     assert not (root / "mnt" / env.layers[0].split(":")[1]).exists()
 
 
+class _BlobClient:
+    """Serves one blob as ``stream_blob`` does, counting the streams."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.streams = blob, 0
+
+    async def stream_blob(self, ref: str, digest: str, purpose: str):  # noqa: ANN201
+        self.streams += 1
+        for at in range(0, len(self.blob), 4096):
+            yield self.blob[at:at + 4096]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_layer_c_declines_is_read_again_from_the_kept_blob(tmp_path: Path, keep: bool) -> None:
+    """The streaming pass keeps no entries; a layer the C build leaves to the reference (a
+    directory replaced by a file) is scanned again: from the kept blob, else the registry."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, kind in (("d", tarfile.DIRTYPE), ("d/f", tarfile.REGTYPE), ("d", tarfile.REGTYPE)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.size = kind, 3 if kind == tarfile.REGTYPE else 0
+            tf.addfile(ti, io.BytesIO(b"abc") if kind == tarfile.REGTYPE else None)
+    blob = gzip.compress(buf.getvalue())
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    client = _BlobClient(blob)
+    keep_blob = tmp_path / "blobs" / digest.split(":")[1] if keep else None
+    ix = asyncio.run(indexes.build_by_streaming(client, "reg/x:1", digest, LazyOptions(), tmp_path / "root",
+                                                keep_blob))
+    try:
+        assert [(e.path, e.type.name) for e in ix.entries()] == [("", "DIR"), ("d", "REG")]
+    finally:
+        ix.close()
+    assert client.streams == (1 if keep else 2)
+    assert keep_blob is None or keep_blob.read_bytes() == blob
+
+
 def test_reads_from_the_kept_blob_are_not_registry_bytes(env: Env, tmp_path: Path) -> None:
     """A streamed layer's reads decode its kept blob: nothing more crosses the network, and
     lazysnap_registry_bytes_fetched (what operators watch) does not count them."""

@@ -4,20 +4,24 @@
 every type, implicit parents, unnormalised and escaping paths, xattrs, symlinks, devices,
 empty and multi-chunk files, hard links and their chains, and what C leaves to the
 reference (directories replaced by files, hard links whose target was replaced). Either both refuse the layer with the same error, or the indexes hold
-the same records, strings, extras, chunks, checkpoints and header.
+the same records, strings, extras, chunks, checkpoints and header. A scanner that applies
+entries as it scans (``build_index``, keeping none) builds the same sections, or declines
+for the same reason, and a declined layer is scanned again for the reference.
 """
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import tarfile
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshotter import native
-from snapshotter.index.builder import build_index, index_bytes, index_file_bytes
+from snapshotter.index.builder import build_index, index_bytes, index_file_bytes, index_stream_bytes
 from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile, serialize_index
 
@@ -92,6 +96,14 @@ def _scan(blob: bytes, **finish: int) -> native.ScanResult:
     return sc.finish(**finish)
 
 
+def _as_scanned(blob: bytes, slice_size: int = 700) -> native.ScanResult:
+    """Built as the scan goes, fed in slices so entries complete across feeds."""
+    sc = native.Scanner(span_size=SPAN, chunk_size=CHUNK, build_index=True)
+    for at in range(0, len(blob), slice_size):
+        sc.feed(blob[at:at + slice_size])
+    return sc.finish()
+
+
 def _c_bytes(blob: bytes) -> bytes:
     sc = native.Scanner(span_size=SPAN, chunk_size=CHUNK)
     sc.feed(blob)
@@ -115,13 +127,16 @@ def _same(a: bytes, b: bytes) -> None:
 
 
 def _check(blob: bytes) -> None:
+    kept, scanned = _scan(blob, index_chunk_size=CHUNK), _as_scanned(blob)
+    assert not scanned.entries_kept and scanned.entries == [] and scanned.chunks == b""
+    assert scanned.index_declined == kept.index_declined and scanned.index == kept.index
     try:
         want = _reference(blob)
     except IndexBuildError as exc:
         with pytest.raises(IndexBuildError) as got:
             _c_bytes(blob)
         assert str(got.value) == str(exc)
-        assert _scan(blob, index_chunk_size=CHUNK).index is None
+        assert kept.index is None
         return
     _same(_c_bytes(blob), want)
 
@@ -198,6 +213,48 @@ def test_what_c_leaves_to_the_reference(extra: tuple, why: str) -> None:
 def test_a_hard_link_whose_target_is_replaced_is_left_to_the_reference() -> None:
     blob = _tar([*_tarlist(), ("link", "hard", 0, 0o644, 0, {}, "etc/passwd"),
                  ("file", "etc/passwd", 3, 0o644, 0, {}, "")])
+    assert _scan(blob, index_chunk_size=CHUNK).index_declined == "a hard link whose target was replaced"
+    _check(blob)
+
+
+async def _blocks(blob: bytes) -> AsyncIterator[bytes]:
+    for at in range(0, len(blob), 1000):
+        yield blob[at:at + 1000]
+
+
+def test_a_layer_declined_as_scanned_is_scanned_again_for_the_reference(tmp_path) -> None:
+    blob = gzip.compress(_tar([*_tarlist(), ("file", "usr/lib", 1, 0o644, 0, {}, "")]))
+    assert _as_scanned(blob).index_declined == "a directory replaced by a non-directory"
+    again: list[int] = []
+
+    def second() -> AsyncIterator[bytes]:
+        again.append(1)
+        return _blocks(blob)
+
+    want = _reference(blob)
+    _same(asyncio.run(index_stream_bytes(_blocks(blob), span=SPAN, chunk_size=CHUNK, again=second)), want)
+    assert again == [1]
+    path = tmp_path / "layer.tar.gz"
+    path.write_bytes(blob)
+    _same(index_file_bytes(str(path), span=SPAN, chunk_size=CHUNK), want)
+
+
+def test_a_layer_built_as_scanned_is_read_once() -> None:
+    blob = gzip.compress(_plain_layer())
+
+    def second() -> AsyncIterator[bytes]:
+        raise AssertionError("read again")
+
+    _same(asyncio.run(index_stream_bytes(_blocks(blob), span=SPAN, chunk_size=CHUNK, again=second)),
+          _reference(blob))
+
+
+def test_a_link_through_a_link_whose_target_was_replaced_is_left_to_the_reference() -> None:
+    """The last link names d/f0, a link to data no path holds any more (d/f1 was replaced):
+    the reference follows it to that data and promotes d/f0 to hold it."""
+    blob = _tar([("file", "d/f1", 0, 0o644, 0, {}, ""), ("file", "d/f0", 0, 0o644, 0, {}, ""),
+                 ("link", "d/f0", 0, 0o644, 0, {}, "d/f1"), ("file", "d/f1", 0, 0o644, 0, {}, ""),
+                 ("link", "d/f0", 0, 0o644, 0, {}, "d/f0")])
     assert _scan(blob, index_chunk_size=CHUNK).index_declined == "a hard link whose target was replaced"
     _check(blob)
 

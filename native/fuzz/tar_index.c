@@ -1,7 +1,8 @@
 /* Fuzz target: an uncompressed layer through the tar stage and the C index build, as a
  * hostile registry could serve it: whatever the bytes, the stage refuses them with a
  * message or the builder builds or declines with a reason, and the built entry blocks
- * decompress to whole records.  A chunk sink (what stores a streamed layer's chunks) gets
+ * decompress to whole records; built as the stage goes (tar_set_consumer, no entries kept)
+ * it is the same sections or the same reason to decline.  A chunk sink (what stores a streamed layer's chunks) gets
  * every chunk once, in order, each chunk's bytes hashing to its digest, and may give up
  * half way without changing what the stage produces.
  *
@@ -47,6 +48,41 @@ static int check_sink(void *ctx, size_t n, const uint8_t *const *digest, const u
     }
     c->seen += n;
     return 0;
+}
+
+static int same_buf(const lz_buf *a, const lz_buf *b)
+{
+    return a->len == b->len && (a->len == 0 || memcmp(a->p, b->p, a->len) == 0);
+}
+
+/* The same bytes through a stage that hands its entries to a builder as it goes. */
+static void check_as_scanned(const uint8_t *data, size_t size, size_t cut, int want,
+                             const lz_index_sections *kept)
+{
+    tar_t t;
+    lz_index_builder *b = lz_index_builder_new(CHUNK);
+    if (!b || tar_init(&t, CHUNK, 0, 0))
+        abort();
+    tar_set_consumer(&t, lz_index_apply, b);
+    uint8_t diff[32];
+    if (tar_feed(&t, data, cut) || tar_feed(&t, data + cut, size - cut) || tar_finish(&t, diff))
+        abort();  /* the same bytes passed the stage before */
+    if (tar_entry_count(&t) || t.arena.len)
+        abort();  /* nothing kept */
+    lz_index_sections out = {0};
+    lz_err err = {0};
+    int r = lz_index_finish(b, &t, 1, &out, &err);
+    if (r != want || (r == LZ_INDEX_DECLINED && strcmp(out.declined, kept->declined)))
+        abort();
+    if (r == LZ_INDEX_BUILT &&
+        (!same_buf(&out.blocks, &kept->blocks) || !same_buf(&out.blockidx, &kept->blockidx) ||
+         !same_buf(&out.extras, &kept->extras) || !same_buf(&out.chunks, &kept->chunks) ||
+         out.entry_count != kept->entry_count || out.reg_count != kept->reg_count ||
+         out.chunk_count != kept->chunk_count))
+        abort();
+    lz_index_sections_free(&out);
+    lz_index_builder_free(b);
+    tar_free(&t);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -100,6 +136,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (records != out.entry_count)
             abort();
     }
+    if (r >= 0)
+        check_as_scanned(data, size, cut, r, &out);
     lz_index_sections_free(&out);
     tar_free(&t);
     return 0;

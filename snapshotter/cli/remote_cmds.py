@@ -109,7 +109,8 @@ async def build_layer_index(client: RegistryClient, ref: str, layer: Descriptor,
         return index_path(root, layer.digest).read_bytes(), False
     stream = client.stream_blob(ref, layer.digest, purpose="layer")
     data = await index_stream_bytes(stream if on_bytes is None else _counted(stream, on_bytes), span=span,
-                                    chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest)
+                                    chunk_size=chunk_size, diff_id=diff_id, expected_digest=layer.digest,
+                                    again=lambda: client.stream_blob(ref, layer.digest, purpose="layer"))
     await asyncio.to_thread(write_trusted, root, layer.digest, data, "built")
     return data, True
 

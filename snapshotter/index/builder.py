@@ -66,9 +66,11 @@ class Scanner(Protocol):
 
 
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                 scanner: str = "auto", format: str | None = None, chunk_store: ChunkTarget | None = None) -> Scanner:
+                 scanner: str = "auto", format: str | None = None, chunk_store: ChunkTarget | None = None,
+                 build_index: bool = False) -> Scanner:
     """A native scanner (C core), or the pure-Python one when asked or when C is missing
-    (which ignores ``chunk_store``: it stores nothing)."""
+    (which ignores ``chunk_store`` and ``build_index``: it stores nothing and keeps every
+    entry)."""
     if scanner not in ("auto", "native", "python"):
         raise ValueError(f"unknown scanner {scanner!r}")
     if scanner != "python":
@@ -80,7 +82,7 @@ def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, d
             log.warning("event=native_missing msg=%s", "C core not built; using pure-Python scanner")
         else:
             return native.Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
-                                  chunk_store=chunk_store)
+                                  chunk_store=chunk_store, build_index=build_index)
     from snapshotter.index.pyscan import PyScanner
 
     return PyScanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
@@ -370,14 +372,20 @@ def _info(scan: Any, span_size: int, chunk_size: int) -> LayerInfo:
                      sequential_only=bool(_field(scan, "sequential_only")))
 
 
+class _Declined(Exception):
+    """The C build of a scanner made with ``build_index`` declined the layer, and the
+    scanner kept nothing to build it from: the layer must be scanned again."""
+
+
 def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
                 expected_digest: str | None = None, stored: StoredHook | None = None) -> bytes:
     """The serialized index of a layer fed whole to ``scanner``. The C core builds the
     entries' sections straight from its scan (no per-entry Python, the GIL released); a
     layer it declines (sparse files, a directory replaced by a non-directory, anything the
     reference refuses) is built here by :func:`build_index`, the reference, which also
-    words any error. Raises IndexBuildError when ``expected_digest`` (what the manifest
-    pinned) is not the blob's. ``stored`` gets the chunk files a scanner made with
+    words any error; raises _Declined instead when the scanner was made with
+    ``build_index`` (it kept no entries). Raises IndexBuildError when ``expected_digest``
+    (what the manifest pinned) is not the blob's. ``stored`` gets the chunk files a scanner made with
     ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the digest: each file
     holds exactly the bytes its name hashes. Worker thread."""
     from snapshotter import native
@@ -391,6 +399,8 @@ def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int =
     if stored is not None and (scan.stored or scan.store_errno):
         stored(scan.stored, scan.store_errno)
     _check_digest(scan, expected_digest)
+    if scan.index is None and not scan.entries_kept:
+        raise _Declined(scan.index_declined)
     if scan.index is None:
         log.debug("event=index_built_in_python reason=%s", (scan.index_declined or "").replace(" ", "_"))
         return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
@@ -413,11 +423,23 @@ def _scan_file(path: str, sc: Scanner) -> None:
 def index_file_bytes(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
                      diff_id: bool = False) -> bytes:
     """The serialized index of a local layer file (format from magic bytes); see
-    :func:`index_bytes`. Raises UnknownFormatError for a file that is neither gzip, zstd
-    nor tar."""
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, format=_format_of(path))
+    :func:`index_bytes`. The scan keeps no entries (C applies them as it goes); a layer C
+    declines is read a second time for the reference. Raises UnknownFormatError for a
+    file that is neither gzip, zstd nor tar."""
+    fmt = _format_of(path)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, format=fmt, build_index=True)
+    _scan_file(path, sc)
+    try:
+        return index_bytes(sc, span=span, chunk_size=chunk_size)
+    except _Declined as exc:
+        _log_rescan(exc)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, format=fmt)
     _scan_file(path, sc)
     return index_bytes(sc, span=span, chunk_size=chunk_size)
+
+
+def _log_rescan(exc: _Declined) -> None:
+    log.debug("event=index_rescanned reason=%s", str(exc).replace(" ", "_"))
 
 
 def _format_of(path: str) -> str:
@@ -442,11 +464,14 @@ def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT
 async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN,
                              chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
                              expected_digest: str | None = None, chunk_store: ChunkTarget | None = None,
-                             stored: StoredHook | None = None) -> bytes:
+                             stored: StoredHook | None = None,
+                             again: Callable[[], AsyncIterator[bytes]] | None = None) -> bytes:
     """The serialized index of a layer arriving as an async byte stream (a registry blob
     GET); see :func:`index_bytes`. Raises IndexBuildError when ``expected_digest`` (what the
     manifest pinned) is not the blob's. With ``chunk_store`` the scan also writes every
-    chunk it cuts as a chunk file and hands them to ``stored``.
+    chunk it cuts as a chunk file and hands them to ``stored``. With ``again`` (the same
+    bytes once more: the kept blob, or the registry) the scan keeps no entries, and a
+    layer C declines is scanned again from ``again()`` for the reference.
 
     Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
     for a few MiB. Run on the event loop it would stall every other request (FUSE reads,
@@ -455,9 +480,20 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
     (one ``to_thread`` at a time), which the scanner requires."""
     import asyncio  # here: `lazysnap index FILE` starts ~25 ms sooner without it
 
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, chunk_store=chunk_store)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, chunk_store=chunk_store,
+                      build_index=again is not None)
     async for block in stream:
         if block:
             await asyncio.to_thread(sc.feed, block)
+    try:
+        return await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size,
+                                       expected_digest=expected_digest, stored=stored)
+    except _Declined as exc:
+        assert again is not None
+        _log_rescan(exc)
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id)
+    async for block in again():
+        if block:
+            await asyncio.to_thread(sc.feed, block)
     return await asyncio.to_thread(index_bytes, sc, span=span, chunk_size=chunk_size,
-                                   expected_digest=expected_digest, stored=stored)
+                                   expected_digest=expected_digest)

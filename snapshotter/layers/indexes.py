@@ -228,7 +228,9 @@ async def fetch_published(client: Any, layer_digest: str, candidates: list[Candi
 async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: LazyOptions, root: Path,
                              keep_blob: Path | None, store: ChunkStore | None = None) -> IndexFile:
     """Stream the layer once through the indexer (digest checked); optionally keep the blob
-    and write its chunks into ``store`` on the way."""
+    and write its chunks into ``store`` on the way. The index is built as the layer streams
+    (no entries kept: memory grows with the tree, not the headers); the rare layer C
+    leaves to the reference is read again, from the kept blob when there is one."""
     part = None
     fobj = None
     if keep_blob is not None:
@@ -236,18 +238,24 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
         part = keep_blob.with_name(keep_blob.name + f".part-{os.getpid()}")
         fobj = create_private(part)
 
-    async def tee() -> AsyncIterator[bytes]:
+    async def tee(write: bool = True) -> AsyncIterator[bytes]:
         async for block in client.stream_blob(ref, layer_digest, purpose="layer"):
             REGISTRY_BYTES.labels(Priority.ON_DEMAND.purpose).inc(len(block))  # Prepare waits for it
-            if fobj is not None:
+            if write and fobj is not None:
                 await asyncio.to_thread(fobj.write, block)
             yield block
+
+    def again() -> AsyncIterator[bytes]:
+        if fobj is None or part is None:
+            return tee(write=False)
+        fobj.flush()
+        return _file_blocks(part)
 
     try:
         target = store.scan_target(opts.store_streamed_min_file_bytes) if store is not None else None
         data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
                                         expected_digest=layer_digest, chunk_store=target,
-                                        stored=store.adopt_scanned if store is not None else None)
+                                        stored=store.adopt_scanned if store is not None else None, again=again)
         if fobj is not None:
             fobj.close()
             fobj = None
@@ -261,6 +269,12 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
                 os.unlink(part)
     path = await asyncio.to_thread(write_trusted, root, layer_digest, data, "built")
     return IndexFile.open(path)
+
+
+async def _file_blocks(path: Path, size: int = 4 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while block := await asyncio.to_thread(f.read, size):
+            yield block
 
 
 def same_content(a: IndexFile, b: IndexFile) -> str | None:
