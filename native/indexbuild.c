@@ -6,6 +6,8 @@
 
 #include <zstd.h>
 
+#include "siphash.h"
+
 #define NO_NODE UINT32_MAX
 #define NO_XATTRS UINT32_MAX
 
@@ -56,6 +58,7 @@ struct lz_index_builder {
     char declined[160];
     lz_err err;
     lz_index_sections *out;  /* lz_index_finish's */
+    lz_hash_key key;      /* of every table here: names are the layer's choice */
 };
 
 typedef lz_index_builder builder;
@@ -73,17 +76,12 @@ static int decline(builder *b, const char *fmt, ...)
     return LZ_INDEX_DECLINED;
 }
 
-static uint64_t hash_bytes(const uint8_t *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;  /* FNV-1a */
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ p[i]) * 1099511628211ull;
-    return h ^ (h >> 29);
-}
+static uint64_t hash_bytes(const builder *b, const uint8_t *p, size_t n) { return lz_siphash(&b->key, p, n); }
 
-static uint32_t hash_child(uint32_t parent, const uint8_t *name, size_t len)
+static uint32_t hash_child(const builder *b, uint32_t parent, const uint8_t *name, size_t len)
 {
-    return (uint32_t)(hash_bytes(name, len) ^ ((uint64_t)parent * 0x9E3779B97F4A7C15ull >> 32));
+    uint64_t h = hash_bytes(b, name, len) + (uint64_t)parent * 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(h ^ (h >> 32));
 }
 
 static int grow_slots(builder *b, size_t want)
@@ -125,7 +123,7 @@ static size_t find_slot(builder *b, uint32_t parent, const uint8_t *name, size_t
 
 static uint32_t child(builder *b, uint32_t parent, const uint8_t *name, size_t len)
 {
-    size_t j = find_slot(b, parent, name, len, hash_child(parent, name, len));
+    size_t j = find_slot(b, parent, name, len, hash_child(b, parent, name, len));
     return b->slots[j].id ? b->slots[j].id - 1 : NO_NODE;
 }
 
@@ -146,8 +144,8 @@ static int add_node(builder *b, uint32_t parent, const uint8_t *name, size_t len
     b->nodes.len += sizeof(node);
     *n = (node){.name = at, .name_len = (uint32_t)len, .parent = parent, .entry = NO_NODE,
                 .xattrs = NO_XATTRS, .u1 = NO_NODE, .type = ET_DIR, .mode = 0755};
-    size_t j = find_slot(b, parent, name, len, hash_child(parent, name, len));
-    b->slots[j] = (slot){*id + 1, hash_child(parent, name, len)};
+    uint32_t h = hash_child(b, parent, name, len);
+    b->slots[find_slot(b, parent, name, len, h)] = (slot){*id + 1, h};
     return 0;
 }
 
@@ -488,6 +486,8 @@ lz_index_builder *lz_index_builder_new(uint64_t chunk_size)
 {
     builder *b = calloc(1, sizeof *b);
     uint32_t root;
+    if (b)
+        lz_hash_key_new(&b->key);
     if (!b || grow_slots(b, 1024) || add_node(b, NO_NODE, (const uint8_t *)"", 0, &root)) {
         lz_index_builder_free(b);
         return NULL;
@@ -613,12 +613,13 @@ static int by_name(const void *pa, const void *pb, void *ctx)
 typedef struct {
     lz_buf recs, strings;
     uint32_t slot_off[1024], slot_len[1024];  /* block-local interned strings, len+1 (0: empty) */
+    const lz_hash_key *key;
 } block_state;
 
 /* format.py intern: the offset of `s` in the block's string area, added once */
 static int intern(block_state *bs, const uint8_t *s, size_t n, uint32_t *off)
 {
-    size_t j = hash_bytes(s, n) & 1023;
+    size_t j = lz_siphash(bs->key, s, n) & 1023;
     while (bs->slot_len[j]) {
         if (bs->slot_len[j] - 1 == n && (n == 0 || memcmp(bs->strings.p + bs->slot_off[j], s, n) == 0)) {
             *off = bs->slot_off[j];
@@ -656,7 +657,7 @@ static int extra_of(builder *b, extras_table *et, uint32_t set, uint32_t *off)
         for (size_t i = 0; i < et->nslots; i++) {
             if (!et->slots[i])
                 continue;
-            size_t j = hash_bytes(b->out->extras.p + et->slots[i] - 1, et->lens[i]) & (ns - 1);
+            size_t j = hash_bytes(b, b->out->extras.p + et->slots[i] - 1, et->lens[i]) & (ns - 1);
             while (s[j])
                 j = (j + 1) & (ns - 1);
             s[j] = et->slots[i];
@@ -668,7 +669,7 @@ static int extra_of(builder *b, extras_table *et, uint32_t set, uint32_t *off)
         et->lens = l;
         et->nslots = ns;
     }
-    size_t j = hash_bytes(rec, xs->len) & (et->nslots - 1);
+    size_t j = hash_bytes(b, rec, xs->len) & (et->nslots - 1);
     while (et->slots[j]) {
         if (et->lens[j] == xs->len && memcmp(b->out->extras.p + et->slots[j] - 1, rec, xs->len) == 0) {
             *off = et->slots[j] - 1;
@@ -729,6 +730,7 @@ static int serialize(builder *b, int level)
         r = lz_nomem(&b->err);
         goto out;
     }
+    bs->key = &b->key;
     size_t len = 1;
     order[0] = 0;
     N(b, 0)->rec = 0;

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 
+#include "../siphash.h"
 #include "fastfs.h"
 
 enum { T_REG, T_HARDLINK, T_SYMLINK, T_CHAR, T_BLOCK, T_DIR, T_FIFO, T_COUNT }; /* model.EntryType */
@@ -46,6 +47,7 @@ typedef struct {
     size_t len, cap;
     uint32_t *off, *slen; /* open addressing: offset + 1 (0 = empty) and length per slot */
     size_t slots, used;
+    lz_hash_key key;      /* names are the layer's choice (siphash.h) */
 } strtab;
 
 typedef struct {
@@ -87,14 +89,6 @@ static uint64_t rd64(const uint8_t *p)
 
 /* ------------------------------------------------------------------ strings */
 
-static uint64_t fnv1a(const uint8_t *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ p[i]) * 1099511628211ull;
-    return h;
-}
-
 static int st_rehash(strtab *t, size_t slots)
 {
     uint32_t *off = calloc(slots, sizeof *off), *slen = calloc(slots, sizeof *slen);
@@ -106,7 +100,7 @@ static int st_rehash(strtab *t, size_t slots)
     for (size_t i = 0; i < t->slots; i++) {
         if (!t->off[i])
             continue;
-        size_t j = fnv1a(t->buf + t->off[i] - 1, t->slen[i]) & (slots - 1);
+        size_t j = lz_siphash(&t->key, t->buf + t->off[i] - 1, t->slen[i]) & (slots - 1);
         while (off[j])
             j = (j + 1) & (slots - 1);
         off[j] = t->off[i];
@@ -128,7 +122,7 @@ static int st_intern(strtab *t, const uint8_t *s, size_t n, uint32_t *at)
         if (r)
             return r;
     }
-    size_t mask = t->slots - 1, j = fnv1a(s, n) & mask;
+    size_t mask = t->slots - 1, j = lz_siphash(&t->key, s, n) & mask;
     while (t->off[j]) {
         if (t->slen[j] == n && memcmp(t->buf + t->off[j] - 1, s, n) == 0) {
             *at = t->off[j] - 1;
@@ -612,6 +606,7 @@ int lzt_build(const lzt_source *src, lzt_built *out, const char **msg)
     }
     size_t n = src->entry_count;
     builder b = {.src = src};
+    lz_hash_key_new(&b.st.key);
     b.recs = malloc(n * sizeof *b.recs);
     b.node_of = calloc(n, sizeof *b.node_of);
     b.nodes = malloc((n + 2) * sizeof *b.nodes);
