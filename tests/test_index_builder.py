@@ -10,7 +10,7 @@ from snapshotter.index.builder import build_index, clean_path
 from snapshotter.index.errors import IndexBuildError
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.index.model import EntryType
-from snapshotter.index.pyscan import PyScanner
+from tests.pyscan import PyScanner
 
 
 def _tar(*members: tuple[str, str, bytes | str]) -> bytes:

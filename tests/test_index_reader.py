@@ -19,19 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.index.builder import build_index, clean_path, make_scanner
+from snapshotter.native import Scanner
 from snapshotter.index.errors import LAYER_ERRORS, ChunkVerificationError, NotRegularFileError
 from snapshotter.index.format import IndexFile, serialize_index
 from snapshotter.index.model import Chunk, EntryType
 from snapshotter.index.reader import LayerReader, chunks_for_range, decode_span, plan_chunks
 
-try:
-    from snapshotter import native  # noqa: F401
+from tests.pyscan import PyScanner
 
-    HAVE_NATIVE = True
-except ImportError:
-    HAVE_NATIVE = False
-
-SCANNERS = ["python", pytest.param("native", marks=pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built"))]
+SCANNERS = ["python", "native"]  # the tests' pure-Python oracle, and the C core
 COMPRESSIONS = ["none", "gzip1", "gzip6", "gzip9", "gzip-multi", "zstd", "zstd-multi"]
 EXAMPLES = int(os.environ.get("LAZYSNAP_HYPOTHESIS_EXAMPLES", "12"))  # raise for a deep run
 SPAN = 32 << 10
@@ -138,8 +134,14 @@ def compress(raw: bytes, how: str, seed: int = 0) -> bytes:
     raise ValueError(how)
 
 
+def scanner_of(kind: str, *, span: int = SPAN, chunk: int = CHUNK, diff_id: bool = False) -> PyScanner | Scanner:
+    if kind == "python":
+        return PyScanner(span_size=span, chunk_size=chunk, diff_id=diff_id)
+    return make_scanner(span=span, chunk_size=chunk, diff_id=diff_id)
+
+
 def index_blob(blob: bytes, scanner: str, *, span: int = SPAN, chunk: int = CHUNK) -> IndexFile:
-    sc = make_scanner(span=span, chunk_size=chunk, diff_id=True, scanner=scanner)
+    sc = scanner_of(scanner, span=span, chunk=chunk, diff_id=True)
     for i in range(0, len(blob), 50_000):
         sc.feed(blob[i:i + 50_000])
     return IndexFile.from_bytes(serialize_index(build_index(sc.finish(), span_size=span, chunk_size=chunk)))
@@ -247,7 +249,6 @@ def test_diff_id_and_plans(scanner: str, how: str) -> None:
         assert sorted(got) == list(plan.chunk_ids)
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built")
 def test_native_checkpoints_bound_reads() -> None:
     raw = _big_layer()
     blob = compress(raw, "gzip6")
@@ -272,7 +273,6 @@ def test_native_checkpoints_bound_reads() -> None:
     assert seq.stats.spans_decoded <= 1 + sum(p.length for p in plan_chunks(idx, range(idx.chunk_count))) // (64 << 20)
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built")
 @pytest.mark.parametrize("how", ["gzip6", "gzip-multi", "zstd-multi"])
 def test_end_marks_shorten_reads_and_a_short_mark_only_costs_bytes(how: str) -> None:
     raw = _big_layer()
@@ -344,7 +344,7 @@ def test_corrupt_layer_never_yields_wrong_bytes(scanner: str, how: str) -> None:
 
 def test_tampered_chunk_digest_raises_naming_chunk_and_layer() -> None:
     raw = _big_layer()
-    sc = make_scanner(chunk_size=CHUNK, scanner="python")
+    sc = scanner_of("python")
     sc.feed(raw)
     li = build_index(sc.finish(), chunk_size=CHUNK)
     c = li.chunks[3]
@@ -386,7 +386,6 @@ def test_gnu_sparse_files(tmp_path: Path, scanner: str, tar_format: str) -> None
         assert chunks_for_range(idx, e, 1_500_000, 1000) == []
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="C core not built")
 @pytest.mark.parametrize("how", ["none", "gzip6", "gzip-multi", "zstd-multi"])
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(raw=tar_layers(), seed=st.integers(0, 1000))
@@ -431,7 +430,7 @@ def test_pax_large_ids_and_binary_xattrs(scanner: str) -> None:
 
 
 def test_base256_numbers() -> None:
-    from snapshotter.index.pyscan import _parse_number
+    from tests.pyscan import _parse_number
 
     assert _parse_number(b"\x80" + (10 << 30).to_bytes(11, "big"), "size", 0) == 10 << 30
     assert _parse_number(b"\xff" * 12, "mtime", 0) == -1
@@ -505,9 +504,12 @@ def test_nul_in_pax_xattr_key_fails_cleanly(scanner: str, tmp_path: Path) -> Non
     layer = tmp_path / "nul.tar"
     layer.write_bytes(_nul_in_xattr_key_layer())
     code = ("import sys\n"
-            "from snapshotter.index.builder import index_file\n"
+            "from snapshotter.index.builder import build_index\n"
             "from snapshotter.index.errors import LAYER_ERRORS, IndexBuildError\n"
-            f"try:\n    index_file(sys.argv[1], scanner={scanner!r})\n"
+            "from snapshotter.index.builder import make_scanner\n"
+            "from tests.pyscan import PyScanner\n"
+            f"sc = PyScanner() if {scanner!r} == 'python' else make_scanner()\n"
+            "try:\n    sc.feed(open(sys.argv[1], 'rb').read())\n    build_index(sc.finish())\n"
             "except (IndexBuildError, *LAYER_ERRORS) as e:\n    print('error', e)\nelse:\n    print('ok')\n")
     p = subprocess.run([sys.executable, "-c", code, str(layer)], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parents[1])

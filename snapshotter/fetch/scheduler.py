@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from snapshotter.fetch import metrics
+from snapshotter.fetch.quiet import quiet_failure
 from snapshotter.index.errors import ChunkVerificationError, CorruptLayerError, TruncatedLayerError
 from snapshotter.index.model import Chunk, LayerInfo
+from snapshotter.index.reader import SpanPlan
 from snapshotter.store import ChunkStore
 from snapshotter.log import get_logger
 
@@ -80,13 +82,13 @@ class SpanCodec(Protocol):
 
     def chunk(self, chunk_id: int) -> Chunk: ...
 
-    def plan(self, chunk_ids: Sequence[int], max_bytes: int = ...) -> list[Any]: ...
+    def plan(self, chunk_ids: Sequence[int], max_bytes: int = ...) -> list[SpanPlan]: ...
 
-    def span_range(self, plan: Any) -> tuple[int, int]: ...
+    def span_range(self, plan: SpanPlan) -> tuple[int, int]: ...
 
-    def decode(self, plan: Any, compressed: bytes) -> dict[int, bytes]: ...
+    def decode(self, plan: SpanPlan, compressed: bytes) -> dict[int, bytes]: ...
 
-    def widen(self, plan: Any) -> Any | None:
+    def widen(self, plan: SpanPlan) -> SpanPlan | None:
         """The plan fetching on to the next checkpoint (an end mark proved short), or None."""
         ...
 
@@ -98,7 +100,7 @@ class SpanCodec(Protocol):
         """What a reader missing on ``chunk_ids`` most likely reads next."""
         ...
 
-    async def prepare(self, plan: Any, on_bytes: Callable[[int], None] | None = None) -> None:
+    async def prepare(self, plan: SpanPlan, on_bytes: Callable[[int], None] | None = None) -> None:
         """Make what decoding ``plan`` needs besides its range local (a checkpoint window
         published apart); ``on_bytes`` counts what that fetched."""
         ...
@@ -387,11 +389,11 @@ class LayerFetcher:
         if new:
             for plan in self.codec.plan(new):
                 job_futs = {}
-                for c in _plan_chunk_ids(plan, new):
+                for c in plan.chunk_ids:
                     if c in self._inflight:
                         continue
                     fut = loop.create_future()
-                    fut.add_done_callback(_consume)
+                    fut.add_done_callback(quiet_failure)
                     self._inflight[c] = fut
                     job_futs[c] = fut
                 if not job_futs:
@@ -411,7 +413,7 @@ class LayerFetcher:
             fut = self._inflight.get(c)
             if fut is None:
                 fut = self._inflight[c] = loop.create_future()
-                fut.add_done_callback(_consume)
+                fut.add_done_callback(quiet_failure)
             futs.append(fut)
         if self._stream_task is None or self._stream_task.done():
             log.info("layer_streamed", layer=self.key, reason="sequential_only",
@@ -468,7 +470,7 @@ class LayerFetcher:
                 fut.set_exception(exc)
             del self._inflight[c]
 
-    async def _run(self, plan: Any, job: _Job) -> None:
+    async def _run(self, plan: SpanPlan, job: _Job) -> None:
         start, end = self.codec.span_range(plan)
         gate = self.fetcher.gate
         try:
@@ -537,7 +539,7 @@ class LayerFetcher:
                 if self._inflight.get(c) is fut:
                     del self._inflight[c]
 
-    async def _read_with_window(self, plan: Any, start: int, end: int, priority: Priority) -> bytes:
+    async def _read_with_window(self, plan: SpanPlan, start: int, end: int, priority: Priority) -> bytes:
         """The span's range and, for an index with its windows apart, its checkpoint's
         window: two requests in flight at once, so a missing window costs its bytes and one
         more request, not a serial round trip."""
@@ -573,7 +575,7 @@ class LayerFetcher:
             except Exception:  # noqa: BLE001 - the other job failed: fetch ourselves
                 break
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume)
+        fut.add_done_callback(quiet_failure)
         slot = (at, end, fut)
         self._fetching.append(slot)
         try:
@@ -675,13 +677,3 @@ def _store_all(store: ChunkStore, codec: SpanCodec, chunks: dict[int, bytes]) ->
     store.put_many([(codec.digest(c), data) for c, data in chunks.items()])  # verified by decode_span
 
 
-def _plan_chunk_ids(plan: Any, requested: list[int]) -> list[int]:
-    ids = getattr(plan, "chunk_ids", None)
-    if ids is None:
-        return requested
-    return [int(c) for c in ids]
-
-
-def _consume(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # mark retrieved: failures are reported by ensure()

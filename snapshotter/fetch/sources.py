@@ -5,7 +5,7 @@ import asyncio
 import bisect
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +115,25 @@ class IndexCodec:
     def chunk(self, chunk_id: int) -> Chunk:
         return self.index.chunk(chunk_id)
 
-    def plan(self, chunk_ids: Sequence[int], max_bytes: int = reader.MAX_PLAN_BYTES) -> list[Any]:
+    def plan(self, chunk_ids: Sequence[int], max_bytes: int = reader.MAX_PLAN_BYTES) -> list[reader.SpanPlan]:
         return reader.plan_chunks(self.index, list(chunk_ids), max_plan_bytes=max_bytes)
 
     def close(self) -> None:
         if self.windows is not None:
             self.windows.close()
 
-    async def prepare(self, plan: Any, on_bytes: Any = None) -> None:
+    async def prepare(self, plan: reader.SpanPlan, on_bytes: Callable[[int], None] | None = None) -> None:
         """Make the plan's checkpoint window local (apart windows only; a no-op otherwise)."""
         if self.windows is not None and plan.checkpoint >= 0:
             await self.windows.ensure((plan.checkpoint,), on_bytes)
 
-    def span_range(self, plan: Any) -> tuple[int, int]:
-        return int(plan.c_start), int(plan.c_end)
+    def span_range(self, plan: reader.SpanPlan) -> tuple[int, int]:
+        return plan.c_start, plan.c_end
 
-    def decode(self, plan: Any, compressed: bytes) -> dict[int, bytes]:
+    def decode(self, plan: reader.SpanPlan, compressed: bytes) -> dict[int, bytes]:
         return reader.decode_span(self.index, plan, compressed)
 
-    def widen(self, plan: Any) -> Any:
+    def widen(self, plan: reader.SpanPlan) -> reader.SpanPlan | None:
         """The plan fetching on to the next checkpoint, or None if it already does."""
         return reader.widen(plan) if plan.widenable else None
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from snapshotter.index.model import LayerFormat
-from snapshotter.index.pyscan import StreamDecompressor
+from snapshotter.index.decompress import StreamDecompressor
 
 
 class StreamCorrupt(Exception):

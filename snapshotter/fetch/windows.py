@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from snapshotter.fetch.scheduler import _consume  # marks a future's failure as seen
+from snapshotter.fetch.quiet import quiet_failure
 from snapshotter.fsutil import FILE_MODE
 from snapshotter.index.errors import IndexFormatError
 from snapshotter.log import get_logger
@@ -77,11 +77,11 @@ class WindowCache:
             loop = asyncio.get_running_loop()
             futs = {c: loop.create_future() for c in new}
             for c, fut in futs.items():
-                fut.add_done_callback(_consume)
+                fut.add_done_callback(quiet_failure)
                 self._inflight[c] = fut
             waits += futs.values()
             task = asyncio.ensure_future(self._fetch(futs, on_bytes))
-            task.add_done_callback(_consume)
+            task.add_done_callback(quiet_failure)
         for fut in waits:
             await asyncio.shield(fut)
 

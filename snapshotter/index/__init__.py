@@ -8,6 +8,6 @@
 * ``format``     — the on-disk index (``write_index``, ``IndexFile``: mmap, lazy lookups).
 * ``reader``     — random access: ``chunks_for_range`` → ``plan_chunks`` → (caller
                    fetches) → ``decode_span`` → ``assemble_range``; ``LayerReader``.
-* ``pyscan``     — pure-Python scanner: test oracle and benchmark baseline.
+* ``decompress`` — a whole layer decompressed as it streams, and its format from its magic.
 * ``errors``     — one-line, user-presentable exceptions.
 """

@@ -1,7 +1,7 @@
 """Scan result → :class:`LayerIndex`: the tar semantics of applying one layer.
 
-The scanner (C ``native.Scanner`` or :mod:`pyscan`) reports raw tar entries in stream
-order. Here they become the tree a container would see after containerd applied the
+The scanner (C ``native.Scanner``; the tests' pure-Python oracle alike) reports raw tar
+entries in stream order. Here they become the tree a container would see after containerd applied the
 layer:
 
 * Paths are cleaned like containerd's applier (``filepath.Clean``): leading "/" and "./"
@@ -29,11 +29,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from snapshotter.index.errors import IndexBuildError, TruncatedLayerError
 from snapshotter.index.layerindex import LayerIndex
-from snapshotter.index.pyscan import detect_format
+from snapshotter.index.decompress import detect_format
 from snapshotter.index.model import (
     CHUNK_RECORD,
     MARK_RECORD,
@@ -46,8 +46,7 @@ from snapshotter.index.model import (
     LayerInfo,
 )
 
-if TYPE_CHECKING:
-    from snapshotter.native import ChunkTarget
+from snapshotter.native import ChunkTarget, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +59,12 @@ READ_SIZE = 1 << 20
 _U32 = (1 << 32) - 1
 
 
-class Scanner(Protocol):
-    def feed(self, buffer: bytes | bytearray | memoryview) -> None: ...
-    def finish(self) -> Any: ...  # a dict (pyscan) or a native.ScanResult; see _field
-
-
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                 scanner: str = "auto", format: str | None = None, chunk_store: ChunkTarget | None = None,
+                 format: str | None = None, chunk_store: ChunkTarget | None = None,
                  build_index: bool = False) -> Scanner:
-    """A native scanner (C core), or the pure-Python one when asked or when C is missing
-    (which ignores ``chunk_store`` and ``build_index``: it stores nothing and keeps every
-    entry)."""
-    if scanner not in ("auto", "native", "python"):
-        raise ValueError(f"unknown scanner {scanner!r}")
-    if scanner != "python":
-        try:
-            from snapshotter import native
-        except ImportError:
-            if scanner == "native":
-                raise
-            log.warning("event=native_missing msg=%s", "C core not built; using pure-Python scanner")
-        else:
-            return native.Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
-                                  chunk_store=chunk_store, build_index=build_index)
-    from snapshotter.index.pyscan import PyScanner
-
-    return PyScanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format)
+    """The C scanner (``native.Scanner``) with this module's span and chunk size."""
+    return Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
+                   chunk_store=chunk_store, build_index=build_index)
 
 
 def clean_path(raw: bytes | str, *, what: str = "entry") -> str:
@@ -193,7 +172,7 @@ def _check_ranges(path: str, *, mtime_ns: int, **fields: int) -> None:
 
 
 def _field(scan: Any, key: str, default: Any = None) -> Any:
-    """Scan results come as a dict (pyscan) or a ``native.ScanResult`` dataclass."""
+    """Scan results come as a ``native.ScanResult`` dataclass, or a dict (the tests' oracle)."""
     if isinstance(scan, Mapping):
         return scan.get(key, default)
     return getattr(scan, key, default)
@@ -388,13 +367,8 @@ def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int =
     (what the manifest pinned) is not the blob's. ``stored`` gets the chunk files a scanner made with
     ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the digest: each file
     holds exactly the bytes its name hashes. Worker thread."""
-    from snapshotter import native
     from snapshotter.index.format import assemble, serialize_index
 
-    if not isinstance(scanner, native.Scanner):
-        scan = scanner.finish()
-        _check_digest(scan, expected_digest)
-        return serialize_index(build_index(scan, span_size=span, chunk_size=chunk_size))
     scan = scanner.finish(index_chunk_size=chunk_size)
     if stored is not None and (scan.stored or scan.store_errno):
         stored(scan.stored, scan.store_errno)
@@ -450,13 +424,14 @@ def _format_of(path: str) -> str:
     return detect_format(head)
 
 
-def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-               scanner: str = "auto") -> LayerIndex:
-    """Scan a local layer file (format from magic bytes) and build its index.
+def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK,
+               diff_id: bool = False) -> LayerIndex:
+    """Scan a local layer file (format from magic bytes) and build its index with the
+    reference (tests, and the checks that compare against it).
 
     Raises UnknownFormatError for a file that is neither gzip, zstd nor tar.
     """
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, scanner=scanner, format=_format_of(path))
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, format=_format_of(path))
     _scan_file(path, sc)
     return build_index(sc.finish(), span_size=span, chunk_size=chunk_size)
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from snapshotter import native
 from snapshotter.index.errors import (
     ChunkVerificationError,
     EntryNotFoundError,
@@ -47,25 +47,11 @@ MAX_PLAN_BYTES = 16 << 20
 MARK_SLACK = 64
 
 
-def _native() -> Any:
-    try:
-        from snapshotter import native
-    except ImportError:
-        return None
-    return native
-
-
-_NATIVE = _native()
-_SHORT_INPUT: tuple[type[BaseException], ...] = (
-    (TruncatedLayerError, _NATIVE.TruncatedLayerError) if _NATIVE is not None else (TruncatedLayerError,))
+_SHORT_INPUT: tuple[type[BaseException], ...] = (TruncatedLayerError, native.TruncatedLayerError)
 
 
 def _decompress_range(fmt: str, kind: int, bits: int, window: bytes, data: bytes, skip: int, length: int) -> bytes:
-    if _NATIVE is not None:
-        return _NATIVE.decompress_range(fmt, kind, bits, window, data, skip, length)
-    from snapshotter.index import pyscan
-
-    return pyscan.decompress_range(fmt, kind, bits, window, data, skip, length)
+    return native.decompress_range(fmt, kind, bits, window, data, skip, length)
 
 
 def _first_bad(out: bytes, base: int, chunks: list[Chunk]) -> int | None:
@@ -78,15 +64,9 @@ def _first_bad(out: bytes, base: int, chunks: list[Chunk]) -> int | None:
     for i, c in enumerate(chunks):
         if c.uncompressed_offset < base or c.uncompressed_offset - base + c.length > len(out):
             return i
-    if _NATIVE is not None:
-        records = b"".join(_NATIVE.CHUNK_RECORD.pack(c.uncompressed_offset, c.length, c.digest) for c in chunks)
-        bad = _NATIVE.verify_chunks(out, base, records)
-        return None if bad < 0 else bad
-    for i, c in enumerate(chunks):
-        start = c.uncompressed_offset - base
-        if hashlib.sha256(out[start:start + c.length]).digest() != c.digest:
-            return i
-    return None
+    records = b"".join(native.CHUNK_RECORD.pack(c.uncompressed_offset, c.length, c.digest) for c in chunks)
+    bad = native.verify_chunks(out, base, records)
+    return None if bad < 0 else bad
 
 
 @dataclass(slots=True, frozen=True)

@@ -158,8 +158,7 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
                 start, end = codec.span_range(plan)
                 await bucket.take(end - start)
                 await pause.wait()
-                ids = [int(c) for c in getattr(plan, "chunk_ids", ())]
-                still = [c for c in ids if not store.has(codec.digest(c))]
+                still = [c for c in plan.chunk_ids if not store.has(codec.digest(c))]
                 if still:
                     metrics.BACKGROUND_BYTES.inc(end - start)
                     if progress.started is None:
@@ -171,7 +170,7 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
                         log.warning("background_span_failed", layer=label, range=f"{start}-{end}", error=str(exc))
                         continue
                     progress.bytes_fetched += end - start
-                done += len(ids)
+                done += len(plan.chunk_ids)
                 progress.chunks_done = min(done, total)
                 metrics.BACKGROUND_LOCAL.labels(label).set(min(done, total))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from snapshotter import heap
-from snapshotter.fetch import FetchError, Priority
+from snapshotter.fetch import FetchError, Priority, SpanCodec
 from snapshotter.fetch import metrics as fetch_metrics
 from snapshotter.log import get_logger
 from snapshotter.native import CHUNK_RECORD, verify_chunks
@@ -560,14 +560,14 @@ def _add(counts: dict[str, int], more: Mapping[str, int]) -> None:
         counts[state] += n
 
 
-def span_batches(codec: Any, accesses: Sequence[Any]) -> list[list[Any]]:
+def span_batches(codec: SpanCodec, accesses: Sequence[Any]) -> list[list[Any]]:
     """Profile chunks grouped by the checkpoint span (fetch plan) that yields them, the
     groups in the order their first chunk was first read: one range request per group."""
     plans = codec.plan([a.chunk for a in accesses])
     plan_of: dict[int, int] = {}
     for i, plan in enumerate(plans):
-        for c in getattr(plan, "chunk_ids", ()):
-            plan_of.setdefault(int(c), i)
+        for c in plan.chunk_ids:
+            plan_of.setdefault(c, i)
     groups: dict[int, list[Any]] = {}
     for a in accesses:  # dicts keep insertion order: first access of each span
         groups.setdefault(plan_of.get(a.chunk, -1 - a.chunk), []).append(a)
