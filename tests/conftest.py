@@ -46,6 +46,17 @@ def _mounts() -> set[str]:
     return found
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``root`` tests mount FUSE filesystems and run daemons: as another user they would
+    fail on permissions, so they are skipped, saying why."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (FUSE mounts, containerd, daemons): CI runs the suite as root")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     _BEFORE["processes"] = _processes()
     _BEFORE["mounts"] = _mounts()
