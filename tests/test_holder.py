@@ -29,7 +29,9 @@ from snapshotter.fs.thread import FuseThread
 from snapshotter.index.format import IndexFile
 from snapshotter.store import ChunkStore
 from tests.test_fetch import _members
-from tests.test_fs import layer  # noqa: F401 - the fixture
+from tests import test_fs
+
+layer = test_fs.layer  # the fixture, shared
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[1]

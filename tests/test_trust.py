@@ -26,7 +26,10 @@ from snapshotter.index.model import Checkpoint, Entry, EntryType
 from snapshotter.layers import indexes
 from snapshotter.registry import RegistryClient, RegistryConfig
 from snapshotter.registry.signatures import push_signature, load_private_key, signature_tag
-from tests.test_layers import Env, _sample, env  # noqa: F401 - env is a fixture
+from tests import test_layers
+from tests.test_layers import Env, _sample
+
+env = test_layers.env  # the fixture, shared
 
 pytestmark = pytest.mark.root
 FUTURE = "2099-01-01T00:00:00Z"  # newer than anything the honest publisher pushed
