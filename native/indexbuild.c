@@ -1,6 +1,6 @@
 /* The index sections of a scanned layer: see indexbuild.h. The steps mirror
- * snapshotter/index/builder.py (apply entries in tar order, renumber chunks, check the
- * chunking) and snapshotter/index/format.py (_entry_sections: breadth-first records,
+ * snapshotter/index/builder.py (apply entries in tar order, as the tar stage completes
+ * them; renumber chunks, check the chunking) and snapshotter/index/format.py (_entry_sections: breadth-first records,
  * children sorted by name bytes, block-local strings, deduplicated extras). */
 #include "indexbuild.h"
 
@@ -519,7 +519,6 @@ int lz_index_apply(void *ctx, const tar_t *t, size_t i)
     b->applied++;
     return b->state;
 }
-
 
 static int by_entry(const void *pa, const void *pb, void *ctx)
 {

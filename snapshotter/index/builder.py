@@ -1,8 +1,8 @@
 """Scan result → :class:`LayerIndex`: the tar semantics of applying one layer.
 
 The scanner (C ``native.Scanner``; the tests' pure-Python oracle alike) reports raw tar
-entries in stream order. Here they become the tree a container would see after containerd applied the
-layer:
+entries in stream order. Here they become the tree a container would see after containerd
+applied the layer:
 
 * Paths are cleaned like containerd's applier (``filepath.Clean``): leading "/" and "./"
   are stripped, "a/./b" and "a//b" collapse, "a/../b" resolves lexically.
@@ -31,9 +31,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapshotter.index.decompress import detect_format
 from snapshotter.index.errors import IndexBuildError, TruncatedLayerError
 from snapshotter.index.layerindex import LayerIndex
-from snapshotter.index.decompress import detect_format
 from snapshotter.index.model import (
     CHUNK_RECORD,
     MARK_RECORD,
@@ -45,7 +45,6 @@ from snapshotter.index.model import (
     LayerFormat,
     LayerInfo,
 )
-
 from snapshotter.native import ChunkTarget, Scanner
 
 log = logging.getLogger(__name__)
@@ -364,9 +363,9 @@ def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int =
     reference refuses) is built here by :func:`build_index`, the reference, which also
     words any error; raises _Declined instead when the scanner was made with
     ``build_index`` (it kept no entries). Raises IndexBuildError when ``expected_digest``
-    (what the manifest pinned) is not the blob's. ``stored`` gets the chunk files a scanner made with
-    ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the digest: each file
-    holds exactly the bytes its name hashes. Worker thread."""
+    (what the manifest pinned) is not the blob's. ``stored`` gets the chunk files a
+    scanner made with ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the
+    digest: each file holds exactly the bytes its name hashes. Worker thread."""
     from snapshotter.index.format import assemble, serialize_index
 
     scan = scanner.finish(index_chunk_size=chunk_size)

@@ -29,6 +29,8 @@ def detect_format(head: bytes) -> str:
 
 
 def header_checksum_ok(hdr: bytes) -> bool:
+    """The 512-byte tar header's checksum field matches its bytes, summed unsigned or
+    signed (old writers summed signed chars)."""
     text = hdr[148:156].split(b"\0", 1)[0].strip(b" ")
     try:
         stored = int(text, 8)
