@@ -6,7 +6,9 @@ Public API (stable; the fetch/FUSE layer calls it):
 - ``blob_size(ref, digest)``; ``read_range(ref, digest, start, end)`` (exactly
   ``[start, end)``); ``read_ranges(ref, digest, ranges)`` (coalesced); ``stream_blob``
   (whole blob, digest verified at the end); ``fetch_blob(ref, digest, max_size)``
-- ``referrers``, ``push_blob``, ``push_manifest``, ``push_artifact`` (``referrers.py``)
+- ``referrers``, ``push_blob``, ``push_manifest``, ``push_artifact`` (``referrers.py``,
+  which sees this client through its ``RegistryTransport``: ``request``, ``retrying``,
+  ``read_body``, ``get_manifest``)
 - ``stats`` (``RegistryStats``: ``registry_bytes``, ``requests``, per purpose)
 - ``close()``; also an async context manager.
 
@@ -201,8 +203,8 @@ class RegistryClient:
         return sem
 
     # -- request machinery -----------------------------------------------------------
-    async def _retrying(self, ref: Reference, digest: str, what: str,
-                        op: Callable[[], Awaitable[T]]) -> T:
+    async def retrying(self, ref: Reference, digest: str, what: str,
+                       op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds, a permanent error, or the policy gives up."""
         policy = self.config.retry
         loop = asyncio.get_running_loop()
@@ -232,11 +234,11 @@ class RegistryClient:
             await asyncio.sleep(delay)
 
     @asynccontextmanager
-    async def _open(self, ref: Reference, method: str, path: str, *, purpose: str,
-                    capability: str = "pull", headers: dict[str, str] | None = None,
-                    data: bytes | None = None, blob: str | None = None,
-                    ok: tuple[int, ...] = (200, 206),
-                    avoid: Collection[str] = ()) -> AsyncIterator[tuple[Endpoint, aiohttp.ClientResponse]]:
+    async def request(self, ref: Reference, method: str, path: str, *, purpose: str,
+                      capability: str = "pull", headers: dict[str, str] | None = None,
+                      data: bytes | None = None, blob: str | None = None,
+                      ok: tuple[int, ...] = (200, 206),
+                      avoid: Collection[str] = ()) -> AsyncIterator[tuple[Endpoint, aiohttp.ClientResponse]]:
         """Yield (endpoint, response) from the first endpoint that answers usefully.
 
         Mirrors that fail (transient error, 404, auth) fall through to the next host;
@@ -366,7 +368,7 @@ class RegistryClient:
                 if resp.status not in ok:
                     resp.release()
 
-    async def _read_body(self, resp: aiohttp.ClientResponse, purpose: str, limit: int) -> bytes:
+    async def read_body(self, resp: aiohttp.ClientResponse, purpose: str, limit: int) -> bytes:
         length = resp.content_length
         if length is not None and length > limit:
             raise ProtocolError(f"response of {length} bytes exceeds the {limit}-byte limit")
@@ -400,13 +402,13 @@ class RegistryClient:
         capability = "pull" if target.startswith("sha256:") else "resolve"
 
         async def once() -> tuple[bytes, str, str]:
-            async with self._open(r, "GET", f"/{r.repository}/manifests/{target}", purpose="manifest",
+            async with self.request(r, "GET", f"/{r.repository}/manifests/{target}", purpose="manifest",
                                   capability=capability, headers={"Accept": ACCEPT}, ok=(200,)) as (_, resp):
-                body = await self._read_body(resp, "manifest", MAX_MANIFEST)
+                body = await self.read_body(resp, "manifest", MAX_MANIFEST)
                 ctype = resp.headers.get("Content-Type")
             return body, ctype or "", sha256_digest(body)
 
-        body, ctype, digest = await self._retrying(r, target if ":" in target else "", "manifest", once)
+        body, ctype, digest = await self.retrying(r, target if ":" in target else "", "manifest", once)
         if target.startswith("sha256:") and digest != target:
             raise DigestMismatchError("manifest bytes do not match the digest", host=r.registry,
                                       repo=r.repository, digest=target)
@@ -444,17 +446,17 @@ class RegistryClient:
 
         async def head() -> int | None:
             try:
-                async with self._open(r, "HEAD", path, purpose="size", blob=digest, ok=(200,)) as (_, resp):
+                async with self.request(r, "HEAD", path, purpose="size", blob=digest, ok=(200,)) as (_, resp):
                     return resp.content_length
             except ProtocolError:  # 405/400/403-style refusal of HEAD
                 return None
 
         async def probe() -> int:
-            async with self._open(r, "GET", path, purpose="size", blob=digest,
+            async with self.request(r, "GET", path, purpose="size", blob=digest,
                                   headers={"Range": "bytes=0-0"}) as (_, resp):
                 if resp.status == 206:
                     _, _, total = parse_content_range(resp.headers.get("Content-Range"))
-                    await self._read_body(resp, "size", 1 << 16)
+                    await self.read_body(resp, "size", 1 << 16)
                     if total is None:
                         raise ProtocolError("Content-Range has no total size", host=r.registry,
                                             repo=r.repository, digest=digest)
@@ -465,9 +467,9 @@ class RegistryClient:
                 resp.close()  # a 200 with the whole blob: do not read it
                 return resp.content_length
 
-        size = await self._retrying(r, digest, "blob size", head)
+        size = await self.retrying(r, digest, "blob size", head)
         if size is None:
-            size = await self._retrying(r, digest, "blob size", probe)
+            size = await self.retrying(r, digest, "blob size", probe)
         self._sizes[key] = size
         return size
 
@@ -488,11 +490,11 @@ class RegistryClient:
         path = f"/{r.repository}/blobs/{digest}"
 
         async def once() -> tuple[str, bytes]:
-            async with self._open(r, "GET", path, purpose=purpose, blob=digest, avoid=avoid,
+            async with self.request(r, "GET", path, purpose=purpose, blob=digest, avoid=avoid,
                                   headers={"Range": f"bytes={start}-{end - 1}"}) as (ep, resp):
                 return ep.host, await self._range_body(r, digest, resp, start, end, purpose)
 
-        return await self._retrying(r, digest, "range read", once)
+        return await self.retrying(r, digest, "range read", once)
 
     def pull_hosts(self, ref: str | Reference) -> list[str]:
         """The hosts a blob of ``ref`` may come from, in the order they are tried."""
@@ -509,7 +511,7 @@ class RegistryClient:
                 raise ProtocolError(f"server sent bytes [{a}, {b}) for a request of [{start}, {end})", **where)
             if resp.content_length is not None and resp.content_length != b - a:
                 raise ProtocolError("Content-Length does not match Content-Range", **where)
-            body = await self._read_body(resp, purpose, b - a)
+            body = await self.read_body(resp, purpose, b - a)
             if len(body) != b - a:
                 raise _Retry(f"truncated range body ({len(body)} of {b - a} bytes)")
             return body if (a, b) == (start, end) else body[start - a:end - a]
@@ -564,7 +566,7 @@ class RegistryClient:
         while True:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             try:
-                async with self._open(r, "GET", path, purpose=purpose, blob=digest,
+                async with self.request(r, "GET", path, purpose=purpose, blob=digest,
                                       headers=headers) as (_, resp):
                     skip = 0
                     if offset and resp.status == 200:
@@ -643,11 +645,11 @@ class RegistryClient:
         check_digest(digest)
 
         async def once() -> bytes:
-            async with self._open(r, "GET", f"/{r.repository}/blobs/{digest}", purpose=purpose,
+            async with self.request(r, "GET", f"/{r.repository}/blobs/{digest}", purpose=purpose,
                                   blob=digest, ok=(200,)) as (_, resp):
-                return await self._read_body(resp, purpose, max_size)
+                return await self.read_body(resp, purpose, max_size)
 
-        data = await self._retrying(r, digest, "blob fetch", once)
+        data = await self.retrying(r, digest, "blob fetch", once)
         algo = digest.split(":", 1)[0]
         if f"{algo}:" + hashlib.new(algo, data).hexdigest() != digest:
             raise DigestMismatchError("blob bytes do not match the digest", host=r.registry,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 from snapshotter.log import get_logger
@@ -29,8 +31,25 @@ from snapshotter.registry.manifest import (
 )
 from snapshotter.registry.reference import Reference, as_reference, check_digest
 
-if TYPE_CHECKING:
-    from snapshotter.registry.client import RegistryClient
+T = TypeVar("T")
+
+
+class RegistryTransport(Protocol):
+    """What publishing and finding referrers needs of the registry client
+    (``RegistryClient``): its requests with mirror fall-through and auth, its retry
+    policy, its bounded body reads, manifests, and one lock per fallback tag."""
+
+    fallback_tag_locks: dict[str, asyncio.Lock]
+
+    def request(self, ref: Reference, method: str, path: str, *, purpose: str, capability: str = ...,
+                headers: dict[str, str] | None = ..., data: bytes | None = ..., blob: str | None = ...,
+                ok: tuple[int, ...] = ...) -> AbstractAsyncContextManager[tuple[Any, Any]]: ...
+
+    async def retrying(self, ref: Reference, digest: str, what: str, op: Callable[[], Awaitable[T]]) -> T: ...
+
+    async def read_body(self, resp: Any, purpose: str, limit: int) -> bytes: ...
+
+    async def get_manifest(self, ref: str | Reference, obj: str | None = None) -> tuple[bytes, str, str]: ...
 
 log = get_logger("lazysnap.registry")
 
@@ -43,7 +62,7 @@ def fallback_tag(digest: str) -> str:
     return f"{algo}-{hexpart}"[:128]
 
 
-async def push_blob(client: RegistryClient, ref: str | Reference, data: bytes,
+async def push_blob(client: RegistryTransport, ref: str | Reference, data: bytes,
                     media_type: str = "application/octet-stream") -> Descriptor:
     """Upload a blob (monolithic POST + PUT) unless the registry already has it."""
     r = as_reference(ref)
@@ -52,14 +71,14 @@ async def push_blob(client: RegistryClient, ref: str | Reference, data: bytes,
 
     async def exists() -> bool:
         try:
-            async with client._open(r, "HEAD", path, purpose="push", capability="push",
+            async with client.request(r, "HEAD", path, purpose="push", capability="push",
                                   blob=desc.digest, ok=(200,)):
                 return True
         except NotFoundError:
             return False
 
     async def upload() -> None:
-        async with client._open(r, "POST", f"/{r.repository}/blobs/uploads/", purpose="push",
+        async with client.request(r, "POST", f"/{r.repository}/blobs/uploads/", purpose="push",
                               capability="push", data=b"", ok=(202,)) as (ep, resp):
             location = resp.headers.get("Location")
             await resp.read()
@@ -67,24 +86,24 @@ async def push_blob(client: RegistryClient, ref: str | Reference, data: bytes,
             raise ProtocolError("upload started without a Location", host=ep.host, repo=r.repository)
         url = urljoin(ep.url("/"), location)
         sep = "&" if urlsplit(url).query else "?"
-        async with client._open(r, "PUT", f"{url}{sep}digest={desc.digest}", purpose="push",
+        async with client.request(r, "PUT", f"{url}{sep}digest={desc.digest}", purpose="push",
                               capability="push", data=data, ok=(201, 204),
                               headers={"Content-Type": "application/octet-stream"}) as (_, resp):
             await resp.read()
 
-    if not await client._retrying(r, desc.digest, "blob exists", exists):
-        await client._retrying(r, desc.digest, "blob upload", upload)
+    if not await client.retrying(r, desc.digest, "blob exists", exists):
+        await client.retrying(r, desc.digest, "blob upload", upload)
     return desc
 
 
-async def push_manifest(client: RegistryClient, ref: str | Reference, manifest: bytes | dict[str, Any],
+async def push_manifest(client: RegistryTransport, ref: str | Reference, manifest: bytes | dict[str, Any],
                         media_type: str | None = None, *, tag: str | None = None) -> Descriptor:
     """PUT a manifest by tag (``tag`` or the ref's tag) or by digest; returns its descriptor."""
     desc, _ = await put_manifest(client, as_reference(ref), manifest, media_type, tag=tag)
     return desc
 
 
-async def put_manifest(client: RegistryClient, r: Reference, manifest: bytes | dict[str, Any],
+async def put_manifest(client: RegistryTransport, r: Reference, manifest: bytes | dict[str, Any],
                         media_type: str | None, *, tag: str | None) -> tuple[Descriptor, bool]:
     body = manifest if isinstance(manifest, bytes) else canonical_json(manifest)
     doc = parse_json(body, "manifest")
@@ -96,17 +115,17 @@ async def put_manifest(client: RegistryClient, r: Reference, manifest: bytes | d
         target = desc.digest
 
     async def put() -> bool:
-        async with client._open(r, "PUT", f"/{r.repository}/manifests/{target}", purpose="push",
+        async with client.request(r, "PUT", f"/{r.repository}/manifests/{target}", purpose="push",
                               capability="push", data=body, ok=(201, 200),
                               headers={"Content-Type": mt}) as (_, resp):
             await resp.read()
             return "OCI-Subject" in resp.headers
 
-    has_subject_support = await client._retrying(r, desc.digest, "manifest push", put)
+    has_subject_support = await client.retrying(r, desc.digest, "manifest push", put)
     return desc, has_subject_support
 
 
-async def push_artifact(client: RegistryClient, ref: str | Reference, *, subject: Descriptor,
+async def push_artifact(client: RegistryTransport, ref: str | Reference, *, subject: Descriptor,
                         artifact_type: str, blobs: list[tuple[Any, ...]],
                         annotations: dict[str, str] | None = None) -> Descriptor:
     """Publish an artifact referring to ``subject``; return its manifest descriptor.
@@ -144,7 +163,7 @@ async def push_artifact(client: RegistryClient, ref: str | Reference, *, subject
     return desc
 
 
-async def _add_to_fallback(client: RegistryClient, r: Reference, subject: str, desc: Descriptor) -> None:
+async def _add_to_fallback(client: RegistryTransport, r: Reference, subject: str, desc: Descriptor) -> None:
     """Add ``desc`` to the fallback tag: a read-modify-write the registry cannot make atomic
     (no conditional manifest PUT in the distribution API). Writers in this process take
     turns; against other writers (other nodes, a CLI), the tag is read again after a settle
@@ -171,7 +190,7 @@ async def _add_to_fallback(client: RegistryClient, r: Reference, subject: str, d
                                 f"({FALLBACK_ATTEMPTS} attempts)", host=r.registry, repo=r.repository)
 
 
-async def _fallback_index(client: RegistryClient, r: Reference, tag: str) -> dict[str, Any]:
+async def _fallback_index(client: RegistryTransport, r: Reference, tag: str) -> dict[str, Any]:
     try:
         body, mt, _ = await client.get_manifest(r, tag)
     except NotFoundError:
@@ -186,7 +205,7 @@ def _digests(index: dict[str, Any]) -> set[str]:
     return {m.get("digest") for m in index.get("manifests") or [] if isinstance(m, dict)}
 
 
-async def referrers(client: RegistryClient, ref: str | Reference, subject_digest: str,
+async def referrers(client: RegistryTransport, ref: str | Reference, subject_digest: str,
                     artifact_type: str | None = None) -> list[Descriptor]:
     """Artifacts whose subject is ``subject_digest`` (referrers API, else fallback tag)."""
     r = as_reference(ref)
@@ -195,14 +214,14 @@ async def referrers(client: RegistryClient, ref: str | Reference, subject_digest
 
     async def api() -> dict[str, Any] | None:
         try:
-            async with client._open(r, "GET", f"/{r.repository}/referrers/{subject_digest}{query}",
+            async with client.request(r, "GET", f"/{r.repository}/referrers/{subject_digest}{query}",
                                   purpose="referrers", headers={"Accept": OCI_INDEX},
                                   ok=(200,)) as (_, resp):
-                return parse_json(await client._read_body(resp, "referrers", MAX_MANIFEST), "referrers")
+                return parse_json(await client.read_body(resp, "referrers", MAX_MANIFEST), "referrers")
         except NotFoundError:
             return None
 
-    index = await client._retrying(r, subject_digest, "referrers", api)
+    index = await client.retrying(r, subject_digest, "referrers", api)
     if index is None:
         try:
             body, _, _ = await client.get_manifest(r, fallback_tag(subject_digest))
