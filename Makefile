@@ -15,14 +15,16 @@ test-native: build
 	$(PY) -m pytest tests/test_native*.py -q
 
 # ASan/UBSan build of the C extensions, run against the tests that drive them directly
-# (tests/test_native*.py), through the index reader (tests/test_index*.py) and the C tree
-# builder (tests/test_tree_build.py, which also feeds it damaged records).
+# (tests/test_native*.py), through the index reader (tests/test_index*.py, with their
+# pure-Python oracle tests/pyscan.py) and the C tree builder (tests/test_tree_build.py,
+# which also feeds it damaged records).
 # Built and run in a private copy ($(SAN_DIR)) so the shared tree's normal _core stays
 # usable by everyone else; Python itself is not instrumented, so libasan is preloaded.
 sanitize-test:
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)/src
 	cp -r setup.py pyproject.toml native snapshotter $(SAN_DIR)/src/
-	mkdir -p $(SAN_DIR)/src/tests && cp tests/test_native*.py tests/test_index*.py tests/test_tree_build.py $(SAN_DIR)/src/tests/
+	mkdir -p $(SAN_DIR)/src/tests && cp tests/test_native*.py tests/test_index*.py tests/test_tree_build.py tests/pyscan.py \
+	  $(SAN_DIR)/src/tests/
 	find $(SAN_DIR)/src/snapshotter -name '*.so' -delete
 	cd $(SAN_DIR)/src && LAZYSNAP_SANITIZE=1 $(abspath $(PY)) setup.py build_ext --inplace -q
 	cd $(SAN_DIR)/src && \
