@@ -84,8 +84,6 @@ class SpanCodec(Protocol):
 
     def plan(self, chunk_ids: Sequence[int], max_bytes: int = ...) -> list[SpanPlan]: ...
 
-    def span_range(self, plan: SpanPlan) -> tuple[int, int]: ...
-
     def decode(self, plan: SpanPlan, compressed: bytes) -> dict[int, bytes]: ...
 
     def widen(self, plan: SpanPlan) -> SpanPlan | None:
@@ -471,7 +469,7 @@ class LayerFetcher:
             del self._inflight[c]
 
     async def _run(self, plan: SpanPlan, job: _Job) -> None:
-        start, end = self.codec.span_range(plan)
+        start, end = plan.c_start, plan.c_end
         gate = self.fetcher.gate
         try:
             await gate.acquire(job.priority)
@@ -490,7 +488,7 @@ class LayerFetcher:
                             raise
                         log.warning("end_mark_short", layer=self.key, range=f"{start}-{end}")
                         plan = wider
-                        start, end = self.codec.span_range(plan)
+                        start, end = plan.c_start, plan.c_end
                         compressed = await self._read_compressed(start, end, job.priority)
                         chunks = await asyncio.to_thread(self.codec.decode, plan, compressed)
                 except Exception:

@@ -127,9 +127,6 @@ class IndexCodec:
         if self.windows is not None and plan.checkpoint >= 0:
             await self.windows.ensure((plan.checkpoint,), on_bytes)
 
-    def span_range(self, plan: reader.SpanPlan) -> tuple[int, int]:
-        return plan.c_start, plan.c_end
-
     def decode(self, plan: reader.SpanPlan, compressed: bytes) -> dict[int, bytes]:
         return reader.decode_span(self.index, plan, compressed)
 

@@ -155,7 +155,7 @@ async def fill_layer(layer: Any, store: Any, bucket: TokenBucket, pause: Pause, 
             while not queue.empty():
                 plan = queue.get_nowait()
                 await pause.wait()
-                start, end = codec.span_range(plan)
+                start, end = plan.c_start, plan.c_end
                 await bucket.take(end - start)
                 await pause.wait()
                 still = [c for c in plan.chunk_ids if not store.has(codec.digest(c))]

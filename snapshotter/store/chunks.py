@@ -234,10 +234,16 @@ class ChunkStore:
 
     def _adopt(self, digest: bytes, size: int) -> None:
         with self._lock:
-            if digest not in self._lru:
-                self._lru[digest] = size
-                self._total += size
+            if self._count_locked(digest, size):
                 metrics.STORED_BYTES.set(self._total)
+
+    def _count_locked(self, digest: bytes, size: int) -> bool:
+        """Count a chunk file in the store's size and LRU; True if it was not counted yet."""
+        if digest in self._lru:
+            return False
+        self._lru[digest] = size
+        self._total += size
+        return True
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -279,10 +285,7 @@ class ChunkStore:
                 if st < 0:
                     failed = failed or OSError(-st, f"cannot store chunk {digest.hex()}: {os.strerror(-st)}")
                     continue
-                known = digest in self._lru
-                if not known:
-                    self._lru[digest] = len(data)
-                    self._total += len(data)
+                self._count_locked(digest, len(data))
                 if st == 1:  # our verified bytes are in place: new, even if a reader that
                     # found the file after its rename registered it first
                     self._mark_verified(digest)
@@ -325,10 +328,7 @@ class ChunkStore:
                 if digest in self._lodged:
                     doubled.append(digest)
                     continue
-                if digest not in self._lru:
-                    self._lru[digest] = length
-                    self._total += length
-                    new += 1
+                new += self._count_locked(digest, length)
                 self._mark_verified(digest)
             metrics.STORED_BYTES.set(self._total)
         self._unlink(doubled)
