@@ -90,7 +90,7 @@ int lz_write_chunks(const char *dir, const char *tmp, const char *tag, size_t n,
 }
 
 int lz_chunk_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                        const size_t *len, int *status)
+                        const size_t *len, const uint64_t *offset, int *status)
 {
     lz_chunk_sink *s = sink;
     uint64_t total = 0;

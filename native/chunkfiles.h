@@ -22,6 +22,6 @@ typedef struct {
 } lz_chunk_sink;
 
 int lz_chunk_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                        const size_t *len, int *status);
+                        const size_t *len, const uint64_t *offset, int *status);
 
 #endif

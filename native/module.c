@@ -8,6 +8,7 @@
 
 #include "buildinfo.h"
 #include "chunkfiles.h"
+#include "layerfile.h"
 #include "indexbuild.h"
 #include "range.h"
 #include "scanner.h"
@@ -69,6 +70,7 @@ typedef struct {
     int busy;
     int want_diff;
     lz_chunk_sink *sink;  /* chunk_store=: the scan stores its chunks as chunk files */
+    lz_layer_file_sink *file_sink;  /* layer_file=: the scan writes its chunks into one file */
     lz_index_builder *builder;  /* build_index=True: entries applied as scanned, none kept */
 } ScannerObject;
 
@@ -106,16 +108,42 @@ static lz_chunk_sink *sink_new(PyObject *spec, unsigned long long *min_file)
     return NULL;
 }
 
+/* layer_file=(fd, budget bytes, smallest file), as ChunkStore.layer_file_target gives it:
+ * the fd stays the caller's and must outlive the scan. */
+static lz_layer_file_sink *file_sink_new(PyObject *spec, unsigned long long *min_file)
+{
+    int fd;
+    unsigned long long budget;
+    if (!PyArg_ParseTuple(spec, "iKK:layer_file", &fd, &budget, min_file))
+        return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "layer_file needs an open file descriptor");
+        return NULL;
+    }
+    lz_layer_file_sink *s = calloc(1, sizeof *s);
+    if (!s) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    s->fd = fd;
+    s->budget = budget;
+    return s;
+}
+
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
-                             "simd", "sparse_windows", "chunk_store", "build_index", NULL};
+                             "simd", "sparse_windows", "chunk_store", "build_index", "layer_file", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
     int diff = 0, threaded = 1, simd = 1, sparse = 1, build = 0;
-    PyObject *fmt_o = Py_None, *store_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppOp:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded, &simd, &sparse, &store_o, &build))
+    PyObject *fmt_o = Py_None, *store_o = Py_None, *file_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppOpO:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd, &sparse, &store_o, &build, &file_o))
         return -1;
+    if (store_o != Py_None && file_o != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a scan stores its chunks as chunk files or in a layer file, not both");
+        return -1;
+    }
     if (build && chunk > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "build_index needs a chunk_size below 2**32");
         return -1;
@@ -132,12 +160,16 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     lz_chunk_sink *sink = NULL;
+    lz_layer_file_sink *file_sink = NULL;
     unsigned long long min_file = 0;
     if (store_o != Py_None && !(sink = sink_new(store_o, &min_file)))
+        return -1;
+    if (file_o != Py_None && !(file_sink = file_sink_new(file_o, &min_file)))
         return -1;
     lz_index_builder *builder = NULL;
     if (build && !(builder = lz_index_builder_new(chunk))) {
         sink_free(sink);
+        free(file_sink);
         PyErr_NoMemory();
         return -1;
     }
@@ -148,16 +180,20 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     Py_END_ALLOW_THREADS
     if (!sc) {
         sink_free(sink);
+        free(file_sink);
         lz_index_builder_free(builder);
         raise_err(get_state(self->module), &err);
         return -1;
     }
     if (sink)
         tar_set_sink(&sc->tar, lz_chunk_sink_write, sink, min_file);
+    if (file_sink)
+        tar_set_sink(&sc->tar, lz_layer_file_sink_write, file_sink, min_file);
     if (builder)
         tar_set_consumer(&sc->tar, lz_index_apply, builder);
     self->sc = sc;
     self->sink = sink;
+    self->file_sink = file_sink;
     self->builder = builder;
     self->want_diff = diff;
     return 0;
@@ -188,6 +224,7 @@ static void Scanner_dealloc(ScannerObject *self)
         Py_END_ALLOW_THREADS
     }
     sink_free(self->sink);
+    free(self->file_sink);
     lz_index_builder_free(self->builder);
     Py_XDECREF(self->module);
     tp->tp_free((PyObject *)self);

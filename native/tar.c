@@ -818,9 +818,10 @@ static void sink_run(tar_t *t)
     const tar_chunk *c = (const tar_chunk *)t->chunks.p + first;
     const uint8_t **digest = malloc(n * sizeof *digest), **data = malloc(n * sizeof *data);
     size_t *len = malloc(n * sizeof *len), *which = malloc(n * sizeof *which);
+    uint64_t *offset = malloc(n * sizeof *offset);
     int *status = malloc(n * sizeof *status);
     int rc = -ENOMEM;
-    if (digest && data && len && which && status) {
+    if (digest && data && len && offset && which && status) {
         size_t pos = 0, m = 0;
         for (size_t i = 0; i < n; i++) {
             if (!t->sunk_flags.p[first + i])
@@ -829,9 +830,10 @@ static void sink_run(tar_t *t)
             digest[m] = c[i].sha;
             data[m] = t->keep.p + pos;
             len[m] = (size_t)c[i].length;
+            offset[m] = c[i].offset;
             pos += len[m++];
         }
-        rc = m ? t->sink(t->sink_ctx, m, digest, data, len, status) : 0;
+        rc = m ? t->sink(t->sink_ctx, m, digest, data, len, offset, status) : 0;
         for (size_t j = 0; j < m; j++) {
             uint8_t rec[LZ_CHUNK_RECORD];
             if (status[j] != 1)
@@ -846,6 +848,7 @@ static void sink_run(tar_t *t)
     free(digest);
     free(data);
     free(len);
+    free(offset);
     free(which);
     free(status);
     t->sunk = tar_chunk_count(t);

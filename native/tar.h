@@ -50,11 +50,12 @@ typedef struct {
 } tar_pending;
 
 /* Where finished chunks go once their digest is known (tar_set_sink): n chunks, their
- * digests, bytes and lengths.  status[i]: 1 stored, 0 there already, < 0 not stored (-errno).
+ * digests, bytes, lengths and offsets in the tar stream.  status[i]: 1 stored, 0 there
+ * already, < 0 not stored (-errno).
  * Returns 0, or -errno to be called no more (the scan itself goes on: a sink that cannot
  * keep chunks costs their copies, never the scan). */
 typedef int (*tar_sink_fn)(void *ctx, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                           const size_t *len, int *status);
+                           const size_t *len, const uint64_t *offset, int *status);
 
 typedef struct tar_t tar_t;
 

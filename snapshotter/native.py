@@ -100,6 +100,18 @@ class ChunkTarget:
     min_file: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class LayerFileTarget:
+    """Where a scan writes the chunks it cuts into one file (``Scanner(chunk_store=)``): each
+    at its offset in the layer's tar, into the open file ``fd`` (the caller's, open until the
+    scan is finished), up to ``budget`` bytes, the chunks of files of at least ``min_file``
+    bytes only (``ChunkStore.layer_file_target``)."""
+
+    fd: int
+    budget: int
+    min_file: int = 0
+
+
 @dataclass(slots=True)
 class ScanResult:
     """Everything one pass over a layer produced (see ``Scanner``)."""
@@ -123,9 +135,9 @@ class ScanResult:
     #: False for a scanner made with ``build_index``: it kept no entries or chunks, so a
     #: layer its C build declined must be scanned again to be built by the reference
     entries_kept: bool = True
-    #: ``Scanner(chunk_store=)``: packed CHUNK_RECORD records of the chunks whose files the
-    #: scan wrote (hashed from the bytes written), and the errno that made it stop storing
-    #: (EDQUOT: its budget), 0 if it did not
+    #: ``Scanner(chunk_store=)``: packed CHUNK_RECORD records of the chunks the scan wrote
+    #: (hashed from the bytes written; in a layer file, each at its record's offset), and the
+    #: errno that made it stop storing (EDQUOT: its budget), 0 if it did not
     stored: bytes = b""
     store_errno: int = 0
 
@@ -159,14 +171,18 @@ class Scanner:
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
                  format: str | None = None, hash_thread: bool = True, simd: bool = True,
-                 sparse_windows: bool = True, chunk_store: ChunkTarget | None = None,
+                 sparse_windows: bool = True, chunk_store: ChunkTarget | LayerFileTarget | None = None,
                  build_index: bool = False) -> None:
-        target = None if chunk_store is None else (chunk_store.chunks_dir, chunk_store.tmp_dir, chunk_store.tag,
-                                                   chunk_store.fsync, chunk_store.budget, chunk_store.min_file)
+        files = layer_file = None
+        if isinstance(chunk_store, ChunkTarget):
+            files = (chunk_store.chunks_dir, chunk_store.tmp_dir, chunk_store.tag, chunk_store.fsync,
+                     chunk_store.budget, chunk_store.min_file)
+        elif chunk_store is not None:
+            layer_file = (chunk_store.fd, chunk_store.budget, chunk_store.min_file)
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
                                    diff_id=diff_id, format=format, hash_thread=hash_thread,
-                                   simd=simd, sparse_windows=sparse_windows, chunk_store=target,
-                                   build_index=build_index)
+                                   simd=simd, sparse_windows=sparse_windows, chunk_store=files,
+                                   build_index=build_index, layer_file=layer_file)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)

@@ -6,6 +6,7 @@ the test thread plays the daemon's loop (take / reply).
 """
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import errno
 import io
@@ -153,6 +154,44 @@ def test_unverified_reads_go_to_the_caller_verified_ones_are_local(fs) -> None:
     ino = os.stat(mnt / "L/f2.bin").st_ino
     mine = sorted((off, size) for i, off, size, t_ns in accesses if i == ino and t_ns > 0)
     assert mine[0][0] == 0 and sum(size for _, size in mine) == len(FILES["f2.bin"])
+
+
+def test_reads_of_chunks_in_a_layer_file_are_answered_in_c(fs, tmp_path: Path) -> None:
+    """A layer file (here: the layer's tar itself, each chunk at its offset in it) serves
+    the layer's chunks from C without any being verified as chunk files; a chunk marked
+    not in it, or one the file is too short for, goes to the caller."""
+    session, mnt, index, _ = fs
+    tar = tmp_path / "layer.tar"
+    offsets = array.array("Q")
+    for e in index.entries():
+        offsets.extend(e.data_offset + k * CHUNK for k in range(len(index.chunks_of(e))))
+    assert len(offsets) == index.chunk_count
+    f1 = next(e for e in index.entries() if e.path == "f1.bin")
+    first = sum(len(index.chunks_of(e)) for e in index.entries() if e.data_offset < f1.data_offset)
+    missing = first + 1  # f1.bin's second chunk
+    offsets[missing] = (1 << 64) - 1
+    with pytest.raises(ValueError):
+        session.set_layer_file(1, str(tar), offsets.tobytes()[:-8])
+    with pytest.raises(OSError):
+        session.set_layer_file(9, str(tar), offsets.tobytes())
+    session.set_layer_file(1, str(tar), offsets.tobytes())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit((mnt / "L/f2.bin").read_bytes)
+        assert _serve(session, fut, lambda *m: pytest.fail("a read of the layer file was forwarded")) == []
+        assert fut.result() == FILES["f2.bin"]
+        want = FILES["f1.bin"]
+        fut = pool.submit((mnt / "L/f1.bin").read_bytes)
+        seen = _serve(session, fut, lambda tok, ino, off, size: session.reply_data(tok, want[off:off + size]))
+        assert fut.result() == want
+        assert seen and all(off < (missing - first + 1) * CHUNK and off + size > (missing - first) * CHUNK
+                            for _, _, off, size in seen)
+        short = tmp_path / "short.tar"
+        short.write_bytes(tar.read_bytes()[:f1.data_offset])  # everything from f1.bin on is cut off
+        session.set_layer_file(1, str(short), offsets.tobytes())
+        want = FILES["f3.bin"]
+        fut = pool.submit((mnt / "L/f3.bin").read_bytes)
+        seen = _serve(session, fut, lambda tok, ino, off, size: session.reply_data(tok, want[off:off + size]))
+        assert fut.result() == want and seen
 
 
 def test_errors_and_evicted_chunks_and_quarantine(fs) -> None:

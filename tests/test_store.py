@@ -1,16 +1,20 @@
 """Chunk store: atomic writes, dedup, eviction, corruption detection, concurrent writers."""
 from __future__ import annotations
 
+import array
 import errno
+import gzip
 import hashlib
 import multiprocessing
 import os
+import struct
 import threading
 from pathlib import Path
 
 import pytest
 
-from snapshotter.store import ChunkCorrupt, ChunkStore
+from snapshotter import native
+from snapshotter.store import ChunkCorrupt, ChunkStore, lodging
 
 
 def _chunk(i: int, size: int = 4096) -> tuple[bytes, bytes]:
@@ -377,7 +381,6 @@ def _scanned_layer(tmp_path: Path, files: int, min_file: int = 0) -> tuple[bytes
     """A gzip layer of ``files`` files (most with several chunks, two with the same bytes),
     and the bytes of every chunk of its files of at least ``min_file`` bytes, by digest
     (chunk size 64 KiB)."""
-    import gzip
     import io
     import tarfile
 
@@ -395,60 +398,81 @@ def _scanned_layer(tmp_path: Path, files: int, min_file: int = 0) -> tuple[bytes
     return gzip.compress(raw.getvalue(), 1), chunks
 
 
-def _scan_into(store: ChunkStore, blob: bytes) -> tuple[bytes, int]:
-    from snapshotter.native import Scanner
-
-    target = store.scan_target()
-    assert target is not None
-    sc = Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=target)
+def _scan_into(store: ChunkStore, blob: bytes, layer: str = "sha256:" + "ab" * 32, *, min_file: int = 0,
+               hash_thread: bool = True) -> tuple[int, native.ScanResult]:
+    """Scan ``blob`` writing a layer file of ``store``; adopt it. Returns (adopted, scan)."""
+    pending = store.layer_file_target(layer, min_file)
+    assert pending is not None
+    sc = native.Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=pending.target, hash_thread=hash_thread)
     for k in range(0, len(blob), 100_000):  # chunks cross feeds
         sc.feed(blob[k:k + 100_000])
     r = sc.finish()
-    return r.stored, r.store_errno
+    return store.adopt_layer_file(pending, r.stored, r.store_errno), r
 
 
 @pytest.mark.parametrize("hash_thread", [True, False])
-def test_a_scan_stores_every_chunk_it_cuts(tmp_path: Path, hash_thread: bool) -> None:
-    """One pass stores the layer: each chunk file holds exactly its bytes, the store takes
-    them in as verified, and a chunk already present is neither rewritten nor reported."""
-    from snapshotter.native import Scanner, iter_chunk_records
-
+def test_a_scan_writes_every_chunk_it_cuts_into_one_layer_file(tmp_path: Path, hash_thread: bool) -> None:
+    """One pass stores the layer in one file: each chunk at its offset in the tar, taken in
+    as verified; a chunk file of the same chunk goes (one copy is enough); the C side is
+    told where each of the layer's chunks is."""
     blob, chunks = _scanned_layer(tmp_path, 40)
     store = ChunkStore(tmp_path / "store")
     first = next(iter(chunks))
     store.put(first, chunks[first])
-    target = store.scan_target()
-    assert target is not None
-    sc = Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=target, hash_thread=hash_thread)
-    for k in range(0, len(blob), 100_000):
-        sc.feed(blob[k:k + 100_000])
-    r = sc.finish()
-    stored = {digest for _, _, digest in iter_chunk_records(r.stored)}
-    assert r.store_errno == 0 and stored == set(chunks) - {first}
-    assert store.adopt_scanned(r.stored, r.store_errno) == len(chunks) - 1
+    layer = "sha256:" + "cd" * 32
+    n, r = _scan_into(store, blob, layer, hash_thread=hash_thread)
+    assert r.store_errno == 0 and n == len(chunks)
+    tar = gzip.decompress(blob)
+    path = store.files_dir / "layers" / ("cd" * 32)
+    for offset, length, digest in native.iter_chunk_records(r.stored):
+        assert tar[offset:offset + length] == chunks[digest]
     for digest, data in chunks.items():
-        assert (Path(store.path_of(digest))).read_bytes() == data
         assert store.read(digest) == data
-    assert store.stats().bytes == sum(map(len, chunks.values()))
+    assert not store.path_of(first).exists()
     assert store.local_share(chunks, [len(v) for v in chunks.values()]).verified == len(chunks)
     assert not list(store.tmp_dir.iterdir())
+    order = [*chunks, hashlib.sha256(b"not in it").digest()]
+    where = store.layer_file_offsets(layer, order)
+    assert where is not None and where[0] == str(path)
+    offsets = array.array("Q", where[1])
+    with open(path, "rb") as f:
+        for digest, offset in zip(order[:-1], offsets):
+            f.seek(offset)
+            assert f.read(len(chunks[digest])) == chunks[digest]
+    assert offsets[-1] == (1 << 64) - 1
+    assert store.layer_file_offsets("sha256:" + "ef" * 32, order) is None
+
+
+def test_a_layer_file_outlives_the_process_checked_on_first_read(tmp_path: Path) -> None:
+    """A restarted store finds the layer file through its record and serves its chunks,
+    each hashed on first read (a damaged one is dropped, not served); the C side is not
+    pointed at a file this process did not write."""
+    blob, chunks = _scanned_layer(tmp_path, 12)
+    layer = "sha256:" + "cd" * 32
+    _scan_into(ChunkStore(tmp_path / "store"), blob, layer)
+    again = ChunkStore(tmp_path / "store")
+    assert all(again.has(d) for d in chunks)
+    assert again.layer_file_offsets(layer, list(chunks)) is None
+    victim = next(d for d, v in chunks.items() if len(v) > 100)
+    assert again.read(victim) == chunks[victim]
+    path = again.files_dir / "layers" / ("cd" * 32)
+    record = lodging.read_record(str(path))
+    assert record is not None
+    other = next(e for e in record.extents if e[0] != victim)
+    with open(path, "r+b") as f:
+        f.seek(other[1])
+        f.write(b"X")
+    assert again.read(other[0]) is None
 
 
 def test_a_scan_stores_the_chunks_of_big_enough_files_only(tmp_path: Path) -> None:
-    """``min_file``: a small file's chunk (one file each) is left to be fetched when read."""
-    from snapshotter.native import Scanner
-
+    """``min_file``: a small file's chunk is left to be fetched when read."""
     blob, wanted = _scanned_layer(tmp_path, 40, min_file=500_000)
     _, every = _scanned_layer(tmp_path, 40)
     assert 0 < len(wanted) < len(every)
     store = ChunkStore(tmp_path / "store")
-    target = store.scan_target(min_file=500_000)
-    assert target is not None
-    sc = Scanner(chunk_size=64 << 10, chunk_store=target)
-    sc.feed(blob)
-    r = sc.finish()
+    _, r = _scan_into(store, blob, min_file=500_000)
     assert {digest for _, _, digest in r.iter_chunks()} == set(every)
-    store.adopt_scanned(r.stored, r.store_errno)
     assert {d for d in every if store.has(d)} == set(wanted)
 
 
@@ -456,32 +480,55 @@ def test_a_scan_stores_no_more_than_the_room_under_the_limit(tmp_path: Path) -> 
     blob, chunks = _scanned_layer(tmp_path, 40)
     total = sum(map(len, chunks.values()))
     store = ChunkStore(tmp_path / "store", limit_bytes=total // 3)
-    stored, err = _scan_into(store, blob)
-    assert err == errno.EDQUOT
-    store.adopt_scanned(stored, err)
-    assert 0 < store.stats().bytes <= total // 3
-    on_disk = sum(p.stat().st_size for p in store.chunks_dir.glob("??/*"))
-    assert on_disk == store.stats().bytes
+    n, r = _scan_into(store, blob)
+    assert r.store_errno == errno.EDQUOT and 0 < n < len(chunks)
+    stored = sum(length for _, length, _ in native.iter_chunk_records(r.stored))
+    assert 0 < stored <= total // 3
     full = ChunkStore(tmp_path / "full", limit_bytes=32)
     digest, data = _chunk(9, 32)
     full.pin("layer", [digest])
     full.put(digest, data)
-    assert full.scan_target() is None
+    assert full.layer_file_target("sha256:" + "ab" * 32) is None
 
 
 def test_a_scan_that_cannot_write_goes_on_and_says_why(tmp_path: Path) -> None:
-    """A store whose directory went read-only: the scan still indexes the layer, stores
-    nothing and reports the errno; the store notes it once."""
-    from snapshotter.native import Scanner
-
+    """A layer file that cannot be written (here: opened read-only): the scan still indexes
+    the layer, stores nothing and reports the errno; nothing is left behind."""
     blob, chunks = _scanned_layer(tmp_path, 10)
     store = ChunkStore(tmp_path / "store")
-    target = store.scan_target()
-    assert target is not None
-    broken = type(target)(str(tmp_path / "missing"), str(tmp_path / "missing"), target.tag, 0, target.budget)
-    sc = Scanner(chunk_size=64 << 10, chunk_store=broken)
-    sc.feed(blob)
-    r = sc.finish()
-    assert r.stored == b"" and r.store_errno == errno.ENOENT
+    pending = store.layer_file_target("sha256:" + "ab" * 32)
+    assert pending is not None
+    ro = os.open(pending.tmp, os.O_RDONLY)
+    try:
+        sc = native.Scanner(chunk_size=64 << 10, chunk_store=native.LayerFileTarget(ro, pending.target.budget))
+        sc.feed(blob)
+        r = sc.finish()
+    finally:
+        os.close(ro)
+    assert r.stored == b"" and r.store_errno == errno.EBADF
     assert {digest for _, _, digest in r.iter_chunks()} == set(chunks)
-    assert store.adopt_scanned(r.stored, r.store_errno) == 0
+    assert store.adopt_layer_file(pending, r.stored, r.store_errno) == 0
+    assert not list(store.tmp_dir.iterdir()) and not list((store.files_dir / "layers").iterdir())
+
+
+def test_a_layer_file_whose_scan_did_not_finish_is_deleted(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "store")
+    pending = store.layer_file_target("sha256:" + "ab" * 32)
+    assert pending is not None
+    os.write(pending.fd, b"half")
+    store.discard_layer_file(pending)
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_lodging_records_say_where_each_chunk_is() -> None:
+    """Explicit extents round-trip; back-to-back records written before them still read;
+    an extent outside the file is refused."""
+    a, b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+    rec = lodging.LodgingRecord.at(5000, [(a, 512, 100), (b, 4096, 904)])
+    assert lodging.LodgingRecord.decode(rec.encode()) == rec
+    old = struct.pack("<8sQII", b"LZLODGE1", 150, 100, 2) + a + b
+    assert lodging.LodgingRecord.decode(old).extents == ((a, 0, 100), (b, 100, 50))
+    with pytest.raises(ValueError):
+        lodging.LodgingRecord.at(1000, [(a, 950, 100)])
+    with pytest.raises(ValueError):
+        lodging.LodgingRecord.decode(rec.encode()[:-1])

@@ -70,6 +70,10 @@ typedef struct {
     atomic_int failed;
     pt_node *pt; /* per node, when the session may pass files through; under pt_mu */
     pthread_mutex_t pt_mu;
+    /* the layer file (lzfs_set_layer_file): chunk i is at file_off[i] in file_fd, or not
+     * there (LZFS_NOT_IN_FILE); set and swapped under the table write lock */
+    uint64_t *file_off;
+    int file_fd;
 } layer_t;
 
 typedef struct {
@@ -1051,6 +1055,55 @@ int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, 
     return r;
 }
 
+int lzfs_set_layer_file(lzfs *fs, uint32_t slot, const char *path, const void *offsets, uint64_t n,
+                        const char **msg)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        *msg = "cannot open the layer file";
+        return -errno;
+    }
+    uint64_t *copy = malloc(n ? n * sizeof *copy : 1);
+    if (!copy) {
+        close(fd);
+        *msg = "out of memory";
+        return -ENOMEM;
+    }
+    if (n)
+        memcpy(copy, offsets, n * sizeof *copy);
+    int r = 0;
+    pthread_rwlock_wrlock(&fs->table_lock); /* no read is using the old one */
+    layer_t *l = slot < fs->slot_cap ? fs->by_slot[slot] : NULL;
+    if (!l) {
+        *msg = "no layer in that slot";
+        r = -ENOENT;
+    } else if (n != l->n_chunks) {
+        *msg = "the layer file's table does not have one offset per chunk of the layer";
+        r = -EINVAL;
+    } else {
+        uint64_t *old_off = l->file_off;
+        int old_fd = l->file_fd;
+        l->file_off = copy;
+        l->file_fd = fd;
+        copy = NULL;
+        fd = -1;
+        if (old_off) {
+            free(old_off);
+            close(old_fd);
+        }
+    }
+    pthread_rwlock_unlock(&fs->table_lock);
+    free(copy);
+    if (fd >= 0)
+        close(fd);
+    return r;
+}
+
+static uint64_t file_offset(const layer_t *l, uint64_t chunk) /* table read lock held */
+{
+    return l->file_off ? l->file_off[chunk] : LZFS_NOT_IN_FILE;
+}
+
 static void chunk_path(const layer_t *l, uint64_t chunk, char *out)
 {
     static const char hex[] = "0123456789abcdef";
@@ -1083,6 +1136,9 @@ static int pread_all(int fd, char *dst, size_t n, uint64_t off) /* 0, or -EIO on
 
 static int read_chunk(const layer_t *l, uint64_t chunk, uint64_t lo, size_t n, char *dst)
 {
+    uint64_t at = file_offset(l, chunk);
+    if (at != LZFS_NOT_IN_FILE)
+        return pread_all(l->file_fd, dst, n, at + lo);
     char path[4200];
     if (l->chunks_dir_len > 4000)
         return -ENAMETOOLONG;
@@ -1097,6 +1153,11 @@ static int read_chunk(const layer_t *l, uint64_t chunk, uint64_t lo, size_t n, c
 
 static void hint_chunk(const layer_t *l, uint64_t chunk)
 {
+    uint64_t at = file_offset(l, chunk);
+    if (at != LZFS_NOT_IN_FILE) {
+        posix_fadvise(l->file_fd, (off_t)at, (off_t)l->chunk_size, POSIX_FADV_WILLNEED);
+        return;
+    }
     char path[4200];
     if (l->chunks_dir_len > 4000)
         return;
@@ -1106,6 +1167,12 @@ static void hint_chunk(const layer_t *l, uint64_t chunk)
         posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
         close(fd);
     }
+}
+
+/* A chunk C may read: in the layer file, or verified on disk as a chunk file. */
+static int chunk_local(lzfs *fs, const layer_t *l, uint64_t chunk)
+{
+    return file_offset(l, chunk) != LZFS_NOT_IN_FILE || verified(fs, l->digests + 32 * chunk);
 }
 
 static void forward(lzfs *fs, req_t req, uint64_t ino, uint64_t off, size_t size)
@@ -1194,7 +1261,7 @@ static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
     if ((n->flags & LZT_NODE_PYDATA) || last >= n->chunk_count)
         goto to_python;
     for (uint64_t k = first; k <= last; k++)
-        if (!verified(fs, l->digests + 32 * (n->first_chunk + k)))
+        if (!chunk_local(fs, l, n->first_chunk + k))
             goto to_python;
     char *buf = malloc(len);
     if (!buf)
@@ -1204,7 +1271,8 @@ static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
         uint64_t c_lo = k * cs, c_end = c_lo + cs < end ? c_lo + cs : end;
         if (read_chunk(l, n->first_chunk + k, pos - c_lo, (size_t)(c_end - pos), buf + (pos - off))) {
             /* evicted or damaged since it was verified: Python re-checks and refetches */
-            lzfs_forget_verified(fs, l->digests + 32 * (n->first_chunk + k));
+            if (file_offset(l, n->first_chunk + k) == LZFS_NOT_IN_FILE)
+                lzfs_forget_verified(fs, l->digests + 32 * (n->first_chunk + k));
             free(buf);
             goto to_python;
         }
@@ -1213,7 +1281,7 @@ static void op_read(req_t req, uint64_t ino, size_t size, uint64_t off)
     if ((off + len - 1) % cs >= cs / 2) {
         /* past the middle of a chunk: let the kernel read the next chunk files ahead */
         for (uint64_t k = last + 1; k <= last + READAHEAD_CHUNKS && k < n->chunk_count; k++)
-            if (verified(fs, l->digests + 32 * (n->first_chunk + k)))
+            if (chunk_local(fs, l, n->first_chunk + k))
                 hint_chunk(l, n->first_chunk + k);
     }
     atomic_fetch_add_explicit(&fs->counters[LZC_CHUNK_HITS], last - first + 1, memory_order_relaxed);

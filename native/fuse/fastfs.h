@@ -103,6 +103,13 @@ int lzfs_inval_root_entry(lzfs *fs, const char *name, size_t name_len);
 int lzfs_passthrough(lzfs *fs);
 int lzfs_set_backing(lzfs *fs, uint32_t slot, uint32_t local, const char *path, const char **msg);
 
+/* The layer file of a layer (one file holding its chunks, written by the scan that hashed
+ * them, so trusted like verified chunk files): chunk i of the layer is at offsets[i] in
+ * `path`, or not there (LZFS_NOT_IN_FILE); n is the layer's chunk count. Replaces an
+ * earlier one. */
+#define LZFS_NOT_IN_FILE UINT64_MAX
+int lzfs_set_layer_file(lzfs *fs, uint32_t slot, const char *path, const void *offsets, uint64_t n,
+                        const char **msg);
 int lzfs_mark_verified(lzfs *fs, const uint8_t *digests, size_t n);
 void lzfs_forget_verified(lzfs *fs, const uint8_t *digest);
 

@@ -162,6 +162,32 @@ static PyObject *Session_set_backing(SessionObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Session_set_layer_file(SessionObject *self, PyObject *args)
+{
+    unsigned int slot;
+    const char *path;
+    Py_buffer offsets;
+    lzfs *fs = live(self);
+    if (!fs || !PyArg_ParseTuple(args, "Isy*:set_layer_file", &slot, &path, &offsets))
+        return NULL;
+    if (offsets.len % 8) {
+        PyBuffer_Release(&offsets);
+        PyErr_SetString(PyExc_ValueError, "offsets must be 8 bytes (u64, native order) per chunk");
+        return NULL;
+    }
+    const char *msg = "";
+    int r;
+    UNLOCKED(self, r = lzfs_set_layer_file(fs, slot, path, offsets.buf, (uint64_t)offsets.len / 8, &msg));
+    PyBuffer_Release(&offsets);
+    if (r == -EINVAL) {
+        PyErr_SetString(PyExc_ValueError, msg);
+        return NULL;
+    }
+    if (r)
+        return os_error(r, msg);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Session_resend(SessionObject *self, PyObject *unused)
 {
     lzfs *fs = live(self);
@@ -409,6 +435,8 @@ static PyMethodDef Session_methods[] = {
      "whether the kernel agreed to FUSE passthrough at INIT"},
     {"set_backing", (PyCFunction)Session_set_backing, METH_VARARGS,
      "set_backing(slot, local_ino, path): the file holding exactly that file's bytes; later opens pass through"},
+    {"set_layer_file", (PyCFunction)Session_set_layer_file, METH_VARARGS,
+     "set_layer_file(slot, path, offsets): chunk i of the layer is at offsets[i] (u64; 2**64-1: not there) in path"},
     {"resend", (PyCFunction)Session_resend, METH_NOARGS,
      "ask the kernel to send again the requests read and not answered (FUSE_NOTIFY_RESEND)"},
     {"initialized", (PyCFunction)Session_initialized, METH_NOARGS, "True once the kernel's INIT was answered"},

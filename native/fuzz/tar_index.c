@@ -26,10 +26,12 @@
 typedef struct {
     size_t seen, fail_at;  /* chunks received; the call that fails (0: none) */
     size_t calls;
+    const uint8_t *tar;    /* the layer: each chunk's bytes are there at the offset it is given */
+    size_t tar_len;
 } sink_check;
 
 static int check_sink(void *ctx, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                      const size_t *len, int *status)
+                      const size_t *len, const uint64_t *offset, int *status)
 {
     sink_check *c = ctx;
     if (++c->calls == c->fail_at) {
@@ -44,6 +46,8 @@ static int check_sink(void *ctx, size_t n, const uint8_t *const *digest, const u
         SHA256(data[i], len[i], md);
         if (memcmp(md, digest[i], 32))
             abort();  /* the sink would store bytes under another chunk's name */
+        if (offset[i] > c->tar_len || len[i] > c->tar_len - offset[i] || memcmp(c->tar + offset[i], data[i], len[i]))
+            abort();  /* a layer file would hold the chunk where the tar does not */
         status[i] = 1;
     }
     c->seen += n;
@@ -90,7 +94,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     tar_t t;
     if (tar_init(&t, CHUNK, 0, 0))
         return 0;
-    sink_check sink = {0, size > 1 ? data[1] % 4 : 0, 0};
+    sink_check sink = {0, size > 1 ? data[1] % 4 : 0, 0, data, size};
     tar_set_sink(&t, check_sink, &sink, size > 2 && data[2] % 2 ? 700 : 0);
     uint8_t diff[32];
     size_t cut = size ? (size_t)data[0] * 37 % (size + 1) : 0;  /* fed in two slices */

@@ -51,6 +51,9 @@ class LayerData:
         self.chunk_size: int = index.info.chunk_size
         self.on_access = on_access
         self.failed: str | None = None  # set when the layer is quarantined
+        #: the layer file the C side reads this layer's chunks from (path, a u64 offset per
+        #: chunk: ``ChunkStore.layer_file_offsets``), when this process wrote one
+        self.layer_file: tuple[str, bytes] | None = None
 
     async def read(self, e: Entry, off: int, size: int) -> bytes:
         if self.failed is not None:

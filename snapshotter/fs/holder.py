@@ -281,7 +281,7 @@ class Holder:
             "version": wire.VERSION, "pid": os.getpid(), "next_slot": self.next_slot,
             "layers": {name: [slot, h] for name, (slot, h) in self.layers.items()}, "waiting": len(self.waiting),
             "adopted": self.adopted, "relay": str(self.relay) if self.relay is not None else None,
-            "passthrough": self.session.passthrough(), "direct": bool(doc.get("direct"))})
+            "passthrough": self.session.passthrough(), "direct": bool(doc.get("direct")), "layer_files": True})
         log.info("daemon_attached", pid=doc.get("pid"), layers=len(self.layers), waiting_reads=len(self.waiting),
                  brought_session=fd is not None)
         return welcome, None if adopting else self.session.fuse_fileno(), True
@@ -318,6 +318,8 @@ class Holder:
             self._serve_adopted()
         elif kind == wire.BACKING:
             self._set_backing(wire.doc_of(payload))
+        elif kind == wire.LAYER_FILE:
+            self._set_layer_file(*wire.parse_layer_file(payload))
         elif kind == wire.ANSWERED:
             for (token,) in wire.unpack_records(wire.TOKEN, payload):
                 self._reply(token, None)
@@ -357,6 +359,19 @@ class Holder:
         except OSError as exc:
             self._send(wire.control(wire.REFUSED, {"id": rid, "reason": exc.strerror or str(exc),
                                                    "errno": exc.errno or errno.EIO}))
+            return
+        self._send(wire.control(wire.DONE, {"id": rid}))
+
+    def _set_layer_file(self, doc: dict[str, object], offsets: bytes) -> None:
+        assert self.session is not None
+        rid = doc.get("id")
+        try:
+            self.session.set_layer_file(int(doc["slot"]), str(doc["path"]), offsets)  # type: ignore[call-overload]
+        except OSError as exc:
+            self._send(wire.control(wire.REFUSED, {"id": rid, "reason": str(exc), "errno": exc.errno or errno.EIO}))
+            return
+        except ValueError as exc:
+            self._send(wire.control(wire.REFUSED, {"id": rid, "reason": str(exc), "errno": errno.EINVAL}))
             return
         self._send(wire.control(wire.DONE, {"id": rid}))
 

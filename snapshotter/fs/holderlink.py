@@ -61,6 +61,7 @@ class HolderLink:
         self.adopted = bool(welcome.get("adopted"))  # took over our session: START once layers are back
         self.passthrough = bool(welcome.get("passthrough"))  # absent from a holder that never passes through
         self.direct = bool(welcome.get("direct"))  # the holder sends reads with their unique (MISSES_U)
+        self.layer_files = bool(welcome.get("layer_files"))  # the holder reads chunks from layer files
         # our copy of the session's fd, set by LazyFS: fetched reads are answered on it
         # directly (the bytes need not travel back through the holder)
         self.reply_fd: int | None = None
@@ -147,6 +148,12 @@ class HolderLink:
     async def set_backing(self, slot: int, local: int, path: str) -> None:
         await self._request(lambda rid: wire.control(wire.BACKING, {"id": rid, "slot": slot, "local": local,
                                                                     "path": path}), "take a backing file")
+
+    async def set_layer_file(self, slot: int, path: str, offsets: bytes) -> bool:
+        if not self.layer_files:
+            return False
+        await self._request(lambda rid: wire.layer_file(rid, slot, path, offsets), "take a layer file")
+        return True
 
     def start_serving(self) -> None:
         """A holder that took our session over serves from now on (layers are back)."""

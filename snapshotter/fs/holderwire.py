@@ -10,18 +10,20 @@ chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
 bytes); ``ERROR`` (token, errno); ``START`` {} (the layers of a session the holder took
 over are back: serve, and have the kernel send again what the last holder left unanswered);
 ``BACKING`` {id, slot, local, path} (a file's backing file for passthrough; sent only to a
-holder whose welcome says ``passthrough``); ``ANSWERED`` (tokens, ``TOKEN`` records: reads
+holder whose welcome says ``passthrough``); ``LAYER_FILE`` (JSON head {id, slot, path}, then
+one u64 per chunk of the layer: where it is in that file; sent only to a holder whose welcome
+says ``layer_files``); ``ANSWERED`` (tokens, ``TOKEN`` records: reads
 the daemon answered itself on its copy of the session's fd, for the holder to forget).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot, waiting, adopted, relay, passthrough, direct}; ``MISSES`` (``MISS`` records), or
+next_slot, waiting, adopted, relay, passthrough, direct, layer_files}; ``MISSES`` (``MISS`` records), or
 ``MISSES_U`` (``MISS_U`` records: with the kernel's unique of each read) to a daemon whose
 hello said ``direct`` and whose welcome says ``direct``; ``ACCESSES``
 (``ACCESS`` records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD, REMOVE or BACKING is
-applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name], reason, [errno]}
+or LAYER_FILE is applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name], reason, [errno]}
 (a request could not be applied).
 
 Additions keep ``VERSION``: a field or message that only a newer peer sends is announced
-by the other side first (``passthrough`` and ``direct`` in the welcome, ``direct`` in the
+by the other side first (``passthrough``, ``direct`` and ``layer_files`` in the welcome, ``direct`` in the
 hello), so daemon and holder of adjacent builds keep talking through an upgrade of either.
 
 Direct replies: a read that needs a fetch is answered by the daemon writing the reply to its
@@ -54,9 +56,10 @@ ACCESS = struct.Struct("<QQIQ")  # ino, offset, size, t_ns
 TOKEN = struct.Struct("<Q")
 REPLY_ERROR = struct.Struct("<Qi")  # token, errno
 ADD_HEAD = struct.Struct("<IQ")  # JSON head length, tree blob length (the digests follow)
+HEAD_LEN = struct.Struct("<I")  # JSON head length (LAYER_FILE: the offsets follow)
 
 (HELLO, ADD, REMOVE, FAILED, VERIFIED, FORGET, DATA, ERROR,
- WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START, BACKING, MISSES_U, ANSWERED) = range(1, 19)
+ WELCOME, MISSES, ACCESSES, COUNTERS, DONE, REFUSED, START, BACKING, MISSES_U, ANSWERED, LAYER_FILE) = range(1, 20)
 
 
 def frame(kind: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -95,6 +98,17 @@ def parse_add(payload: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     head = doc_of(payload[at:at + head_len])
     at += head_len
     return head, payload[at:at + tree_len], payload[at + tree_len:]
+
+
+def layer_file(request: int, slot: int, path: str, offsets: bytes) -> bytes:
+    head = json.dumps({"id": request, "slot": slot, "path": path}, separators=(",", ":")).encode()
+    return frame(LAYER_FILE, HEAD_LEN.pack(len(head)) + head + offsets)
+
+
+def parse_layer_file(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    (head_len,) = HEAD_LEN.unpack_from(payload)
+    at = HEAD_LEN.size
+    return doc_of(payload[at:at + head_len]), payload[at + head_len:]
 
 
 def records(rec: struct.Struct, rows: list[tuple[int, ...]]) -> bytes:

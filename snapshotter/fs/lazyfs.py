@@ -74,6 +74,11 @@ class FuseBackend(Protocol):
 
     async def set_backing(self, slot: int, local: int, path: str) -> None: ...
 
+    async def set_layer_file(self, slot: int, path: str, offsets: bytes) -> bool:
+        """The layer's chunks are in ``path`` at ``offsets`` (``ChunkStore.layer_file_offsets``);
+        False if this session cannot read them there (its reads of them come to Python)."""
+        ...
+
     def set_failed(self, slot: int) -> None: ...
 
     def mark_verified(self, digests: bytes) -> None: ...
@@ -132,6 +137,10 @@ class LocalSession:
 
     async def set_backing(self, slot: int, local: int, path: str) -> None:
         await asyncio.to_thread(self._session.set_backing, slot, local, path)
+
+    async def set_layer_file(self, slot: int, path: str, offsets: bytes) -> bool:
+        await asyncio.to_thread(self._session.set_layer_file, slot, path, offsets)
+        return True
 
     def set_failed(self, slot: int) -> None:
         self._session.set_failed(slot)
@@ -349,6 +358,7 @@ class LazyFS:
                                      layer.data.chunk_size)
                 if layer.data.failed is not None:
                     link.set_failed(layer.slot)
+                await self._give_layer_file(link, layer)
             if self._store is not None:
                 self._store.watch_verified(link.mark_verified, link.forget_verified)
             if self._backing is not None and self._passthrough_off is None:
@@ -362,6 +372,20 @@ class LazyFS:
             self._rehoming = None
 
     # -- layers ---------------------------------------------------------------------------------
+    @staticmethod
+    async def _give_layer_file(backend: FuseBackend, layer: MountedLayer) -> None:
+        """Let the C side read the layer's chunks from its layer file; without it they are
+        read through the store (forwarded reads), so a refusal costs speed, not bytes."""
+        given = layer.data.layer_file
+        if given is None or layer.data.failed is not None:
+            return
+        try:
+            if await backend.set_layer_file(layer.slot, *given):
+                log.info("layer_file_served", layer=layer.name, path=given[0])
+        except OSError as exc:
+            log.warning("layer_file_refused", layer=layer.name, error=str(exc),
+                        note="its chunks are read through the store")
+
     async def add_layer(self, name: str, tree: LayerTree | CompiledTree, data: LayerData, *,
                         compiled: bytes | None = None, digests: bytes | None = None) -> Path:
         """Expose a layer as ``<mnt>/<name>``; returns that directory.
@@ -404,6 +428,7 @@ class LazyFS:
         self._slot_added = asyncio.Event()
         if data.failed is not None:
             backend.set_failed(slot)
+        await self._give_layer_file(backend, layer)
         log.info("layer_registered", layer=name, slot=slot, inodes=tree.inodes, files=tree.files,
                  held=held is not None)
         if self._backing is not None and self._passthrough_off is None and data.failed is None:

@@ -45,7 +45,7 @@ from snapshotter.index.model import (
     LayerFormat,
     LayerInfo,
 )
-from snapshotter.native import ChunkTarget, Scanner
+from snapshotter.native import ChunkTarget, LayerFileTarget, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _U32 = (1 << 32) - 1
 
 
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                 format: str | None = None, chunk_store: ChunkTarget | None = None,
+                 format: str | None = None, chunk_store: ChunkTarget | LayerFileTarget | None = None,
                  build_index: bool = False) -> Scanner:
     """The C scanner (``native.Scanner``) with this module's span and chunk size."""
     return Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
@@ -437,13 +437,13 @@ def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT
 
 async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN,
                              chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                             expected_digest: str | None = None, chunk_store: ChunkTarget | None = None,
+                             expected_digest: str | None = None, chunk_store: ChunkTarget | LayerFileTarget | None = None,
                              stored: StoredHook | None = None,
                              again: Callable[[], AsyncIterator[bytes]] | None = None) -> bytes:
     """The serialized index of a layer arriving as an async byte stream (a registry blob
     GET); see :func:`index_bytes`. Raises IndexBuildError when ``expected_digest`` (what the
     manifest pinned) is not the blob's. With ``chunk_store`` the scan also writes every
-    chunk it cuts as a chunk file and hands them to ``stored``. With ``again`` (the same
+    chunk it cuts (as chunk files, or into a layer file) and hands their records to ``stored``. With ``again`` (the same
     bytes once more: the kept blob, or the registry) the scan keeps no entries, and a
     layer C declines is scanned again from ``again()`` for the reference.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import time
@@ -228,7 +229,7 @@ async def fetch_published(client: Any, layer_digest: str, candidates: list[Candi
 async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: LazyOptions, root: Path,
                              keep_blob: Path | None, store: ChunkStore | None = None) -> IndexFile:
     """Stream the layer once through the indexer (digest checked); optionally keep the blob
-    and write its chunks into ``store`` on the way. The index is built as the layer streams
+    and write its chunks into a layer file of ``store`` on the way. The index is built as the layer streams
     (no entries kept: memory grows with the tree, not the headers); the rare layer C
     leaves to the reference is read again, from the kept blob when there is one."""
     part = None
@@ -251,17 +252,23 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
         fobj.flush()
         return _file_blocks(part)
 
+    pending = None
     try:
-        target = store.scan_target(opts.store_streamed_min_file_bytes) if store is not None else None
+        if store is not None:
+            pending = await asyncio.to_thread(store.layer_file_target, layer_digest, opts.store_streamed_min_file_bytes)
+        adopt = functools.partial(store.adopt_layer_file, pending) if store and pending else None
         data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
-                                        expected_digest=layer_digest, chunk_store=target,
-                                        stored=store.adopt_scanned if store is not None else None, again=again)
+                                        expected_digest=layer_digest, chunk_store=pending and pending.target,
+                                        stored=adopt, again=again)
         if fobj is not None:
             fobj.close()
             fobj = None
             assert part is not None and keep_blob is not None
             os.replace(part, keep_blob)
     finally:
+        if pending is not None and pending.fd >= 0:  # the scan did not finish
+            assert store is not None
+            store.discard_layer_file(pending)
         if fobj is not None:
             fobj.close()
         if part is not None:

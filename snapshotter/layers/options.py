@@ -52,13 +52,11 @@ class LazyOptions:
     ``keep_streamed_blobs``: when an index has to be built by streaming the layer, keep
     the blob on disk and serve reads from it instead of fetching ranges again.
     ``store_streamed_chunks``: that one pass also writes the chunks it cuts of files of at
-    least ``store_streamed_min_file_bytes`` into the store (in C, as soon as each digest is
-    known, within the room under ``store_limit_bytes``), so those files are local when
-    Prepare answers. Off: measured on this project's bench machine (bench/RESULTS.md,
-    2026-12-07 third session) it did not shorten a first start: a chunk file costs
-    60-350 us of kernel time to create there, so storing every chunk made the pull 1.7 s
-    longer for 1.5 s off the run, and big files only left the run where it was while
-    their backing files were copied during the start (docs/design/first-start.md).
+    least ``store_streamed_min_file_bytes`` into one layer file of the store (in C, each at
+    its offset in the tar as soon as its digest is known, within the room under
+    ``store_limit_bytes``), and the C filesystem reads them from there, so those files are
+    local when Prepare answers. Off until measured to shorten first starts across the
+    bench's images (docs/design/first-start.md; chunk files, one per chunk, did not).
     ``fuse_threads``: C threads answering FUSE requests; a read of a chunk file that is not
     in the page cache waits for the disk on one of them, so a few let readahead overlap.
     ``fuse_holder``: the FUSE mount is owned by a separate process (``lazysnap

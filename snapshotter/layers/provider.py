@@ -497,6 +497,7 @@ class LazyLayerProvider:
         data = LayerData(idx, self.store, lf, on_access=self.profiles.recorder.hook(digest, idx))
         digests = await asyncio.to_thread(idx.chunk_digests)
         self.store.pin(digest, digests)
+        data.layer_file = await asyncio.to_thread(self.store.layer_file_offsets, digest, digests)
         path = await self.fs.add_layer(_dirname(digest), tree, data, compiled=compiled, digests=b"".join(digests))
         layer = ProvidedLayer(digest, ref, idx, lf, data, path, source, verified)
         if not verified and self.options.verify_complete_layers:

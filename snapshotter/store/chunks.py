@@ -21,9 +21,16 @@ Why this shape:
   checked like chunk files on their first read, and leave with that file. A lodging file
   a registered layer uses is *held* (counted against the limit, never evicted); otherwise
   it is one entry of the LRU, evicted or pruned whole like a chunk.
+- A *layer file* (``<root>/files/layers/<digest>``) is a lodging file too: the chunks the
+  one streaming pass over an unindexed layer cut, written by the scan at their offsets in
+  the layer's tar (``layer_file_target``, ``adopt_layer_file``). One file per layer instead
+  of a file per chunk: creating tens of thousands of chunk files cost more kernel time than
+  the pass itself. It stays while the layer's pins keep its chunks, then is cache like the
+  rest; the C filesystem reads a layer's chunks from it directly (``layer_file_offsets``).
 """
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import hashlib
@@ -38,7 +45,15 @@ from typing import Literal
 from snapshotter import native
 from snapshotter.fsutil import private_dirs
 from snapshotter.store import metrics
-from snapshotter.store.lodging import FILES_DIR, LodgingRecord, delete_record, read_record, recorded_files, write_record
+from snapshotter.store.lodging import (
+    FILES_DIR,
+    LodgingRecord,
+    delete_record,
+    read_record,
+    record_path,
+    recorded_files,
+    write_record,
+)
 from snapshotter.log import get_logger
 
 log = get_logger("lazysnap.store")
@@ -46,6 +61,7 @@ log = get_logger("lazysnap.store")
 FsyncPolicy = Literal["none", "file", "full"]
 _FSYNC_CODES = {"none": 0, "file": 1, "full": 2}
 _FD_CACHE = 512
+_NOT_IN_FILE = (1 << 64) - 1  # native/fuse/fastfs.h LZFS_NOT_IN_FILE
 _counter = itertools.count()
 
 
@@ -107,6 +123,18 @@ class _LodgingFile:
     held: bool  # a registered layer uses it: not in the LRU
 
 
+@dataclass(slots=True)
+class PendingLayerFile:
+    """A layer file being written by a scan (``ChunkStore.layer_file_target``): adopt it
+    with ``adopt_layer_file`` once the scan is finished, else ``discard_layer_file``."""
+
+    layer: str
+    path: str  # where it goes once adopted
+    tmp: str
+    fd: int
+    target: native.LayerFileTarget
+
+
 @dataclass(slots=True, frozen=True)
 class LocalShare:
     """How much of a set of chunks (one layer's) is in the store: by chunk count, by bytes
@@ -143,6 +171,7 @@ class ChunkStore:
         self.files_dir = self.root / FILES_DIR
         self._lodged: dict[bytes, _Lodging] = {}
         self._lodgings: dict[str, _LodgingFile] = {}
+        self._fresh_layer_files: dict[str, str] = {}  # layer → the layer file this process wrote
         self._reading = 0  # readers holding a cached fd right now
         self._to_close: list[int] = []
         self._pins: dict[str, frozenset[bytes]] = {}
@@ -316,6 +345,89 @@ class ChunkStore:
         tag = f"{os.getpid()}.{threading.get_ident()}.{next(_counter)}"
         return native.ChunkTarget(self._chunks_s, self._tmp_s, tag, _FSYNC_CODES[self.fsync], room, min_file)
 
+    def layer_file_target(self, layer: str, min_file: int = 0) -> PendingLayerFile | None:
+        """A layer file for the scan of ``layer`` to write the chunks it cuts of files of at
+        least ``min_file`` bytes into, with the room left under the limit as its budget;
+        None when there is no room. Raises OSError when it cannot be created."""
+        with self._lock:
+            room = (1 << 62) if self.limit is None else self.limit - self._total - self._held
+        if room <= 0:
+            return None
+        private_dirs(self.files_dir / "layers")
+        name = layer.removeprefix("sha256:")
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad layer digest {layer!r}")
+        tmp = f"{self._tmp_s}/layer-{name[:24]}.{os.getpid()}.{next(_counter)}"  # _clean_tmp's pattern
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return PendingLayerFile(layer, str(self.files_dir / "layers" / name), tmp, fd,
+                                native.LayerFileTarget(fd, room, min_file))
+
+    def discard_layer_file(self, pending: PendingLayerFile) -> None:
+        """A layer file whose scan did not finish: deleted."""
+        if pending.fd >= 0:
+            os.close(pending.fd)
+            pending.fd = -1
+        try:
+            os.unlink(pending.tmp)
+        except FileNotFoundError:
+            pass
+
+    def adopt_layer_file(self, pending: PendingLayerFile, stored: bytes, errno_: int) -> int:
+        """Take in the layer file a finished scan wrote (``ScanResult.stored``: where each
+        chunk is), verified, since the scan hashed the very bytes it wrote; its chunks' own
+        files become redundant. Replaces an earlier layer file of the layer. Returns how
+        many chunks it holds: 0 when the file cannot be kept (then deleted, and said)."""
+        try:
+            extents: dict[bytes, tuple[bytes, int, int]] = {}
+            for offset, length, digest in native.iter_chunk_records(stored):
+                extents.setdefault(digest, (digest, offset, length))
+            if not extents:
+                self.discard_layer_file(pending)
+                self._note_stop(0, errno_, pending.path)
+                return 0
+            if self.fsync != "none":
+                os.fsync(pending.fd)
+            size = os.fstat(pending.fd).st_size
+            record = LodgingRecord.at(size, extents.values())
+            self.drop_lodging(pending.path)  # a layer streamed again: the new file replaces the old
+            os.replace(pending.tmp, pending.path)
+            write_record(pending.path, record)
+        except OSError as exc:
+            self.discard_layer_file(pending)
+            if not os.path.exists(record_path(pending.path)):
+                self._unlink([pending.path])  # moved in, then its record could not be written
+            self._note_write(exc)
+            log.warning("layer_file_dropped", layer=pending.layer, error=str(exc),
+                        note="the layer's chunks are fetched when read")
+            return 0
+        except BaseException:
+            self.discard_layer_file(pending)
+            raise
+        os.close(pending.fd)
+        pending.fd = -1
+        with self._lock:
+            victims = self._lodge_locked(pending.path, record, verified=True, held=False)
+            self._fresh_layer_files[pending.layer] = pending.path
+            metrics.STORED_BYTES.set(self._total)
+        self._unlink(victims)
+        self._note_stop(len(extents), errno_, pending.path)
+        return len(extents)
+
+    def layer_file_offsets(self, layer: str, digests: Sequence[bytes]) -> tuple[str, bytes] | None:
+        """Where the C filesystem finds ``layer``'s chunks (``digests``, in the layer's order)
+        in the layer file this process wrote for it: its path and one u64 per chunk (native
+        order; 2**64-1 for a chunk not in it); None without one. A layer file from an
+        earlier process is read through the store, each chunk checked on first read."""
+        with self._lock:
+            path = self._fresh_layer_files.get(layer)
+            if path is None or path not in self._lodgings:
+                return None
+        record = read_record(path)
+        if record is None:
+            return None
+        where = {d: offset for d, offset, _ in record.extents}
+        return path, array.array("Q", (where.get(d, _NOT_IN_FILE) for d in digests)).tobytes()
+
     def adopt_scanned(self, stored: bytes, errno_: int) -> int:
         """Take in the chunk files a scan wrote (``ScanResult.stored``): verified, since the
         scan hashed the very bytes it wrote. Nothing is evicted here: the layer that asked
@@ -332,16 +444,20 @@ class ChunkStore:
                 self._mark_verified(digest)
             metrics.STORED_BYTES.set(self._total)
         self._unlink(doubled)
+        self._note_stop(new, errno_, self._chunks_s)
+        if new and not errno_:
+            self._note_write(None)
+        return new
+
+    def _note_stop(self, stored: int, errno_: int, path: str) -> None:
+        """Why a scan stopped storing what it cut (its ``store_errno``), if it did."""
         if errno_ == errno.EDQUOT:
-            log.info("scan_store_stopped", reason="store_limit", stored_chunks=new, limit_bytes=self.limit or 0,
+            log.info("scan_store_stopped", reason="store_limit", stored_chunks=stored, limit_bytes=self.limit or 0,
                      note="the rest of the layer's chunks are fetched when read")
         elif errno_:
             self._note_write(OSError(errno_, os.strerror(errno_)))
-            log.warning("scan_store_stopped", reason=errno.errorcode.get(errno_, str(errno_)), stored_chunks=new,
-                        path=self._chunks_s, note="the rest of the layer's chunks are fetched when read")
-        elif new:
-            self._note_write(None)
-        return new
+            log.warning("scan_store_stopped", reason=errno.errorcode.get(errno_, str(errno_)), stored_chunks=stored,
+                        path=path, note="the rest of the layer's chunks are fetched when read")
 
     def _note_write(self, failed: OSError | None) -> None:
         """A full disk is one episode: one error line (path, free space, the limit) when the
@@ -656,7 +772,7 @@ class ChunkStore:
         """Register a lodging file; returns the chunk files it makes redundant."""
         victims: list[bytes | str] = []
         mine: list[bytes] = []
-        for digest, offset, size in record.extents():
+        for digest, offset, size in record.extents:
             if digest in self._lodged:
                 continue
             self._lodged[digest] = _Lodging(key, offset, size)

@@ -1,0 +1,52 @@
+/* The layer file sink: a streamed layer's chunks written into one file, each at its offset
+ * in the tar.
+ *
+ * Why one file: a chunk file per chunk costs a create, a rename and a directory entry each;
+ * on this kind of VM 20,000 small chunks took seconds of kernel time, more than the pass
+ * that cut them. Written where they sit in the tar, the file's holes are the headers and
+ * the files the scan leaves out, the chunks' places need no table of their own (the scan's
+ * chunk records say where each is), and the page cache sees one sequential writer. */
+#include "layerfile.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+static int pwrite_all(int fd, const uint8_t *p, size_t n, uint64_t off)
+{
+    while (n) {
+        ssize_t w = pwrite(fd, p, n, (off_t)off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        n -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+int lz_layer_file_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
+                             const size_t *len, const uint64_t *offset, int *status)
+{
+    lz_layer_file_sink *s = sink;
+    int err = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (err) {
+            status[i] = err;
+            continue;
+        }
+        if (len[i] > s->budget) {
+            status[i] = err = -EDQUOT;
+            continue;
+        }
+        status[i] = pwrite_all(s->fd, data[i], len[i], offset[i]);
+        if (status[i] < 0) {
+            err = status[i];
+            continue;
+        }
+        s->budget -= len[i];
+        status[i] = 1;
+    }
+    return err;
+}
