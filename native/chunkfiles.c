@@ -88,26 +88,3 @@ int lz_write_chunks(const char *dir, const char *tmp, const char *tag, size_t n,
         status[i] = write_one(dir, tmp, tag, i, digest[i], data[i], len[i], fsync_policy);
     return 0;
 }
-
-int lz_chunk_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                        const size_t *len, const uint64_t *offset, int *status)
-{
-    lz_chunk_sink *s = sink;
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++)
-        total += len[i];
-    if (total > s->budget) {
-        for (size_t i = 0; i < n; i++)
-            status[i] = -EDQUOT;
-        return -EDQUOT;
-    }
-    lz_write_chunks(s->dir, s->tmp, s->tag, n, digest, data, len, s->fsync_policy, status);
-    int err = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (status[i] == 1)
-            s->budget -= len[i];
-        else if (status[i] < 0 && !err)
-            err = status[i];
-    }
-    return err;
-}

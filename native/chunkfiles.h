@@ -13,15 +13,4 @@ enum { LZ_FSYNC_NONE = 0, LZ_FSYNC_FILE = 1, LZ_FSYNC_FULL = 2 };
 int lz_write_chunks(const char *dir, const char *tmp, const char *tag, size_t n, const uint8_t *const *digest,
                     const uint8_t *const *data, const size_t *len, int fsync_policy, int *status);
 
-/* A scan's chunk sink (tar_set_sink) that stores chunks as chunk files, up to `budget`
- * bytes written (the store's room): past it, -EDQUOT and no more. */
-typedef struct {
-    char *dir, *tmp, *tag;
-    int fsync_policy;
-    uint64_t budget;
-} lz_chunk_sink;
-
-int lz_chunk_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
-                        const size_t *len, const uint64_t *offset, int *status);
-
 #endif

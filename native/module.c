@@ -69,44 +69,9 @@ typedef struct {
     scanner_t *sc;
     int busy;
     int want_diff;
-    lz_chunk_sink *sink;  /* chunk_store=: the scan stores its chunks as chunk files */
     lz_layer_file_sink *file_sink;  /* layer_file=: the scan writes its chunks into one file */
     lz_index_builder *builder;  /* build_index=True: entries applied as scanned, none kept */
 } ScannerObject;
-
-static void sink_free(lz_chunk_sink *s)
-{
-    if (!s)
-        return;
-    free(s->dir);
-    free(s->tmp);
-    free(s->tag);
-    free(s);
-}
-
-/* chunk_store=(dir, tmp, tag, fsync policy, budget bytes, smallest file), as
- * ChunkStore.scan_target gives it. */
-static lz_chunk_sink *sink_new(PyObject *spec, unsigned long long *min_file)
-{
-    const char *dir, *tmp, *tag;
-    int policy;
-    unsigned long long budget;
-    if (!PyArg_ParseTuple(spec, "sssiKK:chunk_store", &dir, &tmp, &tag, &policy, &budget, min_file))
-        return NULL;
-    if (policy < LZ_FSYNC_NONE || policy > LZ_FSYNC_FULL) {
-        PyErr_SetString(PyExc_ValueError, "chunk_store fsync policy must be 0, 1 or 2");
-        return NULL;
-    }
-    lz_chunk_sink *s = calloc(1, sizeof *s);
-    if (s && (s->dir = strdup(dir)) && (s->tmp = strdup(tmp)) && (s->tag = strdup(tag))) {
-        s->fsync_policy = policy;
-        s->budget = budget;
-        return s;
-    }
-    sink_free(s);
-    PyErr_NoMemory();
-    return NULL;
-}
 
 /* layer_file=(fd, budget bytes, smallest file), as ChunkStore.layer_file_target gives it:
  * the fd stays the caller's and must outlive the scan. */
@@ -133,17 +98,13 @@ static lz_layer_file_sink *file_sink_new(PyObject *spec, unsigned long long *min
 static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"span_size", "chunk_size", "diff_id", "format", "hash_thread",
-                             "simd", "sparse_windows", "chunk_store", "build_index", "layer_file", NULL};
+                             "simd", "sparse_windows", "build_index", "layer_file", NULL};
     unsigned long long span = 4u << 20, chunk = 1u << 20;
     int diff = 0, threaded = 1, simd = 1, sparse = 1, build = 0;
-    PyObject *fmt_o = Py_None, *store_o = Py_None, *file_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOpppOpO:Scanner", kwlist, &span, &chunk, &diff,
-                                     &fmt_o, &threaded, &simd, &sparse, &store_o, &build, &file_o))
+    PyObject *fmt_o = Py_None, *file_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKpOppppO:Scanner", kwlist, &span, &chunk, &diff,
+                                     &fmt_o, &threaded, &simd, &sparse, &build, &file_o))
         return -1;
-    if (store_o != Py_None && file_o != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "a scan stores its chunks as chunk files or in a layer file, not both");
-        return -1;
-    }
     if (build && chunk > UINT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "build_index needs a chunk_size below 2**32");
         return -1;
@@ -159,16 +120,12 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "Scanner already initialised");
         return -1;
     }
-    lz_chunk_sink *sink = NULL;
     lz_layer_file_sink *file_sink = NULL;
     unsigned long long min_file = 0;
-    if (store_o != Py_None && !(sink = sink_new(store_o, &min_file)))
-        return -1;
     if (file_o != Py_None && !(file_sink = file_sink_new(file_o, &min_file)))
         return -1;
     lz_index_builder *builder = NULL;
     if (build && !(builder = lz_index_builder_new(chunk))) {
-        sink_free(sink);
         free(file_sink);
         PyErr_NoMemory();
         return -1;
@@ -179,20 +136,16 @@ static int Scanner_init(ScannerObject *self, PyObject *args, PyObject *kw)
     sc = scanner_new(span, chunk, diff, fmt, threaded, simd, sparse, &err);
     Py_END_ALLOW_THREADS
     if (!sc) {
-        sink_free(sink);
         free(file_sink);
         lz_index_builder_free(builder);
         raise_err(get_state(self->module), &err);
         return -1;
     }
-    if (sink)
-        tar_set_sink(&sc->tar, lz_chunk_sink_write, sink, min_file);
     if (file_sink)
         tar_set_sink(&sc->tar, lz_layer_file_sink_write, file_sink, min_file);
     if (builder)
         tar_set_consumer(&sc->tar, lz_index_apply, builder);
     self->sc = sc;
-    self->sink = sink;
     self->file_sink = file_sink;
     self->builder = builder;
     self->want_diff = diff;
@@ -223,7 +176,6 @@ static void Scanner_dealloc(ScannerObject *self)
         scanner_free(sc);
         Py_END_ALLOW_THREADS
     }
-    sink_free(self->sink);
     free(self->file_sink);
     lz_index_builder_free(self->builder);
     Py_XDECREF(self->module);
@@ -533,7 +485,7 @@ static PyType_Slot Scanner_slots[] = {
     {Py_tp_dealloc, Scanner_dealloc},
     {Py_tp_methods, Scanner_methods},
     {Py_tp_doc, "Scanner(span_size=4<<20, chunk_size=1<<20, diff_id=False, format=None, "
-                "hash_thread=True, simd=True, sparse_windows=True, chunk_store=None, build_index=False): "
+                "hash_thread=True, simd=True, sparse_windows=True, build_index=False, layer_file=None): "
                 "one-pass streaming layer indexer."},
     {0, NULL},
 };

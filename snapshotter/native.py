@@ -86,23 +86,8 @@ class RawCheckpoint(NamedTuple):
 
 
 @dataclass(slots=True, frozen=True)
-class ChunkTarget:
-    """Where a scan stores the chunks it cuts (``Scanner(chunk_store=)``): chunk files of the
-    store at ``chunks_dir`` written through ``tmp_dir`` (temp names carry ``tag``), with the
-    store's fsync policy code, up to ``budget`` bytes written, the chunks of files of at
-    least ``min_file`` bytes only (``ChunkStore.scan_target``)."""
-
-    chunks_dir: str
-    tmp_dir: str
-    tag: str
-    fsync: int
-    budget: int
-    min_file: int = 0
-
-
-@dataclass(slots=True, frozen=True)
 class LayerFileTarget:
-    """Where a scan writes the chunks it cuts into one file (``Scanner(chunk_store=)``): each
+    """Where a scan writes the chunks it cuts into one file (``Scanner(layer_file=)``): each
     at its offset in the layer's tar, into the open file ``fd`` (the caller's, open until the
     scan is finished), up to ``budget`` bytes, the chunks of files of at least ``min_file``
     bytes only (``ChunkStore.layer_file_target``)."""
@@ -135,8 +120,8 @@ class ScanResult:
     #: False for a scanner made with ``build_index``: it kept no entries or chunks, so a
     #: layer its C build declined must be scanned again to be built by the reference
     entries_kept: bool = True
-    #: ``Scanner(chunk_store=)``: packed CHUNK_RECORD records of the chunks the scan wrote
-    #: (hashed from the bytes written; in a layer file, each at its record's offset), and the
+    #: ``Scanner(layer_file=)``: packed CHUNK_RECORD records of the chunks the scan wrote
+    #: (hashed from the bytes written), each at its record's offset in the file, and the
     #: errno that made it stop storing (EDQUOT: its budget), 0 if it did not
     stored: bytes = b""
     store_errno: int = 0
@@ -171,18 +156,13 @@ class Scanner:
     def __init__(self, *, span_size: int = DEFAULT_SPAN_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diff_id: bool = False,
                  format: str | None = None, hash_thread: bool = True, simd: bool = True,
-                 sparse_windows: bool = True, chunk_store: ChunkTarget | LayerFileTarget | None = None,
-                 build_index: bool = False) -> None:
-        files = layer_file = None
-        if isinstance(chunk_store, ChunkTarget):
-            files = (chunk_store.chunks_dir, chunk_store.tmp_dir, chunk_store.tag, chunk_store.fsync,
-                     chunk_store.budget, chunk_store.min_file)
-        elif chunk_store is not None:
-            layer_file = (chunk_store.fd, chunk_store.budget, chunk_store.min_file)
+                 sparse_windows: bool = True, build_index: bool = False,
+                 layer_file: LayerFileTarget | None = None) -> None:
+        target = None if layer_file is None else (layer_file.fd, layer_file.budget, layer_file.min_file)
         self._core = _core.Scanner(span_size=span_size, chunk_size=chunk_size,
                                    diff_id=diff_id, format=format, hash_thread=hash_thread,
-                                   simd=simd, sparse_windows=sparse_windows, chunk_store=files,
-                                   build_index=build_index, layer_file=layer_file)
+                                   simd=simd, sparse_windows=sparse_windows, build_index=build_index,
+                                   layer_file=target)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._core.feed(data)

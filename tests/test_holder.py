@@ -6,7 +6,9 @@ through the mount are compared with the tar.
 """
 from __future__ import annotations
 
+import array
 import asyncio
+import concurrent.futures
 import errno
 import os
 import signal
@@ -54,13 +56,15 @@ class Daemon:
     """What ``lazysnap serve`` does with the filesystem, on a FuseThread."""
 
     def __init__(self, root: Path, blob: Path, index: IndexFile, gate: threading.Event,
-                 external: bool = False) -> None:
+                 external: bool = False, layer_file: tuple[str, bytes] | None = None) -> None:
         self.ft = FuseThread(root / "mnt", holder=root / "fuse.sock", threads=2, holder_external=external)
         store = ChunkStore(root)
         lf = Fetcher(store, FetchOptions(max_concurrency=2, deadline_s=60)).layer(
             "L", IndexCodec(index), GatedSource(blob, gate))
         tree = LayerTree.build(index.entries())
-        self.dir = self.ft.run(lambda: self.ft.fs.add_layer("layer1", tree, LayerData(index, store, lf)))
+        data = LayerData(index, store, lf)
+        data.layer_file = layer_file
+        self.dir = self.ft.run(lambda: self.ft.fs.add_layer("layer1", tree, data))
 
     def settle(self, path: Path) -> None:
         """Wait until the holder answers reads of ``path`` itself: its chunks are stored and
@@ -202,6 +206,33 @@ def test_a_read_waits_for_a_daemon_then_fails_cleanly(held) -> None:  # noqa: AN
         _uncached_read(root / "mnt/layer1/data/big.bin", 0, 4096)
     assert exc.value.errno == errno.EIO
     assert 0.9 < time.monotonic() - t0 < 5
+
+
+def test_the_holder_reads_a_layer_file_with_no_daemon(held, layer) -> None:  # noqa: ANN001
+    """A layer given with its layer file (here the layer's tar: each chunk at its offset in
+    it) is read by the holder's C workers from that file, none of its chunks fetched, and
+    still after the daemon stopped."""
+    want, blob, index, root = held
+    tar = layer[0]
+    offsets = array.array("Q", (index.chunk(i).uncompressed_offset for i in range(index.chunk_count)))
+    gate = threading.Event()  # the registry stalls: a read that needs a fetch does not finish
+
+    def read_all(top: Path) -> None:
+        for name, data in want.items():
+            assert _uncached_read(top / name) == data, name
+
+    d = Daemon(root, blob, index, gate, layer_file=(str(tar), offsets.tobytes()))
+    running = True
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(read_all, d.dir).result(timeout=30)
+            running = False
+            d.stop()
+            pool.submit(read_all, root / "mnt/layer1").result(timeout=30)
+    finally:
+        gate.set()
+        if running:
+            d.stop()
 
 
 def test_layers_no_snapshot_uses_are_released_after_a_restart(held) -> None:  # noqa: ANN001

@@ -403,7 +403,7 @@ def _scan_into(store: ChunkStore, blob: bytes, layer: str = "sha256:" + "ab" * 3
     """Scan ``blob`` writing a layer file of ``store``; adopt it. Returns (adopted, scan)."""
     pending = store.layer_file_target(layer, min_file)
     assert pending is not None
-    sc = native.Scanner(chunk_size=64 << 10, span_size=1 << 20, chunk_store=pending.target, hash_thread=hash_thread)
+    sc = native.Scanner(chunk_size=64 << 10, span_size=1 << 20, layer_file=pending.target, hash_thread=hash_thread)
     for k in range(0, len(blob), 100_000):  # chunks cross feeds
         sc.feed(blob[k:k + 100_000])
     r = sc.finish()
@@ -500,7 +500,7 @@ def test_a_scan_that_cannot_write_goes_on_and_says_why(tmp_path: Path) -> None:
     assert pending is not None
     ro = os.open(pending.tmp, os.O_RDONLY)
     try:
-        sc = native.Scanner(chunk_size=64 << 10, chunk_store=native.LayerFileTarget(ro, pending.target.budget))
+        sc = native.Scanner(chunk_size=64 << 10, layer_file=native.LayerFileTarget(ro, pending.target.budget))
         sc.feed(blob)
         r = sc.finish()
     finally:

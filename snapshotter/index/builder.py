@@ -45,11 +45,11 @@ from snapshotter.index.model import (
     LayerFormat,
     LayerInfo,
 )
-from snapshotter.native import ChunkTarget, LayerFileTarget, Scanner
+from snapshotter.native import LayerFileTarget, Scanner
 
 log = logging.getLogger(__name__)
 
-#: Takes in what a scan stored (``ScanResult.stored``, ``store_errno``): ChunkStore.adopt_scanned
+#: Takes in what a scan stored (``ScanResult.stored``, ``store_errno``): ChunkStore.adopt_layer_file
 StoredHook = Callable[[bytes, int], object]
 
 DEFAULT_SPAN = 4 << 20
@@ -59,11 +59,11 @@ _U32 = (1 << 32) - 1
 
 
 def make_scanner(*, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                 format: str | None = None, chunk_store: ChunkTarget | LayerFileTarget | None = None,
+                 format: str | None = None, layer_file: LayerFileTarget | None = None,
                  build_index: bool = False) -> Scanner:
     """The C scanner (``native.Scanner``) with this module's span and chunk size."""
     return Scanner(span_size=span, chunk_size=chunk_size, diff_id=diff_id, format=format,
-                   chunk_store=chunk_store, build_index=build_index)
+                   layer_file=layer_file, build_index=build_index)
 
 
 def clean_path(raw: bytes | str, *, what: str = "entry") -> str:
@@ -363,9 +363,9 @@ def index_bytes(scanner: Scanner, *, span: int = DEFAULT_SPAN, chunk_size: int =
     reference refuses) is built here by :func:`build_index`, the reference, which also
     words any error; raises _Declined instead when the scanner was made with
     ``build_index`` (it kept no entries). Raises IndexBuildError when ``expected_digest``
-    (what the manifest pinned) is not the blob's. ``stored`` gets the chunk files a
-    scanner made with ``chunk_store`` wrote (``ChunkStore.adopt_scanned``), whatever the
-    digest: each file holds exactly the bytes its name hashes. Worker thread."""
+    (what the manifest pinned) is not the blob's. ``stored`` gets where a scanner made
+    with ``layer_file`` wrote each chunk (``ChunkStore.adopt_layer_file``), whatever the
+    digest: each holds exactly the bytes its digest hashes. Worker thread."""
     from snapshotter.index.format import assemble, serialize_index
 
     scan = scanner.finish(index_chunk_size=chunk_size)
@@ -437,14 +437,14 @@ def index_file(path: str, *, span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT
 
 async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAULT_SPAN,
                              chunk_size: int = DEFAULT_CHUNK, diff_id: bool = False,
-                             expected_digest: str | None = None, chunk_store: ChunkTarget | LayerFileTarget | None = None,
+                             expected_digest: str | None = None, layer_file: LayerFileTarget | None = None,
                              stored: StoredHook | None = None,
                              again: Callable[[], AsyncIterator[bytes]] | None = None) -> bytes:
     """The serialized index of a layer arriving as an async byte stream (a registry blob
     GET); see :func:`index_bytes`. Raises IndexBuildError when ``expected_digest`` (what the
-    manifest pinned) is not the blob's. With ``chunk_store`` the scan also writes every
-    chunk it cuts (as chunk files, or into a layer file) and hands their records to ``stored``. With ``again`` (the same
-    bytes once more: the kept blob, or the registry) the scan keeps no entries, and a
+    manifest pinned) is not the blob's. With ``layer_file`` the scan also writes every
+    chunk it cuts into that file and hands their records to ``stored``. With ``again`` (the
+    same bytes once more: the kept blob, or the registry) the scan keeps no entries, and a
     layer C declines is scanned again from ``again()`` for the reference.
 
     Each ``feed`` inflates, parses and hashes the slice: hundreds of milliseconds of CPU
@@ -454,7 +454,7 @@ async def index_stream_bytes(stream: AsyncIterator[bytes], *, span: int = DEFAUL
     (one ``to_thread`` at a time), which the scanner requires."""
     import asyncio  # here: `lazysnap index FILE` starts ~25 ms sooner without it
 
-    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, chunk_store=chunk_store,
+    sc = make_scanner(span=span, chunk_size=chunk_size, diff_id=diff_id, layer_file=layer_file,
                       build_index=again is not None)
     async for block in stream:
         if block:

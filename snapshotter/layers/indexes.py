@@ -258,7 +258,7 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
             pending = await asyncio.to_thread(store.layer_file_target, layer_digest, opts.store_streamed_min_file_bytes)
         adopt = functools.partial(store.adopt_layer_file, pending) if store and pending else None
         data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
-                                        expected_digest=layer_digest, chunk_store=pending and pending.target,
+                                        expected_digest=layer_digest, layer_file=pending and pending.target,
                                         stored=adopt, again=again)
         if fobj is not None:
             fobj.close()

@@ -334,17 +334,6 @@ class ChunkStore:
             raise failed
         return new
 
-    def scan_target(self, min_file: int = 0) -> native.ChunkTarget | None:
-        """Where a scan may write the chunks it cuts (``native.Scanner(chunk_store=)``) of
-        files of at least ``min_file`` bytes, with the room left under the limit as its
-        budget; None when there is none."""
-        with self._lock:
-            room = (1 << 62) if self.limit is None else self.limit - self._total - self._held
-        if room <= 0:
-            return None
-        tag = f"{os.getpid()}.{threading.get_ident()}.{next(_counter)}"
-        return native.ChunkTarget(self._chunks_s, self._tmp_s, tag, _FSYNC_CODES[self.fsync], room, min_file)
-
     def layer_file_target(self, layer: str, min_file: int = 0) -> PendingLayerFile | None:
         """A layer file for the scan of ``layer`` to write the chunks it cuts of files of at
         least ``min_file`` bytes into, with the room left under the limit as its budget;
@@ -427,27 +416,6 @@ class ChunkStore:
             return None
         where = {d: offset for d, offset, _ in record.extents}
         return path, array.array("Q", (where.get(d, _NOT_IN_FILE) for d in digests)).tobytes()
-
-    def adopt_scanned(self, stored: bytes, errno_: int) -> int:
-        """Take in the chunk files a scan wrote (``ScanResult.stored``): verified, since the
-        scan hashed the very bytes it wrote. Nothing is evicted here: the layer that asked
-        pins them next, and the scan kept within the room it was given. Returns how many
-        were new to the store."""
-        new = 0
-        doubled: list[bytes | str] = []  # lodged in a backing file already: one copy is enough
-        with self._lock:
-            for _, length, digest in native.iter_chunk_records(stored):
-                if digest in self._lodged:
-                    doubled.append(digest)
-                    continue
-                new += self._count_locked(digest, length)
-                self._mark_verified(digest)
-            metrics.STORED_BYTES.set(self._total)
-        self._unlink(doubled)
-        self._note_stop(new, errno_, self._chunks_s)
-        if new and not errno_:
-            self._note_write(None)
-        return new
 
     def _note_stop(self, stored: int, errno_: int, path: str) -> None:
         """Why a scan stopped storing what it cut (its ``store_errno``), if it did."""
