@@ -216,7 +216,7 @@ async def test_a_first_start_without_a_profile_is_recorded_by_the_daemon(tmp_pat
     await mgr2._images[MANIFEST]
     codec = layer2.fetcher.codec
     assert all(mgr2.store.has(codec.digest(c)) for c in prof.layers[0].ordered_chunks())
-    assert not mgr2.recorder._recordings and not mgr2._recordings
+    assert not mgr2.recorder._recordings and not mgr2._background
     await asyncio.sleep(2 * opts.record_first_start_s)
     assert P.load(tmp_path / "b" / "root", MANIFEST).recordings == 1
     await mgr.close()

@@ -36,6 +36,7 @@ from snapshotter.index.model import Chunk, LayerInfo
 from snapshotter.index.reader import SpanPlan
 from snapshotter.store import ChunkStore
 from snapshotter.log import get_logger
+from snapshotter.tasks import TaskSet
 
 log = get_logger("lazysnap.fetch")
 
@@ -229,7 +230,7 @@ class LayerFetcher:
         self.source = source
         self.sequential_only = sequential_only
         self._inflight: dict[int, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(f"fetch {key}")  # spans being fetched, prefetches, a layer's stream
         self.failed: str | None = None
         self.on_complete: Callable[[], None] | None = None
         self.bytes_fetched = 0
@@ -328,10 +329,7 @@ class LayerFetcher:
 
     def prefetch(self, chunk_ids: Sequence[int], priority: Priority = Priority.PREFETCH) -> asyncio.Task[None]:
         """Fire-and-forget ``ensure`` at a lower priority (for the profile prefetcher)."""
-        task = asyncio.get_running_loop().create_task(self._quiet(chunk_ids, priority))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(self._quiet(chunk_ids, priority), name=f"prefetch {self.key}", report=False)
 
     async def fetch_all(self, priority: Priority = Priority.BACKGROUND) -> None:
         await self.ensure(range(self.codec.chunk_count), priority)
@@ -347,8 +345,7 @@ class LayerFetcher:
         log.error("layer_quarantined", layer=self.key, reason=reason)
 
     def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         self.codec.close()
 
     # -- internals --------------------------------------------------------------------------
@@ -397,9 +394,7 @@ class LayerFetcher:
                 if not job_futs:
                     continue
                 job = _Job(list(job_futs), priority, job_futs)
-                task = loop.create_task(self._run(plan, job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._run(plan, job), name=f"fetch {self.key}")
         futs += [self._inflight[c] for c in new if c in self._inflight]
         return futs
 
@@ -417,9 +412,7 @@ class LayerFetcher:
             log.info("layer_streamed", layer=self.key, reason="sequential_only",
                      note="no random access (single-frame zstd or no checkpoints): streaming the layer "
                           "once from the start into the store")
-            self._stream_task = loop.create_task(self._stream(priority))
-            self._tasks.add(self._stream_task)
-            self._stream_task.add_done_callback(self._tasks.discard)
+            self._stream_task = self._tasks.spawn(self._stream(priority), name=f"stream {self.key}")
         return futs
 
     async def _stream(self, priority: Priority) -> None:

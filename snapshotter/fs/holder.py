@@ -46,6 +46,7 @@ from snapshotter.fs.mount import (DAEMON_SOCKET, HOLDER_LOCK, HOLDER_SOCKET, MOU
                                   mount_device, release_layer, unmount_stale, wait_initialized)
 from snapshotter.fsutil import FILE_MODE, prepare_socket, private_dirs
 from snapshotter.log import get_logger
+from snapshotter.tasks import TaskSet
 
 log = get_logger("lazysnap.holder")
 
@@ -455,15 +456,11 @@ async def _accept(listener: socket.socket, holder: Holder) -> None:
     """Accept connections on the holder's socket; each is handled in a task of its own
     (cancelled with this one)."""
     loop = asyncio.get_running_loop()
-    conns: set[asyncio.Task[None]] = set()
+    conns = TaskSet("fuse-holder")
     try:
         while True:
             conn, _ = await loop.sock_accept(listener)
             conn.setblocking(False)
-            task = loop.create_task(holder.attach(conn), name="fuse-holder-conn")
-            conns.add(task)
-            task.add_done_callback(conns.discard)
+            conns.spawn(holder.attach(conn), name="fuse-holder-conn")
     finally:
-        for task in conns:
-            task.cancel()
-        await asyncio.gather(*conns, return_exceptions=True)
+        await conns.aclose()

@@ -45,6 +45,7 @@ from snapshotter.fs.tree import LayerTree
 from snapshotter.fsutil import private_dirs
 from snapshotter.log import get_logger
 from snapshotter.store import ChunkStore
+from snapshotter.tasks import TaskSet
 
 if TYPE_CHECKING:
     from snapshotter.fs.holderlink import HolderLink
@@ -218,7 +219,7 @@ class LazyFS:
         self._next_slot = 1
         self._backend: FuseBackend | None = None
         self._store: ChunkStore | None = None
-        self._serving: set[asyncio.Task[None]] = set()
+        self._serving = TaskSet("fuse")  # forwarded reads being answered
         self._slot_added = asyncio.Event()  # set (and replaced) whenever a layer is added
         self._chunk_hits = 0
         self._session_fd: int | None = None  # with a holder: our copy of its /dev/fuse fd
@@ -275,9 +276,7 @@ class LazyFS:
             self._store.unwatch_verified(backend.mark_verified)
             self._store.unwatch_verified(self._chunks_verified)
             self._store = None
-        for task in list(self._serving):
-            task.cancel()
-        await asyncio.gather(*self._serving, return_exceptions=True)
+        await self._serving.aclose()
         self._count_hits(backend)
         metrics.FUSE.detach(id(self), backend.counters())
         if self.holder is None and self._layers:
@@ -633,9 +632,7 @@ class LazyFS:
         if backend is None:
             return
         for token, ino, off, size in misses:
-            task = asyncio.get_running_loop().create_task(self._serve(backend, token, ino, off, size))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+            self._serving.spawn(self._serve(backend, token, ino, off, size), name="fuse-read")
 
     def _on_accesses(self, accesses: Accesses) -> None:
         self._note(accesses)

@@ -47,6 +47,7 @@ from snapshotter.registry.reference import places
 from snapshotter.registry.signatures import Voucher, load_private_key, load_public_keys, push_signature
 from snapshotter.service.provider import ProviderError, RemoteLayerRequest
 from snapshotter.store import ChunkStore, PruneResult
+from snapshotter.tasks import TaskSet
 
 if TYPE_CHECKING:
     import grpc
@@ -88,7 +89,7 @@ class LazyLayerProvider:
         self.options = (options or LazyOptions()).validate()
         self._keys = load_public_keys(self.options.trusted_keys)
         self._signer = load_private_key(self.options.publish_sign_key) if self.options.publish_sign_key else None
-        self._publishing: set[asyncio.Task[None]] = set()  # built indexes being pushed
+        self._background = TaskSet("provider")  # layers being prepared, indexes pushed, layers verified
         self.client = client
         self.store = ChunkStore(self.root, limit_bytes=self.options.store_limit_bytes,
                                 fsync=self.options.fsync)  # type: ignore[arg-type]
@@ -210,12 +211,9 @@ class LazyLayerProvider:
 
     async def _close(self) -> None:
         await self.profiles.close()
-        for task in [*self._tasks.values(), *self._publishing]:
-            task.cancel()
         for layer in list(self._layers.values()):
             layer.fetcher.close()
-            if layer.verify_task is not None:
-                layer.verify_task.cancel()
+        await self._background.aclose()
         if self._started:
             await self.fs.stop()
             self._started = False
@@ -365,9 +363,7 @@ class LazyLayerProvider:
         task = self._tasks.get(digest)
         if task is not None and not (task.done() and (task.cancelled() or task.exception() is not None)):
             return
-        task = asyncio.get_running_loop().create_task(self._prepare(image, digest), name=f"layer-{digest[:19]}")
-        task.add_done_callback(_quiet)
-        self._tasks[digest] = task
+        self._tasks[digest] = self._background.spawn(self._prepare(image, digest), name=f"layer-{digest[:19]}")
 
     async def _prepare(self, image: _Image, digest: str) -> ProvidedLayer:
         existing = self._layers.get(digest)
@@ -396,10 +392,7 @@ class LazyLayerProvider:
             idx = await indexes.build_by_streaming(self.client, ref, digest, self.options, self.root, keep, store)
             indexes.INDEX_SOURCES.labels("built").inc()
             if self.options.publish_built_indexes:  # in the background: Prepare does not wait for it
-                task = asyncio.get_running_loop().create_task(self._publish(image, digest),
-                                                              name=f"publish-{digest[:19]}")
-                self._publishing.add(task)
-                task.add_done_callback(self._publishing.discard)
+                self._background.spawn(self._publish(image, digest), name=f"publish-{digest[:19]}")
             return await self._register(digest, ref, idx, "built", verified=True, local_blob=keep)
 
     async def _prepare_whole(self, ref: str, digest: str, size: int) -> ProvidedLayer:
@@ -514,8 +507,7 @@ class LazyLayerProvider:
             return None
         if layer.verify_task is None or (layer.verify_task.done() and not layer.verify_task.cancelled()
                                          and layer.verify_task.exception() is not None):
-            layer.verify_task = asyncio.get_running_loop().create_task(self._do_verify(layer))
-            layer.verify_task.add_done_callback(_quiet)
+            layer.verify_task = self._background.spawn(self._do_verify(layer), name=f"verify-{layer.digest[:19]}")
         return layer.verify_task  # type: ignore[return-value]
 
     async def check_complete(self, layer: ProvidedLayer) -> bool:
@@ -614,11 +606,6 @@ def _reason(exc: BaseException) -> str:
     return {"NotFoundError": "not_found", "AuthError": "auth", "UnavailableError": "registry_unavailable",
             "DigestMismatchError": "digest_mismatch", "IndexBuildError": "index_build_failed",
             "CorruptLayerError": "corrupt_layer", "UnknownFormatError": "unknown_format"}.get(name, "provider_error")
-
-
-def _quiet(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("layer_task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 def _unmount_at_exit(mountpoint: str) -> None:

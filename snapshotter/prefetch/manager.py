@@ -34,6 +34,7 @@ from snapshotter.prefetch.profile import Profile, ProfileError, dumps, load, mer
 from snapshotter.prefetch.publish import build_pack, publish_profile
 from snapshotter.prefetch.recorder import AccessRecorder
 from snapshotter.registry.signatures import Voucher
+from snapshotter.tasks import TaskSet
 
 log = get_logger("lazysnap.prefetch")
 LAYER_WAIT_S = 600.0
@@ -89,7 +90,7 @@ class ProfileManager:
         self._fills: dict[str, asyncio.Task[None]] = {}
         self._progress: dict[str, background.FillProgress] = {}  # by layer, for status
         self._layer_tasks: dict[str, set[asyncio.Task[Any]]] = {}
-        self._recordings: set[asyncio.Task[None]] = set()  # first starts being recorded
+        self._background = TaskSet("prefetch")  # images' prefetches, layers' fills, first starts recorded
 
     # -- provider events ------------------------------------------------------------------------
     def image_started(self, ref: str, manifest: str | None, layers: Sequence[str]) -> None:
@@ -98,8 +99,8 @@ class ProfileManager:
         task = self._images.get(key)
         if task is not None and not task.done():
             return
-        self._images[key] = asyncio.get_running_loop().create_task(self._run_image(ref, manifest, list(layers)),
-                                                                    name=f"prefetch-{key[:24]}")
+        self._images[key] = self._background.spawn(self._run_image(ref, manifest, list(layers)),
+                                                   name=f"prefetch-{key[:24]}")
 
     def layer_ready(self, digest: str) -> None:
         """The layer is registered (its ``LayerData`` got ``recorder.hook`` as access hook)."""
@@ -138,11 +139,11 @@ class ProfileManager:
         return self._progress.get(digest)
 
     async def close(self) -> None:
-        tasks = [*self._images.values(), *self._fills.values(), *self._recordings,
-                 *(t for s in self._layer_tasks.values() for t in s)]
-        for t in tasks:
+        tracked = [t for s in self._layer_tasks.values() for t in s]
+        for t in tracked:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._background.aclose()
+        await asyncio.gather(*tracked, return_exceptions=True)
         self.recorder.close_windows()
 
     # -- one image ------------------------------------------------------------------------------
@@ -351,8 +352,7 @@ class ProfileManager:
         if task is not None and not task.done():
             return
         progress = self._progress[digest] = background.FillProgress()
-        self._fills[digest] = asyncio.get_running_loop().create_task(self._fill(digest, progress),
-                                                                     name=f"fill-{digest[:19]}")
+        self._fills[digest] = self._background.spawn(self._fill(digest, progress), name=f"fill-{digest[:19]}")
 
     async def _fill(self, digest: str, progress: background.FillProgress) -> None:
         layer = await self._wait_layer(digest)
@@ -442,9 +442,7 @@ class ProfileManager:
             except Exception as exc:  # noqa: BLE001 - a profile that cannot be saved never fails a start
                 log.warning("profile_recording_failed", image=ref, manifest=manifest, error=str(exc)[:300])
 
-        task = asyncio.get_running_loop().create_task(finish(), name=f"record-{recording}")
-        self._recordings.add(task)
-        task.add_done_callback(self._recordings.discard)
+        self._background.spawn(finish(), name=f"record-{recording}")
 
     async def _publish(self, ref: str, profile: Profile) -> None:
         """Push a recorded profile, with the pack of its chunks, signed (as ``profile push``)."""
