@@ -697,7 +697,11 @@ def test_the_c_core_and_python_share_one_binary_contract() -> None:
     from snapshotter import _fuse
     from snapshotter.fs import compiled
 
-    assert (_fuse.TREE_HEADER_SIZE, _fuse.TREE_NODE_SIZE, _fuse.TREE_CHILD_SIZE, _fuse.TREE_XATTR_SIZE,
-            _fuse.INDEX_ENTRY_RECORD_SIZE) == (compiled.HEADER.size, compiled.NODE.size, compiled.CHILD.size,
-                                               compiled.XATTR.size, ENTRY_RECORD.size)
+    assert _fuse.INDEX_ENTRY_RECORD_SIZE == ENTRY_RECORD.size
+    for name, record in (("header", compiled.HEADER), ("node", compiled.NODE), ("child", compiled.CHILD),
+                         ("xattr", compiled.XATTR)):  # Python packs what C declares, field by field
+        size, fields = _fuse.TREE_LAYOUT[name]
+        assert record.size == size and record.fields == tuple(f[0] for f in fields)
+        assert [record.offset(f[0]) for f in fields] == [f[1] for f in fields]
+    assert compiled.NODE.offset("mtime_ns") == 8 and compiled.NODE.size == 88  # the blob format, version 1
     assert _core.CHECKPOINT_KINDS == {k.name: k.value for k in CheckpointKind}

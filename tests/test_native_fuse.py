@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter import _fuse
-from snapshotter.fs.compiled import HEADER, compile_tree
+from snapshotter.fs.compiled import HEADER, NODE, compile_tree
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index.builder import index_file
 from snapshotter.index.format import IndexFile, write_index
@@ -228,8 +228,8 @@ def test_bad_trees_are_refused(fs, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="size does not match"):
         session.add_layer(2, "short", bytes(blob[:-1]), digests, str(store.chunks_dir), CHUNK)
     bad = bytearray(blob)
-    node1 = HEADER.size + 88  # node 1 (root): its parent field points past the table
-    bad[node1 + 48:node1 + 52] = (10**6).to_bytes(4, "little")
+    parent = HEADER.size + NODE.size + NODE.offset("parent")  # node 1 (root): points past the table
+    bad[parent:parent + 4] = (10**6).to_bytes(4, "little")
     with pytest.raises(ValueError, match="out of range"):
         session.add_layer(3, "bad", bytes(bad), digests, str(store.chunks_dir), CHUNK)
     with pytest.raises(ValueError, match="file chunks out of range"):

@@ -256,8 +256,8 @@ _GONE = ["old", "stale"]  # whiteout targets that no real entry uses
 def _masked(blob: bytes) -> bytes:
     """The blob without the node field only the C builder fills (a file's record + 1)."""
     out = bytearray(blob)
-    for local in range(HEADER.unpack_from(out)[2]):
-        struct.pack_into("<I", out, HEADER.size + (local + 1) * NODE.size - 4, 0)
+    for local in range(HEADER.get(out, 0, "n_nodes")):
+        struct.pack_into("<I", out, HEADER.size + local * NODE.size + NODE.offset("record"), 0)
     return bytes(out)
 
 

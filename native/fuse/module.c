@@ -5,6 +5,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stddef.h>
 #include <unistd.h>
 
 #include "fastfs.h"
@@ -575,6 +576,76 @@ static PyMethodDef fuse_functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* ------------------------------------------------------------------ the tree blob's layout */
+
+/* A field of a tree record as Python packs it: name, offset, size, signed. The records are
+ * declared once, in fastfs.h; snapshotter/fs/compiled.py builds its struct formats from
+ * these (TREE_LAYOUT), so a field added, moved or widened there reaches Python by itself. */
+typedef struct {
+    const char *name;
+    size_t offset, size;
+    int is_signed;
+} tree_field;
+
+#define SIGNED(x) _Generic((x), int8_t: 1, int16_t: 1, int32_t: 1, int64_t: 1, default: 0)
+#define FIELD(T, m) {#m, offsetof(T, m), sizeof(((T *)0)->m), SIGNED(((T *)0)->m)}
+
+static const tree_field header_fields[] = {
+    FIELD(lzt_header, magic),    FIELD(lzt_header, version),  FIELD(lzt_header, n_nodes),
+    FIELD(lzt_header, n_children), FIELD(lzt_header, n_xattrs), FIELD(lzt_header, pad),
+    FIELD(lzt_header, strings_len), {NULL, sizeof(lzt_header), 0, 0},
+};
+static const tree_field node_fields[] = {
+    FIELD(lzt_node, size),        FIELD(lzt_node, mtime_ns),    FIELD(lzt_node, rdev),
+    FIELD(lzt_node, first_chunk), FIELD(lzt_node, mode),        FIELD(lzt_node, uid),
+    FIELD(lzt_node, gid),         FIELD(lzt_node, nlink),       FIELD(lzt_node, parent),
+    FIELD(lzt_node, child_start), FIELD(lzt_node, child_count), FIELD(lzt_node, xattr_start),
+    FIELD(lzt_node, xattr_count), FIELD(lzt_node, target_off),  FIELD(lzt_node, target_len),
+    FIELD(lzt_node, chunk_count), FIELD(lzt_node, flags),       FIELD(lzt_node, record),
+    {NULL, sizeof(lzt_node), 0, 0},
+};
+static const tree_field child_fields[] = {
+    FIELD(lzt_child, name_off), FIELD(lzt_child, name_len), FIELD(lzt_child, child),
+    {NULL, sizeof(lzt_child), 0, 0},
+};
+static const tree_field xattr_fields[] = {
+    FIELD(lzt_xattr, name_off), FIELD(lzt_xattr, name_len), FIELD(lzt_xattr, value_off),
+    FIELD(lzt_xattr, value_len), {NULL, sizeof(lzt_xattr), 0, 0},
+};
+
+/* (size, ((name, offset, size, signed), ...)) of one record; the sentinel carries the size */
+static PyObject *record_layout(const tree_field *f)
+{
+    PyObject *fields = PyList_New(0);
+    if (!fields)
+        return NULL;
+    for (; f->name; f++) {
+        PyObject *t = Py_BuildValue("(snnO)", f->name, (Py_ssize_t)f->offset, (Py_ssize_t)f->size,
+                                    f->is_signed ? Py_True : Py_False);
+        if (!t || PyList_Append(fields, t)) {
+            Py_XDECREF(t);
+            Py_DECREF(fields);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    PyObject *tuple = PyList_AsTuple(fields);
+    Py_DECREF(fields);
+    return tuple ? Py_BuildValue("(nN)", (Py_ssize_t)f->offset, tuple) : NULL;
+}
+
+static int add_tree_layout(PyObject *m)
+{
+    PyObject *d = Py_BuildValue("{sNsNsNsN}", "header", record_layout(header_fields), "node",
+                                record_layout(node_fields), "child", record_layout(child_fields), "xattr",
+                                record_layout(xattr_fields));
+    if (!d)
+        return -1;
+    int r = PyModule_AddObjectRef(m, "TREE_LAYOUT", d);
+    Py_DECREF(d);
+    return r;
+}
+
 static int fuse_exec(PyObject *m)
 {
     PyObject *t = PyType_FromModuleAndSpec(m, &Session_spec, NULL);
@@ -583,13 +654,10 @@ static int fuse_exec(PyObject *m)
         return -1;
     }
     Py_DECREF(t);
-    /* the tree blob's records and the index entry record the tree builder reads, by size:
-     * snapshotter/fs/compiled.py refuses an extension that lays them out differently */
-    return PyModule_AddIntConstant(m, "TREE_MAGIC", LZT_MAGIC) || PyModule_AddIntConstant(m, "NODE_PYDATA", LZT_NODE_PYDATA) ||
-           PyModule_AddIntConstant(m, "TREE_HEADER_SIZE", sizeof(lzt_header)) ||
-           PyModule_AddIntConstant(m, "TREE_NODE_SIZE", sizeof(lzt_node)) ||
-           PyModule_AddIntConstant(m, "TREE_CHILD_SIZE", sizeof(lzt_child)) ||
-           PyModule_AddIntConstant(m, "TREE_XATTR_SIZE", sizeof(lzt_xattr)) ||
+    /* the tree blob's records (TREE_LAYOUT), and the size of the index entry record the
+     * tree builder reads: snapshotter/fs/compiled.py refuses an extension that disagrees */
+    return add_tree_layout(m) || PyModule_AddIntConstant(m, "TREE_MAGIC", LZT_MAGIC) ||
+           PyModule_AddIntConstant(m, "NODE_PYDATA", LZT_NODE_PYDATA) ||
            PyModule_AddIntConstant(m, "INDEX_ENTRY_RECORD_SIZE", LZT_ENTRY_SIZE);
 }
 

@@ -25,7 +25,6 @@ import hashlib
 import os
 import shutil
 import stat
-import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,11 +40,6 @@ from snapshotter.store.lodging import SUFFIX, record_path
 
 log = get_logger("lazysnap.fs")
 
-# a compiled node (``compiled.NODE``): size, mtime_ns, rdev, first_chunk, mode, ...;
-# chunk_count and flags are its 12th and 13th u32
-_NODE_HEAD = struct.Struct("<QqQQI")
-_COUNT_FLAGS = struct.Struct("<II")
-_COUNT_AT = 4 * 8 + 11 * 4
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,18 +56,19 @@ def candidates(blob: bytes, min_bytes: int) -> list[Candidate]:
     """The regular files of a compiled tree (``snapshotter.fs.compiled``) of at least
     ``min_bytes``, biggest first: the files worth a backing file. Sparse files are left
     out (their bytes are not their chunks back to back)."""
-    nodes = HEADER.unpack_from(blob)[2]
+    nodes = HEADER.get(blob, 0, "n_nodes")
     out: list[Candidate] = []
     view = memoryview(blob)
+    get = NODE.get
     for local in range(1, nodes):
         at = HEADER.size + local * NODE.size
-        size, _mtime, _rdev, first_chunk, mode = _NODE_HEAD.unpack_from(view, at)
-        if size < min_bytes or not stat.S_ISREG(mode):
+        size = get(view, at, "size")
+        if size < min_bytes or not stat.S_ISREG(get(view, at, "mode")):
             continue
-        count, flags = _COUNT_FLAGS.unpack_from(view, at + _COUNT_AT)
-        if flags & NODE_PYDATA or count == 0:
+        count = get(view, at, "chunk_count")
+        if get(view, at, "flags") & NODE_PYDATA or count == 0:
             continue
-        out.append(Candidate(local, size, first_chunk, count))
+        out.append(Candidate(local, size, get(view, at, "first_chunk"), count))
     out.sort(key=lambda c: c.size, reverse=True)
     return out
 
