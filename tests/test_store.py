@@ -532,3 +532,24 @@ def test_lodging_records_say_where_each_chunk_is() -> None:
         lodging.LodgingRecord.at(1000, [(a, 950, 100)])
     with pytest.raises(ValueError):
         lodging.LodgingRecord.decode(rec.encode()[:-1])
+
+
+def test_the_verified_mirror_holds_chunk_files_only(tmp_path: Path) -> None:
+    """What the C filesystem may read by digest path: a chunk moved into a layer file leaves
+    the mirror (its file is gone), and a layer file's chunks never enter it."""
+    blob, chunks = _scanned_layer(tmp_path, 12)
+    store = ChunkStore(tmp_path / "store")
+    first = next(iter(chunks))
+    store.put(first, chunks[first], verified=True)
+    mirror: set[bytes] = set()
+    store.watch_verified(lambda ds: mirror.update(ds[i:i + 32] for i in range(0, len(ds), 32)),
+                         lambda ds: mirror.difference_update(ds[i:i + 32] for i in range(0, len(ds), 32)))
+    assert mirror == {first}
+    _scan_into(store, blob)
+    assert mirror == set() and store.local_share(chunks, [len(v) for v in chunks.values()]).verified == len(chunks)
+    other, data = _chunk(77)
+    store.put(other, data, verified=True)
+    assert mirror == {other}
+    late: set[bytes] = set()
+    store.watch_verified(lambda ds: late.update(ds[i:i + 32] for i in range(0, len(ds), 32)), lambda ds: None)
+    assert late == {other}

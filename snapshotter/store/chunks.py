@@ -562,8 +562,8 @@ class ChunkStore:
         with self._lock:
             self.corrupt += 1
             if self._lodged.get(digest) is lodging:
-                del self._lodged[digest]
                 self._unmark_verified(digest)
+                del self._lodged[digest]
         return False
 
     def _retire(self, fd: int) -> None:
@@ -743,14 +743,17 @@ class ChunkStore:
         for digest, offset, size in record.extents:
             if digest in self._lodged:
                 continue
+            if digest in self._verified:  # its chunk file goes: C stops reading it by path
+                for _, dropped in self._watchers:
+                    dropped(digest)
             self._lodged[digest] = _Lodging(key, offset, size)
             mine.append(digest)
             if self._forget_file_locked(digest):
                 victims.append(digest)
             if verified:
-                self._mark_verified(digest)
+                self._verified.add(digest)
             else:
-                self._unmark_verified(digest)
+                self._verified.discard(digest)
         self._lodgings[key] = _LodgingFile(mine, record.size, held)
         if held:
             self._held += record.size
@@ -799,8 +802,8 @@ class ChunkStore:
         for digest in entry.digests if entry is not None else ():
             lodged = self._lodged.get(digest)
             if lodged is not None and lodged.path == key:
-                del self._lodged[digest]
                 self._unmark_verified(digest)
+                del self._lodged[digest]
         fd = self._fds.pop(key, None)
         if fd is not None:
             self._retire(fd)
@@ -995,23 +998,28 @@ class ChunkStore:
     def _mark_verified(self, digest: bytes) -> None:
         if digest not in self._verified:
             self._verified.add(digest)
-            for added, _ in self._watchers:
-                added(digest)
+            if digest not in self._lodged:  # the mirror holds chunk files only (see watch_verified)
+                for added, _ in self._watchers:
+                    added(digest)
 
     def _unmark_verified(self, digest: bytes) -> None:
         if digest in self._verified:
             self._verified.discard(digest)
-            for _, dropped in self._watchers:
-                dropped(digest)
+            if digest not in self._lodged:  # a lodged chunk left the mirror when it was lodged
+                for _, dropped in self._watchers:
+                    dropped(digest)
 
     def watch_verified(self, added: Callable[[bytes], None], dropped: Callable[[bytes], None]) -> None:
-        """Mirror the set of chunks this process has verified on disk: ``added`` gets the
-        current set at once (digests joined), then each new one; ``dropped`` each one that
-        leaves (evicted, found damaged). Callbacks run under the store's lock: keep them short."""
+        """Mirror the chunk files this process has verified (what the C filesystem may read by
+        digest path): ``added`` gets the current set at once (digests joined), then each new
+        one; ``dropped`` each one that leaves (evicted, found damaged, moved into a lodging
+        file, whose chunks C reads only where it is told: a layer's layer file, a file's
+        backing file). Callbacks run under the store's lock: keep them short."""
         with self._lock:
             self._watchers.append((added, dropped))
-            if self._verified:
-                added(b"".join(self._verified))
+            files = b"".join(d for d in self._verified if d not in self._lodged)
+            if files:
+                added(files)
 
     def unwatch_verified(self, added: Callable[[bytes], None]) -> None:
         with self._lock:
