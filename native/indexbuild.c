@@ -784,20 +784,20 @@ static int serialize(builder *b, int level)
             break;
         }
         uint8_t rec[LZ_INDEX_ENTRY_RECORD];
-        put32(rec, i ? N(b, n->parent)->rec : 0);
-        put32(rec + 4, name_off);
-        put16(rec + 8, (uint16_t)n->name_len);
-        rec[10] = (uint8_t)n->type;
-        rec[11] = flags;
-        put16(rec + 12, n->mode);
-        put32(rec + 14, n->uid);
-        put32(rec + 18, n->gid);
-        put64(rec + 22, n->size);
-        put64(rec + 30, (uint64_t)n->mtime_ns);
-        put64(rec + 38, n->type == ET_REG ? n->data : 0);
-        put32(rec + 46, a);
-        put32(rec + 50, bb);
-        put32(rec + 54, extra);
+        put32(rec + LZ_IE_parent, i ? N(b, n->parent)->rec : 0);
+        put32(rec + LZ_IE_name_off, name_off);
+        put16(rec + LZ_IE_name_len, (uint16_t)n->name_len);
+        rec[LZ_IE_type] = (uint8_t)n->type;
+        rec[LZ_IE_flags] = flags;
+        put16(rec + LZ_IE_mode, n->mode);
+        put32(rec + LZ_IE_uid, n->uid);
+        put32(rec + LZ_IE_gid, n->gid);
+        put64(rec + LZ_IE_size, n->size);
+        put64(rec + LZ_IE_mtime_ns, (uint64_t)n->mtime_ns);
+        put64(rec + LZ_IE_data_offset, n->type == ET_REG ? n->data : 0);
+        put32(rec + LZ_IE_a, a);
+        put32(rec + LZ_IE_b, bb);
+        put32(rec + LZ_IE_extra, extra);
         if (lz_buf_append(&bs->recs, rec, sizeof rec)) {
             r = lz_nomem(&b->err);
             break;

@@ -10,16 +10,13 @@
 #ifndef LZ_INDEXBUILD_H
 #define LZ_INDEXBUILD_H
 
+#include "indexrecord.h"
 #include "lz.h"
 #include "tar.h"
 
 /* The index's binary records (format.py ENTRY, CHUNK, BLOCK_RECORDS; snapshotter.native
- * refuses a core whose sizes differ). An entry record, little-endian: u32 parent record,
- * u32 name offset and u16 name length in its block's string area, u8 type, u8 flags, u16
- * mode, u32 uid, u32 gid, u64 size, i64 mtime_ns, u64 data offset, u32 a, u32 b (first
- * chunk and count; child block; device numbers; symlink target offset and length; hard
- * link target record), u32 extras offset (0xFFFFFFFF: none). */
-#define LZ_INDEX_ENTRY_RECORD 58
+ * refuses a core that lays them out differently). The entry record: indexrecord.h. */
+#define LZ_INDEX_ENTRY_RECORD LZ_IE_SIZE
 #define LZ_INDEX_CHUNK_RECORD 44  /* u64 offset, u32 length, SHA-256 */
 #define LZ_INDEX_BLOCK_RECORDS 256
 #define LZ_INDEX_MAX_NAME 4096

@@ -899,6 +899,18 @@ static int core_exec(PyObject *m)
         PyModule_AddIntConstant(m, "INDEX_CHUNK_RECORD_SIZE", LZ_INDEX_CHUNK_RECORD) ||
         PyModule_AddIntConstant(m, "INDEX_BLOCK_RECORDS", LZ_INDEX_BLOCK_RECORDS))
         return -1;
+    /* the index entry record field by field (indexrecord.h), for snapshotter.native to check
+     * against index.model's ENTRY_RECORD / ENTRY_FIELDS */
+#define LZ_IE_TUPLE_(name, off, bytes, sign) "(siii)"
+#define LZ_IE_ARGS_(name, off, bytes, sign) , #name, off, bytes, sign
+    PyObject *layout = Py_BuildValue("(" LZ_IE_FIELDS(LZ_IE_TUPLE_) ")" LZ_IE_FIELDS(LZ_IE_ARGS_));
+#undef LZ_IE_TUPLE_
+#undef LZ_IE_ARGS_
+    if (!layout || PyModule_AddObjectRef(m, "INDEX_ENTRY_LAYOUT", layout)) {
+        Py_XDECREF(layout);
+        return -1;
+    }
+    Py_DECREF(layout);
     /* the enums the scan results carry, by name: snapshotter.native checks them against
      * index.model's EntryType and CheckpointKind */
     static const struct { const char *name; int value; } entry_types[] = {

@@ -6,6 +6,7 @@ The C side does the byte work with the GIL released; this module only names thin
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
@@ -14,6 +15,7 @@ from snapshotter import _core
 from snapshotter.index.model import (  # re-exported
     CHUNK_RECORD,
     ENTRY_BLOCK_RECORDS,
+    ENTRY_FIELDS,
     ENTRY_RECORD,
     INDEX_CHUNK_RECORD,
     CheckpointKind,
@@ -33,6 +35,20 @@ _PY_ENUMS = ({t.name: t.value for t in EntryType}, {k.name: k.value for k in Che
 if (_core.ENTRY_TYPES, _core.CHECKPOINT_KINDS) != _PY_ENUMS:
     raise ImportError(f"snapshotter._core numbers entry types and checkpoint kinds "
                       f"{_core.ENTRY_TYPES} {_core.CHECKPOINT_KINDS}; Python has {_PY_ENUMS[0]} {_PY_ENUMS[1]}")
+
+def _fields(record: struct.Struct, names: tuple[str, ...]) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, offset, bytes, signed) of each field of a packed little-endian record."""
+    out, at = [], 0
+    for name, code in zip(names, record.format.lstrip("<"), strict=True):
+        width = struct.calcsize("<" + code)
+        out.append((name, at, width, int(code.islower() and code not in "x")))
+        at += width
+    return tuple(out)
+
+
+if _core.INDEX_ENTRY_LAYOUT != _fields(ENTRY_RECORD, ENTRY_FIELDS):
+    raise ImportError(f"snapshotter._core lays out the index entry record as {_core.INDEX_ENTRY_LAYOUT}; "
+                      f"Python has {_fields(ENTRY_RECORD, ENTRY_FIELDS)}")
 if _C_LAYOUT != _PY_LAYOUT:
     raise ImportError(f"snapshotter._core was built for layouts {_C_LAYOUT} (scan chunk record, window, sparse "
                       f"segments, index entry record, index chunk record, records per block); Python has "

@@ -698,6 +698,10 @@ def test_the_c_core_and_python_share_one_binary_contract() -> None:
     from snapshotter.fs import compiled
 
     assert _fuse.INDEX_ENTRY_RECORD_SIZE == ENTRY_RECORD.size
+    from snapshotter.index.model import ENTRY_FIELDS
+
+    assert tuple(f[0] for f in _core.INDEX_ENTRY_LAYOUT) == ENTRY_FIELDS  # C writes and reads what Python declares
+    assert _core.INDEX_ENTRY_LAYOUT[9] == ("mtime_ns", 30, 8, 1)
     for name, record in (("header", compiled.HEADER), ("node", compiled.NODE), ("child", compiled.CHILD),
                          ("xattr", compiled.XATTR)):  # Python packs what C declares, field by field
         size, fields = _fuse.TREE_LAYOUT[name]

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 
+#include "../indexrecord.h"
 #include "../siphash.h"
 #include "fastfs.h"
 
@@ -221,19 +222,19 @@ static int decode(builder *b, const char **msg)
         for (uint32_t i = 0; i < nrec; i++) {
             const uint8_t *p = blk + (size_t)i * LZT_ENTRY_SIZE;
             rec_t *r = &b->recs[first + i];
-            r->parent = rd32(p);
-            uint32_t noff = rd32(p + 4);
-            r->nlen = rd16(p + 8);
-            r->type = p[10];
-            r->flags = p[11];
-            r->mode = rd16(p + 12);
-            r->uid = rd32(p + 14);
-            r->gid = rd32(p + 18);
-            r->size = rd64(p + 22);
-            r->mtime = (int64_t)rd64(p + 30);
-            r->a = rd32(p + 46);
-            r->b = rd32(p + 50);
-            r->extra_off = rd32(p + 54);
+            r->parent = rd32(p + LZ_IE_parent);
+            uint32_t noff = rd32(p + LZ_IE_name_off);
+            r->nlen = rd16(p + LZ_IE_name_len);
+            r->type = p[LZ_IE_type];
+            r->flags = p[LZ_IE_flags];
+            r->mode = rd16(p + LZ_IE_mode);
+            r->uid = rd32(p + LZ_IE_uid);
+            r->gid = rd32(p + LZ_IE_gid);
+            r->size = rd64(p + LZ_IE_size);
+            r->mtime = (int64_t)rd64(p + LZ_IE_mtime_ns);
+            r->a = rd32(p + LZ_IE_a);
+            r->b = rd32(p + LZ_IE_b);
+            r->extra_off = rd32(p + LZ_IE_extra);
             r->strings = blk + base;
             r->strings_len = blen - base;
             if (first + i == 0) { /* the root's name is never read */

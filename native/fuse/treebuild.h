@@ -13,7 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LZT_ENTRY_SIZE 58 /* index/model.py ENTRY_RECORD, native/indexbuild.h LZ_INDEX_ENTRY_RECORD (checked at import) */
+#include "../indexrecord.h"
+
+#define LZT_ENTRY_SIZE LZ_IE_SIZE /* native/indexrecord.h */
 
 typedef struct {
     const uint8_t *const *blocks; /* decompressed entry blocks: records, then their strings */

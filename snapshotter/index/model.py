@@ -79,6 +79,8 @@ CHUNK_RECORD = struct.Struct("<QQ32s")
 #: block's strings, type, flags, mode, uid, gid, size, mtime_ns, data offset, a, b, extras
 #: offset), a chunk (offset, length, SHA-256), and the records per compressed entry block.
 ENTRY_RECORD = struct.Struct("<IIHBBHIIQqQIII")
+ENTRY_FIELDS = ("parent", "name_off", "name_len", "type", "flags", "mode", "uid", "gid", "size", "mtime_ns",
+                "data_offset", "a", "b", "extra")  # ENTRY_RECORD's, in order (native/indexrecord.h)
 INDEX_CHUNK_RECORD = struct.Struct("<QI32s")
 ENTRY_BLOCK_RECORDS = 256
 
