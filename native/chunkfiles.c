@@ -14,6 +14,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fileio.h"
+
 static void hexdigest(const uint8_t *d, char out[65])
 {
     static const char hex[] = "0123456789abcdef";
@@ -22,20 +24,6 @@ static void hexdigest(const uint8_t *d, char out[65])
         out[2 * i + 1] = hex[d[i] & 15];
     }
     out[64] = 0;
-}
-
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return w < 0 ? -errno : -EIO;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
 }
 
 static int fsync_dir(const char *path)
@@ -65,7 +53,7 @@ static int write_one(const char *dir, const char *tmp, const char *tag, size_t i
     int fd = open(tmpname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
-    int r = write_all(fd, data, len);
+    int r = lz_pwrite_all(fd, data, len, 0);
     if (!r && policy != LZ_FSYNC_NONE && fsync(fd))
         r = -errno;
     if (close(fd) && !r)

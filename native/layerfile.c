@@ -9,22 +9,8 @@
 #include "layerfile.h"
 
 #include <errno.h>
-#include <unistd.h>
 
-static int pwrite_all(int fd, const uint8_t *p, size_t n, uint64_t off)
-{
-    while (n) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return w < 0 ? -errno : -EIO;
-        p += w;
-        n -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
-}
+#include "fileio.h"
 
 int lz_layer_file_sink_write(void *sink, size_t n, const uint8_t *const *digest, const uint8_t *const *data,
                              const size_t *len, const uint64_t *offset, int *status)
@@ -40,7 +26,7 @@ int lz_layer_file_sink_write(void *sink, size_t n, const uint8_t *const *digest,
             status[i] = err = -EDQUOT;
             continue;
         }
-        status[i] = pwrite_all(s->fd, data[i], len[i], offset[i]);
+        status[i] = lz_pwrite_all(s->fd, data[i], len[i], offset[i]);
         if (status[i] < 0) {
             err = status[i];
             continue;
