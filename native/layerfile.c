@@ -1,11 +1,10 @@
 /* The layer file sink: a streamed layer's chunks written into one file, each at its offset
  * in the tar.
  *
- * Why one file: a chunk file per chunk costs a create, a rename and a directory entry each;
- * on this kind of VM 20,000 small chunks took seconds of kernel time, more than the pass
- * that cut them. Written where they sit in the tar, the file's holes are the headers and
- * the files the scan leaves out, the chunks' places need no table of their own (the scan's
- * chunk records say where each is), and the page cache sees one sequential writer. */
+ * Why one file: no create, rename and directory entry per chunk, one sequential writer for
+ * the page cache, and the chunks' places need no table of their own (the scan's chunk
+ * records say where each is: the file's holes are the headers and the files the scan
+ * leaves out). The C filesystem then reads a chunk from (fd, offset). */
 #include "layerfile.h"
 
 #include <errno.h>

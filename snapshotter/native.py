@@ -36,6 +36,7 @@ if (_core.ENTRY_TYPES, _core.CHECKPOINT_KINDS) != _PY_ENUMS:
     raise ImportError(f"snapshotter._core numbers entry types and checkpoint kinds "
                       f"{_core.ENTRY_TYPES} {_core.CHECKPOINT_KINDS}; Python has {_PY_ENUMS[0]} {_PY_ENUMS[1]}")
 
+
 def _fields(record: struct.Struct, names: tuple[str, ...]) -> tuple[tuple[str, int, int, int], ...]:
     """(name, offset, bytes, signed) of each field of a packed little-endian record."""
     out, at = [], 0

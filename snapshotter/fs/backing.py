@@ -41,7 +41,6 @@ from snapshotter.store.lodging import SUFFIX, record_path
 log = get_logger("lazysnap.fs")
 
 
-
 @dataclass(slots=True, frozen=True)
 class Candidate:
     """A regular file of a layer that could pass through once its chunks are all local."""

@@ -10,21 +10,23 @@ chunks_dir, chunk_size}, tree blob, chunk digests); ``REMOVE`` {id, slot, name};
 bytes); ``ERROR`` (token, errno); ``START`` {} (the layers of a session the holder took
 over are back: serve, and have the kernel send again what the last holder left unanswered);
 ``BACKING`` {id, slot, local, path} (a file's backing file for passthrough; sent only to a
-holder whose welcome says ``passthrough``); ``LAYER_FILE`` (JSON head {id, slot, path}, then
-one u64 per chunk of the layer: where it is in that file; sent only to a holder whose welcome
-says ``layer_files``); ``ANSWERED`` (tokens, ``TOKEN`` records: reads
-the daemon answered itself on its copy of the session's fd, for the holder to forget).
+holder whose welcome says ``passthrough``); ``LAYER_FILE`` (JSON head {id, slot, path},
+then one u64 per chunk of the layer: where it is in that file; sent only to a holder whose
+welcome says ``layer_files``); ``ANSWERED`` (tokens, ``TOKEN`` records: reads the daemon
+answered itself on its copy of the session's fd, for the holder to forget).
 holder → daemon: ``WELCOME`` {version, pid, layers: {name: [slot, tree hash]},
-next_slot, waiting, adopted, relay, passthrough, direct, layer_files}; ``MISSES`` (``MISS`` records), or
+next_slot, waiting, adopted, relay, passthrough, direct, layer_files}; ``MISSES`` (``MISS``
+records), or
 ``MISSES_U`` (``MISS_U`` records: with the kernel's unique of each read) to a daemon whose
 hello said ``direct`` and whose welcome says ``direct``; ``ACCESSES``
-(``ACCESS`` records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD, REMOVE or BACKING is
-or LAYER_FILE is applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name], reason, [errno]}
-(a request could not be applied).
+(``ACCESS`` records); ``COUNTERS`` {name: int}; ``DONE`` {id} (an ADD, REMOVE, BACKING or
+LAYER_FILE is applied); ``REFUSED`` {reason} (another daemon is attached) or {id, [name],
+reason, [errno]} (a request could not be applied).
 
 Additions keep ``VERSION``: a field or message that only a newer peer sends is announced
-by the other side first (``passthrough``, ``direct`` and ``layer_files`` in the welcome, ``direct`` in the
-hello), so daemon and holder of adjacent builds keep talking through an upgrade of either.
+by the other side first (``passthrough``, ``direct`` and ``layer_files`` in the welcome,
+``direct`` in the hello), so daemon and holder of adjacent builds keep talking through an
+upgrade of either.
 
 Direct replies: a read that needs a fetch is answered by the daemon writing the reply to its
 own copy of the session's fd (the kernel takes a reply from any holder of the connection),

@@ -38,7 +38,7 @@ from snapshotter.index.format import IndexFile
 from snapshotter.layers.options import LazyOptions
 from snapshotter.log import get_logger
 from snapshotter.registry.signatures import TrustedKey, Voucher
-from snapshotter.store.chunks import ChunkStore
+from snapshotter.store.chunks import ChunkStore, PendingLayerFile
 from snapshotter.store.metrics import REGISTRY
 
 log = get_logger("lazysnap.layers")
@@ -229,9 +229,10 @@ async def fetch_published(client: Any, layer_digest: str, candidates: list[Candi
 async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: LazyOptions, root: Path,
                              keep_blob: Path | None, store: ChunkStore | None = None) -> IndexFile:
     """Stream the layer once through the indexer (digest checked); optionally keep the blob
-    and write its chunks into a layer file of ``store`` on the way. The index is built as the layer streams
-    (no entries kept: memory grows with the tree, not the headers); the rare layer C
-    leaves to the reference is read again, from the kept blob when there is one."""
+    and write its chunks into a layer file of ``store`` on the way. The index is built as
+    the layer streams (no entries kept: memory grows with the tree, not the headers); the
+    rare layer C leaves to the reference is read again, from the kept blob when there is
+    one."""
     part = None
     fobj = None
     if keep_blob is not None:
@@ -255,10 +256,12 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
     pending = None
     try:
         if store is not None:
-            pending = await asyncio.to_thread(store.layer_file_target, layer_digest, opts.store_streamed_min_file_bytes)
-        adopt = functools.partial(store.adopt_layer_file, pending) if store and pending else None
+            pending = await asyncio.to_thread(_layer_file_target, store, layer_digest,
+                                              opts.store_streamed_min_file_bytes)
+        adopt = functools.partial(store.adopt_layer_file, pending) if store is not None and pending else None
         data = await index_stream_bytes(tee(), span=opts.span_size, chunk_size=opts.chunk_size,
-                                        expected_digest=layer_digest, layer_file=pending and pending.target,
+                                        expected_digest=layer_digest,
+                                        layer_file=pending.target if pending is not None else None,
                                         stored=adopt, again=again)
         if fobj is not None:
             fobj.close()
@@ -276,6 +279,17 @@ async def build_by_streaming(client: Any, ref: str, layer_digest: str, opts: Laz
                 os.unlink(part)
     path = await asyncio.to_thread(write_trusted, root, layer_digest, data, "built")
     return IndexFile.open(path)
+
+
+def _layer_file_target(store: ChunkStore, layer_digest: str, min_file: int) -> PendingLayerFile | None:
+    """A layer file for the streaming pass to write into; None (said once) when it cannot be
+    made: the layer is then indexed all the same, its chunks fetched when read."""
+    try:
+        return store.layer_file_target(layer_digest, min_file)
+    except OSError as exc:
+        log.warning("layer_file_unavailable", layer=layer_digest, error=str(exc),
+                    note="the layer's chunks are fetched when read")
+        return None
 
 
 async def _file_blocks(path: Path, size: int = 4 << 20) -> AsyncIterator[bytes]:

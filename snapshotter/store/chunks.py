@@ -23,10 +23,10 @@ Why this shape:
   it is one entry of the LRU, evicted or pruned whole like a chunk.
 - A *layer file* (``<root>/files/layers/<digest>``) is a lodging file too: the chunks the
   one streaming pass over an unindexed layer cut, written by the scan at their offsets in
-  the layer's tar (``layer_file_target``, ``adopt_layer_file``). One file per layer instead
-  of a file per chunk: creating tens of thousands of chunk files cost more kernel time than
-  the pass itself. It stays while the layer's pins keep its chunks, then is cache like the
-  rest; the C filesystem reads a layer's chunks from it directly (``layer_file_offsets``).
+  the layer's tar (``layer_file_target``, ``adopt_layer_file``): one sequential writer and
+  no directory entry per chunk, and the C filesystem reads a layer's chunks from it
+  directly (``layer_file_offsets``). It stays while the layer's pins keep its chunks, then
+  is cache like the rest.
 """
 from __future__ import annotations
 
