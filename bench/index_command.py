@@ -18,7 +18,11 @@ the streaming pass of an unindexed layer runs, fed 4 MiB blocks from an async st
 second read possible), in a process of its own: its peak RSS is what indexing adds to a
 daemon.
 
-Usage: .venv/bin/python bench/index_command.py [--files 60000,500000] [--runs 3]
+``--blobs`` adds layer blobs of your own (e.g. the cold-start bench's torch layer from
+bench/.cache/inference/*/oci/blobs): the big-file shape next to the generated small-file
+ones.
+
+Usage: .venv/bin/python bench/index_command.py [--files 60000,500000] [--blobs PATH,...] [--runs 3]
 """
 from __future__ import annotations
 
@@ -134,9 +138,40 @@ def run(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float,
     return wall, usage.ru_maxrss
 
 
+def _tar_bytes(base_cmd: list[str]) -> int:
+    """Bytes the baseline decompresses (one run: it warms the page cache too)."""
+    p = subprocess.Popen(base_cmd, stdout=subprocess.PIPE, cwd=ROOT)
+    assert p.stdout is not None
+    n = 0
+    while block := p.stdout.read(1 << 20):
+        n += len(block)
+    if p.wait():
+        raise RuntimeError(f"{base_cmd[0]} exited {p.returncode}")
+    return n
+
+
+def measure(label: str, fmt: str, blob: Path, out: Path, runs: int) -> None:
+    """One row: the baseline and the command alternated, medians of ``runs``."""
+    base_cmd = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dc"], "tar": ["cat"]}[fmt] + [str(blob)]
+    cmd = [*LAZYSNAP, "index", "-o", str(out), str(blob)]
+    tar_bytes = _tar_bytes(base_cmd)
+    base, ours, rss = [], [], []
+    for _ in range(runs):
+        base.append(run(base_cmd)[0])
+        wall, peak = run(cmd)
+        ours.append(wall)
+        rss.append(peak)
+    b, o = statistics.median(base), statistics.median(ours)
+    streamed = run([sys.executable, "-c", STREAMED, str(blob), str(out)])[1]
+    print(f"{label} | {fmt} | {blob.stat().st_size / 1e6:.0f} | {tar_bytes / 1e6:.0f} | "
+          f"{b:.2f} | {o:.2f} | {b / o:.2f} | {tar_bytes / 1e6 / o:.0f} | "
+          f"{max(rss) / 1024:.0f} | {streamed / 1024:.0f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", default="60000,500000")
+    ap.add_argument("--files", default="60000,500000", help="generated layers (comma list; empty: none)")
+    ap.add_argument("--blobs", default="", help="layer blobs of your own (comma list of paths: gzip, zstd or tar)")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "snapshotter")], check=True,
@@ -146,23 +181,14 @@ def main() -> int:
     print("---|---|---|---|---|---|---|---|---|---")
     with tempfile.TemporaryDirectory(prefix="lazysnap-index-bench-") as work:
         out = Path(work) / "layer.idx"
-        for files in (int(x) for x in args.files.split(",")):
-            tar = generate(files)
-            for fmt, blob in compressed(tar).items():
-                base_cmd = ["gzip" if fmt == "gzip" else "zstd", "-dc", str(blob)]
-                cmd = [*LAZYSNAP, "index", "-o", str(out), str(blob)]
-                run(base_cmd)  # warm the page cache for both
-                base, ours, rss = [], [], []
-                for _ in range(args.runs):
-                    base.append(run(base_cmd)[0])
-                    wall, peak = run(cmd)
-                    ours.append(wall)
-                    rss.append(peak)
-                b, o = statistics.median(base), statistics.median(ours)
-                streamed = run([sys.executable, "-c", STREAMED, str(blob), str(out)])[1]
-                print(f"{files} files | {fmt} | {blob.stat().st_size / 1e6:.0f} | {tar.stat().st_size / 1e6:.0f} | "
-                      f"{b:.2f} | {o:.2f} | {b / o:.2f} | {tar.stat().st_size / 1e6 / o:.0f} | "
-                      f"{max(rss) / 1024:.0f} | {streamed / 1024:.0f}", flush=True)
+        for files in (int(x) for x in args.files.split(",") if x):
+            for fmt, blob in compressed(generate(files)).items():
+                measure(f"{files} files", fmt, blob, out, args.runs)
+        for path in (Path(x) for x in args.blobs.split(",") if x):
+            with open(path, "rb") as f:
+                head = f.read(4)
+            fmt = "gzip" if head[:2] == b"\x1f\x8b" else "zstd" if head == b"\x28\xb5\x2f\xfd" else "tar"
+            measure(path.name[:16], fmt, path, out, args.runs)
     return 0
 
 
