@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import gzip
+import logging
 import os
 import subprocess
 import sys
@@ -276,6 +277,23 @@ def test_the_streaming_pass_stores_the_layer(env: Env, tmp_path: Path) -> None:
     assert all(p.store.is_pinned(d) for d in digests)
     _check_tree(d0, env.tars[0])
     assert env.proxy.stats.body_bytes == streamed
+
+
+def test_a_layer_file_that_cannot_be_made_costs_only_speed(env: Env, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """``store_streamed_chunks`` on a store whose layer-file directory cannot be made (here a
+    file is in its way): the layer is indexed and served all the same, its chunks fetched
+    when read, and the node says why once."""
+    root = tmp_path / "node"
+    (root / "files").mkdir(parents=True)
+    (root / "files" / "layers").write_bytes(b"in the way")
+    p = env.provider(root, store_streamed_chunks=True, store_streamed_min_file_bytes=0)
+    with caplog.at_level(logging.WARNING, logger="lazysnap.layers"):
+        d0 = env.provide(p, 0)
+    layer = p.layer(env.layers[0])
+    assert layer.source == "built" and layer.data.layer_file is None
+    assert [r.getMessage() for r in caplog.records].count("layer_file_unavailable") == 1
+    _check_tree(d0, env.tars[0])
 
 
 def test_index_for_another_layer_is_rejected(env: Env, tmp_path: Path) -> None:
