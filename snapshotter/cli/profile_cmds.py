@@ -188,26 +188,18 @@ def cmd_profile_push(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
-    from snapshotter.prefetch.lookup import Found, published_profile
+    from snapshotter.prefetch.lookup import Found, first_published
     from snapshotter.prefetch.profile import ProfileError, load, profile_path
     from snapshotter.registry.reference import places
     from snapshotter.registry.signatures import Voucher, load_public_keys
 
     async def look(client: Any, manifest: str, voucher: Voucher) -> Found | None:
-        """The image's repository, then the share registry's; a place whose artifacts are all
-        rejected does not hide a usable one in the next (its reason is kept for the error)."""
-        rejected: ProfileError | None = None
-        for where in places(args.ref, args.share_registry):
-            try:
-                found = await published_profile(client, where, manifest, voucher)
-            except ProfileError as exc:
-                rejected = rejected or exc
-                continue
-            if found is not None:
-                return found
-        if rejected is not None:
+        """The image's repository, then the share registry's (a rejection is reported only
+        when no place has a usable profile)."""
+        found, rejected = await first_published(client, places(args.ref, args.share_registry), manifest, voucher)
+        if found is None and rejected is not None:
             raise rejected
-        return None
+        return found
 
     async def go() -> int:
         from snapshotter.registry import RegistryClient

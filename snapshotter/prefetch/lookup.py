@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,31 @@ async def _profile_of(client: Any, ref: str, manifest: str, artifact: str, vouch
     return Found(loads(data, expect_manifest=manifest), artifact, pack, vouched, ref)
 
 
+async def first_published(client: Any, refs: Sequence[str], manifest: str, voucher: Voucher, *,
+                          tolerate: Callable[[str, Exception], None] | None = None,
+                          ) -> tuple[Found | None, ProfileError | None]:
+    """The first usable published profile in ``refs``, tried in turn (the image's repository,
+    then the share registry's), and the first rejection met on the way: a place whose
+    artifacts are all rejected does not hide a usable one in the next. Any other error is
+    handed to ``tolerate`` (the daemon logs it and tries the next place) or, without it,
+    raised (the CLI reports it)."""
+    rejected: ProfileError | None = None
+    for ref in refs:
+        try:
+            found = await published_profile(client, ref, manifest, voucher)
+        except ProfileError as exc:
+            rejected = rejected or exc
+            continue
+        except Exception as exc:  # noqa: BLE001 - handed to tolerate, or raised
+            if tolerate is None:
+                raise
+            tolerate(ref, exc)
+            continue
+        if found is not None:
+            return found, rejected
+    return None, rejected
+
+
 async def find(root: Path, client: Any, refs: Sequence[str], manifest: str, voucher: Voucher, *,
                registry: bool = True) -> Found | None:
     """Local profile, else the published one vouched for by ``voucher`` (cached locally)
@@ -124,20 +149,14 @@ async def find(root: Path, client: Any, refs: Sequence[str], manifest: str, vouc
     if not registry or client is None:
         metrics.PROFILE_LOOKUPS.labels("none").inc()
         return None
-    found = None
-    rejected = False
-    for ref in refs:
-        try:
-            found = await published_profile(client, ref, manifest, voucher)
-        except ProfileError:
-            rejected = True  # each rejected artifact was logged and counted
-        except Exception as exc:  # noqa: BLE001 - no profile is never a reason to fail a start
-            log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
-                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        if found is not None:
-            break
+
+    def tolerate(ref: str, exc: Exception) -> None:  # no profile is never a reason to fail a start
+        log.warning("profile_lookup_failed", source="registry", image=ref, manifest=manifest,
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+
+    found, rejected = await first_published(client, refs, manifest, voucher, tolerate=tolerate)
     if found is None:
-        if not rejected:
+        if rejected is None:  # each rejected artifact was logged and counted
             metrics.PROFILE_LOOKUPS.labels("none").inc()
             log.info("profile_not_found", image=refs[0], manifest=manifest)
         return None
