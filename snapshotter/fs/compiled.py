@@ -64,6 +64,14 @@ class TreeRecord:
     def offset(self, field: str) -> int:
         return self._one[field][1]
 
+    def position(self, field: str) -> int:
+        """Where ``field`` is in the tuple ``unpack_from`` returns."""
+        return self.fields.index(field)
+
+    def unpack_from(self, buf: Any, at: int) -> tuple[int, ...]:
+        """Every field of the record at ``at``, in ``fields`` order."""
+        return self.struct.unpack_from(buf, at)
+
     def pack(self, **values: int) -> bytes:
         return self.struct.pack(*[values[f] for f in self.fields])
 

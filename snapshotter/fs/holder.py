@@ -37,6 +37,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,30 +352,30 @@ class Holder:
         self._send(wire.control(wire.DONE, {"id": rid}))
         log.info("layer_held", layer=name, slot=slot)
 
-    def _set_backing(self, doc: dict[str, object]) -> None:
-        assert self.session is not None
-        rid = doc.get("id")
+    def _answer(self, rid: object, apply: Callable[[], None]) -> None:
+        """Apply a request the daemon waits on: DONE, or REFUSED with the reason and errno."""
         try:
-            slot, local = int(doc["slot"]), int(doc["local"])  # type: ignore[call-overload]
-            self.session.set_backing(slot, local, str(doc["path"]))
+            apply()
         except OSError as exc:
             self._send(wire.control(wire.REFUSED, {"id": rid, "reason": exc.strerror or str(exc),
                                                    "errno": exc.errno or errno.EIO}))
-            return
-        self._send(wire.control(wire.DONE, {"id": rid}))
-
-    def _set_layer_file(self, doc: dict[str, object], offsets: bytes) -> None:
-        assert self.session is not None
-        rid = doc.get("id")
-        try:
-            self.session.set_layer_file(int(doc["slot"]), str(doc["path"]), offsets)  # type: ignore[call-overload]
-        except OSError as exc:
-            self._send(wire.control(wire.REFUSED, {"id": rid, "reason": str(exc), "errno": exc.errno or errno.EIO}))
             return
         except ValueError as exc:
             self._send(wire.control(wire.REFUSED, {"id": rid, "reason": str(exc), "errno": errno.EINVAL}))
             return
         self._send(wire.control(wire.DONE, {"id": rid}))
+
+    def _set_backing(self, doc: dict[str, object]) -> None:
+        session = self.session
+        assert session is not None
+        slot, local, path = doc["slot"], doc["local"], str(doc["path"])
+        self._answer(doc.get("id"), lambda: session.set_backing(int(slot), int(local), path))  # type: ignore[call-overload]
+
+    def _set_layer_file(self, doc: dict[str, object], offsets: bytes) -> None:
+        session = self.session
+        assert session is not None
+        slot, path = doc["slot"], str(doc["path"])
+        self._answer(doc.get("id"), lambda: session.set_layer_file(int(slot), path, offsets))  # type: ignore[call-overload]
 
     async def _remove(self, slot: int, name: str) -> None:
         assert self.session is not None

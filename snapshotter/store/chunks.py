@@ -744,8 +744,7 @@ class ChunkStore:
             if digest in self._lodged:
                 continue
             if digest in self._verified:  # its chunk file goes: C stops reading it by path
-                for _, dropped in self._watchers:
-                    dropped(digest)
+                self._mirror_dropped(digest)
             self._lodged[digest] = _Lodging(key, offset, size)
             mine.append(digest)
             if self._forget_file_locked(digest):
@@ -1006,8 +1005,11 @@ class ChunkStore:
         if digest in self._verified:
             self._verified.discard(digest)
             if digest not in self._lodged:  # a lodged chunk left the mirror when it was lodged
-                for _, dropped in self._watchers:
-                    dropped(digest)
+                self._mirror_dropped(digest)
+
+    def _mirror_dropped(self, digest: bytes) -> None:
+        for _, dropped in self._watchers:
+            dropped(digest)
 
     def watch_verified(self, added: Callable[[bytes], None], dropped: Callable[[bytes], None]) -> None:
         """Mirror the chunk files this process has verified (what the C filesystem may read by
